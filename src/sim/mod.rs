@@ -1,0 +1,1 @@
+//! The simulated Kommo account (placeholder; being written).
