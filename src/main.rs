@@ -1,1 +1,76 @@
-fn main() {}
+//! The `kommo-fanout` binary: parse the command line, bind, run.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kommo_fanout::config::{Cli, Command};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// Invalid flags or values: the same code clap uses for usage errors.
+const USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => {
+                let config = match args.validate() {
+                    Ok(c) => c,
+                    Err(e) => return fail(USAGE, &e),
+                };
+                let (listener, admin) = match (
+                    TcpListener::bind(config.listen).await,
+                    TcpListener::bind(config.admin_listen).await,
+                ) {
+                    (Ok(l), Ok(a)) => (l, a),
+                    (Err(e), _) => return fail(1, &format!("cannot listen on {}: {e}", config.listen)),
+                    (_, Err(e)) => return fail(1, &format!("cannot listen on {}: {e}", config.admin_listen)),
+                };
+                tracing::info!(listen = %config.listen, admin = %config.admin_listen, upstream = %config.upstream.origin.url, "serving");
+                match kommo_fanout::run(&config, listener, admin, kommo_fanout::shutdown_signal()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(1, &e),
+                }
+            }
+            Command::Sim(args) => {
+                let listen = args.listen();
+                let config = match args.into_config() {
+                    Ok(c) => c,
+                    Err(e) => return fail(USAGE, &e),
+                };
+                let listener = match TcpListener::bind(listen).await {
+                    Ok(l) => l,
+                    Err(e) => return fail(1, &format!("cannot listen on {listen}: {e}")),
+                };
+                tracing::info!(%listen, "simulated Kommo account serving");
+                match kommo_fanout::sim::Sim::new(config)
+                    .run(listener, kommo_fanout::shutdown_signal())
+                    .await
+                {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(1, &e.to_string()),
+                }
+            }
+            Command::Demo(args) => match kommo_fanout::demo::run(args, kommo_fanout::shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, &e),
+            },
+        }
+    })
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("kommo-fanout: {message}");
+    ExitCode::from(code)
+}

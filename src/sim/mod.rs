@@ -1,1 +1,627 @@
-//! The simulated Kommo account (placeholder; being written).
+//! The simulated Kommo account: a deterministic, seeded stand-in for `https://{subdomain}.kommo.com`.
+//!
+//! It is the upstream for the integration tests, the benchmarks and the demo (`kommo-fanout sim`), so
+//! it behaves the way `shared/kommo-api-notes.md` describes Kommo: HAL pages of leads, `204` for an
+//! empty page or any page past the end, a `next` link that is always present, at most ONE stage pair
+//! per request (more is a `400`: the limitation this project works around), `limit` at most 250, bearer
+//! tokens that see different leads, a rate limit that ends in an IP block answering HTML, and faults
+//! injected on demand. Everything random is drawn from [`SimConfig::seed`].
+//!
+//! # Layout
+//! - `rng`: SplitMix64, the seeded PRNG behind the dataset, jitter and fault dice.
+//! - `data`: dataset generation and the [`Store`](data::Store) that indexes leads by stage.
+//! - `query`: the sim's own parser for Kommo's `GET /api/v4/leads` query language.
+//! - `render`: response bodies (HAL pages, pipelines, problem+json).
+//! - `faults`: the rate limiter and fault rules.
+//! - `server`: accept loop, hyper service, routing and handlers.
+//! - `args`: the `kommo-fanout sim` command-line flags.
+
+mod args;
+mod data;
+mod faults;
+mod query;
+mod render;
+mod rng;
+mod server;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+pub use args::SimArgs;
+
+use data::Store;
+use faults::{FaultSet, Limiter};
+use rng::SplitMix64;
+
+/// The token a sim configured without tokens accepts; it sees every lead.
+pub const DEMO_TOKEN: &str = "demo-token";
+
+/// How the simulated account is built and how it misbehaves.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Number of leads generated (deleted ones included).
+    pub leads: usize,
+    /// Seed of everything random: dataset, latency jitter and fault probabilities.
+    pub seed: u64,
+    /// Delay added before every answer (the CLI defaults to 80ms, tests to zero).
+    pub latency: Duration,
+    /// Each delay is drawn uniformly from `latency ± jitter` (clamped at zero).
+    pub jitter: Duration,
+    /// Accepted bearer tokens; empty means one full-access token, [`DEMO_TOKEN`].
+    pub tokens: Vec<TokenSpec>,
+    /// Kommo's request limit and IP block; `None` lets everything through.
+    pub rate_limit: Option<SimRateLimit>,
+    /// Fault rules active from the start (more can be added with [`Sim::inject`]).
+    pub faults: Vec<FaultRule>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            leads: 20_000,
+            seed: 42,
+            latency: Duration::ZERO,
+            jitter: Duration::ZERO,
+            tokens: Vec::new(),
+            rate_limit: None,
+            faults: Vec::new(),
+        }
+    }
+}
+
+/// One accepted bearer token and what its user may read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSpec {
+    /// The token as sent in `Authorization: Bearer <token>`.
+    pub token: String,
+    /// `None` sees every lead; `Some(ids)` sees only leads whose `responsible_user_id` is listed.
+    pub responsible_user_ids: Option<Vec<i64>>,
+}
+
+impl TokenSpec {
+    /// A token that sees every lead.
+    pub fn full(token: impl Into<String>) -> Self {
+        Self {
+            token: token.into(),
+            responsible_user_ids: None,
+        }
+    }
+
+    /// Whether this token may see a lead with this responsible user.
+    pub(crate) fn sees(&self, responsible_user_id: i64) -> bool {
+        match &self.responsible_user_ids {
+            None => true,
+            Some(ids) => ids.contains(&responsible_user_id),
+        }
+    }
+}
+
+impl FromStr for TokenSpec {
+    type Err = String;
+
+    /// `abc` (sees everything) or `abc:users=1001,1002` (sees only those responsible users' leads).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (token, scope) = match s.split_once(':') {
+            Some((token, scope)) => (token, Some(scope)),
+            None => (s, None),
+        };
+        if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "invalid token {token:?}: expected a non-empty token without spaces"
+            ));
+        }
+        let responsible_user_ids = match scope {
+            None => None,
+            Some(scope) => {
+                let list = scope.strip_prefix("users=").ok_or_else(|| {
+                    format!("invalid token scope {scope:?}: expected `users=ID,ID,...`")
+                })?;
+                let ids = list
+                    .split(',')
+                    .map(|id| {
+                        id.trim()
+                            .parse::<i64>()
+                            .map_err(|_| format!("invalid user id {id:?} in token scope"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some(ids)
+            }
+        };
+        Ok(Self {
+            token: token.to_string(),
+            responsible_user_ids,
+        })
+    }
+}
+
+/// Kommo's rate limit as the sim enforces it: at most `requests` arrivals in any trailing `window`;
+/// `block_after` consecutive `429`s block the client (every request `403` HTML) for `block_for`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimRateLimit {
+    /// Requests allowed within one window (Kommo documents 7 per second).
+    pub requests: u32,
+    /// The trailing window the requests are counted in.
+    pub window: Duration,
+    /// Consecutive `429` answers after which the client is blocked; 0 never blocks.
+    pub block_after: u32,
+    /// How long a block lasts.
+    pub block_for: Duration,
+}
+
+/// A fault the sim answers with instead of the real response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Kommo's `500` problem body.
+    Status500,
+    /// `429` with Kommo's body; `retry_after` (seconds) goes in the body, and in a `Retry-After`
+    /// header too when `header` is set.
+    TooManyRequests {
+        /// Seconds to put in the body's `retry_after` (omitted when `None`).
+        retry_after: Option<u64>,
+        /// Also send a `Retry-After` header (Kommo documents only the body field).
+        header: bool,
+    },
+    /// `403` with an HTML page, as a blocked account or IP answers.
+    HtmlForbidden,
+    /// Close the connection without answering.
+    ConnectionReset,
+    /// `200 application/hal+json` declaring the full `Content-Length`, then ending the body half-way.
+    TruncatedBody,
+    /// Any status with any body.
+    Status {
+        /// The HTTP status code (an invalid one is answered as 500).
+        status: u16,
+        /// The body, sent as is.
+        body: String,
+        /// The `Content-Type` header.
+        content_type: String,
+    },
+}
+
+/// When a [`Fault`] applies: rules are checked in order for each request, the first that fires wins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultRule {
+    /// What to answer.
+    pub fault: Fault,
+    /// Only requests whose path starts with this (`None`: any path).
+    pub path_prefix: Option<String>,
+    /// Only requests whose query string (raw or percent-decoded) contains this.
+    pub query_contains: Option<String>,
+    /// How many more times it fires (`None`: forever).
+    pub times: Option<u32>,
+    /// Chance of firing on a matching request, drawn from the seeded rng (1.0: always).
+    pub probability: f64,
+}
+
+impl FaultRule {
+    /// A rule that fires on every request, forever.
+    pub fn always(fault: Fault) -> Self {
+        Self {
+            fault,
+            path_prefix: None,
+            query_contains: None,
+            times: None,
+            probability: 1.0,
+        }
+    }
+
+    /// Restrict the rule to paths starting with `prefix`.
+    pub fn on_path(mut self, prefix: impl Into<String>) -> Self {
+        self.path_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Restrict the rule to query strings containing `needle`.
+    pub fn on_query(mut self, needle: impl Into<String>) -> Self {
+        self.query_contains = Some(needle.into());
+        self
+    }
+
+    /// Let the rule fire `n` times only.
+    pub fn times(mut self, n: u32) -> Self {
+        self.times = Some(n);
+        self
+    }
+
+    /// Let the rule fire with probability `p` on each matching request.
+    pub fn with_probability(mut self, p: f64) -> Self {
+        self.probability = p;
+        self
+    }
+}
+
+impl FromStr for FaultRule {
+    type Err = String;
+
+    /// `KIND[@PROBABILITY]` with KIND one of `500`, `429`, `html403`, `reset`, `truncate`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, probability) = match s.split_once('@') {
+            Some((kind, p)) => {
+                let p: f64 = p
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("invalid fault probability {p:?}: expected 0..=1"))?;
+                if !(0.0..=1.0).contains(&p) {
+                    return Err(format!("fault probability {p} is outside 0..=1"));
+                }
+                (kind, p)
+            }
+            None => (s, 1.0),
+        };
+        let fault = match kind.trim() {
+            "500" => Fault::Status500,
+            "429" => Fault::TooManyRequests {
+                retry_after: Some(1),
+                header: false,
+            },
+            "html403" => Fault::HtmlForbidden,
+            "reset" => Fault::ConnectionReset,
+            "truncate" => Fault::TruncatedBody,
+            other => {
+                return Err(format!(
+                    "unknown fault kind {other:?}: expected 500, 429, html403, reset or truncate"
+                ))
+            }
+        };
+        Ok(Self::always(fault).with_probability(probability))
+    }
+}
+
+/// A pipeline of the simulated account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimPipeline {
+    /// Pipeline id (1000, 2000, ...).
+    pub id: i64,
+    /// Display name.
+    pub name: String,
+    /// Sort position.
+    pub sort: i64,
+    /// Whether this is the account's main pipeline (exactly one is).
+    pub is_main: bool,
+    /// Its stages: "Incoming leads" (type 1), the custom stages, then 142 (won) and 143 (lost).
+    pub statuses: Vec<SimStatus>,
+}
+
+/// A stage (Kommo: status) of a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimStatus {
+    /// Status id; 142 and 143 recur in every pipeline, the others are unique.
+    pub id: i64,
+    /// Display name.
+    pub name: String,
+    /// Sort position within the pipeline.
+    pub sort: i64,
+    /// Kommo's `type`: 1 for "Incoming leads" (unsorted), 0 otherwise.
+    pub type_: u8,
+    /// Whether users may edit it (false for the system stages).
+    pub is_editable: bool,
+    /// Display colour, `#rrggbb`.
+    pub color: String,
+}
+
+/// A tag on a lead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimTag {
+    /// Tag id.
+    pub id: i64,
+    /// Tag name.
+    pub name: String,
+    /// Colour, often unset.
+    pub color: Option<String>,
+}
+
+/// The ground truth of one lead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimLead {
+    /// Lead id: unique, ascending in creation order, not contiguous.
+    pub id: i64,
+    /// Lead name.
+    pub name: String,
+    /// Sale value.
+    pub price: i64,
+    /// Responsible user (1001..=1008); tokens may be scoped by it.
+    pub responsible_user_id: i64,
+    /// Group of the responsible user.
+    pub group_id: i64,
+    /// Stage the lead is in.
+    pub status_id: i64,
+    /// Pipeline the lead is in.
+    pub pipeline_id: i64,
+    /// Loss reason (only lost leads have one).
+    pub loss_reason_id: Option<i64>,
+    /// Lead source (reported only with `with=source_id` / `with=source`).
+    pub source_id: Option<i64>,
+    /// User who created the lead.
+    pub created_by: i64,
+    /// User who last updated the lead.
+    pub updated_by: i64,
+    /// Creation time, Unix seconds, hour-aligned so many leads share it.
+    pub created_at: i64,
+    /// Last update, Unix seconds, `>= created_at`.
+    pub updated_at: i64,
+    /// Closing time, only for stages 142 and 143.
+    pub closed_at: Option<i64>,
+    /// Time of the closest open task.
+    pub closest_task_at: Option<i64>,
+    /// Deleted but restorable: listed only with `with=only_deleted`.
+    pub is_deleted: bool,
+    /// Lead score (unset in generated data).
+    pub score: Option<i64>,
+    /// Seconds of work spent (unset in generated data).
+    pub labor_cost: Option<i64>,
+    /// Whether a robot changed the price last (reported with `with=is_price_modified_by_robot`).
+    pub is_price_modified_by_robot: bool,
+    /// Custom field values as `(field_id, value)`; empty renders as `null`.
+    pub custom_fields: Vec<(i64, String)>,
+    /// Tags.
+    pub tags: Vec<SimTag>,
+    /// The linked company, if any.
+    pub company_id: Option<i64>,
+    /// Linked contacts; the first is the main one.
+    pub contact_ids: Vec<i64>,
+    /// Linked list (catalog) elements as `(element_id, quantity)`.
+    pub catalog_elements: Vec<(i64, i64)>,
+    /// Stages `(pipeline_id, status_id)` that ALSO list this lead, as Kommo does mid-move.
+    pub ghost_stages: Vec<(i64, i64)>,
+}
+
+/// One request as the sim saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// Arrival time (before latency), on tokio's clock.
+    pub at: tokio::time::Instant,
+    /// HTTP method.
+    pub method: String,
+    /// URI path, as sent.
+    pub path: String,
+    /// Raw query string (empty when none).
+    pub query: String,
+    /// Bearer token, if an `Authorization: Bearer` header was sent (valid or not).
+    pub token: Option<String>,
+    /// Status answered; 0 while in flight, for a reset connection, or if the client went away.
+    pub status: u16,
+}
+
+/// The simulated account; cheap to clone (all clones share one account).
+#[derive(Clone)]
+pub struct Sim(Arc<Inner>);
+
+/// State shared by all clones of a [`Sim`] and all its connections.
+struct Inner {
+    /// Leads and pipelines. `RwLock`: every list request reads, mutations are rare.
+    store: RwLock<Store>,
+    /// Accepted tokens (never empty).
+    tokens: Vec<TokenSpec>,
+    /// Base delay before every answer.
+    latency: Duration,
+    /// Half-width of the uniform jitter around `latency`.
+    jitter: Duration,
+    /// Jitter dice; a plain `Mutex` since a draw is a few nanoseconds.
+    jitter_rng: Mutex<SplitMix64>,
+    /// Rate limiter and IP block, when configured.
+    limiter: Option<Mutex<Limiter>>,
+    /// Fault rules with their remaining counts and their own dice.
+    faults: Mutex<FaultSet>,
+    /// Every request, in arrival order.
+    log: Mutex<RequestLog>,
+    /// When the sim was built: the clock behind timestamps of changes made while it runs.
+    started: tokio::time::Instant,
+}
+
+/// The request log; `generation` lets an answer find its entry again even after a `clear_requests`.
+#[derive(Default)]
+struct RequestLog {
+    /// Requests in arrival order.
+    entries: Vec<RecordedRequest>,
+    /// Bumped by every clear, so stale entry indices are ignored.
+    generation: u64,
+}
+
+/// A running sim bound to `127.0.0.1`; the server stops when the handle is dropped.
+pub struct SimHandle {
+    /// The account it serves.
+    sim: Sim,
+    /// Where it listens.
+    addr: SocketAddr,
+    /// Dropping this ends the server's shutdown future.
+    _shutdown: oneshot::Sender<()>,
+}
+
+// === impl Sim ===
+
+impl Sim {
+    /// Build the account from `cfg` (the dataset is generated here, deterministically from the seed).
+    pub fn new(cfg: SimConfig) -> Sim {
+        let (pipelines, leads) = data::generate(cfg.leads, cfg.seed);
+        let tokens = if cfg.tokens.is_empty() {
+            vec![TokenSpec::full(DEMO_TOKEN)]
+        } else {
+            cfg.tokens
+        };
+        Sim(Arc::new(Inner {
+            store: RwLock::new(Store::new(pipelines, leads)),
+            tokens,
+            latency: cfg.latency,
+            jitter: cfg.jitter,
+            jitter_rng: Mutex::new(SplitMix64::derived(cfg.seed, 1)),
+            limiter: cfg.rate_limit.map(|rl| Mutex::new(Limiter::new(rl))),
+            faults: Mutex::new(FaultSet::new(cfg.faults, SplitMix64::derived(cfg.seed, 2))),
+            log: Mutex::new(RequestLog::default()),
+            started: tokio::time::Instant::now(),
+        }))
+    }
+
+    /// Serve on an already-bound listener until `shutdown` completes; then stop accepting, let open
+    /// connections finish their current request (for up to 5 seconds) and return.
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        server::run(self, listener, shutdown).await
+    }
+
+    /// Bind `127.0.0.1:0`, spawn the server and return a handle to it.
+    pub async fn spawn(cfg: SimConfig) -> std::io::Result<SimHandle> {
+        let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let sim = Sim::new(cfg);
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = sim.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                // Completes when the handle sends or is dropped.
+                let _ = rx.await;
+            };
+            if let Err(error) = server.run(listener, shutdown).await {
+                tracing::warn!(%error, "sim server stopped with an error");
+            }
+        });
+        Ok(SimHandle {
+            sim,
+            addr,
+            _shutdown: tx,
+        })
+    }
+
+    /// Ground truth: every lead, deleted ones included, in id order.
+    pub fn leads(&self) -> Vec<SimLead> {
+        self.store().leads.clone()
+    }
+
+    /// The account's pipelines with their stages.
+    pub fn pipelines(&self) -> Vec<SimPipeline> {
+        self.store().pipelines.clone()
+    }
+
+    /// The accepted tokens (one [`DEMO_TOKEN`] when none were configured).
+    pub fn tokens(&self) -> Vec<TokenSpec> {
+        self.0.tokens.clone()
+    }
+
+    /// Every request so far (since the last [`Sim::clear_requests`]), in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.log().entries.clone()
+    }
+
+    /// How many requests arrived (since the last [`Sim::clear_requests`]).
+    pub fn request_count(&self) -> usize {
+        self.log().entries.len()
+    }
+
+    /// Forget the recorded requests.
+    pub fn clear_requests(&self) {
+        let mut log = self.log();
+        log.entries.clear();
+        log.generation += 1;
+    }
+
+    /// Add a fault rule after the existing ones.
+    pub fn inject(&self, rule: FaultRule) {
+        self.0
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(rule);
+    }
+
+    /// Remove every fault rule (those from the config too).
+    pub fn clear_faults(&self) {
+        self.0
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Move a lead to another stage, bumping `updated_at` (and setting `closed_at` when it enters 142
+    /// or 143). False if the lead or the stage does not exist.
+    pub fn move_lead(&self, lead_id: i64, pipeline_id: i64, status_id: i64) -> bool {
+        let now = self.now_ts();
+        self.store_mut()
+            .move_lead(lead_id, pipeline_id, status_id, now)
+    }
+
+    /// List the lead ALSO under another stage (same body, its real stage unchanged), as Kommo does
+    /// while a lead is being moved. False if the lead or the stage does not exist.
+    pub fn add_ghost(&self, lead_id: i64, pipeline_id: i64, status_id: i64) -> bool {
+        self.store_mut().add_ghost(lead_id, pipeline_id, status_id)
+    }
+
+    /// Remove every ghost listing of a lead. False if the lead does not exist.
+    pub fn clear_ghosts(&self, lead_id: i64) -> bool {
+        self.store_mut().clear_ghosts(lead_id)
+    }
+
+    /// Unix seconds on the sim's clock: the dataset's "now" plus the time the sim has been running.
+    pub(crate) fn now_ts(&self) -> i64 {
+        data::NOW + self.0.started.elapsed().as_secs() as i64
+    }
+
+    /// Read access to the store (a poisoned lock still holds consistent data: writers do not panic
+    /// half-way through an update).
+    fn store(&self) -> std::sync::RwLockReadGuard<'_, Store> {
+        self.0.store.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Write access to the store.
+    fn store_mut(&self) -> std::sync::RwLockWriteGuard<'_, Store> {
+        self.0.store.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The request log.
+    fn log(&self) -> std::sync::MutexGuard<'_, RequestLog> {
+        self.0.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("tokens", &self.0.tokens.len())
+            .field("latency", &self.0.latency)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl SimHandle ===
+
+impl SimHandle {
+    /// The account being served.
+    pub fn sim(&self) -> &Sim {
+        &self.sim
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, the base to put before `/api/v4/...`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl std::ops::Deref for SimHandle {
+    type Target = Sim;
+
+    fn deref(&self) -> &Sim {
+        &self.sim
+    }
+}
+
+impl std::fmt::Debug for SimHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimHandle")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,208 @@
+//! The command line: flags (each also read from `KOMMO_FANOUT_<FLAG>`), validated completely
+//! before any socket is bound.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::gateway::GatewaySettings;
+use crate::sim::SimArgs;
+use crate::upstream::{Origin, UpstreamConfig};
+
+/// kommo-fanout: a drop-in base URL for a Kommo account that answers many-stage lead lists.
+#[derive(Debug, Parser)]
+#[command(name = "kommo-fanout", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy in front of a Kommo account.
+    Serve(ServeArgs),
+    /// Run the simulated Kommo account.
+    Sim(SimArgs),
+    /// Run the simulator and the proxy in front of it, and print requests to try.
+    Demo(DemoArgs),
+}
+
+/// Flags of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The Kommo account origin, e.g. https://example.kommo.com.
+    #[arg(long, env = "KOMMO_FANOUT_UPSTREAM")]
+    pub upstream: String,
+    /// Where clients connect.
+    #[arg(long, env = "KOMMO_FANOUT_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Where the admin endpoints (/healthz) listen.
+    #[arg(
+        long,
+        env = "KOMMO_FANOUT_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+    /// The base URL clients reach the proxy at, used in links (default: from the Host header).
+    #[arg(long, env = "KOMMO_FANOUT_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Most distinct stages (filter[statuses] pairs) in one request.
+    #[arg(long, env = "KOMMO_FANOUT_MAX_PAIRS", default_value_t = 100,
+          value_parser = clap::value_parser!(u16).range(1..=5000))]
+    pub max_pairs: u16,
+    /// Time limit of one upstream attempt (connect, answer and body).
+    #[arg(long, env = "KOMMO_FANOUT_UPSTREAM_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Duration,
+    /// The largest upstream answer the proxy buffers, in bytes.
+    #[arg(long, env = "KOMMO_FANOUT_MAX_UPSTREAM_BODY", default_value_t = 32 * 1024 * 1024)]
+    pub max_upstream_body: usize,
+    /// How long requests in flight may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "KOMMO_FANOUT_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Flags of `demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Where the simulated account listens.
+    #[arg(
+        long,
+        env = "KOMMO_FANOUT_SIM_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub sim_listen: SocketAddr,
+    /// Where the proxy listens.
+    #[arg(long, env = "KOMMO_FANOUT_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Where the admin endpoints listen.
+    #[arg(
+        long,
+        env = "KOMMO_FANOUT_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+    /// Leads in the simulated account.
+    #[arg(long, env = "KOMMO_FANOUT_LEADS", default_value_t = 20_000)]
+    pub leads: usize,
+    /// Simulated upstream latency per request.
+    #[arg(long, env = "KOMMO_FANOUT_LATENCY", default_value = "80ms", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+}
+
+/// The validated configuration of the proxy.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub upstream: UpstreamConfig,
+    pub gateway: GatewaySettings,
+    pub shutdown_grace: Duration,
+}
+
+impl ServeArgs {
+    /// Checks every value and the rules across them; the error names the flag.
+    pub fn validate(self) -> Result<ServeConfig, String> {
+        let origin = Origin::parse(&self.upstream).map_err(|e| format!("--upstream: {e}"))?;
+        let public_url = self
+            .public_url
+            .map(|u| {
+                Origin::parse(&u)
+                    .map(|o| o.url)
+                    .map_err(|e| format!("--public-url: {e}"))
+            })
+            .transpose()?;
+        if self.upstream_timeout.is_zero() {
+            return Err("--upstream-timeout must be more than zero".into());
+        }
+        if self.max_upstream_body < 1024 {
+            return Err("--max-upstream-body must be at least 1024 bytes".into());
+        }
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            return Err(format!(
+                "--listen and --admin-listen are both {}: the admin endpoints need their own address",
+                self.listen
+            ));
+        }
+        Ok(ServeConfig {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            upstream: UpstreamConfig {
+                origin,
+                timeout: self.upstream_timeout,
+                max_body: self.max_upstream_body,
+            },
+            gateway: GatewaySettings {
+                public_url,
+                max_pairs: usize::from(self.max_pairs),
+            },
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
+impl ServeConfig {
+    /// A configuration for `upstream` with every other value at its default: for tests and
+    /// embedding.
+    pub fn for_upstream(upstream: &str) -> Result<ServeConfig, String> {
+        let cli = Cli::try_parse_from(["kommo-fanout", "serve", "--upstream", upstream])
+            .map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Serve(args) => args.validate(),
+            _ => Err("unreachable: parsed a serve command".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<ServeConfig, String> {
+        let mut argv = vec!["kommo-fanout", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Command::Serve(a) => a.validate(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = serve(&["--upstream", "https://a.kommo.com"]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.gateway.max_pairs, 100);
+        assert_eq!(c.upstream.timeout, Duration::from_secs(15));
+        assert_eq!(c.upstream.origin.url, "https://a.kommo.com");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        assert!(serve(&["--upstream", "a.kommo.com"])
+            .unwrap_err()
+            .contains("--upstream"));
+        assert!(serve(&["--upstream", "http://x", "--public-url", "/p"])
+            .unwrap_err()
+            .contains("--public-url"));
+        assert!(serve(&["--upstream", "http://x", "--max-pairs", "0"]).is_err());
+        assert!(
+            serve(&["--upstream", "http://x", "--upstream-timeout", "soon"])
+                .unwrap_err()
+                .contains("upstream-timeout")
+        );
+        assert!(serve(&[
+            "--upstream",
+            "http://x",
+            "--listen",
+            "127.0.0.1:1",
+            "--admin-listen",
+            "127.0.0.1:1"
+        ])
+        .is_err());
+        assert!(serve(&[]).is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! `kommo-fanout demo`: the simulated account and the proxy in one process, and requests to try.
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+
+use crate::config::{DemoArgs, ServeConfig};
+use crate::sim::{Sim, SimConfig, DEMO_TOKEN};
+
+/// Runs the demo until `shutdown` completes.
+pub async fn run(
+    args: DemoArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let sim = Sim::new(SimConfig {
+        leads: args.leads,
+        latency: args.latency,
+        ..SimConfig::default()
+    });
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let sim_listener = bind(args.sim_listen).await?;
+    let listener = bind(args.listen).await?;
+    let admin = bind(args.admin_listen).await?;
+    let sim_addr = sim_listener.local_addr().map_err(|e| e.to_string())?;
+    let proxy_addr = listener.local_addr().map_err(|e| e.to_string())?;
+
+    let mut config = ServeConfig::for_upstream(&format!("http://{sim_addr}"))?;
+    config.listen = proxy_addr;
+    config.admin_listen = admin.local_addr().map_err(|e| e.to_string())?;
+
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let sim_task = tokio::spawn(sim.clone().run(sim_listener, stopped()));
+    println!(
+        "{}",
+        instructions(
+            &sim,
+            &format!("http://{proxy_addr}"),
+            &format!("http://{sim_addr}"),
+            &config
+        )
+    );
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    crate::run(&config, listener, admin, stopped()).await?;
+    let _ = sim_task.await;
+    Ok(())
+}
+
+/// The text the demo prints: where things run and `curl` lines built from the account's real
+/// pipelines.
+fn instructions(sim: &Sim, proxy: &str, upstream: &str, config: &ServeConfig) -> String {
+    let pipelines = sim.pipelines();
+    let mut pairs = Vec::new();
+    for p in &pipelines {
+        for s in p.statuses.iter().take(2) {
+            pairs.push((p.id, s.id));
+        }
+        // Won (142) in every pipeline: the classic "all won deals" dashboard.
+        pairs.push((p.id, 142));
+    }
+    let stage_params = |pairs: &[(i64, i64)]| {
+        pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (p, s))| {
+                format!(
+                    "filter[statuses][{i}][pipeline_id]={p}&filter[statuses][{i}][status_id]={s}"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    let won: Vec<(i64, i64)> = pipelines.iter().map(|p| (p.id, 142)).collect();
+    let auth = format!("-H 'Authorization: Bearer {DEMO_TOKEN}'");
+    let mut out = String::new();
+    out.push_str(&format!(
+        "kommo-fanout demo\n  simulated Kommo account: {upstream} ({} pipelines)\n  proxy:                   {proxy}\n  admin:                   http://{}/healthz\n\n",
+        pipelines.len(),
+        config.admin_listen
+    ));
+    out.push_str("Try (the proxy answers exactly as Kommo would, for many stages at once):\n\n");
+    out.push_str(&format!(
+        "# Won deals of every pipeline, newest first, one merged page:\ncurl -sg {auth} '{proxy}/api/v4/leads?{}&order[created_at]=desc&limit=5'\n\n",
+        stage_params(&won)
+    ));
+    let first = pairs.iter().take(6).copied().collect::<Vec<_>>();
+    out.push_str(&format!(
+        "# Six stages across pipelines, page 2 of 10, with contacts:\ncurl -sg {auth} '{proxy}/api/v4/leads?{}&with=contacts&limit=10&page=2'\n\n",
+        stage_params(&first)
+    ));
+    out.push_str(&format!(
+        "# What Kommo itself says to more than one stage (the reason this proxy exists):\ncurl -sg {auth} '{upstream}/api/v4/leads?{}'\n\n",
+        stage_params(&won[..won.len().min(2)])
+    ));
+    out.push_str(&format!(
+        "# A mistake gets a problem+json that names it:\ncurl -sg {auth} '{proxy}/api/v4/leads?filter[statuses][0][pipeline_id]=x&limit=500'\n\n"
+    ));
+    out.push_str(&format!(
+        "# Everything else passes through:\ncurl -sg {auth} '{proxy}/api/v4/leads/pipelines'\n\nStop with Ctrl-C.\n"
+    ));
+    out
+}

@@ -1,0 +1,223 @@
+//! Rendering the merged page as Kommo's HAL document, and moving upstream hrefs to the proxy.
+//!
+//! Lead objects are copied into the answer as the upstream sent them; the only change is the
+//! upstream origin in their hrefs, replaced byte for byte while copying.
+
+use memchr::memmem::Finder;
+
+use super::merge::LeadRef;
+
+/// Replaces the upstream origin with the proxy's public URL at the start of JSON `href` values,
+/// in both the plain (`https://a.kommo.com/`) and the slash-escaped (`https:\/\/a.kommo.com\/`,
+/// PHP's default) spellings. Only `"href":"<origin>/` is matched, so a lead's own data that
+/// happens to contain the upstream URL (a name, a custom field) is never altered.
+#[derive(Debug, Clone)]
+pub struct OriginRewrite {
+    /// (what to find, what to write instead) for each spelling.
+    rules: Vec<(Finder<'static>, Vec<u8>)>,
+}
+
+impl OriginRewrite {
+    /// A rewrite from `upstream` (e.g. `https://a.kommo.com`) to `public` (e.g.
+    /// `http://127.0.0.1:8080`), both without a trailing slash.
+    pub fn new(upstream: &str, public: &str) -> Self {
+        let plain = |s: &str| format!("\"href\":\"{s}/");
+        let escaped = |s: &str| plain(s).replace('/', "\\/");
+        let rules = if upstream == public {
+            Vec::new()
+        } else {
+            [
+                (plain(upstream), plain(public)),
+                (escaped(upstream), escaped(public)),
+            ]
+            .into_iter()
+            .map(|(from, to)| (Finder::new(from.as_bytes()).into_owned(), to.into_bytes()))
+            .collect()
+        };
+        OriginRewrite { rules }
+    }
+
+    /// Appends `src` to `out` with every occurrence of the upstream origin replaced.
+    pub fn write_into(&self, mut src: &[u8], out: &mut Vec<u8>) {
+        loop {
+            let next = self
+                .rules
+                .iter()
+                .filter_map(|(finder, to)| {
+                    finder.find(src).map(|at| (at, finder.needle().len(), to))
+                })
+                .min_by_key(|(at, _, _)| *at);
+            match next {
+                Some((at, len, to)) => {
+                    out.extend_from_slice(&src[..at]);
+                    out.extend_from_slice(to);
+                    src = &src[at + len..];
+                }
+                None => {
+                    out.extend_from_slice(src);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// `src` with the origin replaced.
+    pub fn apply(&self, src: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(src.len() + 64);
+        self.write_into(src, &mut out);
+        out
+    }
+}
+
+/// Where the page's own links point: the proxy's leads URL and the client's parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct PageLinks<'a> {
+    /// `{public url}/api/v4/leads`.
+    pub base: &'a str,
+    /// The client's raw parameters except `page`, in the client's order.
+    pub params: &'a [String],
+}
+
+impl PageLinks<'_> {
+    /// The href of page `page`.
+    pub fn href(&self, page: u32) -> String {
+        let mut href = String::with_capacity(self.base.len() + 16 + self.params.len() * 24);
+        href.push_str(self.base);
+        href.push('?');
+        for p in self.params {
+            href.push_str(p);
+            href.push('&');
+        }
+        href.push_str("page=");
+        href.push_str(&page.to_string());
+        href
+    }
+}
+
+/// Renders a `200` page: `_page`, `_links` (`self`, `first`, `prev` past the first page, `next`
+/// only when another lead exists) and `_embedded.leads`.
+pub fn render_page(
+    page: u32,
+    links: PageLinks<'_>,
+    has_next: bool,
+    leads: &[LeadRef],
+    rewrite: &OriginRewrite,
+) -> Vec<u8> {
+    let body_len: usize = leads.iter().map(|l| l.raw.len() + 1).sum();
+    let mut out = Vec::with_capacity(body_len + 512);
+    out.extend_from_slice(b"{\"_page\":");
+    out.extend_from_slice(page.to_string().as_bytes());
+    out.extend_from_slice(b",\"_links\":{");
+    let link = |out: &mut Vec<u8>, name: &str, page: u32, first: bool| {
+        if !first {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":{\"href\":");
+        write_json_string(out, &links.href(page));
+        out.push(b'}');
+    };
+    link(&mut out, "self", page, true);
+    if has_next {
+        link(&mut out, "next", page + 1, false);
+    }
+    link(&mut out, "first", 1, false);
+    if page > 1 {
+        link(&mut out, "prev", page - 1, false);
+    }
+    out.extend_from_slice(b"},\"_embedded\":{\"leads\":[");
+    for (i, lead) in leads.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        rewrite.write_into(&lead.raw, &mut out);
+    }
+    out.extend_from_slice(b"]}}");
+    out
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Serializing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use serde_json::Value;
+
+    fn lead(id: i64, origin: &str, escaped: bool) -> LeadRef {
+        let mut href = format!("{origin}/api/v4/leads/{id}?limit=250");
+        if escaped {
+            href = href.replace('/', "\\/");
+        }
+        LeadRef {
+            id,
+            sort: Some(id),
+            raw: Bytes::from(format!(
+                r#"{{"id":{id},"_links":{{"self":{{"href":"{href}"}}}}}}"#
+            )),
+        }
+    }
+
+    #[test]
+    fn renders_kommo_shape_with_rewritten_hrefs() {
+        let rw = OriginRewrite::new("https://a.kommo.com", "http://proxy:8080");
+        let params = vec!["limit=2".to_string(), "filter%5Bid%5D=1".to_string()];
+        let links = PageLinks {
+            base: "http://proxy:8080/api/v4/leads",
+            params: &params,
+        };
+        let leads = [
+            lead(1, "https://a.kommo.com", false),
+            lead(2, "https://a.kommo.com", true),
+        ];
+        let body = render_page(2, links, true, &leads, &rw);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["_page"], 2);
+        assert_eq!(
+            v["_links"]["next"]["href"],
+            "http://proxy:8080/api/v4/leads?limit=2&filter%5Bid%5D=1&page=3"
+        );
+        assert_eq!(
+            v["_links"]["prev"]["href"],
+            "http://proxy:8080/api/v4/leads?limit=2&filter%5Bid%5D=1&page=1"
+        );
+        assert_eq!(
+            v["_embedded"]["leads"][0]["_links"]["self"]["href"],
+            "http://proxy:8080/api/v4/leads/1?limit=250"
+        );
+        assert_eq!(
+            v["_embedded"]["leads"][1]["_links"]["self"]["href"],
+            "http://proxy:8080/api/v4/leads/2?limit=250"
+        );
+    }
+
+    #[test]
+    fn first_and_last_pages() {
+        let rw = OriginRewrite::new("x", "x");
+        let links = PageLinks {
+            base: "/l",
+            params: &[],
+        };
+        let v: Value = serde_json::from_slice(&render_page(1, links, false, &[], &rw)).unwrap();
+        assert!(v["_links"].get("prev").is_none());
+        assert!(v["_links"].get("next").is_none());
+        assert_eq!(v["_links"]["self"]["href"], "/l?page=1");
+        assert_eq!(v["_embedded"]["leads"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn rewrite_handles_every_occurrence() {
+        let rw = OriginRewrite::new("http://up", "https://pub.example");
+        let out = rw.apply(
+            br#"{"href":"http://up/x","a":{"href":"http:\/\/up\/y"},"name":"http://up/z","b":{"href":"http://upz/"}}"#,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"href":"https://pub.example/x","a":{"href":"https:\/\/pub.example\/y"},"name":"http://up/z","b":{"href":"http://upz/"}}"#
+        );
+    }
+}

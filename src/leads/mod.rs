@@ -1,0 +1,212 @@
+//! The multi-stage leads list: `GET /api/v4/leads` with any number of `filter[statuses]` pairs.
+//!
+//! The request flows `query` (parse, validate) → `plan` (relay, or one stream per stage) →
+//! fetch (here: the only part that does I/O) → `merge` (k-way, dedup) → `hal` (render). Every
+//! stage but the fetch is pure and tested on its own.
+
+pub mod hal;
+pub mod merge;
+pub mod page;
+pub mod plan;
+pub mod query;
+
+use futures::future::join_all;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::body::{self, ProxyBody};
+use crate::error::{ProxyError, StreamFailure};
+use crate::gateway::{Gateway, RequestContext};
+use crate::upstream::Buffered;
+use hal::{render_page, PageLinks};
+use merge::{LeadRef, Merger, Step};
+use plan::{FanOutPlan, Plan, StreamPlan, STREAM_LIMIT};
+use query::LeadsQuery;
+
+/// The content type of a successful leads page.
+pub const HAL_JSON: &str = "application/hal+json";
+
+/// Answers a leads list request.
+pub async fn answer(
+    gw: &Gateway,
+    ctx: &RequestContext,
+    raw_query: &str,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let query = query::parse(raw_query, gw.query_limits()).map_err(ProxyError::InvalidQuery)?;
+    match plan::plan(&query, raw_query) {
+        Plan::Relay { target } => relay(gw, ctx, &target).await,
+        Plan::FanOut(fan_out) => merged_page(gw, ctx, &query, &fan_out).await,
+    }
+}
+
+/// One upstream request; its answer is relayed with hrefs moved to the proxy.
+async fn relay(
+    gw: &Gateway,
+    ctx: &RequestContext,
+    target: &str,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let upstream = gw.get(ctx, target).await?;
+    let is_json = upstream
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"));
+    let body = if is_json {
+        ctx.rewrite.apply(&upstream.body).into()
+    } else {
+        upstream.body
+    };
+    let mut resp = Response::new(body::full(body));
+    *resp.status_mut() = upstream.status;
+    *resp.headers_mut() = crate::passthrough::end_to_end(&upstream.headers);
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
+    Ok(resp)
+}
+
+/// What one upstream page read of one stream came to.
+enum StreamRead {
+    Page {
+        leads: Vec<LeadRef>,
+        last: bool,
+    },
+    /// An answer that is the client's to see as it came (401, 402, 403, other 4xx).
+    Relay(Buffered),
+    Failed(StreamFailure),
+}
+
+async fn read_stream_page(
+    gw: &Gateway,
+    ctx: &RequestContext,
+    stream: &StreamPlan,
+    page: u32,
+    order: query::OrderField,
+) -> StreamRead {
+    let failed = |status: Option<u16>, reason: String| {
+        StreamRead::Failed(StreamFailure {
+            pair: stream.pair,
+            status,
+            reason,
+        })
+    };
+    let upstream = match gw.get(ctx, &stream.target(page)).await {
+        Ok(b) => b,
+        Err(e) => return failed(None, e.to_string()),
+    };
+    match upstream.status {
+        StatusCode::OK => match page::parse_page(&upstream.body, order) {
+            Ok(leads) => {
+                let last = leads.len() < STREAM_LIMIT as usize;
+                StreamRead::Page { leads, last }
+            }
+            Err(reason) => failed(Some(200), reason),
+        },
+        StatusCode::NO_CONTENT => StreamRead::Page {
+            leads: Vec::new(),
+            last: true,
+        },
+        s if s.is_client_error() && s != StatusCode::TOO_MANY_REQUESTS => {
+            StreamRead::Relay(upstream)
+        }
+        s => failed(
+            Some(s.as_u16()),
+            format!("page {page} answered {s}{}", error_detail(&upstream.body)),
+        ),
+    }
+}
+
+/// Kommo's `detail`, when the body is a problem document.
+fn error_detail(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_string))
+        .map(|d| format!(": {d}"))
+        .unwrap_or_default()
+}
+
+/// Fans out, merges, and cuts the client's page out of the merged stream.
+async fn merged_page(
+    gw: &Gateway,
+    ctx: &RequestContext,
+    query: &LeadsQuery,
+    fan_out: &FanOutPlan,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut merger = Merger::new(fan_out.streams.len(), fan_out.order);
+    let skip = query.offset();
+    let want = query.limit as usize;
+    let mut skipped = 0u64;
+    let mut leads = Vec::with_capacity(want);
+    let mut has_next = false;
+    loop {
+        match merger.next_step() {
+            Step::Lead(lead) if skipped < skip => {
+                skipped += 1;
+                drop(lead);
+            }
+            Step::Lead(lead) if leads.len() < want => leads.push(lead),
+            Step::Lead(_) => {
+                has_next = true;
+                break;
+            }
+            Step::Done => break,
+            Step::Need(streams) => {
+                // Every stream that could hold the next lead is read at once: at the start
+                // that is all of them, so the first page costs one round trip, not K.
+                let reads = join_all(streams.iter().map(|&i| {
+                    let page = merger.pages_fed(i) + 1;
+                    read_stream_page(gw, ctx, &fan_out.streams[i], page, fan_out.order.field)
+                }))
+                .await;
+                let mut failures = Vec::new();
+                let mut relay = None;
+                for (&i, read) in streams.iter().zip(reads) {
+                    match read {
+                        StreamRead::Page { leads, last } => merger.feed(i, leads, last),
+                        StreamRead::Relay(b) => {
+                            relay.get_or_insert(b);
+                        }
+                        StreamRead::Failed(f) => failures.push(f),
+                    }
+                }
+                if let Some(b) = relay {
+                    return Ok(relay_error(b));
+                }
+                if !failures.is_empty() {
+                    return Err(ProxyError::StreamsFailed(failures));
+                }
+            }
+        }
+    }
+    if leads.is_empty() {
+        let mut resp = Response::new(body::empty());
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        return Ok(resp);
+    }
+    let base = format!("{}{}", ctx.public_base, plan::LEADS_PATH);
+    let links = PageLinks {
+        base: &base,
+        params: &query.link_params,
+    };
+    let bytes = render_page(query.page, links, has_next, &leads, &ctx.rewrite);
+    let mut resp = Response::new(body::full(bytes));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(HAL_JSON));
+    Ok(resp)
+}
+
+/// An upstream client error, relayed with its status, type and body as it came.
+fn relay_error(upstream: Buffered) -> Response<ProxyBody> {
+    let mut headers = HeaderMap::new();
+    for name in [
+        header::CONTENT_TYPE,
+        header::WWW_AUTHENTICATE,
+        header::RETRY_AFTER,
+    ] {
+        if let Some(v) = upstream.headers.get(&name) {
+            headers.insert(name, v.clone());
+        }
+    }
+    let mut resp = Response::new(body::full(upstream.body));
+    *resp.status_mut() = upstream.status;
+    *resp.headers_mut() = headers;
+    resp
+}

@@ -1,0 +1,115 @@
+//! Everything that is not the leads list: relayed to the upstream as it came, bodies streamed.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::{self, ProxyBody};
+use crate::error::ProxyError;
+use crate::gateway::{Gateway, RequestContext};
+use crate::upstream::UpstreamError;
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1): never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// `headers` without hop-by-hop headers, including those the `Connection` header names.
+pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let mut out = headers.clone();
+    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+        out.remove(name);
+    }
+    out
+}
+
+/// Relays `req` to the upstream and its answer back, both bodies streamed.
+pub async fn forward(
+    gw: &Gateway,
+    ctx: &RequestContext,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed(
+            "CONNECT is not supported: this is a gateway to one Kommo account, not a forward proxy"
+                .into(),
+        ));
+    }
+    let (parts, incoming) = req.into_parts();
+    // Only the path and query of the request are used, even of an absolute-form request
+    // (`GET http://other.host/x`): the destination is always the configured origin.
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let mut upstream_req = Request::new(body::boxed(incoming));
+    *upstream_req.method_mut() = parts.method.clone();
+    *upstream_req.uri_mut() = gw
+        .upstream
+        .uri(&target)
+        .map_err(|e| ProxyError::BadUpstreamAnswer(e.to_string()))?;
+    let mut headers = end_to_end(&parts.headers);
+    headers.remove(header::HOST);
+    *upstream_req.headers_mut() = headers;
+
+    let timeout = gw.upstream.config().timeout;
+    let resp = tokio::time::timeout(timeout, gw.upstream.send(upstream_req))
+        .await
+        .map_err(|_| ProxyError::Upstream(UpstreamError::Timeout(timeout)))??;
+
+    let (mut parts, incoming) = resp.into_parts();
+    parts.headers = end_to_end(&parts.headers);
+    // A redirect to the account is a redirect to the proxy.
+    if let Some(location) = parts
+        .headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let origin = &gw.upstream.origin().url;
+        if let Some(rest) = location.strip_prefix(origin.as_str()) {
+            if let Ok(v) = HeaderValue::from_str(&format!("{}{rest}", ctx.public_base)) {
+                parts.headers.insert(header::LOCATION, v);
+            }
+        }
+    }
+    Ok(Response::from_parts(parts, body::boxed(incoming)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let out = end_to_end(&h);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[header::AUTHORIZATION], "Bearer t");
+    }
+}

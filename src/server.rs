@@ -1,0 +1,126 @@
+//! Accept loops, routing, the admin listener and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::body::{self, ProxyBody};
+use crate::error::problem;
+use crate::gateway::Gateway;
+use crate::leads;
+use crate::passthrough;
+
+/// Routes one client request: the leads list to the fan-out, everything else through.
+pub async fn handle(gw: &Gateway, req: Request<Incoming>) -> Response<ProxyBody> {
+    let (parts, incoming) = req.into_parts();
+    let ctx = gw.context(&parts);
+    let result = if parts.method == Method::GET && parts.uri.path() == leads::plan::LEADS_PATH {
+        let query = parts.uri.query().unwrap_or("");
+        leads::answer(gw, &ctx, query).await
+    } else {
+        passthrough::forward(gw, &ctx, Request::from_parts(parts, incoming)).await
+    };
+    result.unwrap_or_else(|e| {
+        debug!(error = ?e, "request failed");
+        e.into_response()
+    })
+}
+
+/// Serves the proxy on `listener` until `shutdown` completes, then lets requests in flight
+/// finish for up to `grace`.
+pub async fn run(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    serve(listener, shutdown, grace, move |req| {
+        let gw = gateway.clone();
+        async move { handle(&gw, req).await }
+    })
+    .await
+}
+
+/// Serves the admin endpoints (`GET /healthz`) on `listener` until `shutdown` completes.
+pub async fn run_admin(listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    serve(
+        listener,
+        shutdown,
+        Duration::from_secs(1),
+        |req| async move {
+            match (req.method(), req.uri().path()) {
+                (&Method::GET, "/healthz") => {
+                    let mut resp = Response::new(body::full("ok\n"));
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain"),
+                    );
+                    resp
+                }
+                _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint", None),
+            }
+        },
+    )
+    .await
+}
+
+/// The accept loop shared by both listeners: HTTP/1.1 and HTTP/2, each connection watched so
+/// shutdown can drain it.
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of descriptors and the like: pause instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    info!(connections = graceful.count(), "draining connections");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("connections still open after the shutdown grace period; closing them");
+    }
+}

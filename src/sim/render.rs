@@ -1,0 +1,756 @@
+//! Response bodies in Kommo's shapes: HAL pages of leads, single leads, pipelines, the account, write
+//! results and problem+json errors. Pure: bytes in, bytes out.
+
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde::{Serialize, Serializer};
+
+use super::data::{self, FieldKind, ACCOUNT_ID, CATALOG_ID, LOSS_REASONS, SOURCES};
+use super::query::{LeadsQuery, QueryError, WithSet};
+use super::{SimLead, SimPipeline};
+
+/// `{"href": ...}`.
+#[derive(Serialize)]
+struct Href {
+    href: String,
+}
+
+impl Href {
+    fn new(href: String) -> Self {
+        Self { href }
+    }
+}
+
+/// `{"self": {"href": ...}}`.
+#[derive(Serialize)]
+struct SelfLink {
+    #[serde(rename = "self")]
+    this: Href,
+}
+
+impl SelfLink {
+    fn new(href: String) -> Self {
+        Self {
+            this: Href::new(href),
+        }
+    }
+}
+
+/// The raw query string with `page` set to `page` (replaced in place, or appended).
+pub(crate) fn with_page(raw_query: &str, page: u32) -> String {
+    let mut out = String::with_capacity(raw_query.len() + 8);
+    let mut replaced = false;
+    for pair in raw_query.split('&').filter(|p| !p.is_empty()) {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if key == "page" && !replaced {
+            out.push_str(&format!("page={page}"));
+            replaced = true;
+        } else if key == "page" {
+            // A second `page` would contradict the first; drop it.
+            out.pop();
+        } else {
+            out.push_str(pair);
+        }
+    }
+    if !replaced {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        out.push_str(&format!("page={page}"));
+    }
+    out
+}
+
+/// What every lead of one response is rendered with.
+pub(crate) struct LeadCtx<'a> {
+    /// `http://host`.
+    pub(crate) base: &'a str,
+    /// `?` + the request's raw query, or empty: appended to each lead's self link.
+    pub(crate) query_suffix: String,
+    /// The `with` extras.
+    pub(crate) with: WithSet,
+}
+
+impl<'a> LeadCtx<'a> {
+    /// The context for a request with this raw query.
+    pub(crate) fn new(base: &'a str, raw_query: &str, with: WithSet) -> Self {
+        let query_suffix = if raw_query.is_empty() {
+            String::new()
+        } else {
+            format!("?{raw_query}")
+        };
+        Self {
+            base,
+            query_suffix,
+            with,
+        }
+    }
+}
+
+/// A lead as Kommo renders it, keys in Kommo's order.
+struct LeadJson<'a> {
+    lead: &'a SimLead,
+    ctx: &'a LeadCtx<'a>,
+}
+
+impl Serialize for LeadJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (l, ctx) = (self.lead, self.ctx);
+        // `with=only_deleted`: id, updated_by, updated_at, is_deleted and account_id; the rest null.
+        let full = !ctx.with.only_deleted;
+        let some = |v: i64| full.then_some(v);
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &l.id)?;
+        m.serialize_entry("name", &full.then_some(l.name.as_str()))?;
+        m.serialize_entry("price", &some(l.price))?;
+        m.serialize_entry("responsible_user_id", &some(l.responsible_user_id))?;
+        m.serialize_entry("group_id", &some(l.group_id))?;
+        m.serialize_entry("status_id", &some(l.status_id))?;
+        m.serialize_entry("pipeline_id", &some(l.pipeline_id))?;
+        m.serialize_entry("loss_reason_id", &l.loss_reason_id.filter(|_| full))?;
+        let source_id = l.source_id.filter(|_| full && ctx.with.source_id);
+        m.serialize_entry("source_id", &source_id)?;
+        m.serialize_entry("created_by", &some(l.created_by))?;
+        m.serialize_entry("updated_by", &l.updated_by)?;
+        m.serialize_entry("created_at", &some(l.created_at))?;
+        m.serialize_entry("updated_at", &l.updated_at)?;
+        m.serialize_entry("closed_at", &l.closed_at.filter(|_| full))?;
+        m.serialize_entry("closest_task_at", &l.closest_task_at.filter(|_| full))?;
+        m.serialize_entry("is_deleted", &l.is_deleted)?;
+        if full && !l.custom_fields.is_empty() {
+            m.serialize_entry("custom_fields_values", &CustomFields(&l.custom_fields))?;
+        } else {
+            m.serialize_entry("custom_fields_values", &None::<()>)?;
+        }
+        m.serialize_entry("score", &l.score.filter(|_| full))?;
+        m.serialize_entry("account_id", &ACCOUNT_ID)?;
+        m.serialize_entry("labor_cost", &l.labor_cost.filter(|_| full))?;
+        if ctx.with.is_price_modified_by_robot {
+            m.serialize_entry(
+                "is_price_modified_by_robot",
+                &full.then_some(l.is_price_modified_by_robot),
+            )?;
+        }
+        m.serialize_entry(
+            "_links",
+            &SelfLink::new(format!(
+                "{}/api/v4/leads/{}{}",
+                ctx.base, l.id, ctx.query_suffix
+            )),
+        )?;
+        m.serialize_entry("_embedded", &LeadEmbedded { lead: l, ctx, full })?;
+        m.end()
+    }
+}
+
+/// A lead's `_embedded`: tags and companies always, the rest as `with` asks.
+struct LeadEmbedded<'a> {
+    lead: &'a SimLead,
+    ctx: &'a LeadCtx<'a>,
+    full: bool,
+}
+
+#[derive(Serialize)]
+struct TagJson<'a> {
+    id: i64,
+    name: &'a str,
+    color: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct LinkedJson {
+    id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_main: Option<bool>,
+    _links: SelfLink,
+}
+
+#[derive(Serialize)]
+struct LossReasonJson {
+    id: i64,
+    name: &'static str,
+    sort: i64,
+    created_at: i64,
+    updated_at: i64,
+    _links: SelfLink,
+}
+
+#[derive(Serialize)]
+struct CatalogElementJson {
+    id: i64,
+    metadata: CatalogMetadata,
+}
+
+#[derive(Serialize)]
+struct CatalogMetadata {
+    quantity: i64,
+    catalog_id: i64,
+}
+
+#[derive(Serialize)]
+struct SourceJson {
+    id: i64,
+    name: &'static str,
+}
+
+impl Serialize for LeadEmbedded<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (l, base, with) = (self.lead, self.ctx.base, self.ctx.with);
+        let mut m = s.serialize_map(None)?;
+        let none = !self.full;
+        let tags: Vec<TagJson<'_>> = if none {
+            Vec::new()
+        } else {
+            l.tags
+                .iter()
+                .map(|t| TagJson {
+                    id: t.id,
+                    name: &t.name,
+                    color: t.color.as_deref(),
+                })
+                .collect()
+        };
+        m.serialize_entry("tags", &tags)?;
+        let companies: Vec<LinkedJson> = l
+            .company_id
+            .filter(|_| self.full)
+            .map(|id| LinkedJson {
+                id,
+                is_main: None,
+                _links: SelfLink::new(format!("{base}/api/v4/companies/{id}")),
+            })
+            .into_iter()
+            .collect();
+        m.serialize_entry("companies", &companies)?;
+        if with.contacts && self.full {
+            let contacts: Vec<LinkedJson> = l
+                .contact_ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| LinkedJson {
+                    id,
+                    is_main: Some(i == 0),
+                    _links: SelfLink::new(format!("{base}/api/v4/contacts/{id}")),
+                })
+                .collect();
+            m.serialize_entry("contacts", &contacts)?;
+        }
+        if with.loss_reason && self.full {
+            let reasons: Vec<LossReasonJson> = l
+                .loss_reason_id
+                .and_then(|id| LOSS_REASONS.iter().find(|r| r.0 == id))
+                .map(|&(id, name, sort)| LossReasonJson {
+                    id,
+                    name,
+                    sort,
+                    created_at: data::NOW - 365 * 86_400,
+                    updated_at: data::NOW - 365 * 86_400,
+                    _links: SelfLink::new(format!("{base}/api/v4/leads/loss_reasons/{id}")),
+                })
+                .into_iter()
+                .collect();
+            m.serialize_entry("loss_reason", &reasons)?;
+        }
+        if with.catalog_elements && self.full {
+            let elements: Vec<CatalogElementJson> = l
+                .catalog_elements
+                .iter()
+                .map(|&(id, quantity)| CatalogElementJson {
+                    id,
+                    metadata: CatalogMetadata {
+                        quantity,
+                        catalog_id: CATALOG_ID,
+                    },
+                })
+                .collect();
+            m.serialize_entry("catalog_elements", &elements)?;
+        }
+        if with.source && self.full {
+            if let Some(&(id, name)) = l
+                .source_id
+                .and_then(|id| SOURCES.iter().find(|s| s.0 == id))
+            {
+                m.serialize_entry("source", &SourceJson { id, name })?;
+            }
+        }
+        m.end()
+    }
+}
+
+/// `custom_fields_values`: one entry per field, values typed by the field's kind.
+struct CustomFields<'a>(&'a [(i64, String)]);
+
+#[derive(Serialize)]
+struct FieldJson<'a> {
+    field_id: i64,
+    field_name: &'a str,
+    field_code: Option<&'a str>,
+    field_type: &'a str,
+    values: [ValueJson<'a>; 1],
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ValueJson<'a> {
+    Plain {
+        value: &'a str,
+    },
+    Flag {
+        value: bool,
+    },
+    Enum {
+        value: &'a str,
+        enum_id: i64,
+        enum_code: Option<&'a str>,
+    },
+}
+
+impl Serialize for CustomFields<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (field_id, value) in self.0 {
+            let def = data::field(*field_id);
+            let kind = def.map(|d| d.kind);
+            let value_json = match kind {
+                Some(FieldKind::Checkbox) => ValueJson::Flag {
+                    value: value == "true",
+                },
+                Some(FieldKind::Select) => ValueJson::Enum {
+                    value,
+                    enum_id: def
+                        .and_then(|d| d.enums.iter().find(|e| e.1 == value))
+                        .map_or(0, |e| e.0),
+                    enum_code: None,
+                },
+                _ => ValueJson::Plain { value },
+            };
+            seq.serialize_element(&FieldJson {
+                field_id: *field_id,
+                field_name: def.map_or("Field", |d| d.name),
+                field_code: def.and_then(|d| d.code),
+                field_type: kind.map_or("text", FieldKind::as_str),
+                values: [value_json],
+            })?;
+        }
+        seq.end()
+    }
+}
+
+/// Links of a list page: `next` is always present (Kommo's is unreliable too), `prev` from page 2.
+#[derive(Serialize)]
+struct PageLinks {
+    #[serde(rename = "self")]
+    this: Href,
+    next: Href,
+    first: Href,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prev: Option<Href>,
+}
+
+/// Serializes a slice of positions as lead objects.
+struct LeadList<'a> {
+    leads: &'a [SimLead],
+    positions: &'a [u32],
+    ctx: &'a LeadCtx<'a>,
+}
+
+impl Serialize for LeadList<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.positions.len()))?;
+        for &pos in self.positions {
+            seq.serialize_element(&LeadJson {
+                lead: &self.leads[pos as usize],
+                ctx: self.ctx,
+            })?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct LeadsEmbedded<'a> {
+    leads: LeadList<'a>,
+}
+
+#[derive(Serialize)]
+struct PageJson<'a> {
+    _page: u32,
+    _links: PageLinks,
+    _embedded: LeadsEmbedded<'a>,
+}
+
+/// One page of `GET /api/v4/leads`.
+pub(crate) fn leads_page(
+    leads: &[SimLead],
+    positions: &[u32],
+    q: &LeadsQuery,
+    base: &str,
+    raw_query: &str,
+) -> Vec<u8> {
+    let ctx = LeadCtx::new(base, raw_query, q.with);
+    let link = |page: u32| {
+        Href::new(format!(
+            "{base}/api/v4/leads?{}",
+            with_page(raw_query, page)
+        ))
+    };
+    let page = PageJson {
+        _page: q.page,
+        _links: PageLinks {
+            this: link(q.page),
+            next: link(q.page.saturating_add(1)),
+            first: link(1),
+            prev: (q.page > 1).then(|| link(q.page - 1)),
+        },
+        _embedded: LeadsEmbedded {
+            leads: LeadList {
+                leads,
+                positions,
+                ctx: &ctx,
+            },
+        },
+    };
+    to_vec(&page)
+}
+
+/// `GET /api/v4/leads/{id}`: the lead object itself.
+pub(crate) fn lead(lead: &SimLead, ctx: &LeadCtx<'_>) -> Vec<u8> {
+    to_vec(&LeadJson { lead, ctx })
+}
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    id: i64,
+    name: &'a str,
+    sort: i64,
+    is_editable: bool,
+    pipeline_id: i64,
+    color: &'a str,
+    #[serde(rename = "type")]
+    type_: u8,
+    account_id: i64,
+    _links: SelfLink,
+}
+
+#[derive(Serialize)]
+struct StatusesEmbedded<'a> {
+    statuses: Vec<StatusJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct PipelineJson<'a> {
+    id: i64,
+    name: &'a str,
+    sort: i64,
+    is_main: bool,
+    is_unsorted_on: bool,
+    is_archive: bool,
+    account_id: i64,
+    _links: SelfLink,
+    _embedded: StatusesEmbedded<'a>,
+}
+
+#[derive(Serialize)]
+struct PipelinesEmbedded<'a> {
+    pipelines: Vec<PipelineJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct PipelinesJson<'a> {
+    _total_items: usize,
+    _links: SelfLink,
+    _embedded: PipelinesEmbedded<'a>,
+}
+
+fn pipeline_json<'a>(p: &'a SimPipeline, base: &str) -> PipelineJson<'a> {
+    PipelineJson {
+        id: p.id,
+        name: &p.name,
+        sort: p.sort,
+        is_main: p.is_main,
+        is_unsorted_on: true,
+        is_archive: false,
+        account_id: ACCOUNT_ID,
+        _links: SelfLink::new(format!("{base}/api/v4/leads/pipelines/{}", p.id)),
+        _embedded: StatusesEmbedded {
+            statuses: p
+                .statuses
+                .iter()
+                .map(|st| StatusJson {
+                    id: st.id,
+                    name: &st.name,
+                    sort: st.sort,
+                    is_editable: st.is_editable,
+                    pipeline_id: p.id,
+                    color: &st.color,
+                    type_: st.type_,
+                    account_id: ACCOUNT_ID,
+                    _links: SelfLink::new(format!(
+                        "{base}/api/v4/leads/pipelines/{}/statuses/{}",
+                        p.id, st.id
+                    )),
+                })
+                .collect(),
+        },
+    }
+}
+
+/// `GET /api/v4/leads/pipelines`.
+pub(crate) fn pipelines(pipelines: &[SimPipeline], base: &str) -> Vec<u8> {
+    to_vec(&PipelinesJson {
+        _total_items: pipelines.len(),
+        _links: SelfLink::new(format!("{base}/api/v4/leads/pipelines")),
+        _embedded: PipelinesEmbedded {
+            pipelines: pipelines.iter().map(|p| pipeline_json(p, base)).collect(),
+        },
+    })
+}
+
+/// `GET /api/v4/leads/pipelines/{id}`.
+pub(crate) fn pipeline(p: &SimPipeline, base: &str) -> Vec<u8> {
+    to_vec(&pipeline_json(p, base))
+}
+
+#[derive(Serialize)]
+struct AccountJson {
+    id: i64,
+    name: &'static str,
+    subdomain: &'static str,
+    created_at: i64,
+    created_by: i64,
+    updated_at: i64,
+    updated_by: i64,
+    current_user_id: i64,
+    country: &'static str,
+    currency: &'static str,
+    currency_symbol: &'static str,
+    customers_mode: &'static str,
+    is_unsorted_on: bool,
+    is_loss_reason_enabled: bool,
+    is_helpbot_enabled: bool,
+    is_technical_account: bool,
+    contact_name_display_order: i64,
+    _links: SelfLink,
+}
+
+/// `GET /api/v4/account`; `current_user_id` is the token's first user.
+pub(crate) fn account(base: &str, current_user_id: i64) -> Vec<u8> {
+    to_vec(&AccountJson {
+        id: ACCOUNT_ID,
+        name: "Simulated account",
+        subdomain: "sim",
+        created_at: data::NOW - 3 * 365 * 86_400,
+        created_by: data::USERS[0],
+        updated_at: data::NOW - 30 * 86_400,
+        updated_by: data::USERS[0],
+        current_user_id,
+        country: "US",
+        currency: "USD",
+        currency_symbol: "$",
+        customers_mode: "disabled",
+        is_unsorted_on: true,
+        is_loss_reason_enabled: true,
+        is_helpbot_enabled: false,
+        is_technical_account: false,
+        contact_name_display_order: 1,
+        _links: SelfLink::new(format!("{base}/api/v4/account")),
+    })
+}
+
+#[derive(Serialize)]
+struct WrittenLead {
+    id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    updated_at: Option<i64>,
+    _links: SelfLink,
+}
+
+#[derive(Serialize)]
+struct WrittenEmbedded {
+    leads: Vec<WrittenLead>,
+}
+
+#[derive(Serialize)]
+struct WrittenJson {
+    _links: SelfLink,
+    _embedded: WrittenEmbedded,
+}
+
+/// The answer to `POST /api/v4/leads`: `(id, request_id)` per created lead.
+pub(crate) fn created(base: &str, leads: &[(i64, String)]) -> Vec<u8> {
+    to_vec(&WrittenJson {
+        _links: SelfLink::new(format!("{base}/api/v4/leads")),
+        _embedded: WrittenEmbedded {
+            leads: leads
+                .iter()
+                .map(|(id, request_id)| WrittenLead {
+                    id: *id,
+                    request_id: Some(request_id.clone()),
+                    updated_at: None,
+                    _links: SelfLink::new(format!("{base}/api/v4/leads/{id}")),
+                })
+                .collect(),
+        },
+    })
+}
+
+/// The answer to `PATCH /api/v4/leads` (a list): `(id, updated_at)` per lead.
+pub(crate) fn updated_many(base: &str, leads: &[(i64, i64)]) -> Vec<u8> {
+    to_vec(&WrittenJson {
+        _links: SelfLink::new(format!("{base}/api/v4/leads")),
+        _embedded: WrittenEmbedded {
+            leads: leads
+                .iter()
+                .map(|&(id, at)| updated_json(base, id, at))
+                .collect(),
+        },
+    })
+}
+
+/// The answer to `PATCH /api/v4/leads/{id}`.
+pub(crate) fn updated_one(base: &str, id: i64, updated_at: i64) -> Vec<u8> {
+    to_vec(&updated_json(base, id, updated_at))
+}
+
+fn updated_json(base: &str, id: i64, updated_at: i64) -> WrittenLead {
+    WrittenLead {
+        id,
+        request_id: None,
+        updated_at: Some(updated_at),
+        _links: SelfLink::new(format!("{base}/api/v4/leads/{id}")),
+    }
+}
+
+/// A Kommo problem+json body.
+#[derive(Serialize)]
+struct ProblemJson<'a> {
+    title: &'a str,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    type_: Option<String>,
+    status: u16,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<String>,
+    #[serde(rename = "validation-errors", skip_serializing_if = "Option::is_none")]
+    validation_errors: Option<Vec<ValidationJson<'a>>>,
+}
+
+#[derive(Serialize)]
+struct ValidationJson<'a> {
+    request_id: String,
+    errors: Vec<ErrorJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct ErrorJson<'a> {
+    code: &'a str,
+    path: &'a str,
+    detail: &'a str,
+}
+
+impl<'a> ProblemJson<'a> {
+    fn new(status: u16, title: &'a str, detail: &'a str) -> Self {
+        Self {
+            title,
+            type_: Some(format!("https://httpstatus.es/{status}")),
+            status,
+            detail,
+            retry_after: None,
+            trace_id: None,
+            validation_errors: None,
+        }
+    }
+}
+
+/// `{"title", "type", "status", "detail"}`.
+pub(crate) fn problem(status: u16, title: &str, detail: &str) -> Vec<u8> {
+    to_vec(&ProblemJson::new(status, title, detail))
+}
+
+/// Kommo's `400` for a bad query.
+pub(crate) fn query_problem(e: &QueryError) -> Vec<u8> {
+    let mut p = ProblemJson::new(400, "Bad Request", &e.detail);
+    p.validation_errors = Some(vec![ValidationJson {
+        request_id: "0".to_string(),
+        errors: vec![ErrorJson {
+            code: e.code,
+            path: &e.path,
+            detail: &e.message,
+        }],
+    }]);
+    to_vec(&p)
+}
+
+/// Kommo's `400` for a refused write of element `request_id`.
+pub(crate) fn write_problem(request_id: &str, path: &str, detail: &str) -> Vec<u8> {
+    let mut p = ProblemJson::new(400, "Bad Request", "Request validation failed");
+    p.validation_errors = Some(vec![ValidationJson {
+        request_id: request_id.to_string(),
+        errors: vec![ErrorJson {
+            code: "InvalidValue",
+            path,
+            detail,
+        }],
+    }]);
+    to_vec(&p)
+}
+
+/// Kommo's `429` body.
+pub(crate) fn too_many_requests(retry_after: Option<u64>) -> Vec<u8> {
+    let mut p = ProblemJson::new(
+        429,
+        "Too Many Requests",
+        "You have sent too many requests in a given amount of time. Please try again later.",
+    );
+    p.retry_after = retry_after;
+    to_vec(&p)
+}
+
+/// Kommo's `500` body (no `type`, a `trace_id`).
+pub(crate) fn internal_error(trace_id: u64) -> Vec<u8> {
+    let mut p = ProblemJson::new(
+        500,
+        "ErrInternalServer",
+        "Our team are probably already working on the elimination of the problem",
+    );
+    p.type_ = None;
+    p.trace_id = Some(format!("{trace_id:016x}"));
+    to_vec(&p)
+}
+
+/// The HTML page a blocked account or IP gets.
+pub(crate) const FORBIDDEN_HTML: &str = "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>403 Forbidden</title></head>\n<body><h1>403 Forbidden</h1><p>Access to this account has been temporarily restricted because of too many requests. Please try again later.</p></body></html>\n";
+
+fn to_vec<T: Serialize>(value: &T) -> Vec<u8> {
+    // Our own types with string keys cannot fail to serialize; an empty body would show up at once.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_is_set_in_place_or_appended() {
+        assert_eq!(with_page("", 2), "page=2");
+        assert_eq!(with_page("limit=2", 2), "limit=2&page=2");
+        assert_eq!(with_page("limit=2&page=1&x=3", 5), "limit=2&page=5&x=3");
+        assert_eq!(with_page("page=1&limit=2&page=9", 3), "page=3&limit=2");
+    }
+
+    #[test]
+    fn problem_shapes() {
+        let v: serde_json::Value = serde_json::from_slice(&too_many_requests(Some(1))).unwrap();
+        assert_eq!(v["retry_after"], 1);
+        assert_eq!(v["type"], "https://httpstatus.es/429");
+        let v: serde_json::Value = serde_json::from_slice(&internal_error(7)).unwrap();
+        assert_eq!(v["title"], "ErrInternalServer");
+        assert!(v.get("type").is_none());
+    }
+}

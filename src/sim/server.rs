@@ -1,0 +1,681 @@
+//! The sim's HTTP side: accept loop with graceful shutdown, the hyper service, and the per-request
+//! pipeline `record → rate limit → faults → latency → auth → route → handler`.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::PoisonError;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::data::{LeadPatch, USERS};
+use super::faults::LimitDecision;
+use super::query::{self, MAX_LIMIT};
+use super::render::{self, LeadCtx};
+use super::{Fault, RecordedRequest, Sim, TokenSpec};
+
+/// The response body type: whole bodies, or a stream that fails half-way (truncation fault).
+pub(crate) type Body = BoxBody<Bytes, io::Error>;
+
+/// How long open connections may take to finish after shutdown before they are cut.
+const DRAIN: Duration = Duration::from_secs(5);
+/// Largest request body accepted (writes are small).
+const MAX_BODY: usize = 8 << 20;
+
+const HAL_JSON: &str = "application/hal+json";
+const PROBLEM_JSON: &str = "application/problem+json";
+const TEXT_HTML: &str = "text/html; charset=utf-8";
+
+/// A complete answer before it becomes a hyper response (kept whole so a fault can cut it).
+#[derive(Debug)]
+struct Reply {
+    /// Status code (an invalid one goes out as 500).
+    status: u16,
+    /// `Content-Type`, if there is a body.
+    content_type: Option<String>,
+    /// Further headers.
+    headers: Vec<(&'static str, String)>,
+    /// The body.
+    body: Bytes,
+}
+
+/// What the edge of the pipeline decided before the handler runs.
+enum Gate {
+    /// Go on to auth and routing.
+    Pass,
+    /// Answer this instead (rate limit, block, fault).
+    Reply(Reply),
+    /// Close the connection without answering.
+    Reset,
+    /// Run the handler, then cut the body half-way.
+    Truncate,
+}
+
+/// Where a recorded request sits in the log: `(generation, index)`.
+type LogSlot = (u64, usize);
+
+// === impl Reply ===
+
+impl Reply {
+    fn new(status: u16, content_type: &str, body: impl Into<Bytes>) -> Self {
+        Self {
+            status,
+            content_type: Some(content_type.to_string()),
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+
+    fn hal(body: Vec<u8>) -> Self {
+        Self::new(200, HAL_JSON, body)
+    }
+
+    fn problem(status: u16, body: Vec<u8>) -> Self {
+        Self::new(status, PROBLEM_JSON, body)
+    }
+
+    fn simple_problem(status: u16, title: &str, detail: &str) -> Self {
+        Self::problem(status, render::problem(status, title, detail))
+    }
+
+    fn no_content() -> Self {
+        Self {
+            status: 204,
+            content_type: None,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    fn html_forbidden() -> Self {
+        Self::new(403, TEXT_HTML, render::FORBIDDEN_HTML)
+    }
+
+    fn unauthorized() -> Self {
+        Self::simple_problem(401, "Unauthorized", "Invalid user name or password")
+    }
+
+    fn not_found() -> Self {
+        Self::simple_problem(404, "Not Found", "Not Found")
+    }
+
+    fn method_not_allowed(allow: &'static str) -> Self {
+        let mut reply = Self::simple_problem(405, "Method Not Allowed", "Method Not Allowed");
+        reply.headers.push(("allow", allow.to_string()));
+        reply
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let head = self.head();
+        head.body(full(self.body)).unwrap_or_else(|_| fallback())
+    }
+
+    /// Status and headers of the response.
+    fn head(&self) -> http::response::Builder {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut builder = Response::builder().status(status);
+        if let Some(content_type) = &self.content_type {
+            builder = builder.header(CONTENT_TYPE, content_type.as_str());
+        }
+        for (name, value) in &self.headers {
+            builder = builder.header(*name, value.as_str());
+        }
+        builder
+    }
+
+    /// `200` hal+json declaring the full `Content-Length`, then failing after half the body: the
+    /// client sees a message cut short.
+    fn into_truncated(self) -> Response<Body> {
+        let whole = if self.status == 200 && self.body.len() >= 2 {
+            self.body
+        } else {
+            Bytes::from_static(
+                b"{\"_page\":1,\"_links\":{\"self\":{\"href\":\"/api/v4/leads\"}},\"_embedded\":{\"leads\":[]}}",
+            )
+        };
+        let half = whole.slice(..whole.len() / 2);
+        let frames: Vec<Result<Frame<Bytes>, io::Error>> = vec![
+            Ok(Frame::data(half)),
+            Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "sim: injected truncated body",
+            )),
+        ];
+        let body = BodyExt::boxed(StreamBody::new(futures::stream::iter(frames)));
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(CONTENT_TYPE, HAL_JSON)
+            .header(CONTENT_LENGTH, whole.len())
+            .body(body)
+            .unwrap_or_else(|_| fallback())
+    }
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// A bare 500, for the (unreachable in practice) case of a response that cannot be built.
+fn fallback() -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    response
+}
+
+// === accept loop ===
+
+/// [`Sim::run`]: accept until `shutdown`, then drain connections for up to [`DRAIN`].
+pub(crate) async fn run(
+    sim: Sim,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let local = listener.local_addr()?;
+    // A watch channel: one signal every connection task can observe, however late it subscribed.
+    let (stop_tx, stop_rx) = watch::channel(());
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(serve_connection(sim.clone(), stream, local, stop_rx.clone()));
+                }
+                Err(error) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(%error, "sim: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(());
+    let drained = tokio::time::timeout(DRAIN, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        connections.abort_all();
+    }
+    Ok(())
+}
+
+async fn serve_connection(
+    sim: Sim,
+    stream: TcpStream,
+    local: SocketAddr,
+    mut stop: watch::Receiver<()>,
+) {
+    let service = service_fn(move |req: Request<Incoming>| {
+        let sim = sim.clone();
+        async move { sim.handle(req, local).await }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "sim: connection ended with an error");
+            }
+        }
+        _ = stop.changed() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+// === request pipeline ===
+
+impl Sim {
+    /// Answer one request. An `Err` makes hyper drop the connection unanswered (reset fault).
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        local: SocketAddr,
+    ) -> Result<Response<Body>, io::Error> {
+        let arrived = Instant::now();
+        let path = req.uri().path().to_string();
+        let raw_query = req.uri().query().unwrap_or("").to_string();
+        let token = bearer(&req);
+        let slot = self.record(RecordedRequest {
+            at: arrived,
+            method: req.method().to_string(),
+            path: path.clone(),
+            query: raw_query.clone(),
+            token: token.clone(),
+            status: 0,
+        });
+        // Limits and faults are decided on arrival, in arrival order; the answer waits for latency.
+        let gate = self.gate(arrived, &path, &raw_query, slot);
+        let delay = self.delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let base = base_url(&req, local);
+        let response = match gate {
+            Gate::Pass => self
+                .route(req, &base, &path, &raw_query, token.as_deref())
+                .await
+                .into_response(),
+            Gate::Reply(reply) => reply.into_response(),
+            Gate::Truncate => self
+                .route(req, &base, &path, &raw_query, token.as_deref())
+                .await
+                .into_truncated(),
+            Gate::Reset => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "sim: injected connection reset",
+                ))
+            }
+        };
+        self.finish(slot, response.status().as_u16());
+        Ok(response)
+    }
+
+    fn record(&self, request: RecordedRequest) -> LogSlot {
+        let mut log = self.log();
+        log.entries.push(request);
+        (log.generation, log.entries.len() - 1)
+    }
+
+    fn finish(&self, (generation, index): LogSlot, status: u16) {
+        let mut log = self.log();
+        if log.generation == generation {
+            if let Some(entry) = log.entries.get_mut(index) {
+                entry.status = status;
+            }
+        }
+    }
+
+    /// Rate limit first (Kommo's edge counts every arrival), then the fault rules.
+    fn gate(&self, now: Instant, path: &str, raw_query: &str, slot: LogSlot) -> Gate {
+        if let Some(limiter) = &self.0.limiter {
+            let decision = limiter
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .check(now);
+            match decision {
+                LimitDecision::Allow => {}
+                LimitDecision::TooMany { retry_after } => {
+                    return Gate::Reply(Reply::problem(
+                        429,
+                        render::too_many_requests(Some(retry_after)),
+                    ))
+                }
+                LimitDecision::Blocked => return Gate::Reply(Reply::html_forbidden()),
+            }
+        }
+        let fault = self
+            .0
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pick(path, raw_query);
+        match fault {
+            None => Gate::Pass,
+            Some(Fault::Status500) => {
+                let trace = slot.0.wrapping_mul(0x9E37_79B9) ^ slot.1 as u64;
+                Gate::Reply(Reply::problem(500, render::internal_error(trace)))
+            }
+            Some(Fault::TooManyRequests {
+                retry_after,
+                header,
+            }) => {
+                let mut reply = Reply::problem(429, render::too_many_requests(retry_after));
+                if let (true, Some(seconds)) = (header, retry_after) {
+                    reply.headers.push(("retry-after", seconds.to_string()));
+                }
+                Gate::Reply(reply)
+            }
+            Some(Fault::HtmlForbidden) => Gate::Reply(Reply::html_forbidden()),
+            Some(Fault::ConnectionReset) => Gate::Reset,
+            Some(Fault::TruncatedBody) => Gate::Truncate,
+            Some(Fault::Status {
+                status,
+                body,
+                content_type,
+            }) => Gate::Reply(Reply::new(status, &content_type, body)),
+        }
+    }
+
+    /// `latency ± jitter`, uniformly, clamped at zero.
+    fn delay(&self) -> Duration {
+        let (latency, jitter) = (self.0.latency, self.0.jitter);
+        if jitter.is_zero() {
+            return latency;
+        }
+        let span = u64::try_from(jitter.as_nanos().saturating_mul(2)).unwrap_or(u64::MAX - 1);
+        let draw = self
+            .0
+            .jitter_rng
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .below(span + 1);
+        let nanos = latency.as_nanos() as i128 - jitter.as_nanos() as i128 + i128::from(draw);
+        Duration::from_nanos(u64::try_from(nanos.max(0)).unwrap_or(u64::MAX))
+    }
+
+    /// Auth, then dispatch on path and method.
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        base: &str,
+        path: &str,
+        raw_query: &str,
+        token: Option<&str>,
+    ) -> Reply {
+        let Some(spec) = token.and_then(|t| self.0.tokens.iter().find(|s| s.token == t)) else {
+            return Reply::unauthorized();
+        };
+        let trimmed = path.trim_end_matches('/');
+        let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
+        let method = req.method().clone();
+        match segments.as_slice() {
+            ["api", "v4", "leads"] => match method {
+                Method::GET => self.list_leads(raw_query, base, spec),
+                Method::POST => self.create_leads(req, base, spec).await,
+                Method::PATCH => self.patch_leads(req, base, spec).await,
+                _ => Reply::method_not_allowed("GET, POST, PATCH"),
+            },
+            ["api", "v4", "leads", "pipelines"] => match method {
+                Method::GET => Reply::hal(render::pipelines(&self.store().pipelines, base)),
+                _ => Reply::method_not_allowed("GET"),
+            },
+            ["api", "v4", "leads", "pipelines", id] => {
+                let store = self.store();
+                let Some(pipeline) = id.parse().ok().and_then(|id| store.pipeline(id)) else {
+                    return Reply::not_found();
+                };
+                match method {
+                    Method::GET => Reply::hal(render::pipeline(pipeline, base)),
+                    _ => Reply::method_not_allowed("GET"),
+                }
+            }
+            ["api", "v4", "leads", id] => {
+                let Ok(id) = id.parse::<i64>() else {
+                    return Reply::not_found();
+                };
+                match method {
+                    Method::GET => self.get_lead(id, raw_query, base, spec),
+                    Method::PATCH => self.patch_lead(id, req, base, spec).await,
+                    _ => Reply::method_not_allowed("GET, PATCH"),
+                }
+            }
+            ["api", "v4", "account"] => match method {
+                Method::GET => Reply::hal(render::account(base, acting_user(spec))),
+                _ => Reply::method_not_allowed("GET"),
+            },
+            _ => Reply::not_found(),
+        }
+    }
+
+    // === handlers ===
+
+    /// `GET /api/v4/leads`.
+    fn list_leads(&self, raw_query: &str, base: &str, token: &TokenSpec) -> Reply {
+        let q = match query::parse(raw_query) {
+            Ok(q) => q,
+            Err(error) => return Reply::problem(400, render::query_problem(&error)),
+        };
+        let store = self.store();
+        let hits = q.select(&store, token);
+        let start = (q.page as usize - 1).saturating_mul(q.limit as usize);
+        if start >= hits.len() {
+            return Reply::no_content();
+        }
+        let end = start.saturating_add(q.limit as usize).min(hits.len());
+        Reply::hal(render::leads_page(
+            &store.leads,
+            &hits[start..end],
+            &q,
+            base,
+            raw_query,
+        ))
+    }
+
+    /// `GET /api/v4/leads/{id}`: `204` when there is no such lead for this token.
+    fn get_lead(&self, id: i64, raw_query: &str, base: &str, token: &TokenSpec) -> Reply {
+        let q = match query::parse(raw_query) {
+            Ok(q) => q,
+            Err(error) => return Reply::problem(400, render::query_problem(&error)),
+        };
+        let store = self.store();
+        match store.position(id).map(|pos| &store.leads[pos as usize]) {
+            Some(lead) if !lead.is_deleted && token.sees(lead.responsible_user_id) => {
+                let mut with = q.with;
+                with.only_deleted = false;
+                Reply::hal(render::lead(lead, &LeadCtx::new(base, raw_query, with)))
+            }
+            _ => Reply::no_content(),
+        }
+    }
+
+    /// `POST /api/v4/leads`: a JSON array of leads, all or nothing.
+    async fn create_leads(&self, req: Request<Incoming>, base: &str, token: &TokenSpec) -> Reply {
+        let body = match read_json(req).await {
+            Ok(body) => body,
+            Err(reply) => return reply,
+        };
+        let Value::Array(items) = body else {
+            return Reply::simple_problem(400, "Bad Request", "Request body must be a JSON array");
+        };
+        if items.len() > MAX_LIMIT as usize {
+            return Reply::simple_problem(422, "Unprocessable Entity", "Limit 250 per page");
+        }
+        let mut patches = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let request_id = match item.get("request_id") {
+                Some(Value::String(s)) => s.clone(),
+                _ => i.to_string(),
+            };
+            match lead_patch(item, &request_id) {
+                Ok(patch) => patches.push((request_id, patch)),
+                Err(reply) => return reply,
+            }
+        }
+        let now = self.now_ts();
+        let by_user = acting_user(token);
+        let mut store = self.store_mut();
+        let main = store.main_pipeline();
+        for (request_id, patch) in &patches {
+            let pipeline = patch.pipeline_id.unwrap_or(main);
+            let stage_ok = match patch.status_id {
+                Some(status) => store.stage_exists(pipeline, status),
+                None => store.pipeline(pipeline).is_some(),
+            };
+            if !stage_ok {
+                return Reply::problem(
+                    400,
+                    render::write_problem(request_id, "status_id", "Unknown pipeline or status"),
+                );
+            }
+        }
+        let mut created = Vec::with_capacity(patches.len());
+        for (request_id, patch) in patches {
+            match store.create(patch, by_user, now) {
+                Ok(id) => created.push((id, request_id)),
+                Err(error) => {
+                    return Reply::problem(
+                        400,
+                        render::write_problem(&request_id, error.path, &error.detail),
+                    )
+                }
+            }
+        }
+        Reply::hal(render::created(base, &created))
+    }
+
+    /// `PATCH /api/v4/leads/{id}`.
+    async fn patch_lead(
+        &self,
+        id: i64,
+        req: Request<Incoming>,
+        base: &str,
+        token: &TokenSpec,
+    ) -> Reply {
+        let body = match read_json(req).await {
+            Ok(body) => body,
+            Err(reply) => return reply,
+        };
+        let patch = match lead_patch(&body, "0") {
+            Ok(patch) => patch,
+            Err(reply) => return reply,
+        };
+        match self.apply_patch(id, patch, token, "0") {
+            Ok(updated_at) => Reply::hal(render::updated_one(base, id, updated_at)),
+            Err(reply) => reply,
+        }
+    }
+
+    /// `PATCH /api/v4/leads`: a JSON array of changes, each with its `id`.
+    async fn patch_leads(&self, req: Request<Incoming>, base: &str, token: &TokenSpec) -> Reply {
+        let body = match read_json(req).await {
+            Ok(body) => body,
+            Err(reply) => return reply,
+        };
+        let Value::Array(items) = body else {
+            return Reply::simple_problem(400, "Bad Request", "Request body must be a JSON array");
+        };
+        if items.len() > MAX_LIMIT as usize {
+            return Reply::simple_problem(422, "Unprocessable Entity", "Limit 250 per page");
+        }
+        let mut done = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let request_id = i.to_string();
+            let Some(id) = item.get("id").and_then(Value::as_i64) else {
+                return Reply::problem(
+                    400,
+                    render::write_problem(&request_id, "id", "This value should not be blank."),
+                );
+            };
+            let patch = match lead_patch(item, &request_id) {
+                Ok(patch) => patch,
+                Err(reply) => return reply,
+            };
+            match self.apply_patch(id, patch, token, &request_id) {
+                Ok(updated_at) => done.push((id, updated_at)),
+                Err(reply) => return reply,
+            }
+        }
+        Reply::hal(render::updated_many(base, &done))
+    }
+
+    fn apply_patch(
+        &self,
+        id: i64,
+        patch: LeadPatch,
+        token: &TokenSpec,
+        request_id: &str,
+    ) -> Result<i64, Reply> {
+        let now = self.now_ts();
+        let mut store = self.store_mut();
+        let pos = store
+            .position(id)
+            .filter(|&pos| {
+                let lead = &store.leads[pos as usize];
+                !lead.is_deleted && token.sees(lead.responsible_user_id)
+            })
+            .ok_or_else(Reply::not_found)?;
+        store
+            .update(pos, patch, acting_user(token), now)
+            .map_err(|e| Reply::problem(400, render::write_problem(request_id, e.path, &e.detail)))
+    }
+}
+
+/// The user a token acts as: its first responsible user, or the account owner.
+fn acting_user(token: &TokenSpec) -> i64 {
+    token
+        .responsible_user_ids
+        .as_ref()
+        .and_then(|ids| ids.first().copied())
+        .unwrap_or(USERS[0])
+}
+
+/// The bearer token of a request, if any.
+fn bearer<B>(req: &Request<B>) -> Option<String> {
+    let value = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+/// `http://` + the authority the client addressed (h2 `:authority`, or `Host`), else the listener.
+fn base_url<B>(req: &Request<B>, local: SocketAddr) -> String {
+    if let Some(authority) = req.uri().authority() {
+        return format!("http://{authority}");
+    }
+    match req.headers().get(HOST).and_then(|h| h.to_str().ok()) {
+        Some(host) if !host.is_empty() => format!("http://{host}"),
+        _ => format!("http://{local}"),
+    }
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| Reply::simple_problem(400, "Bad Request", "Request body is too large"))?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|_| Reply::simple_problem(400, "Bad Request", "Request body is not valid JSON"))
+}
+
+/// The writable fields of one lead object.
+fn lead_patch(item: &Value, request_id: &str) -> Result<LeadPatch, Reply> {
+    let Value::Object(fields) = item else {
+        return Err(Reply::problem(
+            400,
+            render::write_problem(request_id, "", "Each lead must be a JSON object."),
+        ));
+    };
+    let int = |name: &'static str| -> Result<Option<i64>, Reply> {
+        match fields.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_i64().map(Some).ok_or_else(|| {
+                Reply::problem(
+                    400,
+                    render::write_problem(request_id, name, "This value should be of type int."),
+                )
+            }),
+        }
+    };
+    let name = match fields.get("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            return Err(Reply::problem(
+                400,
+                render::write_problem(request_id, "name", "This value should be of type string."),
+            ))
+        }
+    };
+    Ok(LeadPatch {
+        name,
+        price: int("price")?,
+        pipeline_id: int("pipeline_id")?,
+        status_id: int("status_id")?,
+        responsible_user_id: int("responsible_user_id")?,
+    })
+}

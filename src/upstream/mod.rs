@@ -1,0 +1,265 @@
+//! The one way out to the Kommo account: an HTTP(S) client bound to the configured origin.
+//!
+//! Every upstream request, fan-out stream and pass-through alike, goes through [`Upstream`],
+//! so the origin can never be chosen by a client and the limits apply to all traffic.
+
+pub mod limiter;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::body::{self, ProxyBody};
+
+/// The upstream account's origin, validated at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// `scheme://authority`, as the upstream writes it in its links.
+    pub url: String,
+}
+
+impl Origin {
+    /// Parses an origin such as `https://example.kommo.com` or `http://127.0.0.1:8081`.
+    /// A path other than `/`, a query, or user info is refused: the proxy maps paths 1:1.
+    pub fn parse(s: &str) -> Result<Origin, String> {
+        let uri: Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("{s:?} needs a scheme: http:// or https://"))?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(format!("{s:?}: the scheme must be http or https"));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{s:?} has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("{s:?}: credentials in the URL are not supported"));
+        }
+        if authority.host().is_empty() {
+            return Err(format!("{s:?} has no host"));
+        }
+        if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+            return Err(format!(
+                "{s:?}: give the account origin only (scheme, host and port), without a path or query"
+            ));
+        }
+        let url = format!("{scheme}://{authority}");
+        Ok(Origin {
+            scheme,
+            authority,
+            url,
+        })
+    }
+}
+
+/// Where an upstream failure came from, worded for the client's `502` detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// Connecting or sending failed (refused, reset, TLS).
+    Connect(String),
+    /// No complete answer within the per-attempt timeout.
+    Timeout(Duration),
+    /// The answer's body was larger than the proxy buffers.
+    TooLarge(usize),
+    /// The body broke off or could not be read.
+    Body(String),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "could not reach the upstream: {e}"),
+            UpstreamError::Timeout(d) => write!(
+                f,
+                "the upstream did not answer within {}",
+                humantime::format_duration(*d)
+            ),
+            UpstreamError::TooLarge(n) => {
+                write!(f, "the upstream answer was larger than {n} bytes")
+            }
+            UpstreamError::Body(e) => write!(f, "the upstream answer broke off: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+/// A fully read upstream answer.
+#[derive(Debug, Clone)]
+pub struct Buffered {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Settings of the upstream client.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub origin: Origin,
+    /// Per-attempt limit for a complete buffered answer.
+    pub timeout: Duration,
+    /// The largest upstream body the proxy buffers.
+    pub max_body: usize,
+}
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The client for the configured upstream origin.
+#[derive(Clone)]
+pub struct Upstream {
+    config: UpstreamConfig,
+    /// hyper's pooled client: keeps connections to the account warm across requests.
+    client: Client<HttpsConnector, ProxyBody>,
+}
+
+impl Upstream {
+    /// Builds the client; fails only if the TLS provider cannot be set up.
+    pub fn new(config: UpstreamConfig) -> Result<Self, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.timeout));
+        // rustls with ring and Mozilla's roots compiled in: no system certificate store or C
+        // toolchain needed, the same trust on every machine.
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| format!("TLS setup failed: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Upstream { config, client })
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.config.origin
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    /// The absolute URI of `path_and_query` at the upstream origin.
+    pub fn uri(&self, path_and_query: &str) -> Result<Uri, String> {
+        let pq: PathAndQuery = path_and_query
+            .parse()
+            .map_err(|e| format!("invalid request target {path_and_query:?}: {e}"))?;
+        Uri::builder()
+            .scheme(self.config.origin.scheme.clone())
+            .authority(self.config.origin.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends a request whose URI and `Host` are set here, to the configured origin only;
+    /// the response body is streamed back to the caller.
+    pub async fn send(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let target = req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        *req.uri_mut() = self.uri(target).map_err(UpstreamError::Connect)?;
+        if let Ok(host) = HeaderValue::from_str(self.config.origin.authority.as_str()) {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        self.client
+            .request(req)
+            .await
+            .map_err(|e| UpstreamError::Connect(error_chain(&e)))
+    }
+
+    /// A GET whose whole answer is read within the timeout and the body limit.
+    pub async fn get(
+        &self,
+        path_and_query: &str,
+        headers: HeaderMap,
+    ) -> Result<Buffered, UpstreamError> {
+        let mut req = Request::new(body::boxed(Empty::<Bytes>::new()));
+        *req.method_mut() = Method::GET;
+        *req.uri_mut() = self.uri(path_and_query).map_err(UpstreamError::Connect)?;
+        *req.headers_mut() = headers;
+        let timeout = self.config.timeout;
+        let max = self.config.max_body;
+        let attempt = async {
+            let resp = self.send(req).await?;
+            let (parts, incoming) = resp.into_parts();
+            let body = Limited::new(incoming, max)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        UpstreamError::TooLarge(max)
+                    } else {
+                        UpstreamError::Body(error_chain(e.as_ref()))
+                    }
+                })?
+                .to_bytes();
+            Ok(Buffered {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| UpstreamError::Timeout(timeout))?
+    }
+}
+
+/// An error and its sources on one line: hyper's outer errors ("client error (Connect)") say
+/// little without their causes.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        let o = Origin::parse("https://example.kommo.com").unwrap();
+        assert_eq!(o.url, "https://example.kommo.com");
+        assert_eq!(
+            Origin::parse("http://127.0.0.1:8081/").unwrap().url,
+            "http://127.0.0.1:8081"
+        );
+        for bad in [
+            "example.kommo.com",
+            "ftp://example.com",
+            "https://example.com/api",
+            "https://example.com/?a=1",
+            "https://user:pw@example.com",
+            "",
+        ] {
+            assert!(Origin::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

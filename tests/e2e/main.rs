@@ -1,0 +1,7 @@
+//! End-to-end tests: the proxy on port 0 in front of the simulated Kommo account.
+
+mod support;
+
+mod cli;
+mod fanout;
+mod passthrough;

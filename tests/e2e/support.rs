@@ -1,0 +1,215 @@
+//! Starting the simulator and the proxy on loopback, a small client, and ground truth computed
+//! from the simulator's own data (never from the proxy's code).
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use kommo_fanout::config::ServeConfig;
+use kommo_fanout::sim::{Sim, SimConfig, SimHandle, SimLead, TokenSpec};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub const TOKEN: &str = "demo-token";
+
+/// The simulator and the proxy in front of it.
+pub struct Stack {
+    pub sim: SimHandle,
+    pub proxy: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    _stop: oneshot::Sender<()>,
+}
+
+/// A simulated account of `leads` leads with the demo token and a token limited to users 1001
+/// and 1002 (`"limited"`).
+pub fn sim_config(leads: usize) -> SimConfig {
+    SimConfig {
+        leads,
+        tokens: vec![
+            TokenSpec::full(TOKEN),
+            TokenSpec {
+                token: "limited".into(),
+                responsible_user_ids: Some(vec![1001, 1002]),
+            },
+        ],
+        ..SimConfig::default()
+    }
+}
+
+pub async fn stack(sim: SimConfig) -> Stack {
+    stack_with(sim, |_| {}).await
+}
+
+pub async fn stack_with(sim: SimConfig, tweak: impl FnOnce(&mut ServeConfig)) -> Stack {
+    let sim = Sim::spawn(sim).await.expect("simulator starts");
+    let mut config = ServeConfig::for_upstream(&sim.base_url()).expect("valid config");
+    tweak(&mut config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        kommo_fanout::run(&config, listener, admin, async move {
+            let _ = rx.await;
+        })
+        .await
+        .expect("proxy runs");
+    });
+    Stack {
+        sim,
+        proxy,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        _stop: tx,
+    }
+}
+
+/// An answer, fully read.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The ids of `_embedded.leads` in order.
+    pub fn ids(&self) -> Vec<i64> {
+        self.json()["_embedded"]["leads"]
+            .as_array()
+            .expect("_embedded.leads is a list")
+            .iter()
+            .map(|l| l["id"].as_i64().expect("integer id"))
+            .collect()
+    }
+}
+
+impl Stack {
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(url);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let resp = self.client.request(req).await.expect("request completes");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body reads").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// `GET {proxy}/api/v4/leads?{query}` with the demo token.
+    pub async fn leads(&self, query: &str) -> Answer {
+        self.get(&format!("/api/v4/leads?{query}"), TOKEN).await
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Answer {
+        self.request(
+            Method::GET,
+            &format!("{}{path}", self.proxy),
+            Some(token),
+            "",
+        )
+        .await
+    }
+}
+
+/// `filter[statuses][i][...]` parameters for `pairs`.
+pub fn stages(pairs: &[(i64, i64)]) -> String {
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (p, s))| {
+            format!("filter[statuses][{i}][pipeline_id]={p}&filter[statuses][{i}][status_id]={s}")
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The order to compute truth in: field name and descending.
+#[derive(Clone, Copy, Debug)]
+pub struct TruthOrder {
+    pub field: &'static str,
+    pub desc: bool,
+}
+
+pub const BY_ID: TruthOrder = TruthOrder {
+    field: "id",
+    desc: false,
+};
+
+/// The ids a client should see, in order: live leads in any of `pairs` (by their stage or a
+/// ghost listing) that `keep` accepts, ordered by the field with ties by id.
+pub fn truth(
+    leads: &[SimLead],
+    pairs: &[(i64, i64)],
+    order: TruthOrder,
+    keep: impl Fn(&SimLead) -> bool,
+) -> Vec<i64> {
+    let wanted: HashSet<(i64, i64)> = pairs.iter().copied().collect();
+    let mut hits: Vec<&SimLead> = leads
+        .iter()
+        .filter(|l| !l.is_deleted)
+        .filter(|l| {
+            wanted.contains(&(l.pipeline_id, l.status_id))
+                || l.ghost_stages.iter().any(|g| wanted.contains(g))
+        })
+        .filter(|l| keep(l))
+        .collect();
+    let key = |l: &SimLead| -> (i64, i64) {
+        match order.field {
+            "created_at" => (l.created_at, l.id),
+            "updated_at" => (l.updated_at, l.id),
+            _ => (l.id, l.id),
+        }
+    };
+    hits.sort_by_key(|l| key(l));
+    if order.desc {
+        hits.reverse();
+    }
+    hits.into_iter().map(|l| l.id).collect()
+}
+
+/// Stage sizes of the simulated account: (pipeline, status, live leads), largest first.
+pub fn stage_sizes(sim: &Sim) -> Vec<(i64, i64, usize)> {
+    let leads = sim.leads();
+    let mut out = Vec::new();
+    for p in sim.pipelines() {
+        for s in p.statuses {
+            let n = leads
+                .iter()
+                .filter(|l| !l.is_deleted && l.pipeline_id == p.id && l.status_id == s.id)
+                .count();
+            out.push((p.id, s.id, n));
+        }
+    }
+    out.sort_by_key(|&(_, _, n)| std::cmp::Reverse(n));
+    out
+}
