@@ -2,12 +2,15 @@
 //! before any socket is bound.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::gateway::GatewaySettings;
+use crate::gateway::{GatewaySettings, RateLimitKey};
 use crate::sim::SimArgs;
+use crate::upstream::fetch::FetchPolicy;
+use crate::upstream::limiter::LimiterConfig;
 use crate::upstream::{Origin, UpstreamConfig};
 
 /// kommo-fanout: a drop-in base URL for a Kommo account that answers many-stage lead lists.
@@ -57,6 +60,40 @@ pub struct ServeArgs {
     /// The largest upstream answer the proxy buffers, in bytes.
     #[arg(long, env = "KOMMO_FANOUT_MAX_UPSTREAM_BODY", default_value_t = 32 * 1024 * 1024)]
     pub max_upstream_body: usize,
+    /// Upstream requests allowed in any window of --rate-window (Kommo: 7 per second).
+    #[arg(long, env = "KOMMO_FANOUT_RATE_LIMIT", default_value_t = 7,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub rate_limit: u32,
+    /// The window --rate-limit counts in.
+    #[arg(long, env = "KOMMO_FANOUT_RATE_WINDOW", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub rate_window: Duration,
+    /// Extra time a slot stays taken after its request completed (clock drift, abandoned requests).
+    #[arg(long, env = "KOMMO_FANOUT_RATE_MARGIN", default_value = "25ms", value_parser = humantime::parse_duration)]
+    pub rate_margin: Duration,
+    /// What the upstream budget is shared by: the account origin, or each credential.
+    #[arg(
+        long,
+        env = "KOMMO_FANOUT_RATE_LIMIT_KEY",
+        value_enum,
+        default_value = "origin"
+    )]
+    pub rate_limit_key: RateLimitKey,
+    /// The longest a request waits for an upstream slot before a 503 with Retry-After.
+    #[arg(long, env = "KOMMO_FANOUT_MAX_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+    /// Retries of an idempotent upstream GET (connection errors, timeouts, 5xx, unusable body).
+    #[arg(long, env = "KOMMO_FANOUT_RETRIES", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(0..=10))]
+    pub retries: u32,
+    /// How long no upstream request is sent after a 403 that looks like a block.
+    #[arg(long, env = "KOMMO_FANOUT_BLOCK_COOLDOWN", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub block_cooldown: Duration,
+    /// The longest one client request may take (504 after it).
+    #[arg(long, env = "KOMMO_FANOUT_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Requests per second one client (credential, else address) may make; unlimited if unset.
+    #[arg(long, env = "KOMMO_FANOUT_CLIENT_RATE_LIMIT")]
+    pub client_rate_limit: Option<NonZeroU32>,
     /// How long requests in flight may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "KOMMO_FANOUT_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -97,6 +134,8 @@ pub struct ServeConfig {
     pub admin_listen: SocketAddr,
     pub upstream: UpstreamConfig,
     pub gateway: GatewaySettings,
+    pub limiter: LimiterConfig,
+    pub fetch: FetchPolicy,
     pub shutdown_grace: Duration,
 }
 
@@ -118,6 +157,17 @@ impl ServeArgs {
         if self.max_upstream_body < 1024 {
             return Err("--max-upstream-body must be at least 1024 bytes".into());
         }
+        let limiter = LimiterConfig {
+            requests: self.rate_limit,
+            window: self.rate_window,
+            margin: self.rate_margin,
+        };
+        limiter
+            .validate()
+            .map_err(|e| format!("--rate-limit/--rate-window: {e}"))?;
+        if self.request_timeout.is_zero() {
+            return Err("--request-timeout must be more than zero".into());
+        }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(format!(
                 "--listen and --admin-listen are both {}: the admin endpoints need their own address",
@@ -135,6 +185,18 @@ impl ServeArgs {
             gateway: GatewaySettings {
                 public_url,
                 max_pairs: usize::from(self.max_pairs),
+                rate_limit_key: self.rate_limit_key,
+                request_timeout: self.request_timeout,
+                client_rate_limit: self.client_rate_limit,
+            },
+            limiter,
+            fetch: FetchPolicy {
+                retries: self.retries,
+                backoff_base: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(2),
+                block_cooldown: self.block_cooldown,
+                default_retry_after: self.rate_window.max(Duration::from_secs(1)),
+                max_wait: self.max_wait,
             },
             shutdown_grace: self.shutdown_grace,
         })
@@ -178,6 +240,15 @@ mod tests {
         assert_eq!(c.gateway.max_pairs, 100);
         assert_eq!(c.upstream.timeout, Duration::from_secs(15));
         assert_eq!(c.upstream.origin.url, "https://a.kommo.com");
+        assert_eq!(
+            (c.limiter.requests, c.limiter.window),
+            (7, Duration::from_secs(1))
+        );
+        assert_eq!(c.fetch.retries, 2);
+        assert_eq!(c.fetch.max_wait, Duration::from_secs(30));
+        assert_eq!(c.fetch.block_cooldown, Duration::from_secs(60));
+        assert_eq!(c.gateway.request_timeout, Duration::from_secs(60));
+        assert_eq!(c.gateway.rate_limit_key, RateLimitKey::Origin);
     }
 
     #[test]
@@ -203,6 +274,11 @@ mod tests {
             "127.0.0.1:1"
         ])
         .is_err());
+        assert!(serve(&["--upstream", "http://x", "--rate-limit", "0"]).is_err());
+        assert!(serve(&["--upstream", "http://x", "--rate-window", "0s"])
+            .unwrap_err()
+            .contains("rate"));
+        assert!(serve(&["--upstream", "http://x", "--rate-limit-key", "ip"]).is_err());
         assert!(serve(&[]).is_err());
     }
 }

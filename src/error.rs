@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 
 use crate::body::{self, ProxyBody};
 use crate::leads::query::{InvalidParam, StagePair};
+use crate::upstream::fetch::FetchError;
+use crate::upstream::limiter::LimitError;
 use crate::upstream::UpstreamError;
 
 /// The content type of every error the proxy itself produces.
@@ -43,6 +45,11 @@ pub enum ProxyError {
         detail: String,
         retry_after: Option<Duration>,
     },
+    /// This client exceeded its inbound quota: `429` with `Retry-After`.
+    TooManyRequests {
+        detail: String,
+        retry_after: Duration,
+    },
     /// The request did not complete in time: `504`.
     Timeout(String),
     /// A bug or an impossible state, reported instead of panicking: `500`.
@@ -58,6 +65,7 @@ impl ProxyError {
             | ProxyError::BadUpstreamAnswer(_) => StatusCode::BAD_GATEWAY,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -121,6 +129,13 @@ impl ProxyError {
                 retry_after = hint;
                 (detail, None)
             }
+            ProxyError::TooManyRequests {
+                detail,
+                retry_after: hint,
+            } => {
+                retry_after = Some(hint);
+                (detail, None)
+            }
         };
         let mut resp = problem(status, &detail, extra);
         if let Some(after) = retry_after {
@@ -136,6 +151,33 @@ impl ProxyError {
 impl From<UpstreamError> for ProxyError {
     fn from(e: UpstreamError) -> Self {
         ProxyError::Upstream(e)
+    }
+}
+
+impl From<FetchError> for ProxyError {
+    fn from(e: FetchError) -> Self {
+        match e {
+            FetchError::Transport(e) => ProxyError::Upstream(e),
+            FetchError::Status(b) => {
+                ProxyError::BadUpstreamAnswer(format!("the upstream answered {}", b.status))
+            }
+            FetchError::Unusable { reason } => ProxyError::BadUpstreamAnswer(reason),
+            FetchError::RateLimited { retry_after } => ProxyError::Unavailable {
+                detail: format!(
+                    "the Kommo account's rate limit asks to wait {}s, longer than this request may take; try again then",
+                    retry_after.as_secs_f64().ceil()
+                ),
+                retry_after: Some(retry_after),
+            },
+            FetchError::Limited(LimitError::Timeout { retry_after }) => ProxyError::Unavailable {
+                detail: "the upstream request budget (--rate-limit per --rate-window) is taken by requests queued ahead of this one; no slot came within --max-wait".into(),
+                retry_after: Some(retry_after),
+            },
+            FetchError::Limited(LimitError::Blocked { retry_after }) => ProxyError::Unavailable {
+                detail: "Kommo answered like a block of this proxy's address (403), so no requests are sent to it until the cool-down (--block-cooldown) ends".into(),
+                retry_after: Some(retry_after),
+            },
+        }
     }
 }
 

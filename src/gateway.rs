@@ -1,11 +1,31 @@
 //! The gateway's shared state and the per-request context every handler reads.
 
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
+use tokio::time::Instant;
 
+use crate::error::ProxyError;
 use crate::leads::hal::OriginRewrite;
 use crate::leads::query::QueryLimits;
-use crate::upstream::{Buffered, Upstream, UpstreamError};
+use crate::upstream::fetch::{Fetcher, Flow};
+
+/// What the upstream limiter counts requests by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RateLimitKey {
+    /// One budget for the whole account origin (Kommo also limits by IP): the safe default.
+    Origin,
+    /// One budget per credential, for accounts whose integrations each hold their own limit.
+    Token,
+}
 
 /// Settings of the request path, validated before anything is bound.
 #[derive(Debug, Clone)]
@@ -15,13 +35,29 @@ pub struct GatewaySettings {
     pub public_url: Option<String>,
     /// At most this many distinct stages per leads request.
     pub max_pairs: usize,
+    /// What the upstream budget is shared by.
+    pub rate_limit_key: RateLimitKey,
+    /// The longest a client request may take (`--request-timeout`).
+    pub request_timeout: Duration,
+    /// Requests per second one client (credential, else address) may make (`--client-rate-limit`).
+    pub client_rate_limit: Option<NonZeroU32>,
 }
 
 /// What every request handler shares.
 pub struct Gateway {
-    /// The only way out: a client for the configured origin.
-    pub upstream: Upstream,
+    /// The only way out: limited, retried requests to the configured origin.
+    pub fetcher: Fetcher,
     pub settings: GatewaySettings,
+    /// Keys credential fingerprints: generated at start, so a fingerprint means nothing
+    /// outside this process and cannot be reversed to the token.
+    fingerprint_keys: (RandomState, RandomState),
+    /// Hands out flow ids: each client request shares upstream permits fairly with the others.
+    next_flow: AtomicU64,
+    /// The inbound per-client quota. governor's GCRA fits here: a client's burst refilling
+    /// smoothly is exactly what an inbound fairness quota wants (unlike the upstream limit).
+    client_quota: Option<DefaultKeyedRateLimiter<String>>,
+    /// Requests seen, to prune idle client quota state now and then.
+    seen: AtomicU64,
 }
 
 /// What one client request carries into the fetches it causes.
@@ -32,6 +68,10 @@ pub struct RequestContext {
     pub public_base: String,
     /// Moves upstream hrefs to `public_base`.
     pub rewrite: OriginRewrite,
+    /// This request's share of the upstream budget, and its deadline.
+    pub flow: Flow,
+    /// A keyed hash of the `Authorization` header, if there is one.
+    pub credential: Option<String>,
 }
 
 /// Headers of the client's request that reach the upstream with the GETs the proxy makes on
@@ -45,6 +85,20 @@ const UPSTREAM_GET_HEADERS: [HeaderName; 4] = [
 ];
 
 impl Gateway {
+    pub fn new(fetcher: Fetcher, settings: GatewaySettings) -> Self {
+        let client_quota = settings
+            .client_rate_limit
+            .map(|n| RateLimiter::keyed(Quota::per_second(n)));
+        Gateway {
+            fetcher,
+            settings,
+            fingerprint_keys: (RandomState::new(), RandomState::new()),
+            next_flow: AtomicU64::new(1),
+            client_quota,
+            seen: AtomicU64::new(0),
+        }
+    }
+
     pub fn query_limits(&self) -> QueryLimits {
         QueryLimits {
             max_pairs: self.settings.max_pairs,
@@ -60,12 +114,61 @@ impl Gateway {
             }
         }
         let public_base = self.public_base(&parts.headers);
-        let rewrite = OriginRewrite::new(&self.upstream.origin().url, &public_base);
+        let origin = &self.fetcher.upstream.origin().url;
+        let rewrite = OriginRewrite::new(origin, &public_base);
+        let credential = self.fingerprint(&parts.headers);
+        let key = match (self.settings.rate_limit_key, &credential) {
+            (RateLimitKey::Token, Some(c)) => format!("{origin} {c}"),
+            _ => origin.clone(),
+        };
         RequestContext {
             upstream_headers,
             public_base,
             rewrite,
+            flow: Flow {
+                id: self.next_flow.fetch_add(1, Ordering::Relaxed),
+                key,
+                deadline: Instant::now() + self.settings.request_timeout,
+            },
+            credential,
         }
+    }
+
+    /// A 128-bit keyed hash (two independently keyed SipHashes) of the `Authorization`
+    /// header: stable for this process, meaningless outside it.
+    pub fn fingerprint(&self, headers: &HeaderMap) -> Option<String> {
+        let auth = headers.get(header::AUTHORIZATION)?;
+        let hash = |state: &RandomState| {
+            let mut h = state.build_hasher();
+            h.write(auth.as_bytes());
+            h.finish()
+        };
+        Some(format!(
+            "{:016x}{:016x}",
+            hash(&self.fingerprint_keys.0),
+            hash(&self.fingerprint_keys.1)
+        ))
+    }
+
+    /// Charges one request to the client's inbound quota (`--client-rate-limit`).
+    pub fn check_client_quota(&self, ctx: &RequestContext, peer: IpAddr) -> Result<(), ProxyError> {
+        let Some(quota) = &self.client_quota else {
+            return Ok(());
+        };
+        if self.seen.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            quota.retain_recent();
+        }
+        let client = ctx.credential.clone().unwrap_or_else(|| peer.to_string());
+        quota.check_key(&client).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            ProxyError::TooManyRequests {
+                detail: format!(
+                    "this client sent more than {} requests per second (--client-rate-limit); slow down",
+                    self.settings.client_rate_limit.map_or(0, NonZeroU32::get)
+                ),
+                retry_after: wait,
+            }
+        })
     }
 
     /// The base URL links in answers use: `--public-url`, else `http://` and the request's
@@ -81,15 +184,8 @@ impl Gateway {
             .filter(|h| valid_host(h))
         {
             Some(host) => format!("http://{host}"),
-            None => self.upstream.origin().url.clone(),
+            None => self.fetcher.upstream.origin().url.clone(),
         }
-    }
-
-    /// A buffered GET of `target` at the upstream on behalf of a client request.
-    pub async fn get(&self, ctx: &RequestContext, target: &str) -> Result<Buffered, UpstreamError> {
-        self.upstream
-            .get(target, ctx.upstream_headers.clone())
-            .await
     }
 }
 

@@ -36,14 +36,16 @@ use tokio::net::TcpListener;
 
 use config::ServeConfig;
 use gateway::Gateway;
+use upstream::fetch::Fetcher;
+use upstream::limiter::LocalLimiter;
 use upstream::Upstream;
 
 /// Builds the gateway of a validated configuration.
 pub fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
-    Ok(Arc::new(Gateway {
-        upstream: Upstream::new(config.upstream.clone())?,
-        settings: config.gateway.clone(),
-    }))
+    let upstream = Upstream::new(config.upstream.clone())?;
+    let limiter = Arc::new(LocalLimiter::new(config.limiter));
+    let fetcher = Fetcher::new(upstream, limiter, config.fetch.clone());
+    Ok(Arc::new(Gateway::new(fetcher, config.gateway.clone())))
 }
 
 /// Runs the proxy and its admin listener on already-bound listeners until `shutdown`

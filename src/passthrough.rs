@@ -7,7 +7,6 @@ use hyper::body::Incoming;
 use crate::body::{self, ProxyBody};
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, RequestContext};
-use crate::upstream::UpstreamError;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1): never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -60,6 +59,7 @@ pub async fn forward(
     let mut upstream_req = Request::new(body::boxed(incoming));
     *upstream_req.method_mut() = parts.method.clone();
     *upstream_req.uri_mut() = gw
+        .fetcher
         .upstream
         .uri(&target)
         .map_err(|e| ProxyError::BadUpstreamAnswer(e.to_string()))?;
@@ -67,10 +67,7 @@ pub async fn forward(
     headers.remove(header::HOST);
     *upstream_req.headers_mut() = headers;
 
-    let timeout = gw.upstream.config().timeout;
-    let resp = tokio::time::timeout(timeout, gw.upstream.send(upstream_req))
-        .await
-        .map_err(|_| ProxyError::Upstream(UpstreamError::Timeout(timeout)))??;
+    let resp = gw.fetcher.send(&ctx.flow, upstream_req).await?;
 
     let (mut parts, incoming) = resp.into_parts();
     parts.headers = end_to_end(&parts.headers);
@@ -80,7 +77,7 @@ pub async fn forward(
         .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())
     {
-        let origin = &gw.upstream.origin().url;
+        let origin = &gw.fetcher.upstream.origin().url;
         if let Some(rest) = location.strip_prefix(origin.as_str()) {
             if let Ok(v) = HeaderValue::from_str(&format!("{}{rest}", ctx.public_base)) {
                 parts.headers.insert(header::LOCATION, v);

@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,20 +16,32 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::body::{self, ProxyBody};
-use crate::error::problem;
+use crate::error::{problem, ProxyError};
 use crate::gateway::Gateway;
 use crate::leads;
 use crate::passthrough;
 
-/// Routes one client request: the leads list to the fan-out, everything else through.
-pub async fn handle(gw: &Gateway, req: Request<Incoming>) -> Response<ProxyBody> {
+/// Routes one client request: the leads list to the fan-out, everything else through, within
+/// the request deadline.
+pub async fn handle(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, incoming) = req.into_parts();
     let ctx = gw.context(&parts);
-    let result = if parts.method == Method::GET && parts.uri.path() == leads::plan::LEADS_PATH {
-        let query = parts.uri.query().unwrap_or("");
-        leads::answer(gw, &ctx, query).await
-    } else {
-        passthrough::forward(gw, &ctx, Request::from_parts(parts, incoming)).await
+    let work = async {
+        gw.check_client_quota(&ctx, peer.ip())?;
+        if parts.method == Method::GET && parts.uri.path() == leads::plan::LEADS_PATH {
+            let query = parts.uri.query().unwrap_or("");
+            leads::answer(gw, &ctx, query).await
+        } else {
+            passthrough::forward(gw, &ctx, Request::from_parts(parts, incoming)).await
+        }
+    };
+    // Dropping `work` at the deadline withdraws its queued upstream permits too.
+    let result = match tokio::time::timeout_at(ctx.flow.deadline, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::Timeout(format!(
+            "no complete answer within {} (--request-timeout)",
+            humantime::format_duration(gw.settings.request_timeout)
+        ))),
     };
     result.unwrap_or_else(|e| {
         debug!(error = ?e, "request failed");
@@ -44,9 +57,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    serve(listener, shutdown, grace, move |req| {
+    serve(listener, shutdown, grace, move |peer, req| {
         let gw = gateway.clone();
-        async move { handle(&gw, req).await }
+        async move { handle(&gw, peer, req).await }
     })
     .await
 }
@@ -57,7 +70,7 @@ pub async fn run_admin(listener: TcpListener, shutdown: impl Future<Output = ()>
         listener,
         shutdown,
         Duration::from_secs(1),
-        |req| async move {
+        |_, req| async move {
             match (req.method(), req.uri().path()) {
                 (&Method::GET, "/healthz") => {
                     let mut resp = Response::new(body::full("ok\n"));
@@ -82,7 +95,7 @@ async fn serve<F, Fut>(
     grace: Duration,
     handler: F,
 ) where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
@@ -105,7 +118,7 @@ async fn serve<F, Fut>(
         let handler = handler.clone();
         let service = service_fn(move |req| {
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
+            async move { Ok::<_, Infallible>(handler(peer, req).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());

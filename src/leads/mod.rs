@@ -17,6 +17,7 @@ use http::{Response, StatusCode};
 use crate::body::{self, ProxyBody};
 use crate::error::{ProxyError, StreamFailure};
 use crate::gateway::{Gateway, RequestContext};
+use crate::upstream::fetch::{FetchError, Verdict};
 use crate::upstream::Buffered;
 use hal::{render_page, PageLinks};
 use merge::{LeadRef, Merger, Step};
@@ -45,7 +46,16 @@ async fn relay(
     ctx: &RequestContext,
     target: &str,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let upstream = gw.get(ctx, target).await?;
+    let fetched = gw
+        .fetcher
+        .get(&ctx.flow, target, &ctx.upstream_headers, Verdict::Done)
+        .await;
+    let upstream = match fetched {
+        Ok(b) => b,
+        // Kommo's own 5xx, still failing after the retries: the client sees it as it came.
+        Err(FetchError::Status(b)) => b,
+        Err(e) => return Err(e.into()),
+    };
     let is_json = upstream
         .headers
         .get(header::CONTENT_TYPE)
@@ -72,6 +82,8 @@ enum StreamRead {
     /// An answer that is the client's to see as it came (401, 402, 403, other 4xx).
     Relay(Buffered),
     Failed(StreamFailure),
+    /// Not the stream's fault: the budget or a block stops the whole request.
+    Stopped(ProxyError),
 }
 
 async fn read_stream_page(
@@ -88,29 +100,39 @@ async fn read_stream_page(
             reason,
         })
     };
-    let upstream = match gw.get(ctx, &stream.target(page)).await {
-        Ok(b) => b,
-        Err(e) => return failed(None, e.to_string()),
-    };
-    match upstream.status {
+    let read = |upstream: Buffered| match upstream.status {
         StatusCode::OK => match page::parse_page(&upstream.body, order) {
             Ok(leads) => {
                 let last = leads.len() < STREAM_LIMIT as usize;
-                StreamRead::Page { leads, last }
+                Verdict::Done(StreamRead::Page { leads, last })
             }
-            Err(reason) => failed(Some(200), reason),
+            // Truncated or malformed: worth another attempt, like a 5xx.
+            Err(reason) => Verdict::Unusable(reason),
         },
-        StatusCode::NO_CONTENT => StreamRead::Page {
+        StatusCode::NO_CONTENT => Verdict::Done(StreamRead::Page {
             leads: Vec::new(),
             last: true,
-        },
-        s if s.is_client_error() && s != StatusCode::TOO_MANY_REQUESTS => {
-            StreamRead::Relay(upstream)
-        }
-        s => failed(
+        }),
+        s if s.is_client_error() => Verdict::Done(StreamRead::Relay(upstream)),
+        s => Verdict::Done(failed(
             Some(s.as_u16()),
-            format!("page {page} answered {s}{}", error_detail(&upstream.body)),
+            format!("page {page} answered {s}"),
+        )),
+    };
+    match gw
+        .fetcher
+        .get(&ctx.flow, &stream.target(page), &ctx.upstream_headers, read)
+        .await
+    {
+        Ok(read) => read,
+        Err(FetchError::Status(b)) => failed(
+            Some(b.status.as_u16()),
+            format!("page {page} answered {}{}", b.status, error_detail(&b.body)),
         ),
+        Err(e @ (FetchError::Transport(_) | FetchError::Unusable { .. })) => {
+            failed(e.status(), format!("page {page}: {e}"))
+        }
+        Err(e) => StreamRead::Stopped(e.into()),
     }
 }
 
@@ -158,6 +180,7 @@ async fn merged_page(
                 .await;
                 let mut failures = Vec::new();
                 let mut relay = None;
+                let mut stopped = None;
                 for (&i, read) in streams.iter().zip(reads) {
                     match read {
                         StreamRead::Page { leads, last } => merger.feed(i, leads, last),
@@ -165,7 +188,13 @@ async fn merged_page(
                             relay.get_or_insert(b);
                         }
                         StreamRead::Failed(f) => failures.push(f),
+                        StreamRead::Stopped(e) => {
+                            stopped.get_or_insert(e);
+                        }
                     }
+                }
+                if let Some(e) = stopped {
+                    return Err(e);
                 }
                 if let Some(b) = relay {
                     return Ok(relay_error(b));

@@ -187,7 +187,7 @@ pub(crate) fn generate(n: usize, seed: u64) -> (Vec<SimPipeline>, Vec<SimLead>) 
     let counts = allocate(n, &stages);
     let mut stage_of: Vec<(i64, i64)> = Vec::with_capacity(n);
     for ((stage, _), count) in stages.iter().zip(&counts) {
-        stage_of.extend(std::iter::repeat(*stage).take(*count));
+        stage_of.extend(std::iter::repeat_n(*stage, *count));
     }
     rng.shuffle(&mut stage_of);
 

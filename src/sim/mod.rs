@@ -9,7 +9,7 @@
 //!
 //! # Layout
 //! - `rng`: SplitMix64, the seeded PRNG behind the dataset, jitter and fault dice.
-//! - `data`: dataset generation and the [`Store`](data::Store) that indexes leads by stage.
+//! - `data`: dataset generation and the `Store` that indexes leads by stage.
 //! - `query`: the sim's own parser for Kommo's `GET /api/v4/leads` query language.
 //! - `render`: response bodies (HAL pages, pipelines, problem+json).
 //! - `faults`: the rate limiter and fault rules.

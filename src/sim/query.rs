@@ -354,13 +354,11 @@ fn parse_filter(
             };
             list.get_or_insert_with(Vec::new).push(v);
         }
-        "name" => {
-            if is_list_element(rest) {
-                filter
-                    .names
-                    .get_or_insert_with(Vec::new)
-                    .push(value.to_string());
-            }
+        "name" if is_list_element(rest) => {
+            filter
+                .names
+                .get_or_insert_with(Vec::new)
+                .push(value.to_string());
         }
         "created_at" | "updated_at" | "closed_at" | "closest_task_at" | "price" => {
             let range = match field {
@@ -565,7 +563,7 @@ impl Range {
         let Some(v) = value else {
             return false;
         };
-        self.from.map_or(true, |b| b <= v) && self.to.map_or(true, |b| b >= v)
+        self.from.is_none_or(|b| b <= v) && self.to.is_none_or(|b| b >= v)
     }
 }
 
@@ -588,7 +586,7 @@ impl FieldFilter {
                 });
             let range_ok = if self.from.is_some() || self.to.is_some() {
                 v.parse::<f64>().is_ok_and(|n| {
-                    self.from.map_or(true, |b| b <= n) && self.to.map_or(true, |b| b >= n)
+                    self.from.is_none_or(|b| b <= n) && self.to.is_none_or(|b| b >= n)
                 })
             } else {
                 true

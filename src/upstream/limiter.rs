@@ -8,11 +8,18 @@
 //! proxy. A token bucket or GCRA with burst `N` hands out `N` at once and then refills
 //! continuously, so it admits up to `2N - 1` requests within one second: unsafe under some
 //! readings of the limit. The only guarantee safe under every reading is "at most `N` in ANY
-//! window of length `W`". So a permit returns to the pool `W + M` after it was granted (`M` is a
-//! small margin for network jitter and for the scheduling delay between grant and send):
-//! equivalently, the limiter keeps the grant instants of the last `N` grants, and a grant at `t` is
-//! allowed iff fewer than `N` of them lie in `(t - W - M, t]`. This still lets `N` go out at once,
-//! so a fan-out of up to `N` stages costs no waiting on an idle limiter.
+//! window of length `W`", as the upstream counts arrivals.
+//!
+//! So the limiter holds `N` slots. A grant takes a free slot; the slot stays taken while the
+//! request is in flight and for `W + M` after the caller [releases](UpstreamLimiter::release) it
+//! on completion (answer received, failure, or abandonment). The upstream has certainly counted
+//! a request by the time its answer arrives, so two requests using the same slot arrive at least
+//! `W` apart whatever the delays between grant, send and arrival (a new TLS connection, a busy
+//! CPU, network jitter): at most `N` arrivals fit in any window. Counting from the grant instead
+//! would rely on the margin `M` covering every such delay, which a loaded machine or a slow
+//! handshake can exceed. The price is the upstream latency per slot cycle, small against Kommo's
+//! one-second window. This still lets `N` go out at once, so a fan-out of up to `N` stages costs
+//! no waiting on an idle limiter.
 //!
 //! # Waiting, fairness and timers
 //!
@@ -40,6 +47,9 @@ use tokio::time::{Instant, Sleep};
 /// fairness is between flows.
 pub type FlowId = u64;
 
+/// One granted permit, to [release](UpstreamLimiter::release) when its request completes.
+pub type GrantId = u64;
+
 /// How many requests the upstream allows per window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimiterConfig {
@@ -47,8 +57,8 @@ pub struct LimiterConfig {
     pub requests: u32,
     /// `W`: the length of the upstream's counting window (one second for Kommo).
     pub window: Duration,
-    /// `M`: extra time a permit keeps its slot, covering network jitter and the delay between
-    /// the grant and the request leaving, so the upstream never sees `N + 1` within `W`.
+    /// `M`: extra time a slot stays taken after its request completed, against clock drift
+    /// between the proxy and the upstream.
     pub margin: Duration,
 }
 
@@ -97,7 +107,7 @@ impl std::error::Error for LimitError {}
 pub struct LimiterSnapshot {
     /// Waiters queued for a permit.
     pub queued: usize,
-    /// Permits granted within the last `W + M`, i.e. still occupying a slot.
+    /// Slots taken: requests in flight, or completed within the last `W + M`.
     pub in_window: usize,
     /// The end of a pause (after a `429`), if one is in force.
     pub paused_until: Option<Instant>,
@@ -112,12 +122,17 @@ pub trait UpstreamLimiter: Send + Sync + 'static {
     /// Wait for a permit to send one upstream request under `key` (e.g. the upstream origin) on behalf of `flow`.
     /// Resolves when the permit is granted (the caller then sends immediately), or fails when `deadline` cannot be met.
     /// Dropping the future before it resolves withdraws the waiter (a disconnected client must not keep its streams queued) and does not consume a permit.
+    /// The caller must [`release`](Self::release) the grant when the request completes.
     fn acquire<'a>(
         &'a self,
         key: &'a str,
         flow: FlowId,
         deadline: Instant,
-    ) -> BoxFuture<'a, Result<(), LimitError>>;
+    ) -> BoxFuture<'a, Result<GrantId, LimitError>>;
+
+    /// The request sent under `grant` has completed (answered, failed or abandoned): its slot
+    /// frees `W + M` from now.
+    fn release(&self, key: &str, grant: GrantId);
 
     /// An upstream 429 was seen: grant nothing for `key` until `until` (all flows). Extends, never shortens, an existing pause.
     fn pause(&self, key: &str, until: Instant);
@@ -149,7 +164,7 @@ pub struct LocalLimiter {
 struct Limits {
     /// `N`, at least 1.
     requests: usize,
-    /// `W + M`: how long a granted permit occupies its slot.
+    /// `W + M`: how long a slot stays taken after its request completed.
     span: Duration,
 }
 
@@ -164,9 +179,10 @@ struct Inner {
 
 #[derive(Default)]
 struct KeyState {
-    /// Grant instants of the last `N` grants, oldest first; a grant older than `W + M` has
-    /// returned its permit and is pruned.
-    grants: VecDeque<Instant>,
+    /// The taken slots, at most `N`: in flight, or released less than `W + M` ago (then pruned).
+    grants: VecDeque<Slot>,
+    /// Source of grant ids for this key.
+    next_grant: GrantId,
     /// Flows with queued waiters, in round-robin order: the front flow is served next.
     rotation: VecDeque<FlowId>,
     /// Each flow's queued waiters, FIFO. A flow is removed when its queue empties, so the map
@@ -183,6 +199,21 @@ struct KeyState {
     blocked_until: Option<Instant>,
 }
 
+/// A taken slot.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    id: GrantId,
+    /// When its request completed; `None` while in flight.
+    released: Option<Instant>,
+}
+
+impl Slot {
+    /// When the slot frees, if known.
+    fn free_at(&self, span: Duration) -> Option<Instant> {
+        self.released.and_then(|r| r.checked_add(span))
+    }
+}
+
 struct Waiter {
     /// The flow whose queue holds this waiter, to find it again on withdrawal.
     flow: FlowId,
@@ -195,10 +226,10 @@ struct Waiter {
 }
 
 enum Outcome {
-    /// Granted at that instant (the instant identifies the grant to return if the future is
-    /// dropped before it saw the permit).
+    /// Granted; the id identifies the slot to return if the future is dropped before it saw
+    /// the permit.
     Granted {
-        at: Instant,
+        id: GrantId,
     },
     Failed(LimitError),
 }
@@ -258,12 +289,14 @@ impl LocalLimiter {
                 st.dispatch(now, lim, None, wakers);
                 st.wake_head(head, None, false, wakers);
                 // The fast path: only when nobody waits, so a newcomer never overtakes the queue.
-                if st.rotation.is_empty() && st.try_grant(now, lim) {
-                    *state = AcquireState::Done;
-                    return Step::Ready(Ok(()));
+                if st.rotation.is_empty() {
+                    if let Some(grant) = st.try_grant(now, lim) {
+                        *state = AcquireState::Done;
+                        return Step::Ready(Ok(grant));
+                    }
                 }
                 let earliest = st.eta(st.min_ahead(flow), now, lim);
-                if now >= deadline || earliest.map_or(true, |t| t >= deadline) {
+                if now >= deadline || earliest.is_none_or(|t| t >= deadline) {
                     // Failing now rather than at the deadline frees the client sooner. The
                     // estimate is a lower bound unless waiters ahead withdraw.
                     *state = AcquireState::Done;
@@ -297,7 +330,7 @@ impl LocalLimiter {
                     Some(outcome) => {
                         st.waiters.remove(&id);
                         Some(match outcome {
-                            Outcome::Granted { .. } => Ok(()),
+                            Outcome::Granted { id } => Ok(id),
                             Outcome::Failed(e) => Err(e),
                         })
                     }
@@ -335,10 +368,10 @@ impl LocalLimiter {
                 st.withdraw(id);
                 false
             }
-            Some(Some(Outcome::Granted { at })) => {
-                let at = *at;
+            Some(Some(Outcome::Granted { id: grant })) => {
+                let grant = *grant;
                 st.waiters.remove(&id);
-                st.return_grant(at)
+                st.return_grant(grant)
             }
             Some(Some(Outcome::Failed(_))) => {
                 st.waiters.remove(&id);
@@ -357,7 +390,7 @@ impl UpstreamLimiter for LocalLimiter {
         key: &'a str,
         flow: FlowId,
         deadline: Instant,
-    ) -> BoxFuture<'a, Result<(), LimitError>> {
+    ) -> BoxFuture<'a, Result<GrantId, LimitError>> {
         // Lazy: nothing happens until the first poll, so a future dropped unpolled costs nothing.
         Box::pin(Acquire {
             limiter: self,
@@ -367,6 +400,24 @@ impl UpstreamLimiter for LocalLimiter {
             state: AcquireState::Fresh,
             sleep: None,
         })
+    }
+
+    fn release(&self, key: &str, grant: GrantId) {
+        let mut wakers = Vec::new();
+        {
+            let mut guard = self.lock();
+            let now = Instant::now();
+            let Some(st) = guard.keys.get_mut(key) else {
+                return;
+            };
+            if let Some(slot) = st.grants.iter_mut().find(|s| s.id == grant) {
+                slot.released.get_or_insert(now);
+            }
+            // The slot's free instant is known now: the head re-arms its timer for it.
+            let head = st.head();
+            st.wake_head(head, None, true, &mut wakers);
+        }
+        wakers.into_iter().for_each(Waker::wake);
     }
 
     fn pause(&self, key: &str, until: Instant) {
@@ -408,7 +459,7 @@ impl UpstreamLimiter for LocalLimiter {
             let mut guard = self.lock();
             let now = Instant::now();
             let st = key_state(&mut guard.keys, key);
-            if !st.blocked_until.is_some_and(|b| b >= until) {
+            if st.blocked_until.is_none_or(|b| b < until) {
                 st.blocked_until = Some(until);
             }
             tracing::warn!(key, cool_down = ?until.saturating_duration_since(now), "upstream blocked the proxy: failing requests");
@@ -428,11 +479,7 @@ impl UpstreamLimiter for LocalLimiter {
         };
         LimiterSnapshot {
             queued: st.queued,
-            in_window: st
-                .grants
-                .iter()
-                .filter(|g| !expired(**g, now, span))
-                .count(),
+            in_window: st.grants.iter().filter(|g| !expired(g, now, span)).count(),
             paused_until: st.paused_at(now),
             blocked_until: st.blocked_at(now),
         }
@@ -449,9 +496,10 @@ fn key_state<'m>(keys: &'m mut HashMap<String, KeyState>, key: &str) -> &'m mut 
         .expect("the key state was inserted just above")
 }
 
-/// Whether a grant made at `granted` has returned its permit by `now`.
-fn expired(granted: Instant, now: Instant, span: Duration) -> bool {
-    now.saturating_duration_since(granted) >= span
+/// Whether `slot` has freed by `now`.
+fn expired(slot: &Slot, now: Instant, span: Duration) -> bool {
+    slot.released
+        .is_some_and(|r| now.saturating_duration_since(r) >= span)
 }
 
 // === impl KeyState ===
@@ -472,27 +520,33 @@ impl KeyState {
     }
 
     fn prune(&mut self, now: Instant, span: Duration) {
-        while self.grants.front().is_some_and(|g| expired(*g, now, span)) {
-            self.grants.pop_front();
-        }
+        // Slots free in completion order, not grant order: at most N of them to look at.
+        self.grants.retain(|g| !expired(g, now, span));
     }
 
-    /// Records a grant at `now` if the window and any pause allow it.
-    fn try_grant(&mut self, now: Instant, lim: Limits) -> bool {
+    /// Takes a slot for a new grant.
+    fn take_slot(&mut self) -> GrantId {
+        let id = self.next_grant;
+        self.next_grant += 1;
+        self.grants.push_back(Slot { id, released: None });
+        id
+    }
+
+    /// Takes a slot at `now` if the window and any pause allow it.
+    fn try_grant(&mut self, now: Instant, lim: Limits) -> Option<GrantId> {
         if self.paused_at(now).is_some() {
-            return false;
+            return None;
         }
         self.prune(now, lim.span);
         if self.grants.len() >= lim.requests {
-            return false;
+            return None;
         }
-        self.grants.push_back(now);
-        true
+        Some(self.take_slot())
     }
 
-    /// Gives back the permit granted at `at`, if it still occupies a slot.
-    fn return_grant(&mut self, at: Instant) -> bool {
-        match self.grants.iter().rposition(|g| *g == at) {
+    /// Gives back the slot of a grant whose request was never sent.
+    fn return_grant(&mut self, grant: GrantId) -> bool {
+        match self.grants.iter().position(|g| g.id == grant) {
             Some(i) => {
                 self.grants.remove(i);
                 true
@@ -623,8 +677,9 @@ impl KeyState {
             let outcome = if now >= deadline {
                 Outcome::Failed(self.timeout(now, lim))
             } else {
-                self.grants.push_back(now);
-                Outcome::Granted { at: now }
+                Outcome::Granted {
+                    id: self.take_slot(),
+                }
             };
             self.decide(id, outcome, me, wakers);
         }
@@ -674,23 +729,27 @@ impl KeyState {
     }
 
     /// When the grant `position` places from now (0 = the next) can happen, assuming nobody new
-    /// arrives or withdraws; `None` if beyond what `Instant` represents.
+    /// arrives or withdraws and every request in flight completes now (a lower bound: a
+    /// release wakes the head to re-arm its timer); `None` if beyond what `Instant` represents.
     ///
-    /// Grant `p >= N` happens `W + M` after grant `p - N`, so the first `N` grant instants
-    /// (the free slots now, then the slots of the live grants as they expire) repeat every `W + M`.
+    /// Each slot frees at a known instant, or `W + M` after its request completes; after the
+    /// first `N` grants every later one follows a slot's previous use by at least `W + M`.
     fn eta(&self, position: usize, now: Instant, lim: Limits) -> Option<Instant> {
         let start = self.paused_at(now).unwrap_or(now);
-        let first_live = self
+        let mut frees: Vec<Instant> = self
             .grants
-            .partition_point(|g| expired(*g, start, lim.span));
-        let live = self.grants.len() - first_live;
-        let free = lim.requests.saturating_sub(live);
+            .iter()
+            .filter(|g| !expired(g, start, lim.span))
+            .map(|g| g.free_at(lim.span).unwrap_or(start + lim.span))
+            .collect();
+        frees.sort_unstable();
+        let free = lim.requests.saturating_sub(frees.len());
         let rounds = u32::try_from(position / lim.requests).unwrap_or(u32::MAX);
         let slot = position % lim.requests;
         let base = if slot < free {
             start
         } else {
-            self.grants[first_live + slot - free].checked_add(lim.span)?
+            *frees.get(slot - free)?
         };
         base.checked_add(lim.span.checked_mul(rounds)?)
     }
@@ -729,12 +788,12 @@ enum AcquireState {
 }
 
 enum Step {
-    Ready(Result<(), LimitError>),
+    Ready(Result<GrantId, LimitError>),
     SleepUntil(Instant),
 }
 
 impl Future for Acquire<'_> {
-    type Output = Result<(), LimitError>;
+    type Output = Result<GrantId, LimitError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -810,6 +869,18 @@ mod tests {
         limiter(7, Duration::from_secs(1), ms(50))
     }
 
+    /// An acquire whose request completes at once: the slot frees `W + M` after the grant.
+    async fn take(
+        l: &LocalLimiter,
+        key: &str,
+        flow: FlowId,
+        deadline: Instant,
+    ) -> Result<(), LimitError> {
+        l.acquire(key, flow, deadline)
+            .await
+            .map(|grant| l.release(key, grant))
+    }
+
     /// An acquire on its own task; resolves to the outcome and the instant it resolved.
     fn spawn_acquire(
         l: &Arc<LocalLimiter>,
@@ -819,7 +890,7 @@ mod tests {
     ) -> JoinHandle<(Result<(), LimitError>, Instant)> {
         let l = Arc::clone(l);
         tokio::spawn(async move {
-            let r = l.acquire(key, flow, deadline).await;
+            let r = take(&l, key, flow, deadline).await;
             (r, Instant::now())
         })
     }
@@ -859,12 +930,12 @@ mod tests {
         let l = kommo();
         let t0 = Instant::now();
         for flow in 0..7 {
-            assert_eq!(l.acquire(KEY, flow, t0 + HOUR).await, Ok(()));
+            assert_eq!(take(&l, KEY, flow, t0 + HOUR).await, Ok(()));
         }
         assert_eq!(Instant::now(), t0);
         assert_eq!(l.snapshot(KEY).in_window, 7);
         // The eighth waits until the first permit returns, W + M after it was granted.
-        assert_eq!(l.acquire(KEY, 7, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, KEY, 7, t0 + HOUR).await, Ok(()));
         assert_eq!(Instant::now(), t0 + ms(1050));
     }
 
@@ -928,16 +999,16 @@ mod tests {
     async fn a_deadline_that_cannot_be_met_fails_at_once_with_a_hint() {
         let l = limiter(1, Duration::from_secs(1), ms(50));
         let t0 = Instant::now();
-        assert_eq!(l.acquire(KEY, 1, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, KEY, 1, t0 + HOUR).await, Ok(()));
         // The next permit frees at t0 + 1.05 s: a deadline before that cannot be met.
         assert_eq!(
-            l.acquire(KEY, 2, t0 + ms(500)).await,
+            take(&l, KEY, 2, t0 + ms(500)).await,
             Err(LimitError::Timeout {
                 retry_after: ms(1050)
             })
         );
         assert!(matches!(
-            l.acquire(KEY, 3, t0).await,
+            take(&l, KEY, 3, t0).await,
             Err(LimitError::Timeout { .. })
         ));
         assert_eq!(Instant::now(), t0);
@@ -948,7 +1019,7 @@ mod tests {
     async fn a_waiter_whose_deadline_passes_in_the_queue_times_out_then() {
         let l = limiter(1, Duration::from_secs(1), ms(50));
         let t0 = Instant::now();
-        assert_eq!(l.acquire(KEY, 0, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, KEY, 0, t0 + HOUR).await, Ok(()));
         // Flow 1 queues 5, flow 2 queues 2; the order is 1, 2, 1, 2: the second of flow 2 is
         // due at t0 + 4.2 s. The up-front estimate (a lower bound) says 3.15 s, so it queues,
         // and its 4 s deadline passes while it waits.
@@ -988,7 +1059,7 @@ mod tests {
         until_queued(&l, KEY, 3).await;
         // A deadline inside the pause fails at once.
         assert!(matches!(
-            l.acquire(KEY, 9, t0 + ms(2000)).await,
+            take(&l, KEY, 9, t0 + ms(2000)).await,
             Err(LimitError::Timeout { .. })
         ));
         for t in waiting {
@@ -1001,7 +1072,7 @@ mod tests {
     async fn a_pause_while_waiting_moves_the_grant_to_its_end() {
         let l = limiter(1, Duration::from_secs(1), ms(50));
         let t0 = Instant::now();
-        assert_eq!(l.acquire(KEY, 0, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, KEY, 0, t0 + HOUR).await, Ok(()));
         let waiter = spawn_acquire(&l, KEY, 1, t0 + HOUR);
         // Queued ahead of the pause and due at 1.05 s; the pause until 2 s moves it.
         let doomed = spawn_acquire(&l, KEY, 2, t0 + ms(2500));
@@ -1018,7 +1089,7 @@ mod tests {
     async fn a_block_fails_waiters_and_new_acquires_until_it_ends() {
         let l = limiter(1, Duration::from_secs(1), ms(50));
         let t0 = Instant::now();
-        assert_eq!(l.acquire(KEY, 0, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, KEY, 0, t0 + HOUR).await, Ok(()));
         let waiter = spawn_acquire(&l, KEY, 1, t0 + HOUR);
         until_queued(&l, KEY, 1).await;
 
@@ -1027,7 +1098,7 @@ mod tests {
             retry_after: ms(10_000),
         });
         assert_eq!(outcome(waiter).await, (blocked.clone(), t0));
-        assert_eq!(l.acquire(KEY, 2, t0 + HOUR).await, blocked);
+        assert_eq!(take(&l, KEY, 2, t0 + HOUR).await, blocked);
         let snap = l.snapshot(KEY);
         assert_eq!(
             (snap.queued, snap.blocked_until),
@@ -1035,7 +1106,7 @@ mod tests {
         );
 
         tokio::time::sleep_until(t0 + ms(10_000)).await;
-        assert_eq!(l.acquire(KEY, 3, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, KEY, 3, t0 + HOUR).await, Ok(()));
         assert_eq!(l.snapshot(KEY).blocked_until, None);
     }
 
@@ -1043,7 +1114,7 @@ mod tests {
     async fn a_dropped_waiter_takes_no_permit_and_stalls_nobody() {
         let l = limiter(1, Duration::from_secs(1), ms(50));
         let t0 = Instant::now();
-        assert_eq!(l.acquire(KEY, 0, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, KEY, 0, t0 + HOUR).await, Ok(()));
         // `dropped` is polled once: it is queued at the head, with the timer for the next slot.
         let mut dropped = l.acquire(KEY, 1, t0 + HOUR);
         assert!(futures::poll!(dropped.as_mut()).is_pending());
@@ -1062,7 +1133,7 @@ mod tests {
         let l = limiter(2, Duration::from_secs(1), ms(50));
         let t0 = Instant::now();
         for flow in 0..2 {
-            assert_eq!(l.acquire(KEY, flow, t0 + HOUR).await, Ok(()));
+            assert_eq!(take(&l, KEY, flow, t0 + HOUR).await, Ok(()));
         }
         let mut seen = l.acquire(KEY, 10, t0 + HOUR);
         let mut unseen = l.acquire(KEY, 11, t0 + HOUR);
@@ -1072,34 +1143,54 @@ mod tests {
         // At 1.05 s both slots free; polling the head grants both, but `unseen` is dropped
         // before its future reports the grant, so its request is never sent.
         tokio::time::sleep_until(t0 + ms(1050)).await;
-        assert_eq!(futures::poll!(seen.as_mut()), Poll::Ready(Ok(())));
+        assert!(matches!(futures::poll!(seen.as_mut()), Poll::Ready(Ok(_))));
         assert_eq!(l.snapshot(KEY).in_window, 2);
         drop(unseen);
         assert_eq!(l.snapshot(KEY).in_window, 1);
-        assert_eq!(l.acquire(KEY, 12, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, KEY, 12, t0 + HOUR).await, Ok(()));
         assert_eq!(Instant::now(), t0 + ms(1050));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_stays_taken_while_its_request_is_in_flight() {
+        let l = limiter(2, Duration::from_secs(1), ms(0));
+        let t0 = Instant::now();
+        let slow = l.acquire(KEY, 0, t0 + HOUR).await.expect("a free slot");
+        assert_eq!(take(&l, KEY, 1, t0 + HOUR).await, Ok(()));
+        let waiter = spawn_acquire(&l, KEY, 2, t0 + HOUR);
+        until_queued(&l, KEY, 1).await;
+        // The quick request's slot frees at 1 s; the slow one answers only at 3 s.
+        tokio::time::sleep_until(t0 + ms(3000)).await;
+        l.release(KEY, slow);
+        assert_eq!(outcome(waiter).await, (Ok(()), t0 + ms(1000)));
+        let next = spawn_acquire(&l, KEY, 3, t0 + HOUR);
+        // Both slots: one freed by the waiter's release at 1 s (taken again at 1 s, released at
+        // once, free at 2 s), the slow one at 3 s + 1 s.
+        assert_eq!(outcome(next).await, (Ok(()), t0 + ms(3000)));
+        let last = spawn_acquire(&l, KEY, 4, t0 + HOUR);
+        assert_eq!(outcome(last).await, (Ok(()), t0 + ms(4000)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn keys_are_independent() {
         let l = limiter(1, Duration::from_secs(1), ms(50));
         let t0 = Instant::now();
-        assert_eq!(l.acquire("a", 1, t0 + HOUR).await, Ok(()));
-        assert_eq!(l.acquire("b", 1, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, "a", 1, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, "b", 1, t0 + HOUR).await, Ok(()));
         l.pause("a", t0 + ms(5000));
         l.block("c", t0 + ms(5000));
 
         let a = spawn_acquire(&l, "a", 2, t0 + HOUR);
         let b = spawn_acquire(&l, "b", 2, t0 + HOUR);
         assert_eq!(
-            l.acquire("c", 2, t0 + HOUR).await,
+            take(&l, "c", 2, t0 + HOUR).await,
             Err(LimitError::Blocked {
                 retry_after: ms(5000)
             })
         );
         assert_eq!(outcome(b).await, (Ok(()), t0 + ms(1050)));
         assert_eq!(outcome(a).await, (Ok(()), t0 + ms(5000)));
-        assert_eq!(l.acquire("d", 1, t0 + HOUR).await, Ok(()));
+        assert_eq!(take(&l, "d", 1, t0 + HOUR).await, Ok(()));
         assert_eq!(Instant::now(), t0 + ms(5000));
     }
 
@@ -1131,7 +1222,7 @@ mod tests {
                 let deadline = arrive + ms(rng.below(8_000));
                 let task = tokio::spawn(async move {
                     tokio::time::sleep_until(arrive).await;
-                    if l.acquire(KEY, flow, deadline).await.is_ok() {
+                    if take(&l, KEY, flow, deadline).await.is_ok() {
                         let now = Instant::now();
                         assert!(now < deadline, "granted at or after the deadline");
                         grants

@@ -4,4 +4,5 @@ mod support;
 
 mod cli;
 mod fanout;
+mod limits;
 mod passthrough;

@@ -47,6 +47,9 @@ pub async fn stack(sim: SimConfig) -> Stack {
 pub async fn stack_with(sim: SimConfig, tweak: impl FnOnce(&mut ServeConfig)) -> Stack {
     let sim = Sim::spawn(sim).await.expect("simulator starts");
     let mut config = ServeConfig::for_upstream(&sim.base_url()).expect("valid config");
+    // Functional tests are not about the rate limit: an effectively unlimited budget, unless
+    // the test sets one.
+    config.limiter.requests = 1_000_000;
     tweak(&mut config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,343 @@
+//! Micro-benchmarks of the pure stages of a fan-out leads request: `query::parse` and
+//! `plan::plan` of a 30-stage query (`query/*`), `page::parse_page` of one real 250-lead
+//! upstream page (`page/*`), the k-way `Merger` over K = 2, 10, 30 streams of 250 leads, cut
+//! at the client's first page of 250 and drained to the end (`merge/*`), and
+//! `hal::render_page` of 250 leads with the href rewrite (`render/*`).
+//!
+//! The lead bodies are real: the setup starts the simulator (`Sim`, 20 000 leads) on loopback
+//! and reads `GET /api/v4/leads?filter[statuses][0][...]&limit=250&order[created_at]=asc`
+//! pages from it once, before anything is timed. A few leads are listed under a second stage
+//! too (`Sim::add_ghost`, as Kommo does while a lead moves), so the merge also deduplicates.
+//!
+//! Run all:        `cargo bench --bench micro`
+//! Run one group:  `cargo bench --bench micro -- merge`
+//! Smoke test:     `cargo bench --bench micro -- --test` (each bench once, no measurement)
+
+use std::collections::HashSet;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{
+    black_box, criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput,
+};
+use http::{header, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kommo_fanout::leads::hal::{render_page, OriginRewrite, PageLinks};
+use kommo_fanout::leads::merge::{LeadRef, Merger, Step};
+use kommo_fanout::leads::page::parse_page;
+use kommo_fanout::leads::plan;
+use kommo_fanout::leads::query::{self, Direction, Order, OrderField, QueryLimits, MAX_LIMIT};
+use kommo_fanout::sim::{Sim, SimConfig, DEMO_TOKEN};
+
+/// The most streams any merge bench uses.
+const MAX_K: usize = 30;
+/// The merge sizes measured.
+const KS: [usize; 3] = [2, 10, 30];
+/// Upstream (and client) page size.
+const PAGE: usize = MAX_LIMIT as usize;
+/// Where the proxy's answer points (the rewrite target).
+const PUBLIC_URL: &str = "http://127.0.0.1:8080";
+/// The order of every stream and of the merge.
+const ORDER: Order = Order {
+    field: OrderField::CreatedAt,
+    direction: Direction::Asc,
+};
+/// The gateway's default `--max-pairs`.
+const LIMITS: QueryLimits = QueryLimits { max_pairs: 100 };
+
+/// Everything read from the simulator, once.
+struct Fixture {
+    /// The simulator's base URL (the origin in the leads' hrefs).
+    sim_base: String,
+    /// `MAX_K` full upstream pages (250 leads each), one per stream, as received.
+    bodies: Vec<Bytes>,
+    /// The same pages parsed, ordered by `created_at` ascending as the upstream sent them.
+    streams: Vec<Vec<LeadRef>>,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(load_fixture)
+}
+
+fn load_fixture() -> Fixture {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fixture = rt.block_on(async {
+        let sim = Sim::spawn(SimConfig {
+            leads: 20_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let base = sim.base_url();
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let get = |pipeline_id: i64, status_id: i64, page: usize| {
+            let uri = format!(
+                "{base}/api/v4/leads?filter[statuses][0][pipeline_id]={pipeline_id}\
+                 &filter[statuses][0][status_id]={status_id}&limit={PAGE}\
+                 &order[created_at]=asc&page={page}"
+            );
+            let req = Request::get(uri)
+                .header(header::AUTHORIZATION, format!("Bearer {DEMO_TOKEN}"))
+                .body(Empty::new())
+                .unwrap();
+            let client = client.clone();
+            async move {
+                let resp = client.request(req).await.unwrap();
+                let status = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                match status {
+                    StatusCode::OK => {
+                        let leads = parse_page(&body, ORDER.field).unwrap();
+                        Some((body, leads))
+                    }
+                    StatusCode::NO_CONTENT => None,
+                    s => panic!("simulator answered {s} to a leads page"),
+                }
+            }
+        };
+
+        // Page 1 of every stage; the stages with a full page are the streams.
+        let stages: Vec<(i64, i64)> = sim
+            .pipelines()
+            .iter()
+            .flat_map(|p| p.statuses.iter().map(move |s| (p.id, s.id)))
+            .collect();
+        let mut full = Vec::new();
+        for &(p, s) in &stages {
+            if let Some((_, leads)) = get(p, s, 1).await {
+                if leads.len() == PAGE {
+                    full.push(((p, s), leads));
+                }
+            }
+        }
+        assert!(
+            full.len() >= 2,
+            "the simulated account has too few full stages"
+        );
+
+        // Realistic overlap: three leads of each stage's first page are also listed under the
+        // next stage (Kommo does this while a lead moves); the merge must emit them once.
+        for w in full.windows(2) {
+            let (from, to) = (&w[0].1, w[1].0);
+            for at in [7, 90, 180] {
+                assert!(sim.add_ghost(from[at].id, to.0, to.1));
+            }
+        }
+
+        // The streams: page 1 of every full stage, then (when the account has fewer than
+        // MAX_K full stages) the next pages of the largest stages: real, distinct leads that
+        // start later in the order, as a newer stage's do.
+        let mut picked: Vec<(Bytes, Vec<LeadRef>)> = Vec::new();
+        let mut page = 1;
+        while picked.len() < MAX_K {
+            let mut any = false;
+            for &((p, s), _) in &full {
+                if picked.len() == MAX_K {
+                    break;
+                }
+                if let Some((body, leads)) = get(p, s, page).await {
+                    if leads.len() == PAGE {
+                        picked.push((body, leads));
+                        any = true;
+                    }
+                }
+            }
+            assert!(any, "not enough full pages for {MAX_K} streams");
+            page += 1;
+        }
+        eprintln!(
+            "fixture: {} stages, {} with a full first page; {MAX_K} streams use pages 1..={}",
+            stages.len(),
+            full.len(),
+            page - 1
+        );
+        let (bodies, streams) = picked.into_iter().unzip();
+        Fixture {
+            sim_base: base,
+            bodies,
+            streams,
+        }
+    });
+    drop(rt);
+
+    for k in KS {
+        let all = fixture.streams[..k].iter().flatten().count();
+        let unique: HashSet<i64> = fixture.streams[..k]
+            .iter()
+            .flatten()
+            .map(|l| l.id)
+            .collect();
+        eprintln!(
+            "fixture: k={k}: {all} leads, {} unique ({} duplicate)",
+            unique.len(),
+            all - unique.len()
+        );
+    }
+    fixture
+}
+
+/// The 30-stage client query: PHP's `http_build_query` spelling (encoded brackets) with the
+/// usual extras, asking for page 3 of 250.
+fn query_30_pairs() -> String {
+    let mut params = vec![
+        "with=contacts".to_string(),
+        "filter%5Bresponsible_user_id%5D%5B%5D=1001".to_string(),
+        "filter%5Bresponsible_user_id%5D%5B%5D=1003".to_string(),
+    ];
+    for i in 0..30i64 {
+        let pipeline_id = (i % 5 + 1) * 1000;
+        let status_id = if i % 6 == 5 {
+            142 + (i / 6) % 2
+        } else {
+            pipeline_id * 10 + i / 5
+        };
+        params.push(format!(
+            "filter%5Bstatuses%5D%5B{i}%5D%5Bpipeline_id%5D={pipeline_id}"
+        ));
+        params.push(format!(
+            "filter%5Bstatuses%5D%5B{i}%5D%5Bstatus_id%5D={status_id}"
+        ));
+    }
+    params.push("order%5Bcreated_at%5D=desc".to_string());
+    params.push("limit=250".to_string());
+    params.push("page=3".to_string());
+    params.join("&")
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+}
+
+fn bench_query(c: &mut Criterion) {
+    let raw = query_30_pairs();
+    let parsed = query::parse(&raw, LIMITS).unwrap();
+    assert_eq!(parsed.pairs.len(), 30);
+    assert!(matches!(
+        plan::plan(&parsed, &raw),
+        plan::Plan::FanOut(ref p) if p.streams.len() == 30
+    ));
+
+    let mut g = c.benchmark_group("query");
+    g.throughput(Throughput::Bytes(raw.len() as u64));
+    g.bench_function("parse_30_pairs", |b| {
+        b.iter(|| query::parse(black_box(&raw), LIMITS))
+    });
+    g.throughput(Throughput::Elements(30));
+    g.bench_function("plan_30_pairs", |b| {
+        b.iter(|| plan::plan(black_box(&parsed), black_box(&raw)))
+    });
+    g.finish();
+}
+
+fn bench_page(c: &mut Criterion) {
+    let f = fixture();
+    let body = &f.bodies[0];
+    let mut g = c.benchmark_group("page");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("parse_250", |b| {
+        b.iter(|| parse_page(black_box(body), ORDER.field).unwrap())
+    });
+    g.finish();
+}
+
+/// Runs a merge the way the gateway does: feeds each stream's page when the merger asks (one
+/// page of 250 marked not-last, then an empty last page) until `want` leads are emitted or
+/// every stream has ended.
+fn merge(streams: Vec<Vec<LeadRef>>, want: usize) -> Vec<LeadRef> {
+    let mut merger = Merger::new(streams.len(), ORDER);
+    let mut pages: Vec<Option<Vec<LeadRef>>> = streams.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(want.min(pages.len() * PAGE));
+    while out.len() < want {
+        match merger.next_step() {
+            Step::Lead(lead) => out.push(lead),
+            Step::Done => break,
+            Step::Need(ids) => {
+                for i in ids {
+                    match pages[i].take() {
+                        Some(page) => merger.feed(i, page, false),
+                        None => merger.feed(i, Vec::new(), true),
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn bench_merge(c: &mut Criterion) {
+    let f = fixture();
+    let mut g = c.benchmark_group("merge");
+    for k in KS {
+        let input = &f.streams[..k];
+        let unique = merge(input.to_vec(), usize::MAX);
+        // Sanity: the whole merge is sorted and complete.
+        assert!(unique
+            .windows(2)
+            .all(|w| (w[0].sort, w[0].id) <= (w[1].sort, w[1].id)));
+        let ids: HashSet<i64> = input.iter().flatten().map(|l| l.id).collect();
+        assert_eq!(unique.len(), ids.len());
+
+        for (variant, want) in [("first_page", PAGE), ("all", usize::MAX)] {
+            let emitted = want.min(unique.len());
+            g.throughput(Throughput::Elements(emitted as u64));
+            g.bench_with_input(
+                BenchmarkId::new(format!("k={k}"), variant),
+                &input,
+                |b, input| {
+                    b.iter_batched(
+                        || input.to_vec(),
+                        |streams| merge(streams, want),
+                        BatchSize::LargeInput,
+                    )
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
+fn bench_render(c: &mut Criterion) {
+    let f = fixture();
+    let leads = &f.streams[0];
+    let rewrite = OriginRewrite::new(&f.sim_base, PUBLIC_URL);
+    let raw = query_30_pairs();
+    let parsed = query::parse(&raw, LIMITS).unwrap();
+    let base = format!("{PUBLIC_URL}{}", plan::LEADS_PATH);
+    let links = PageLinks {
+        base: &base,
+        params: &parsed.link_params,
+    };
+    // Sanity: the hrefs really are rewritten.
+    let sample = render_page(parsed.page, links, true, leads, &rewrite);
+    let needle = format!("\"href\":\"{PUBLIC_URL}/api/v4/leads/");
+    let upstream = format!("\"href\":\"{}/", f.sim_base);
+    assert!(memchr::memmem::find(&sample, needle.as_bytes()).is_some());
+    assert!(memchr::memmem::find(&sample, upstream.as_bytes()).is_none());
+
+    let mut g = c.benchmark_group("render");
+    g.throughput(Throughput::Bytes(sample.len() as u64));
+    g.bench_function("page_250", |b| {
+        b.iter(|| render_page(parsed.page, links, true, black_box(leads), &rewrite))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_query, bench_page, bench_merge, bench_render
+}
+criterion_main!(benches);
