@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cache::CacheConfig;
 use crate::gateway::{GatewaySettings, RateLimitKey};
 use crate::sim::SimArgs;
 use crate::upstream::fetch::FetchPolicy;
@@ -94,6 +95,22 @@ pub struct ServeArgs {
     /// Requests per second one client (credential, else address) may make; unlimited if unset.
     #[arg(long, env = "KOMMO_FANOUT_CLIENT_RATE_LIMIT")]
     pub client_rate_limit: Option<NonZeroU32>,
+    /// How long a cached answer is fresh; 0 turns caching off.
+    #[arg(long, env = "KOMMO_FANOUT_CACHE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub cache_ttl: Duration,
+    /// The bytes the cache may hold (upstream pages and answers together).
+    #[arg(long, env = "KOMMO_FANOUT_CACHE_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub cache_max_bytes: u64,
+    /// Past the TTL but within this, serve the cached answer and refresh it once in the background.
+    #[arg(long, env = "KOMMO_FANOUT_STALE_WHILE_REVALIDATE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub stale_while_revalidate: Duration,
+    /// Also cache GETs of paths other than the leads list.
+    #[arg(long, env = "KOMMO_FANOUT_CACHE_PASSTHROUGH")]
+    pub cache_passthrough: bool,
+    /// Shared secret of POST /webhooks/kommo on the admin listener (in `?secret=` or the
+    /// X-Webhook-Secret header); the endpoint is off without it.
+    #[arg(long, env = "KOMMO_FANOUT_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
     /// How long requests in flight may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "KOMMO_FANOUT_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -135,6 +152,9 @@ pub struct ServeConfig {
     pub upstream: UpstreamConfig,
     pub gateway: GatewaySettings,
     pub limiter: LimiterConfig,
+    pub cache: CacheConfig,
+    /// The secret of the webhook endpoint; `None` turns it off.
+    pub webhook_secret: Option<String>,
     pub fetch: FetchPolicy,
     pub shutdown_grace: Duration,
 }
@@ -168,6 +188,20 @@ impl ServeArgs {
         if self.request_timeout.is_zero() {
             return Err("--request-timeout must be more than zero".into());
         }
+        if self.cache_max_bytes < 64 * 1024 && !self.cache_ttl.is_zero() {
+            return Err(
+                "--cache-max-bytes must be at least 65536 (or turn caching off with --cache-ttl 0)"
+                    .into(),
+            );
+        }
+        if let Some(secret) = &self.webhook_secret {
+            if secret.len() < 16 || !secret.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(
+                    "--webhook-secret must be at least 16 printable characters without spaces"
+                        .into(),
+                );
+            }
+        }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(format!(
                 "--listen and --admin-listen are both {}: the admin endpoints need their own address",
@@ -190,6 +224,13 @@ impl ServeArgs {
                 client_rate_limit: self.client_rate_limit,
             },
             limiter,
+            cache: CacheConfig {
+                ttl: self.cache_ttl,
+                max_bytes: self.cache_max_bytes,
+                stale_while_revalidate: self.stale_while_revalidate,
+                passthrough: self.cache_passthrough,
+            },
+            webhook_secret: self.webhook_secret,
             fetch: FetchPolicy {
                 retries: self.retries,
                 backoff_base: Duration::from_millis(100),
@@ -249,6 +290,9 @@ mod tests {
         assert_eq!(c.fetch.block_cooldown, Duration::from_secs(60));
         assert_eq!(c.gateway.request_timeout, Duration::from_secs(60));
         assert_eq!(c.gateway.rate_limit_key, RateLimitKey::Origin);
+        assert_eq!(c.cache.ttl, Duration::from_secs(30));
+        assert_eq!(c.cache.max_bytes, 256 * 1024 * 1024);
+        assert!(!c.cache.passthrough && c.webhook_secret.is_none());
     }
 
     #[test]
@@ -279,6 +323,25 @@ mod tests {
             .unwrap_err()
             .contains("rate"));
         assert!(serve(&["--upstream", "http://x", "--rate-limit-key", "ip"]).is_err());
+        assert!(
+            serve(&["--upstream", "http://x", "--webhook-secret", "short"])
+                .unwrap_err()
+                .contains("--webhook-secret")
+        );
+        assert!(
+            serve(&["--upstream", "http://x", "--cache-max-bytes", "10"])
+                .unwrap_err()
+                .contains("--cache-max-bytes")
+        );
+        assert!(serve(&[
+            "--upstream",
+            "http://x",
+            "--cache-max-bytes",
+            "10",
+            "--cache-ttl",
+            "0s"
+        ])
+        .is_ok());
         assert!(serve(&[]).is_err());
     }
 }

@@ -28,7 +28,7 @@ pub struct StreamFailure {
 }
 
 /// A failure that ends a client request with an error answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum ProxyError {
     /// The client's query is invalid: `400` naming every bad parameter.
     InvalidQuery(Vec<InvalidParam>),

@@ -13,10 +13,17 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 use tokio::time::Instant;
 
+use std::sync::Arc;
+
+use crate::cache::{Cache, Entry, FillError, Outcome};
 use crate::error::ProxyError;
 use crate::leads::hal::OriginRewrite;
+use crate::leads::merge::LeadRef;
 use crate::leads::query::QueryLimits;
-use crate::upstream::fetch::{Fetcher, Flow};
+use crate::passthrough::end_to_end;
+use crate::upstream::fetch::Verdict;
+use crate::upstream::fetch::{FetchError, Fetcher, Flow};
+use crate::upstream::Buffered;
 
 /// What the upstream limiter counts requests by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -48,6 +55,8 @@ pub struct Gateway {
     /// The only way out: limited, retried requests to the configured origin.
     pub fetcher: Fetcher,
     pub settings: GatewaySettings,
+    /// Upstream pages and client answers; `None` when caching is off.
+    pub cache: Option<Cache>,
     /// Keys credential fingerprints: generated at start, so a fingerprint means nothing
     /// outside this process and cannot be reversed to the token.
     fingerprint_keys: (RandomState, RandomState),
@@ -61,6 +70,7 @@ pub struct Gateway {
 }
 
 /// What one client request carries into the fetches it causes.
+#[derive(Clone)]
 pub struct RequestContext {
     /// The client's headers as they are sent upstream with buffered GETs.
     pub upstream_headers: HeaderMap,
@@ -72,6 +82,8 @@ pub struct RequestContext {
     pub flow: Flow,
     /// A keyed hash of the `Authorization` header, if there is one.
     pub credential: Option<String>,
+    /// The client sent `Cache-Control: no-cache` (or `Pragma: no-cache`): refetch and refresh.
+    pub no_cache: bool,
 }
 
 /// Headers of the client's request that reach the upstream with the GETs the proxy makes on
@@ -85,13 +97,14 @@ const UPSTREAM_GET_HEADERS: [HeaderName; 4] = [
 ];
 
 impl Gateway {
-    pub fn new(fetcher: Fetcher, settings: GatewaySettings) -> Self {
+    pub fn new(fetcher: Fetcher, settings: GatewaySettings, cache: Option<Cache>) -> Self {
         let client_quota = settings
             .client_rate_limit
             .map(|n| RateLimiter::keyed(Quota::per_second(n)));
         Gateway {
             fetcher,
             settings,
+            cache,
             fingerprint_keys: (RandomState::new(), RandomState::new()),
             next_flow: AtomicU64::new(1),
             client_quota,
@@ -121,16 +134,85 @@ impl Gateway {
             (RateLimitKey::Token, Some(c)) => format!("{origin} {c}"),
             _ => origin.clone(),
         };
+        let no_cache = [header::CACHE_CONTROL, header::PRAGMA].iter().any(|name| {
+            parts.headers.get_all(name).iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+                })
+            })
+        });
         RequestContext {
             upstream_headers,
             public_base,
             rewrite,
-            flow: Flow {
-                id: self.next_flow.fetch_add(1, Ordering::Relaxed),
-                key,
-                deadline: Instant::now() + self.settings.request_timeout,
-            },
+            flow: self.new_flow(key),
             credential,
+            no_cache,
+        }
+    }
+
+    /// A new share of the upstream budget with a fresh deadline.
+    fn new_flow(&self, key: String) -> Flow {
+        Flow {
+            id: self.next_flow.fetch_add(1, Ordering::Relaxed),
+            key,
+            deadline: Instant::now() + self.settings.request_timeout,
+        }
+    }
+
+    /// The context of a background refresh on behalf of `ctx`: its own flow and deadline.
+    pub fn refresh_context(&self, ctx: &RequestContext) -> RequestContext {
+        RequestContext {
+            flow: self.new_flow(ctx.flow.key.clone()),
+            no_cache: false,
+            ..ctx.clone()
+        }
+    }
+
+    /// An upstream GET through the page cache: `read` decides whether a `200` is usable (and
+    /// may parse its leads once, for every later hit). Answers other than `200`/`204` are
+    /// returned, never stored.
+    pub async fn fetch_entry(
+        &self,
+        ctx: &RequestContext,
+        target: &str,
+        read: impl Fn(&Buffered) -> Verdict<Option<Vec<LeadRef>>>,
+    ) -> Result<(Arc<Entry>, Option<Outcome>), FetchError> {
+        let generation = self.cache.as_ref().map_or(0, Cache::generation);
+        // Boxed: the fetch is nested inside the cache's fill future, and unboxed the whole
+        // chain would be laid out on the stack of whichever task polls it.
+        let fetch = Box::pin(async {
+            self.fetcher
+                .get(&ctx.flow, target, &ctx.upstream_headers, |b| {
+                    match read(&b) {
+                        Verdict::Done(leads) => {
+                            let mut headers = end_to_end(&b.headers);
+                            headers.remove(header::CONTENT_LENGTH);
+                            Verdict::Done(Entry::new(generation, b.status, headers, b.body, leads))
+                        }
+                        Verdict::Unusable(reason) => Verdict::Unusable(reason),
+                    }
+                })
+                .await
+        });
+        let (Some(cache), Some(credential)) = (&self.cache, &ctx.credential) else {
+            return fetch.await.map(|e| (e, None));
+        };
+        let language = ctx
+            .upstream_headers
+            .get(header::ACCEPT_LANGUAGE)
+            .and_then(|v| v.to_str().ok());
+        let key = Cache::page_key(credential, target, language);
+        match cache
+            .page(key, ctx.no_cache, async {
+                fetch.await.map_err(FillError::Failed)
+            })
+            .await
+        {
+            Ok((entry, outcome)) => Ok((entry, Some(outcome))),
+            Err(FillError::Uncacheable(entry)) => Ok((entry, Some(Outcome::Miss))),
+            Err(FillError::Failed(e)) => Err(e),
         }
     }
 

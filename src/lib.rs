@@ -10,15 +10,18 @@
 //! - [`server`]: accept loops, routing, the admin listener, graceful shutdown.
 //! - [`gateway`]: shared state and the per-request context.
 //! - [`leads`]: the multi-stage list: `query` → `plan` → fetch → `merge` → `hal`.
-//! - [`upstream`]: the client bound to the configured account origin.
+//! - [`upstream`]: the client bound to the configured account origin, the limiter, retries.
+//! - [`cache`]: upstream pages and client answers, coalesced and isolated by credential.
 //! - [`passthrough`]: everything that is not the leads list.
 //! - [`error`]: the one place that turns failures into `problem+json` answers.
 //! - [`body`]: the body type shared by all answers.
 //! - [`sim`]: the simulated Kommo account (test double, benchmark and demo upstream).
 //! - [`demo`]: the simulator and the proxy in one process.
+//! - [`webhook`]: Kommo's lead webhooks, which drop cached entries.
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -28,12 +31,14 @@ pub mod passthrough;
 pub mod server;
 pub mod sim;
 pub mod upstream;
+pub mod webhook;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use cache::Cache;
 use config::ServeConfig;
 use gateway::Gateway;
 use upstream::fetch::Fetcher;
@@ -45,7 +50,12 @@ pub fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
     let upstream = Upstream::new(config.upstream.clone())?;
     let limiter = Arc::new(LocalLimiter::new(config.limiter));
     let fetcher = Fetcher::new(upstream, limiter, config.fetch.clone());
-    Ok(Arc::new(Gateway::new(fetcher, config.gateway.clone())))
+    let cache = Cache::new(config.cache.clone());
+    Ok(Arc::new(Gateway::new(
+        fetcher,
+        config.gateway.clone(),
+        cache,
+    )))
 }
 
 /// Runs the proxy and its admin listener on already-bound listeners until `shutdown`
@@ -57,9 +67,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let gw = gateway(config)?;
+    serve(config, gw, listener, admin, shutdown).await;
+    Ok(())
+}
+
+/// [`run`] with a gateway built by the caller (who may keep a handle on it).
+pub async fn serve(
+    config: &ServeConfig,
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let admin_rx = rx.clone();
-    let admin_task = tokio::spawn(server::run_admin(admin, async move {
+    let secret = config.webhook_secret.as_deref().map(Arc::from);
+    let admin_task = tokio::spawn(server::run_admin(admin, gw.clone(), secret, async move {
         let mut rx = admin_rx;
         let _ = rx.wait_for(|stop| *stop).await;
     }));
@@ -78,7 +101,6 @@ pub async fn run(
     )
     .await;
     let _ = admin_task.await;
-    Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.

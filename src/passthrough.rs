@@ -5,8 +5,10 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::body::{self, ProxyBody};
+use crate::cache::{Cache, Entry, FillError, Outcome};
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, RequestContext};
+use crate::leads;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1): never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -48,6 +50,12 @@ pub async fn forward(
                 .into(),
         ));
     }
+    if req.method() == Method::GET && ctx.credential.is_some() {
+        if let Some(cache) = gw.cache.as_ref().filter(|c| c.config().passthrough) {
+            let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            return cached_get(gw, cache, ctx, target).await;
+        }
+    }
     let (parts, incoming) = req.into_parts();
     // Only the path and query of the request are used, even of an absolute-form request
     // (`GET http://other.host/x`): the destination is always the configured origin.
@@ -85,6 +93,34 @@ pub async fn forward(
         }
     }
     Ok(Response::from_parts(parts, body::boxed(incoming)))
+}
+
+/// A GET answered through the cache (`--cache-passthrough`): buffered, stored when `200`/`204`.
+async fn cached_get(
+    gw: &Gateway,
+    cache: &Cache,
+    ctx: &RequestContext,
+    target: &str,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let Some(credential) = &ctx.credential else {
+        return Err(ProxyError::Internal(
+            "cached GET without a credential".into(),
+        ));
+    };
+    let key = Cache::answer_key(credential, &ctx.public_base, target, "");
+    let fill = async {
+        let generation = cache.generation();
+        let (status, headers, body) = leads::relay(gw, ctx, target)
+            .await
+            .map_err(FillError::Failed)?;
+        Ok(Entry::new(generation, status, headers, body, None))
+    };
+    let (entry, outcome) = match cache.answer(key, ctx.no_cache, fill).await {
+        Ok(found) => found,
+        Err(FillError::Uncacheable(entry)) => (entry, Outcome::Miss),
+        Err(FillError::Failed(e)) => return Err(e),
+    };
+    Ok(leads::respond(&entry, Some(outcome)))
 }
 
 #[cfg(test)]

@@ -20,13 +20,18 @@ use crate::error::{problem, ProxyError};
 use crate::gateway::Gateway;
 use crate::leads;
 use crate::passthrough;
+use crate::webhook;
 
 /// Routes one client request: the leads list to the fan-out, everything else through, within
 /// the request deadline.
-pub async fn handle(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    gw: &Arc<Gateway>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let (parts, incoming) = req.into_parts();
     let ctx = gw.context(&parts);
-    let work = async {
+    let work = Box::pin(async {
         gw.check_client_quota(&ctx, peer.ip())?;
         if parts.method == Method::GET && parts.uri.path() == leads::plan::LEADS_PATH {
             let query = parts.uri.query().unwrap_or("");
@@ -34,7 +39,7 @@ pub async fn handle(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> R
         } else {
             passthrough::forward(gw, &ctx, Request::from_parts(parts, incoming)).await
         }
-    };
+    });
     // Dropping `work` at the deadline withdraws its queued upstream permits too.
     let result = match tokio::time::timeout_at(ctx.flow.deadline, work).await {
         Ok(r) => r,
@@ -64,13 +69,17 @@ pub async fn run(
     .await
 }
 
-/// Serves the admin endpoints (`GET /healthz`) on `listener` until `shutdown` completes.
-pub async fn run_admin(listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    serve(
-        listener,
-        shutdown,
-        Duration::from_secs(1),
-        |_, req| async move {
+/// Serves the admin endpoints on `listener` until `shutdown` completes: `GET /healthz`, and
+/// `POST /webhooks/kommo` when a webhook secret is configured.
+pub async fn run_admin(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    webhook_secret: Option<Arc<str>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve(listener, shutdown, Duration::from_secs(1), move |_, req| {
+        let (gw, secret) = (gateway.clone(), webhook_secret.clone());
+        async move {
             match (req.method(), req.uri().path()) {
                 (&Method::GET, "/healthz") => {
                     let mut resp = Response::new(body::full("ok\n"));
@@ -80,10 +89,18 @@ pub async fn run_admin(listener: TcpListener, shutdown: impl Future<Output = ()>
                     );
                     resp
                 }
+                (&Method::POST, webhook::PATH) => match secret {
+                    Some(secret) => webhook::receive(&gw, &secret, req).await,
+                    None => problem(
+                        StatusCode::NOT_FOUND,
+                        "the webhook endpoint is off: start the proxy with --webhook-secret",
+                        None,
+                    ),
+                },
                 _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint", None),
             }
-        },
-    )
+        }
+    })
     .await
 }
 

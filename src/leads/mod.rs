@@ -10,13 +10,18 @@ pub mod page;
 pub mod plan;
 pub mod query;
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use futures::future::join_all;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::body::{self, ProxyBody};
+use crate::cache::{Cache, Entry, FillError, Outcome};
 use crate::error::{ProxyError, StreamFailure};
 use crate::gateway::{Gateway, RequestContext};
+use crate::passthrough::end_to_end;
 use crate::upstream::fetch::{FetchError, Verdict};
 use crate::upstream::Buffered;
 use hal::{render_page, PageLinks};
@@ -27,50 +32,102 @@ use query::LeadsQuery;
 /// The content type of a successful leads page.
 pub const HAL_JSON: &str = "application/hal+json";
 
-/// Answers a leads list request.
+/// Answers a leads list request, from the answer cache when it can.
 pub async fn answer(
-    gw: &Gateway,
+    gw: &Arc<Gateway>,
     ctx: &RequestContext,
     raw_query: &str,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // Validation first: an invalid request never reaches the cache or the upstream.
     let query = query::parse(raw_query, gw.query_limits()).map_err(ProxyError::InvalidQuery)?;
-    match plan::plan(&query, raw_query) {
-        Plan::Relay { target } => relay(gw, ctx, &target).await,
-        Plan::FanOut(fan_out) => merged_page(gw, ctx, &query, &fan_out).await,
+    let (Some(cache), Some(credential)) = (&gw.cache, &ctx.credential) else {
+        return compute(gw, ctx, &query, raw_query)
+            .await
+            .map(|e| respond(&e, None));
+    };
+    let key = Cache::answer_key(credential, &ctx.public_base, plan::LEADS_PATH, raw_query);
+    let fill = Box::pin(async {
+        compute(gw, ctx, &query, raw_query)
+            .await
+            .map_err(FillError::Failed)
+    });
+    let (entry, outcome) = match cache.answer(key.clone(), ctx.no_cache, fill).await {
+        Ok(found) => found,
+        Err(FillError::Uncacheable(entry)) => (entry, Outcome::Miss),
+        Err(FillError::Failed(e)) => return Err(e),
+    };
+    if outcome == Outcome::Hit && cache.claim_refresh(&entry) {
+        // Stale within --stale-while-revalidate: this answer is served, one refresh runs.
+        let (gw, ctx) = (gw.clone(), gw.refresh_context(ctx));
+        let (query, raw) = (query.clone(), raw_query.to_string());
+        tokio::spawn(async move {
+            if let (Ok(fresh), Some(cache)) = (compute(&gw, &ctx, &query, &raw).await, &gw.cache) {
+                cache.store_answer(key, fresh).await;
+            }
+        });
     }
+    Ok(respond(&entry, Some(outcome)))
 }
 
+/// The client's response for a computed or stored answer.
+pub(crate) fn respond(entry: &Entry, outcome: Option<Outcome>) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(entry.body.clone()));
+    *resp.status_mut() = entry.status;
+    *resp.headers_mut() = entry.headers.clone();
+    if let Some(outcome) = outcome {
+        let headers = resp.headers_mut();
+        headers.insert(header::AGE, HeaderValue::from(entry.age()));
+        headers.insert(
+            HeaderName::from_static("x-cache"),
+            HeaderValue::from_static(outcome.as_str()),
+        );
+    }
+    resp
+}
+
+/// Computes the answer: relayed or merged.
+async fn compute(
+    gw: &Gateway,
+    ctx: &RequestContext,
+    query: &LeadsQuery,
+    raw_query: &str,
+) -> Result<Arc<Entry>, ProxyError> {
+    let generation = gw.cache.as_ref().map_or(0, Cache::generation);
+    let (status, headers, body) = match plan::plan(query, raw_query) {
+        Plan::Relay { target } => relay(gw, ctx, &target).await?,
+        Plan::FanOut(fan_out) => merged_page(gw, ctx, query, &fan_out).await?,
+    };
+    Ok(Entry::new(generation, status, headers, body, None))
+}
+
+/// What an answer is made of.
+pub(crate) type Answer = (StatusCode, HeaderMap, Bytes);
+
 /// One upstream request; its answer is relayed with hrefs moved to the proxy.
-async fn relay(
+pub(crate) async fn relay(
     gw: &Gateway,
     ctx: &RequestContext,
     target: &str,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let fetched = gw
-        .fetcher
-        .get(&ctx.flow, target, &ctx.upstream_headers, Verdict::Done)
-        .await;
-    let upstream = match fetched {
-        Ok(b) => b,
+) -> Result<Answer, ProxyError> {
+    let entry = match gw.fetch_entry(ctx, target, |_| Verdict::Done(None)).await {
+        Ok((entry, _)) => entry,
         // Kommo's own 5xx, still failing after the retries: the client sees it as it came.
-        Err(FetchError::Status(b)) => b,
+        Err(FetchError::Status(b)) => Entry::new(0, b.status, end_to_end(&b.headers), b.body, None),
         Err(e) => return Err(e.into()),
     };
-    let is_json = upstream
+    let is_json = entry
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("json"));
     let body = if is_json {
-        ctx.rewrite.apply(&upstream.body).into()
+        ctx.rewrite.apply(&entry.body).into()
     } else {
-        upstream.body
+        entry.body.clone()
     };
-    let mut resp = Response::new(body::full(body));
-    *resp.status_mut() = upstream.status;
-    *resp.headers_mut() = crate::passthrough::end_to_end(&upstream.headers);
-    resp.headers_mut().remove(header::CONTENT_LENGTH);
-    Ok(resp)
+    let mut headers = entry.headers.clone();
+    headers.remove(header::CONTENT_LENGTH);
+    Ok((entry.status, headers, body))
 }
 
 /// What one upstream page read of one stream came to.
@@ -100,39 +157,43 @@ async fn read_stream_page(
             reason,
         })
     };
-    let read = |upstream: Buffered| match upstream.status {
+    let read = |upstream: &Buffered| match upstream.status {
+        // Parsed once, when read: cache hits reuse the leads.
         StatusCode::OK => match page::parse_page(&upstream.body, order) {
-            Ok(leads) => {
-                let last = leads.len() < STREAM_LIMIT as usize;
-                Verdict::Done(StreamRead::Page { leads, last })
-            }
+            Ok(leads) => Verdict::Done(Some(leads)),
             // Truncated or malformed: worth another attempt, like a 5xx.
             Err(reason) => Verdict::Unusable(reason),
         },
-        StatusCode::NO_CONTENT => Verdict::Done(StreamRead::Page {
+        _ => Verdict::Done(None),
+    };
+    let entry = match gw.fetch_entry(ctx, &stream.target(page), read).await {
+        Ok((entry, _)) => entry,
+        Err(FetchError::Status(b)) => {
+            return failed(
+                Some(b.status.as_u16()),
+                format!("page {page} answered {}{}", b.status, error_detail(&b.body)),
+            )
+        }
+        Err(e @ (FetchError::Transport(_) | FetchError::Unusable { .. })) => {
+            return failed(e.status(), format!("page {page}: {e}"))
+        }
+        Err(e) => return StreamRead::Stopped(e.into()),
+    };
+    match (entry.status, &entry.leads) {
+        (StatusCode::OK, Some(leads)) => StreamRead::Page {
+            last: leads.len() < STREAM_LIMIT as usize,
+            leads: leads.clone(),
+        },
+        (StatusCode::NO_CONTENT, _) => StreamRead::Page {
             leads: Vec::new(),
             last: true,
+        },
+        (s, _) if s.is_client_error() => StreamRead::Relay(Buffered {
+            status: s,
+            headers: entry.headers.clone(),
+            body: entry.body.clone(),
         }),
-        s if s.is_client_error() => Verdict::Done(StreamRead::Relay(upstream)),
-        s => Verdict::Done(failed(
-            Some(s.as_u16()),
-            format!("page {page} answered {s}"),
-        )),
-    };
-    match gw
-        .fetcher
-        .get(&ctx.flow, &stream.target(page), &ctx.upstream_headers, read)
-        .await
-    {
-        Ok(read) => read,
-        Err(FetchError::Status(b)) => failed(
-            Some(b.status.as_u16()),
-            format!("page {page} answered {}{}", b.status, error_detail(&b.body)),
-        ),
-        Err(e @ (FetchError::Transport(_) | FetchError::Unusable { .. })) => {
-            failed(e.status(), format!("page {page}: {e}"))
-        }
-        Err(e) => StreamRead::Stopped(e.into()),
+        (s, _) => failed(Some(s.as_u16()), format!("page {page} answered {s}")),
     }
 }
 
@@ -151,7 +212,7 @@ async fn merged_page(
     ctx: &RequestContext,
     query: &LeadsQuery,
     fan_out: &FanOutPlan,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<Answer, ProxyError> {
     let mut merger = Merger::new(fan_out.streams.len(), fan_out.order);
     let skip = query.offset();
     let want = query.limit as usize;
@@ -206,9 +267,7 @@ async fn merged_page(
         }
     }
     if leads.is_empty() {
-        let mut resp = Response::new(body::empty());
-        *resp.status_mut() = StatusCode::NO_CONTENT;
-        return Ok(resp);
+        return Ok((StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new()));
     }
     let base = format!("{}{}", ctx.public_base, plan::LEADS_PATH);
     let links = PageLinks {
@@ -216,14 +275,13 @@ async fn merged_page(
         params: &query.link_params,
     };
     let bytes = render_page(query.page, links, has_next, &leads, &ctx.rewrite);
-    let mut resp = Response::new(body::full(bytes));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(HAL_JSON));
-    Ok(resp)
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(HAL_JSON));
+    Ok((StatusCode::OK, headers, bytes.into()))
 }
 
 /// An upstream client error, relayed with its status, type and body as it came.
-fn relay_error(upstream: Buffered) -> Response<ProxyBody> {
+fn relay_error(upstream: Buffered) -> Answer {
     let mut headers = HeaderMap::new();
     for name in [
         header::CONTENT_TYPE,
@@ -234,8 +292,5 @@ fn relay_error(upstream: Buffered) -> Response<ProxyBody> {
             headers.insert(name, v.clone());
         }
     }
-    let mut resp = Response::new(body::full(upstream.body));
-    *resp.status_mut() = upstream.status;
-    *resp.headers_mut() = headers;
-    resp
+    (upstream.status, headers, upstream.body)
 }

@@ -57,7 +57,7 @@ pub enum Verdict<T> {
 }
 
 /// Why a protected request gave up.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum FetchError {
     /// No answer after every attempt (connect, reset, timeout, oversized body).
     Transport(UpstreamError),

@@ -1,6 +1,7 @@
 //! Multi-stage lead lists against ground truth from the simulator's data.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use kommo_fanout::sim::{Fault, FaultRule};
 use serde_json::Value;
@@ -76,7 +77,8 @@ const ORDERS: [(&str, TruthOrder); 7] = [
 
 #[tokio::test]
 async fn pages_match_truth_across_stage_sets_orders_and_limits() {
-    let s = stack(sim_config(LEADS)).await;
+    // With the cache on: pages read for one order, limit or page are reused by the others.
+    let s = stack_with(sim_config(LEADS), cached(Duration::from_secs(300))).await;
     let sizes = stage_sizes(&s.sim);
     assert!(
         sizes[0].2 > 250,
@@ -120,7 +122,7 @@ async fn pages_match_truth_across_stage_sets_orders_and_limits() {
 
 #[tokio::test]
 async fn walking_every_page_by_number_and_by_next_link_yields_the_true_set() {
-    let s = stack(sim_config(LEADS)).await;
+    let s = stack_with(sim_config(LEADS), cached(Duration::from_secs(300))).await;
     let sizes = stage_sizes(&s.sim);
     let set = vec![
         (sizes[0].0, sizes[0].1),

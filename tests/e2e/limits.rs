@@ -51,19 +51,11 @@ fn max_in_window(mut at: Vec<Instant>, window: Duration) -> usize {
     best
 }
 
-fn stage_pairs(s: &Stack, n: usize) -> Vec<(i64, i64)> {
-    stage_sizes(&s.sim)
-        .iter()
-        .take(n)
-        .map(|&(p, st, _)| (p, st))
-        .collect()
-}
-
 #[tokio::test]
 async fn concurrent_clients_never_exceed_n_in_any_window() {
     let window = Duration::from_millis(250);
     let s = stack_with(sim_limited(7, window), limited(7, window)).await;
-    let all = stage_pairs(&s, 24);
+    let all = largest_stages(&s, 24);
     let leads = s.sim.leads();
     let clients = (0..20).map(|i| {
         let set: Vec<(i64, i64)> = (0..4).map(|k| all[(i + k * 5) % all.len()]).collect();
@@ -108,7 +100,7 @@ async fn the_full_burst_goes_out_at_once_then_max_wait_answers_503() {
         c.fetch.max_wait = Duration::from_millis(200);
     })
     .await;
-    let set = stage_pairs(&s, 7);
+    let set = largest_stages(&s, 7);
     // With a one-minute window, anything but a full burst would not finish in time.
     let a = tokio::time::timeout(Duration::from_secs(20), s.leads(&stages(&set)))
         .await
@@ -128,7 +120,7 @@ async fn the_full_burst_goes_out_at_once_then_max_wait_answers_503() {
 #[tokio::test]
 async fn a_429_pauses_every_upstream_request_until_retry_after() {
     let s = stack(sim_config(LEADS)).await;
-    let set = stage_pairs(&s, 3);
+    let set = largest_stages(&s, 3);
     s.sim.inject(
         FaultRule::always(Fault::TooManyRequests {
             retry_after: Some(1),
@@ -163,7 +155,7 @@ async fn a_429_pauses_every_upstream_request_until_retry_after() {
 #[tokio::test]
 async fn transient_faults_are_retried_and_persistent_ones_fail_cleanly() {
     let s = stack(sim_config(LEADS)).await;
-    let set = stage_pairs(&s, 3);
+    let set = largest_stages(&s, 3);
     let on = |pair: (i64, i64)| format!("filter[statuses][0][status_id]={}", pair.1);
     s.sim.inject(
         FaultRule::always(Fault::Status500)
@@ -240,7 +232,7 @@ async fn an_html_403_stops_upstream_traffic_for_the_cool_down() {
         c.fetch.block_cooldown = Duration::from_millis(1500)
     })
     .await;
-    let set = stage_pairs(&s, 2);
+    let set = largest_stages(&s, 2);
     s.sim.inject(
         FaultRule::always(Fault::HtmlForbidden)
             .on_path("/api/v4/leads")
@@ -275,7 +267,7 @@ async fn an_html_403_stops_upstream_traffic_for_the_cool_down() {
 #[tokio::test]
 async fn a_small_request_behind_a_wide_one_waits_for_a_few_permits_only() {
     let s = stack_with(sim_config(LEADS), limited(7, Duration::from_millis(300))).await;
-    let mut wide = stage_pairs(&s, 40);
+    let mut wide = largest_stages(&s, 40);
     // Pad with stages that hold no leads (the simulator answers them 204).
     let pipeline = wide[0].0;
     while wide.len() < 40 {
@@ -337,7 +329,7 @@ async fn the_request_deadline_answers_504() {
 async fn a_client_that_disconnects_releases_its_queued_streams() {
     let window = Duration::from_millis(400);
     let s = std::sync::Arc::new(stack_with(sim_config(LEADS), limited(7, window)).await);
-    let mut set = stage_pairs(&s, 20);
+    let mut set = largest_stages(&s, 20);
     while set.len() < 20 {
         set.push((set[0].0, 800_000 + set.len() as i64));
     }

@@ -20,6 +20,10 @@ pub const TOKEN: &str = "demo-token";
 pub struct Stack {
     pub sim: SimHandle,
     pub proxy: String,
+    /// The admin listener's base URL.
+    pub admin: String,
+    /// The proxy's state, for assertions on the cache.
+    pub gateway: std::sync::Arc<kommo_fanout::gateway::Gateway>,
     client: Client<HttpConnector, Full<Bytes>>,
     _stop: oneshot::Sender<()>,
 }
@@ -40,6 +44,11 @@ pub fn sim_config(leads: usize) -> SimConfig {
     }
 }
 
+/// Turns the cache on with `ttl`.
+pub fn cached(ttl: std::time::Duration) -> impl FnOnce(&mut ServeConfig) {
+    move |c| c.cache.ttl = ttl
+}
+
 pub async fn stack(sim: SimConfig) -> Stack {
     stack_with(sim, |_| {}).await
 }
@@ -50,21 +59,27 @@ pub async fn stack_with(sim: SimConfig, tweak: impl FnOnce(&mut ServeConfig)) ->
     // Functional tests are not about the rate limit: an effectively unlimited budget, unless
     // the test sets one.
     config.limiter.requests = 1_000_000;
+    // Nor about the cache, which hides upstream faults a test injects; cache tests turn it on.
+    config.cache.ttl = std::time::Duration::ZERO;
     tweak(&mut config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = format!("http://{}", listener.local_addr().unwrap());
+    let admin_url = format!("http://{}", admin.local_addr().unwrap());
+    let gateway = kommo_fanout::gateway(&config).expect("gateway builds");
     let (tx, rx) = oneshot::channel::<()>();
+    let gw = gateway.clone();
     tokio::spawn(async move {
-        kommo_fanout::run(&config, listener, admin, async move {
+        kommo_fanout::serve(&config, gw, listener, admin, async move {
             let _ = rx.await;
         })
-        .await
-        .expect("proxy runs");
+        .await;
     });
     Stack {
         sim,
         proxy,
+        admin: admin_url,
+        gateway,
         client: Client::builder(TokioExecutor::new()).build_http(),
         _stop: tx,
     }
@@ -110,12 +125,31 @@ impl Stack {
         token: Option<&str>,
         body: &str,
     ) -> Answer {
+        self.request_with(method, url, token, body, &[]).await
+    }
+
+    /// A request with extra headers (a `content-type` among them replaces the JSON default).
+    pub async fn request_with(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
         let mut req = Request::builder().method(method).uri(url);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        if !body.is_empty() {
+        if !body.is_empty()
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             req = req.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
         let resp = self.client.request(req).await.expect("request completes");
@@ -215,4 +249,13 @@ pub fn stage_sizes(sim: &Sim) -> Vec<(i64, i64, usize)> {
     }
     out.sort_by_key(|&(_, _, n)| std::cmp::Reverse(n));
     out
+}
+
+/// The `n` largest stages of the simulated account.
+pub fn largest_stages(s: &Stack, n: usize) -> Vec<(i64, i64)> {
+    stage_sizes(&s.sim)
+        .iter()
+        .take(n)
+        .map(|&(p, st, _)| (p, st))
+        .collect()
 }

@@ -1,0 +1,466 @@
+//! Response caching and request coalescing, isolated by credential.
+//!
+//! Two levels, each a moka cache bounded by bytes with a TTL:
+//! - **upstream pages**, keyed by (credential, canonical upstream request, `Accept-Language`):
+//!   every fan-out stream page and every relayed single-stage answer. Equivalent client requests
+//!   (parameters or pairs reordered, another list spelling, explicit defaults) map to the same
+//!   upstream requests, and walking `page=1..N` of a view reuses the pages already read;
+//! - **answers**, keyed by (credential, the proxy's public base, the client's exact query): the
+//!   ready bytes of a client answer, so a repeated poll costs a hash and a lookup.
+//!
+//! Concurrent identical misses run one fill (`try_get_with`) and the others wait for it. Only
+//! `200` and `204` are stored; requests without credentials never touch the cache. A Kommo
+//! webhook bumps the generation: entries filled before it are never served again, even a fill
+//! that was in flight when it arrived.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use moka::future::Cache as Moka;
+use tokio::time::Instant;
+
+use crate::leads::merge::LeadRef;
+use crate::leads::query::{key_path, split_params};
+
+/// Cache settings.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// How long an entry is fresh (`--cache-ttl`); zero disables caching.
+    pub ttl: Duration,
+    /// The bytes both levels may hold together (`--cache-max-bytes`).
+    pub max_bytes: u64,
+    /// Past the TTL but within this, an answer is served and refreshed once in the background.
+    pub stale_while_revalidate: Duration,
+    /// Cache GETs of other paths too (`--cache-passthrough`).
+    pub passthrough: bool,
+}
+
+/// A stored answer: what the client (or the merge) needs of it, and when it was stored.
+#[derive(Debug)]
+pub struct Entry {
+    pub status: StatusCode,
+    /// The headers the answer is served with.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// For fan-out stream pages: the leads, already parsed, so a hit is not parsed again.
+    pub leads: Option<Vec<LeadRef>>,
+    pub stored_at: Instant,
+    /// The invalidation generation the fill started in.
+    generation: u64,
+    /// Set once a background refresh of this stale entry has started.
+    refreshing: AtomicBool,
+}
+
+impl Entry {
+    /// An entry filled now, by a fill that started in `generation`.
+    pub fn new(
+        generation: u64,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        leads: Option<Vec<LeadRef>>,
+    ) -> Arc<Entry> {
+        Arc::new(Entry {
+            status,
+            headers,
+            body,
+            leads,
+            stored_at: Instant::now(),
+            generation,
+            refreshing: AtomicBool::new(false),
+        })
+    }
+
+    /// Only `200` and `204` answers are stored.
+    pub fn cacheable(&self) -> bool {
+        matches!(self.status, StatusCode::OK | StatusCode::NO_CONTENT)
+    }
+
+    /// Whole seconds since it was stored, for the `Age` header.
+    pub fn age(&self) -> u64 {
+        self.stored_at.elapsed().as_secs()
+    }
+
+    fn weight(&self, key: &CacheKey) -> u32 {
+        // The body dominates; parsed leads share its bytes and add their own small records.
+        let leads = self
+            .leads
+            .as_ref()
+            .map_or(0, |l| l.len() * std::mem::size_of::<LeadRef>());
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        let total = self.body.len() + leads + headers + key.0.len() + 128;
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+}
+
+/// Where a lookup found the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "HIT",
+            Outcome::Miss => "MISS",
+        }
+    }
+}
+
+/// A cache key: the credential fingerprint and the canonical request, joined.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(Arc<str>);
+
+/// Why a fill produced nothing to store.
+#[derive(Debug, Clone)]
+pub enum FillError<E> {
+    /// The fill failed; nothing is stored, the next request tries again.
+    Failed(E),
+    /// The answer is not storable (a `4xx`, a `5xx` relayed as it came): returned, not stored.
+    Uncacheable(Arc<Entry>),
+}
+
+/// Both cache levels.
+pub struct Cache {
+    config: CacheConfig,
+    pages: Moka<CacheKey, Arc<Entry>>,
+    answers: Moka<CacheKey, Arc<Entry>>,
+    /// Bumped by each invalidation.
+    generation: AtomicU64,
+}
+
+impl Cache {
+    /// The caches of `config`, or `None` when its TTL is zero (caching off).
+    pub fn new(config: CacheConfig) -> Option<Cache> {
+        if config.ttl.is_zero() {
+            return None;
+        }
+        // Pages hold the raw material, answers only rendered pages: pages get three quarters.
+        let pages_bytes = config.max_bytes / 4 * 3;
+        let answers_bytes = config.max_bytes - pages_bytes;
+        let build = |bytes: u64, ttl: Duration| {
+            Moka::builder()
+                .max_capacity(bytes)
+                .weigher(|k: &CacheKey, v: &Arc<Entry>| v.weight(k))
+                .time_to_live(ttl)
+                .build()
+        };
+        let pages = build(pages_bytes, config.ttl);
+        let answers = build(answers_bytes, config.ttl + config.stale_while_revalidate);
+        Some(Cache {
+            config,
+            pages,
+            answers,
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// The current invalidation generation: a fill records it when it starts.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Drops every entry (the account changed: a Kommo webhook).
+    pub fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.pages.invalidate_all();
+        self.answers.invalidate_all();
+    }
+
+    /// The bytes held now, both levels (after pending evictions have run).
+    pub async fn weighted_bytes(&self) -> u64 {
+        self.pages.run_pending_tasks().await;
+        self.answers.run_pending_tasks().await;
+        self.pages.weighted_size() + self.answers.weighted_size()
+    }
+
+    /// The key of an upstream request.
+    pub fn page_key(credential: &str, target: &str, language: Option<&str>) -> CacheKey {
+        CacheKey(
+            format!(
+                "p\u{1f}{credential}\u{1f}{}\u{1f}{}",
+                canonical_target(target),
+                language.unwrap_or("")
+            )
+            .into(),
+        )
+    }
+
+    /// The key of a client answer.
+    pub fn answer_key(credential: &str, public_base: &str, path: &str, query: &str) -> CacheKey {
+        CacheKey(format!("a\u{1f}{credential}\u{1f}{public_base}\u{1f}{path}?{query}").into())
+    }
+
+    /// A fresh upstream page, or the result of one coalesced `fill`. With `refresh`, the
+    /// stored entry is ignored and replaced.
+    pub async fn page<E, F>(
+        &self,
+        key: CacheKey,
+        refresh: bool,
+        fill: F,
+    ) -> Result<(Arc<Entry>, Outcome), FillError<E>>
+    where
+        E: Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = Result<Arc<Entry>, FillError<E>>>,
+    {
+        self.lookup(&self.pages, key, refresh, self.config.ttl, fill)
+            .await
+    }
+
+    /// A client answer, fresh or (within stale-while-revalidate) stale, or the result of one
+    /// coalesced `fill`. The caller refreshes a stale answer when [`Cache::claim_refresh`] says so.
+    pub async fn answer<E, F>(
+        &self,
+        key: CacheKey,
+        refresh: bool,
+        fill: F,
+    ) -> Result<(Arc<Entry>, Outcome), FillError<E>>
+    where
+        E: Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = Result<Arc<Entry>, FillError<E>>>,
+    {
+        let usable = self.config.ttl + self.config.stale_while_revalidate;
+        self.lookup(&self.answers, key, refresh, usable, fill).await
+    }
+
+    /// Stores a refreshed answer.
+    pub async fn store_answer(&self, key: CacheKey, entry: Arc<Entry>) {
+        if entry.cacheable() && entry.generation == self.generation() {
+            self.answers.insert(key, entry).await;
+        }
+    }
+
+    /// Whether `entry` is past its TTL and no refresh of it has started yet; claims the refresh.
+    pub fn claim_refresh(&self, entry: &Entry) -> bool {
+        entry.stored_at.elapsed() >= self.config.ttl
+            && !entry.refreshing.swap(true, Ordering::AcqRel)
+    }
+
+    async fn lookup<E, F>(
+        &self,
+        level: &Moka<CacheKey, Arc<Entry>>,
+        key: CacheKey,
+        refresh: bool,
+        usable_for: Duration,
+        fill: F,
+    ) -> Result<(Arc<Entry>, Outcome), FillError<E>>
+    where
+        E: Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = Result<Arc<Entry>, FillError<E>>>,
+    {
+        if refresh {
+            let entry = fill.await?;
+            if entry.cacheable() && entry.generation == self.generation() {
+                level.insert(key, entry.clone()).await;
+            }
+            return Ok((entry, Outcome::Miss));
+        }
+        if let Some(entry) = level.get(&key).await {
+            if entry.generation == self.generation() && entry.stored_at.elapsed() < usable_for {
+                return Ok((entry, Outcome::Hit));
+            }
+            level.invalidate(&key).await;
+        }
+        let generation = self.generation();
+        let leader = AtomicBool::new(false);
+        let result = level
+            .try_get_with(key, async {
+                leader.store(true, Ordering::Relaxed);
+                let entry = fill.await?;
+                if entry.generation != generation || !entry.cacheable() {
+                    return Err(FillError::Uncacheable(entry));
+                }
+                Ok(entry)
+            })
+            .await;
+        match result {
+            Ok(entry) => {
+                let outcome = if leader.load(Ordering::Relaxed) {
+                    Outcome::Miss
+                } else {
+                    // Filled by a request this one waited for.
+                    Outcome::Hit
+                };
+                Ok((entry, outcome))
+            }
+            Err(e) => Err(FillError::clone(&e)),
+        }
+    }
+}
+
+/// Integer-list filters whose values form an unordered set, whatever their spelling.
+const SET_FILTERS: &[&str] = &[
+    "id",
+    "name",
+    "pipeline_id",
+    "created_by",
+    "updated_by",
+    "responsible_user_id",
+];
+
+/// The canonical form of an upstream request target: parameters decoded, list spellings
+/// (`[]`, `[N]`, repeated) folded into one, sorted, and re-encoded. Two targets Kommo answers
+/// alike map to the same string.
+pub fn canonical_target(target: &str) -> String {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut params: Vec<(String, String)> = split_params(query)
+        .into_iter()
+        .map(|p| {
+            let key = match key_path(&p.key) {
+                Some(("filter", segs)) if segs.len() == 2 && SET_FILTERS.contains(&segs[0]) => {
+                    format!("filter[{}][]", segs[0])
+                }
+                Some(("filter", segs)) if segs.len() == 1 && SET_FILTERS.contains(&segs[0]) => {
+                    format!("filter[{}][]", segs[0])
+                }
+                _ => p.key,
+            };
+            (key, p.value)
+        })
+        .collect();
+    params.sort();
+    params.dedup();
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in &params {
+        out.append_pair(k, v);
+    }
+    format!("{path}?{}", out.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_targets_fold_spellings_and_order() {
+        let a =
+            canonical_target("/api/v4/leads?filter[id][]=2&filter[id][]=1&limit=250&with=contacts");
+        for b in [
+            "/api/v4/leads?with=contacts&limit=250&filter[id]=1&filter[id]=2",
+            "/api/v4/leads?filter%5Bid%5D%5B0%5D=1&filter%5Bid%5D%5B1%5D=2&with=contacts&limit=250",
+            "/api/v4/leads?limit=250&filter[id][]=1&filter[id][]=2&filter[id][]=1&with=contacts",
+        ] {
+            assert_eq!(canonical_target(b), a, "{b}");
+        }
+        assert_ne!(
+            canonical_target("/api/v4/leads?filter[id][]=1"),
+            canonical_target("/api/v4/leads?filter[id][]=2")
+        );
+        assert_ne!(
+            canonical_target("/api/v4/leads?page=1"),
+            canonical_target("/api/v4/leads?page=2")
+        );
+    }
+
+    fn cache(ttl_ms: u64, swr_ms: u64, max_bytes: u64) -> Cache {
+        Cache::new(CacheConfig {
+            ttl: Duration::from_millis(ttl_ms),
+            max_bytes,
+            stale_while_revalidate: Duration::from_millis(swr_ms),
+            passthrough: false,
+        })
+        .expect("ttl > 0")
+    }
+
+    fn entry(c: &Cache, status: u16, body: &str) -> Arc<Entry> {
+        Entry::new(
+            c.generation(),
+            StatusCode::from_u16(status).unwrap(),
+            HeaderMap::new(),
+            Bytes::from(body.to_string()),
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_fill_once_and_errors_are_not_stored() {
+        let c = Arc::new(cache(60_000, 0, 1 << 20));
+        let fills = Arc::new(AtomicU64::new(0));
+        let key = Cache::page_key("fp", "/x?a=1", None);
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (c, fills, key) = (c.clone(), fills.clone(), key.clone());
+                tokio::spawn(async move {
+                    c.page::<String, _>(key, false, async {
+                        fills.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(entry(&c, 200, "body"))
+                    })
+                    .await
+                    .map(|(e, _)| e.body.clone())
+                    .map_err(|_| ())
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), Bytes::from("body"));
+        }
+        assert_eq!(fills.load(Ordering::SeqCst), 1);
+
+        let other = Cache::page_key("fp", "/y", None);
+        let failed = c
+            .page::<String, _>(other.clone(), false, async {
+                Err(FillError::Failed("boom".to_string()))
+            })
+            .await;
+        assert!(matches!(failed, Err(FillError::Failed(_))));
+        let uncacheable = c
+            .page::<String, _>(other.clone(), false, async { Ok(entry(&c, 401, "no")) })
+            .await;
+        assert!(matches!(uncacheable, Err(FillError::Uncacheable(e)) if e.status == 401));
+        let (e, outcome) = c
+            .page::<String, _>(other, false, async { Ok(entry(&c, 204, "")) })
+            .await
+            .map_err(|_| ())
+            .unwrap();
+        assert_eq!((e.status.as_u16(), outcome), (204, Outcome::Miss));
+    }
+
+    #[tokio::test]
+    async fn invalidation_discards_fills_started_before_it() {
+        let c = cache(60_000, 0, 1 << 20);
+        let key = Cache::page_key("fp", "/x", None);
+        let stale = entry(&c, 200, "old");
+        c.invalidate_all();
+        // A fill that began in the old generation completes after the webhook: not stored.
+        let r = c
+            .page::<String, _>(key.clone(), false, async { Ok(stale) })
+            .await;
+        assert!(matches!(r, Err(FillError::Uncacheable(_))));
+        let (e, outcome) = c
+            .page::<String, _>(key, false, async { Ok(entry(&c, 200, "new")) })
+            .await
+            .map_err(|_| ())
+            .unwrap();
+        assert_eq!(
+            (e.body.clone(), outcome),
+            (Bytes::from("new"), Outcome::Miss)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_holds() {
+        let c = cache(60_000, 0, 200_000);
+        for i in 0..500 {
+            let key = Cache::page_key("fp", &format!("/x?i={i}"), None);
+            let body = "x".repeat(2_000);
+            let _ = c
+                .page::<String, _>(key, false, async { Ok(entry(&c, 200, &body)) })
+                .await;
+        }
+        assert!(c.weighted_bytes().await <= 200_000);
+    }
+}
