@@ -18,12 +18,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{HeaderMap, StatusCode};
 use moka::future::Cache as Moka;
 use tokio::time::Instant;
 
 use crate::leads::merge::LeadRef;
 use crate::leads::query::{key_path, split_params};
+
+/// A cache shared by several proxy replicas (Redis), behind the in-process levels: a miss in
+/// moka looks here before it goes upstream, and fills are written here too. Failures are not
+/// errors: an unreachable store reads as a miss and drops writes, so requests are still served
+/// from the local level.
+pub trait SharedCache: Send + Sync + 'static {
+    /// The bytes stored under `key`, if any and not expired.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Bytes>>;
+    /// Stores `value` under `key` for `ttl`.
+    fn put<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> BoxFuture<'a, ()>;
+    /// Drops every entry of every replica (a Kommo webhook), e.g. by bumping a shared
+    /// generation that is part of every key.
+    fn invalidate_all(&self) -> BoxFuture<'_, ()>;
+}
 
 /// Cache settings.
 #[derive(Debug, Clone)]
