@@ -14,17 +14,19 @@
 //! that was in flight when it arrived.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{HeaderMap, StatusCode};
 use moka::future::Cache as Moka;
+use moka::notification::RemovalCause;
 use tokio::time::Instant;
 
 use crate::leads::merge::LeadRef;
 use crate::leads::query::{key_path, split_params};
+use crate::metrics::Metrics;
 
 /// A cache shared by several proxy replicas (Redis), behind the in-process levels: a miss in
 /// moka looks here before it goes upstream, and fills are written here too. Failures are not
@@ -151,6 +153,8 @@ pub struct Cache {
     answers: Moka<CacheKey, Arc<Entry>>,
     /// Bumped by each invalidation.
     generation: AtomicU64,
+    /// The gateway's metrics, attached once it is built (shared with the eviction listeners).
+    metrics: Arc<OnceLock<Arc<Metrics>>>,
 }
 
 impl Cache {
@@ -162,11 +166,20 @@ impl Cache {
         // Pages hold the raw material, answers only rendered pages: pages get three quarters.
         let pages_bytes = config.max_bytes / 4 * 3;
         let answers_bytes = config.max_bytes - pages_bytes;
+        let metrics: Arc<OnceLock<Arc<Metrics>>> = Arc::default();
         let build = |bytes: u64, ttl: Duration| {
+            let metrics = metrics.clone();
             Moka::builder()
                 .max_capacity(bytes)
                 .weigher(|k: &CacheKey, v: &Arc<Entry>| v.weight(k))
                 .time_to_live(ttl)
+                .eviction_listener(move |_, _, cause| {
+                    if cause == RemovalCause::Size {
+                        if let Some(m) = metrics.get() {
+                            m.cache_evictions.inc();
+                        }
+                    }
+                })
                 .build()
         };
         let pages = build(pages_bytes, config.ttl);
@@ -176,7 +189,19 @@ impl Cache {
             pages,
             answers,
             generation: AtomicU64::new(0),
+            metrics,
         })
+    }
+
+    /// Counts lookups and evictions into `metrics` from now on.
+    pub fn attach_metrics(&self, metrics: Arc<Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn count(&self, level: &'static str, outcome: &'static str) {
+        if let Some(m) = self.metrics.get() {
+            m.cache(level, outcome);
+        }
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -231,7 +256,7 @@ impl Cache {
         E: Clone + Send + Sync + 'static,
         F: std::future::Future<Output = Result<Arc<Entry>, FillError<E>>>,
     {
-        self.lookup(&self.pages, key, refresh, self.config.ttl, fill)
+        self.lookup("page", &self.pages, key, refresh, self.config.ttl, fill)
             .await
     }
 
@@ -248,7 +273,8 @@ impl Cache {
         F: std::future::Future<Output = Result<Arc<Entry>, FillError<E>>>,
     {
         let usable = self.config.ttl + self.config.stale_while_revalidate;
-        self.lookup(&self.answers, key, refresh, usable, fill).await
+        self.lookup("answer", &self.answers, key, refresh, usable, fill)
+            .await
     }
 
     /// Stores a refreshed answer.
@@ -266,6 +292,7 @@ impl Cache {
 
     async fn lookup<E, F>(
         &self,
+        name: &'static str,
         level: &Moka<CacheKey, Arc<Entry>>,
         key: CacheKey,
         refresh: bool,
@@ -277,6 +304,7 @@ impl Cache {
         F: std::future::Future<Output = Result<Arc<Entry>, FillError<E>>>,
     {
         if refresh {
+            self.count(name, "miss");
             let entry = fill.await?;
             if entry.cacheable() && entry.generation == self.generation() {
                 level.insert(key, entry.clone()).await;
@@ -285,6 +313,7 @@ impl Cache {
         }
         if let Some(entry) = level.get(&key).await {
             if entry.generation == self.generation() && entry.stored_at.elapsed() < usable_for {
+                self.count(name, "hit");
                 return Ok((entry, Outcome::Hit));
             }
             level.invalidate(&key).await;
@@ -301,16 +330,11 @@ impl Cache {
                 Ok(entry)
             })
             .await;
+        let led = leader.load(Ordering::Relaxed);
+        self.count(name, if led { "miss" } else { "coalesced" });
         match result {
-            Ok(entry) => {
-                let outcome = if leader.load(Ordering::Relaxed) {
-                    Outcome::Miss
-                } else {
-                    // Filled by a request this one waited for.
-                    Outcome::Hit
-                };
-                Ok((entry, outcome))
-            }
+            // A waiter's answer was filled by the request it waited for: a hit for it.
+            Ok(entry) => Ok((entry, if led { Outcome::Miss } else { Outcome::Hit })),
             Err(e) => Err(FillError::clone(&e)),
         }
     }

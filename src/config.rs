@@ -1,11 +1,14 @@
 //! The command line: flags (each also read from `KOMMO_FANOUT_<FLAG>`), validated completely
 //! before any socket is bound.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::cache::CacheConfig;
 use crate::gateway::{GatewaySettings, RateLimitKey};
@@ -18,8 +21,25 @@ use crate::upstream::{Origin, UpstreamConfig};
 #[derive(Debug, Parser)]
 #[command(name = "kommo-fanout", version, about, long_about = None)]
 pub struct Cli {
+    /// Log lines as human-readable text or as one JSON object per line. Filter with RUST_LOG
+    /// (e.g. `RUST_LOG=kommo_fanout=debug`).
+    #[arg(
+        long,
+        global = true,
+        env = "KOMMO_FANOUT_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,9 +55,16 @@ pub enum Command {
 /// Flags of `serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// A TOML file with any of these flags as keys (`rate_limit = 7`, `cache_ttl = "30s"`);
+    /// flags and environment variables take precedence over it.
+    #[arg(long, env = "KOMMO_FANOUT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration, print it, and exit without serving.
+    #[arg(long)]
+    pub check: bool,
     /// The Kommo account origin, e.g. https://example.kommo.com.
     #[arg(long, env = "KOMMO_FANOUT_UPSTREAM")]
-    pub upstream: String,
+    pub upstream: Option<String>,
     /// Where clients connect.
     #[arg(long, env = "KOMMO_FANOUT_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -162,7 +189,10 @@ pub struct ServeConfig {
 impl ServeArgs {
     /// Checks every value and the rules across them; the error names the flag.
     pub fn validate(self) -> Result<ServeConfig, String> {
-        let origin = Origin::parse(&self.upstream).map_err(|e| format!("--upstream: {e}"))?;
+        let upstream = self.upstream.as_deref().ok_or(
+            "--upstream is required: give it as a flag, as KOMMO_FANOUT_UPSTREAM, or as `upstream` in the --config file",
+        )?;
+        let origin = Origin::parse(upstream).map_err(|e| format!("--upstream: {e}"))?;
         let public_url = self
             .public_url
             .map(|u| {
@@ -244,7 +274,156 @@ impl ServeArgs {
     }
 }
 
+/// Parses the command line; for `serve`, merges the `--config` file under the flags and
+/// environment variables. `clap::Error::exit` prints help and version (exit 0) or the error
+/// (exit 2).
+pub fn parse_args(args: Vec<OsString>) -> Result<Cli, clap::Error> {
+    let mut command = Cli::command();
+    let matches = command.try_get_matches_from_mut(&args)?;
+    let Some(("serve", serve)) = matches.subcommand() else {
+        return Cli::from_arg_matches(&matches);
+    };
+    let Some(path) = serve.get_one::<PathBuf>("config") else {
+        return Cli::from_arg_matches(&matches);
+    };
+    let extra = file_args(path, serve)
+        .map_err(|e| command.error(clap::error::ErrorKind::ValueValidation, e))?;
+    let mut args = args;
+    args.extend(extra);
+    Cli::try_parse_from(&args)
+}
+
+/// The flags the config file supplies: only those neither the command line nor the
+/// environment set. Every key is checked: unknown keys and invalid values are errors naming the
+/// key.
+fn file_args(path: &Path, given: &ArgMatches) -> Result<Vec<OsString>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--config {}: cannot read it: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("--config {}: not valid TOML: {e}", path.display()))?;
+    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let id = key.replace('-', "_");
+        let bad = |why: String| format!("--config {}: key `{key}`: {why}", path.display());
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_id() == id.as_str() && id != "config")
+            .ok_or_else(|| {
+                bad(
+                    "unknown key (the keys are the flags of `serve`, e.g. rate_limit, cache_ttl)"
+                        .into(),
+                )
+            })?;
+        let flag = format!("--{}", arg.get_long().unwrap_or(&id));
+        let value = match value {
+            toml::Value::String(s) => Some(s),
+            toml::Value::Integer(i) => Some(i.to_string()),
+            toml::Value::Float(f) => Some(f.to_string()),
+            toml::Value::Boolean(b) => {
+                if !matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+                    return Err(bad("expected a value, not true/false".into()));
+                }
+                b.then(String::new)
+            }
+            other => {
+                return Err(bad(format!(
+                    "expected a string, number or boolean, got {}",
+                    other.type_str()
+                )))
+            }
+        };
+        // Each value is checked on its own, so the error names the key.
+        let mut probe: Vec<OsString> = vec!["serve".into(), flag.clone().into()];
+        if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
+            probe.push(v.into());
+        }
+        if let Err(e) = command.clone().try_get_matches_from(&probe) {
+            let first = e.render().to_string();
+            let first = first
+                .lines()
+                .next()
+                .unwrap_or("invalid value")
+                .trim_start_matches("error: ");
+            return Err(bad(first.to_string()));
+        }
+        let source = given.value_source(&id);
+        if matches!(
+            source,
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        if let Some(v) = value {
+            out.push(flag.into());
+            if !v.is_empty() {
+                out.push(v.into());
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl ServeConfig {
+    /// The effective configuration, one `key = value` line each, secrets withheld.
+    pub fn describe(&self) -> String {
+        let d = |d: Duration| format!("\"{}\"", humantime::format_duration(d));
+        let lines = [
+            ("upstream", format!("\"{}\"", self.upstream.origin.url)),
+            ("listen", format!("\"{}\"", self.listen)),
+            ("admin_listen", format!("\"{}\"", self.admin_listen)),
+            (
+                "public_url",
+                format!(
+                    "{:?}",
+                    self.gateway.public_url.as_deref().unwrap_or("(from Host)")
+                ),
+            ),
+            ("max_pairs", self.gateway.max_pairs.to_string()),
+            ("rate_limit", self.limiter.requests.to_string()),
+            ("rate_window", d(self.limiter.window)),
+            ("rate_margin", d(self.limiter.margin)),
+            (
+                "rate_limit_key",
+                format!(
+                    "{:?}",
+                    format!("{:?}", self.gateway.rate_limit_key).to_lowercase()
+                ),
+            ),
+            ("max_wait", d(self.fetch.max_wait)),
+            ("retries", self.fetch.retries.to_string()),
+            ("block_cooldown", d(self.fetch.block_cooldown)),
+            ("upstream_timeout", d(self.upstream.timeout)),
+            ("request_timeout", d(self.gateway.request_timeout)),
+            (
+                "client_rate_limit",
+                self.gateway
+                    .client_rate_limit
+                    .map_or("0 (off)".into(), |n| n.to_string()),
+            ),
+            ("max_upstream_body", self.upstream.max_body.to_string()),
+            ("cache_ttl", d(self.cache.ttl)),
+            ("cache_max_bytes", self.cache.max_bytes.to_string()),
+            (
+                "stale_while_revalidate",
+                d(self.cache.stale_while_revalidate),
+            ),
+            ("cache_passthrough", self.cache.passthrough.to_string()),
+            (
+                "webhook_secret",
+                if self.webhook_secret.is_some() {
+                    "\"(set)\""
+                } else {
+                    "\"(off)\""
+                }
+                .to_string(),
+            ),
+            ("shutdown_grace", d(self.shutdown_grace)),
+        ];
+        lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
+    }
+
     /// A configuration for `upstream` with every other value at its default: for tests and
     /// embedding.
     pub fn for_upstream(upstream: &str) -> Result<ServeConfig, String> {
@@ -293,6 +472,94 @@ mod tests {
         assert_eq!(c.cache.ttl, Duration::from_secs(30));
         assert_eq!(c.cache.max_bytes, 256 * 1024 * 1024);
         assert!(!c.cache.passthrough && c.webhook_secret.is_none());
+    }
+
+    fn file(text: &str) -> tempfile_path::TempFile {
+        tempfile_path::TempFile::new(text)
+    }
+
+    /// A file removed when dropped (no crate needed for one test helper).
+    mod tempfile_path {
+        pub struct TempFile(pub std::path::PathBuf);
+        impl TempFile {
+            pub fn new(text: &str) -> TempFile {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path = std::env::temp_dir()
+                    .join(format!("kommo-fanout-test-{}-{n}.toml", std::process::id()));
+                std::fs::write(&path, text).unwrap();
+                TempFile(path)
+            }
+        }
+        impl Drop for TempFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    fn from_args(args: &[&str]) -> Result<ServeConfig, String> {
+        let mut argv: Vec<OsString> = vec!["kommo-fanout".into(), "serve".into()];
+        argv.extend(args.iter().map(OsString::from));
+        match parse_args(argv).map_err(|e| e.to_string())?.command {
+            Command::Serve(a) => a.validate(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_config_file_fills_what_flags_do_not_set() {
+        let f = file("upstream = \"https://file.kommo.com\"\nrate_limit = 5\ncache-ttl = \"1m\"\ncache_passthrough = true\nmax_pairs = 12\n");
+        let path = f.0.to_str().unwrap();
+        let c = from_args(&["--config", path]).unwrap();
+        assert_eq!(c.upstream.origin.url, "https://file.kommo.com");
+        assert_eq!(c.limiter.requests, 5);
+        assert_eq!(c.cache.ttl, Duration::from_secs(60));
+        assert!(c.cache.passthrough);
+        // A flag wins over the file.
+        let c = from_args(&[
+            "--config",
+            path,
+            "--rate-limit",
+            "3",
+            "--upstream",
+            "http://127.0.0.1:1",
+        ])
+        .unwrap();
+        assert_eq!(c.limiter.requests, 3);
+        assert_eq!(c.upstream.origin.url, "http://127.0.0.1:1");
+        assert_eq!(c.gateway.max_pairs, 12);
+    }
+
+    #[test]
+    fn the_config_file_rejects_unknown_keys_and_bad_values_by_name() {
+        for (text, needle) in [
+            (
+                "upstream = \"http://x\"\nrate_limt = 5\n",
+                "`rate_limt`: unknown key",
+            ),
+            (
+                "upstream = \"http://x\"\ncache_ttl = \"soon\"\n",
+                "`cache_ttl`",
+            ),
+            ("upstream = \"http://x\"\nrate_limit = 0\n", "`rate_limit`"),
+            ("upstream = \"http://x\"\nretries = [1]\n", "`retries`"),
+            (
+                "upstream = \"http://x\"\nrate_limit = true\n",
+                "`rate_limit`",
+            ),
+            (
+                "upstream = \"http://x\"\nconfig = \"other.toml\"\n",
+                "`config`",
+            ),
+            ("this is not toml", "not valid TOML"),
+        ] {
+            let f = file(text);
+            let err = from_args(&["--config", f.0.to_str().unwrap()]).unwrap_err();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        let err = from_args(&["--config", "/nonexistent/kommo.toml"]).unwrap_err();
+        assert!(err.contains("cannot read"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -20,6 +20,7 @@ use crate::error::ProxyError;
 use crate::leads::hal::OriginRewrite;
 use crate::leads::merge::LeadRef;
 use crate::leads::query::QueryLimits;
+use crate::metrics::UpstreamKind;
 use crate::passthrough::end_to_end;
 use crate::upstream::fetch::Verdict;
 use crate::upstream::fetch::{FetchError, Fetcher, Flow};
@@ -67,7 +68,13 @@ pub struct Gateway {
     client_quota: Option<DefaultKeyedRateLimiter<String>>,
     /// Requests seen, to prune idle client quota state now and then.
     seen: AtomicU64,
+    /// The last upstream reachability probe and when it ran: readiness probes come often and
+    /// must not each open a connection to Kommo.
+    probe: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
+
+/// How long a reachability probe result is reused.
+const PROBE_TTL: Duration = Duration::from_secs(5);
 
 /// What one client request carries into the fetches it causes.
 #[derive(Clone)]
@@ -84,6 +91,20 @@ pub struct RequestContext {
     pub credential: Option<String>,
     /// The client sent `Cache-Control: no-cache` (or `Pragma: no-cache`): refetch and refresh.
     pub no_cache: bool,
+    /// Upstream fetches this request caused (cache misses), for its log line.
+    upstream_calls: Arc<AtomicU32>,
+}
+
+impl RequestContext {
+    /// Upstream fetches this request caused so far.
+    pub fn upstream_calls(&self) -> u32 {
+        self.upstream_calls.load(Ordering::Relaxed)
+    }
+
+    /// Counts one upstream fetch.
+    pub fn count_upstream_call(&self) {
+        self.upstream_calls.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Headers of the client's request that reach the upstream with the GETs the proxy makes on
@@ -98,6 +119,9 @@ const UPSTREAM_GET_HEADERS: [HeaderName; 4] = [
 
 impl Gateway {
     pub fn new(fetcher: Fetcher, settings: GatewaySettings, cache: Option<Cache>) -> Self {
+        if let Some(cache) = &cache {
+            cache.attach_metrics(fetcher.metrics.clone());
+        }
         let client_quota = settings
             .client_rate_limit
             .map(|n| RateLimiter::keyed(Quota::per_second(n)));
@@ -109,6 +133,7 @@ impl Gateway {
             next_flow: AtomicU64::new(1),
             client_quota,
             seen: AtomicU64::new(0),
+            probe: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -149,7 +174,70 @@ impl Gateway {
             flow: self.new_flow(key),
             credential,
             no_cache,
+            upstream_calls: Arc::default(),
         }
+    }
+
+    /// Whether the proxy can serve: the upstream answers TCP connections and no block
+    /// cool-down is in force. The report says why not, and what is degraded.
+    pub async fn readiness(&self) -> (bool, serde_json::Value) {
+        let origin = self.fetcher.upstream.origin();
+        let snapshot = self.fetcher.limiter.snapshot(&origin.url);
+        let now = Instant::now();
+        let blocked = snapshot
+            .blocked_until
+            .map(|until| until.saturating_duration_since(now).as_secs_f64().ceil());
+        let reachable = {
+            let mut probe = self.probe.lock().await;
+            match &*probe {
+                Some((at, result)) if at.elapsed() < PROBE_TTL => result.clone(),
+                _ => {
+                    let result = probe_tcp(origin).await;
+                    *probe = Some((Instant::now(), result.clone()));
+                    result
+                }
+            }
+        };
+        let ready = reachable.is_ok() && blocked.is_none();
+        let report = serde_json::json!({
+            "ready": ready,
+            "upstream": match &reachable { Ok(()) => "reachable".to_string(), Err(e) => e.clone() },
+            "block_cooldown_remaining_s": blocked,
+            "paused_for_429": snapshot.paused_until.is_some(),
+            "limiter": {"queued": snapshot.queued, "slots_taken": snapshot.in_window},
+        });
+        (ready, report)
+    }
+
+    /// Refreshes the gauges read at scrape time and renders the metrics.
+    pub async fn scrape(&self) -> String {
+        let metrics = &self.fetcher.metrics;
+        let snapshot = self
+            .fetcher
+            .limiter
+            .snapshot(&self.fetcher.upstream.origin().url);
+        metrics.limiter_queued.set(snapshot.queued as i64);
+        metrics.limiter_in_window.set(snapshot.in_window as i64);
+        if let Some(cache) = &self.cache {
+            metrics.cache_bytes.set(cache.weighted_bytes().await);
+        }
+        metrics.encode()
+    }
+
+    /// A new request id: 128 random bits in hex, from keyed hashes of a counter.
+    pub fn new_request_id(&self) -> String {
+        let n = self.next_flow.fetch_add(1, Ordering::Relaxed);
+        let hash = |state: &RandomState| {
+            let mut h = state.build_hasher();
+            h.write_u64(n);
+            h.write_u64(0x7265_7175_6573_7449);
+            h.finish()
+        };
+        format!(
+            "{:016x}{:016x}",
+            hash(&self.fingerprint_keys.1),
+            hash(&self.fingerprint_keys.0)
+        )
     }
 
     /// A new share of the upstream budget with a fresh deadline.
@@ -176,6 +264,7 @@ impl Gateway {
     pub async fn fetch_entry(
         &self,
         ctx: &RequestContext,
+        kind: UpstreamKind,
         target: &str,
         read: impl Fn(&Buffered) -> Verdict<Option<Vec<LeadRef>>>,
     ) -> Result<(Arc<Entry>, Option<Outcome>), FetchError> {
@@ -183,17 +272,22 @@ impl Gateway {
         // Boxed: the fetch is nested inside the cache's fill future, and unboxed the whole
         // chain would be laid out on the stack of whichever task polls it.
         let fetch = Box::pin(async {
+            ctx.count_upstream_call();
             self.fetcher
-                .get(&ctx.flow, target, &ctx.upstream_headers, |b| {
-                    match read(&b) {
+                .get(
+                    kind,
+                    &ctx.flow,
+                    target,
+                    &ctx.upstream_headers,
+                    |b| match read(&b) {
                         Verdict::Done(leads) => {
                             let mut headers = end_to_end(&b.headers);
                             headers.remove(header::CONTENT_LENGTH);
                             Verdict::Done(Entry::new(generation, b.status, headers, b.body, leads))
                         }
                         Verdict::Unusable(reason) => Verdict::Unusable(reason),
-                    }
-                })
+                    },
+                )
                 .await
         });
         let (Some(cache), Some(credential)) = (&self.cache, &ctx.credential) else {
@@ -268,6 +362,34 @@ impl Gateway {
             Some(host) => format!("http://{host}"),
             None => self.fetcher.upstream.origin().url.clone(),
         }
+    }
+}
+
+/// Opens (and drops) a TCP connection to the upstream origin.
+async fn probe_tcp(origin: &crate::upstream::Origin) -> Result<(), String> {
+    let port =
+        origin
+            .authority
+            .port_u16()
+            .unwrap_or(if origin.scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            });
+    let host = origin
+        .authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("unreachable: {e}")),
+        Err(_) => Err("unreachable: no connection within 2s".into()),
     }
 }
 

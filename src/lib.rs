@@ -13,6 +13,7 @@
 //! - [`upstream`]: the client bound to the configured account origin, the limiter, retries.
 //! - [`cache`]: upstream pages and client answers, coalesced and isolated by credential.
 //! - [`passthrough`]: everything that is not the leads list.
+//! - [`metrics`]: Prometheus metrics for the admin listener.
 //! - [`error`]: the one place that turns failures into `problem+json` answers.
 //! - [`body`]: the body type shared by all answers.
 //! - [`sim`]: the simulated Kommo account (test double, benchmark and demo upstream).
@@ -27,6 +28,7 @@ pub mod demo;
 pub mod error;
 pub mod gateway;
 pub mod leads;
+pub mod metrics;
 pub mod passthrough;
 pub mod server;
 pub mod sim;

@@ -3,8 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use kommo_fanout::config::{Cli, Command};
+use kommo_fanout::config::{self, Command, LogFormat};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -12,12 +11,21 @@ use tracing_subscriber::EnvFilter;
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    let cli = config::parse_args(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match cli.log_format {
+        LogFormat::Pretty => tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
@@ -25,10 +33,15 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => {
+                let check = args.check;
                 let config = match args.validate() {
                     Ok(c) => c,
                     Err(e) => return fail(USAGE, &e),
                 };
+                if check {
+                    print!("{}", config.describe());
+                    return ExitCode::SUCCESS;
+                }
                 let (listener, admin) = match (
                     TcpListener::bind(config.listen).await,
                     TcpListener::bind(config.admin_listen).await,

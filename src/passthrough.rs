@@ -9,6 +9,7 @@ use crate::cache::{Cache, Entry, FillError, Outcome};
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, RequestContext};
 use crate::leads;
+use crate::metrics::UpstreamKind;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1): never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -75,6 +76,7 @@ pub async fn forward(
     headers.remove(header::HOST);
     *upstream_req.headers_mut() = headers;
 
+    ctx.count_upstream_call();
     let resp = gw.fetcher.send(&ctx.flow, upstream_req).await?;
 
     let (mut parts, incoming) = resp.into_parts();
@@ -110,7 +112,7 @@ async fn cached_get(
     let key = Cache::answer_key(credential, &ctx.public_base, target, "");
     let fill = async {
         let generation = cache.generation();
-        let (status, headers, body) = leads::relay(gw, ctx, target)
+        let (status, headers, body) = leads::relay(gw, ctx, UpstreamKind::Passthrough, target)
             .await
             .map_err(FillError::Failed)?;
         Ok(Entry::new(generation, status, headers, body, None))

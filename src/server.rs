@@ -6,34 +6,63 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::body::{self, ProxyBody};
 use crate::error::{problem, ProxyError};
 use crate::gateway::Gateway;
 use crate::leads;
+use crate::metrics::RouteLabels;
 use crate::passthrough;
 use crate::webhook;
 
+/// The header that carries a request's id, from the client or generated, to the upstream and
+/// back to the client.
+pub const REQUEST_ID: &str = "x-request-id";
+
 /// Routes one client request: the leads list to the fan-out, everything else through, within
-/// the request deadline.
+/// the request deadline; in a span with its request id, counted in the metrics.
 pub async fn handle(
     gw: &Arc<Gateway>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let (parts, incoming) = req.into_parts();
+    let started = std::time::Instant::now();
+    let (mut parts, incoming) = req.into_parts();
+    let request_id = parts
+        .headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| valid_request_id(id))
+        .map_or_else(|| gw.new_request_id(), str::to_string);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        parts.headers.insert(REQUEST_ID, v);
+    }
+    let is_leads = parts.method == Method::GET && parts.uri.path() == leads::plan::LEADS_PATH;
+    let route = if is_leads { "leads" } else { "passthrough" };
+    // Only the path: a query can carry anything, and nothing a client sends is logged raw.
+    let span = info_span!(
+        "request",
+        id = %request_id,
+        method = %parts.method,
+        path = %parts.uri.path(),
+        route,
+        fanout = tracing::field::Empty,
+        cache = tracing::field::Empty,
+    );
+    let metrics = &gw.fetcher.metrics;
+    metrics.in_flight.inc();
     let ctx = gw.context(&parts);
     let work = Box::pin(async {
         gw.check_client_quota(&ctx, peer.ip())?;
-        if parts.method == Method::GET && parts.uri.path() == leads::plan::LEADS_PATH {
+        if is_leads {
             let query = parts.uri.query().unwrap_or("");
             leads::answer(gw, &ctx, query).await
         } else {
@@ -41,17 +70,46 @@ pub async fn handle(
         }
     });
     // Dropping `work` at the deadline withdraws its queued upstream permits too.
-    let result = match tokio::time::timeout_at(ctx.flow.deadline, work).await {
+    let result = match tokio::time::timeout_at(ctx.flow.deadline, work)
+        .instrument(span.clone())
+        .await
+    {
         Ok(r) => r,
         Err(_) => Err(ProxyError::Timeout(format!(
             "no complete answer within {} (--request-timeout)",
             humantime::format_duration(gw.settings.request_timeout)
         ))),
     };
-    result.unwrap_or_else(|e| {
-        debug!(error = ?e, "request failed");
+    let mut resp = result.unwrap_or_else(|e| {
+        span.in_scope(|| debug!(error = %e.status(), "request failed"));
         e.into_response()
-    })
+    });
+    metrics.in_flight.dec();
+    let status = resp.status().as_u16();
+    metrics
+        .client_requests
+        .get_or_create(&RouteLabels { route, status })
+        .inc();
+    span.in_scope(|| {
+        info!(
+            status,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            upstream_calls = ctx.upstream_calls(),
+            "answered"
+        )
+    });
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// A client's request id is kept when it is short and plain; otherwise one is generated.
+fn valid_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 /// Serves the proxy on `listener` until `shutdown` completes, then lets requests in flight
@@ -86,6 +144,28 @@ pub async fn run_admin(
                     resp.headers_mut().insert(
                         http::header::CONTENT_TYPE,
                         http::HeaderValue::from_static("text/plain"),
+                    );
+                    resp
+                }
+                (&Method::GET, "/readyz") => {
+                    let (ready, report) = gw.readiness().await;
+                    let mut resp = Response::new(body::full(report.to_string()));
+                    if !ready {
+                        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+                (&Method::GET, "/metrics") => {
+                    let mut resp = Response::new(body::full(gw.scrape().await));
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
                     );
                     resp
                 }

@@ -21,6 +21,7 @@ use crate::body::{self, ProxyBody};
 use crate::cache::{Cache, Entry, FillError, Outcome};
 use crate::error::{ProxyError, StreamFailure};
 use crate::gateway::{Gateway, RequestContext};
+use crate::metrics::UpstreamKind;
 use crate::passthrough::end_to_end;
 use crate::upstream::fetch::{FetchError, Verdict};
 use crate::upstream::Buffered;
@@ -56,6 +57,7 @@ pub async fn answer(
         Err(FillError::Uncacheable(entry)) => (entry, Outcome::Miss),
         Err(FillError::Failed(e)) => return Err(e),
     };
+    tracing::Span::current().record("cache", outcome.as_str());
     if outcome == Outcome::Hit && cache.claim_refresh(&entry) {
         // Stale within --stale-while-revalidate: this answer is served, one refresh runs.
         let (gw, ctx) = (gw.clone(), gw.refresh_context(ctx));
@@ -94,7 +96,7 @@ async fn compute(
 ) -> Result<Arc<Entry>, ProxyError> {
     let generation = gw.cache.as_ref().map_or(0, Cache::generation);
     let (status, headers, body) = match plan::plan(query, raw_query) {
-        Plan::Relay { target } => relay(gw, ctx, &target).await?,
+        Plan::Relay { target } => relay(gw, ctx, UpstreamKind::Single, &target).await?,
         Plan::FanOut(fan_out) => merged_page(gw, ctx, query, &fan_out).await?,
     };
     Ok(Entry::new(generation, status, headers, body, None))
@@ -107,9 +109,13 @@ pub(crate) type Answer = (StatusCode, HeaderMap, Bytes);
 pub(crate) async fn relay(
     gw: &Gateway,
     ctx: &RequestContext,
+    kind: UpstreamKind,
     target: &str,
 ) -> Result<Answer, ProxyError> {
-    let entry = match gw.fetch_entry(ctx, target, |_| Verdict::Done(None)).await {
+    let entry = match gw
+        .fetch_entry(ctx, kind, target, |_| Verdict::Done(None))
+        .await
+    {
         Ok((entry, _)) => entry,
         // Kommo's own 5xx, still failing after the retries: the client sees it as it came.
         Err(FetchError::Status(b)) => Entry::new(0, b.status, end_to_end(&b.headers), b.body, None),
@@ -166,7 +172,10 @@ async fn read_stream_page(
         },
         _ => Verdict::Done(None),
     };
-    let entry = match gw.fetch_entry(ctx, &stream.target(page), read).await {
+    let entry = match gw
+        .fetch_entry(ctx, UpstreamKind::Stream, &stream.target(page), read)
+        .await
+    {
         Ok((entry, _)) => entry,
         Err(FetchError::Status(b)) => {
             return failed(
@@ -213,6 +222,11 @@ async fn merged_page(
     query: &LeadsQuery,
     fan_out: &FanOutPlan,
 ) -> Result<Answer, ProxyError> {
+    gw.fetcher
+        .metrics
+        .fanout_width
+        .observe(fan_out.streams.len() as f64);
+    tracing::Span::current().record("fanout", fan_out.streams.len());
     let mut merger = Merger::new(fan_out.streams.len(), fan_out.order);
     let skip = query.offset();
     let want = query.limit as usize;

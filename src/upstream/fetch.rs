@@ -19,6 +19,7 @@ use tracing::{error, warn};
 use super::limiter::{FlowId, GrantId, LimitError, UpstreamLimiter};
 use super::{Buffered, Upstream, UpstreamError};
 use crate::body::{self, ProxyBody};
+use crate::metrics::{KindLabels, Metrics, UpstreamKind};
 
 /// Retry and protection settings.
 #[derive(Debug, Clone)]
@@ -117,6 +118,8 @@ pub struct Fetcher {
     pub upstream: Upstream,
     pub limiter: Arc<dyn UpstreamLimiter>,
     pub policy: FetchPolicy,
+    /// The gateway's metrics (created here, shared by everything built on this fetcher).
+    pub metrics: Arc<Metrics>,
     /// When each key last saw a `429`: a `403` soon after one is taken as a block. A plain
     /// mutex: held for one map operation, never across an await.
     recent_429: Mutex<HashMap<String, Instant>>,
@@ -139,6 +142,7 @@ impl Fetcher {
             upstream,
             limiter,
             policy,
+            metrics: Arc::new(Metrics::new()),
             recent_429: Mutex::new(HashMap::new()),
             jitter: AtomicU64::new(seed | 1),
         }
@@ -147,13 +151,13 @@ impl Fetcher {
     /// Waits for a permit for one attempt of `flow`; the permit's slot is released when the
     /// returned guard drops, after the attempt completed (or was abandoned).
     async fn permit<'a>(&'a self, flow: &'a Flow) -> Result<Permit<'a>, FetchError> {
-        let wait_limit = Instant::now() + self.policy.max_wait;
-        let deadline = flow.deadline.min(wait_limit);
-        let grant = self
-            .limiter
-            .acquire(&flow.key, flow.id, deadline)
-            .await
-            .map_err(FetchError::Limited)?;
+        let start = Instant::now();
+        let deadline = flow.deadline.min(start + self.policy.max_wait);
+        let grant = self.limiter.acquire(&flow.key, flow.id, deadline).await;
+        self.metrics
+            .limiter_wait_seconds
+            .observe(start.elapsed().as_secs_f64());
+        let grant = grant.map_err(FetchError::Limited)?;
         Ok(Permit {
             limiter: self.limiter.as_ref(),
             key: &flow.key,
@@ -164,6 +168,7 @@ impl Fetcher {
     /// A buffered, idempotent GET: limited, retried, and read by `read`.
     pub async fn get<T>(
         &self,
+        kind: UpstreamKind,
         flow: &Flow,
         target: &str,
         headers: &HeaderMap,
@@ -173,8 +178,11 @@ impl Fetcher {
         let mut waits_429 = 0;
         loop {
             let permit = self.permit(flow).await?;
+            let sent = Instant::now();
             let answer = self.upstream.get(target, headers.clone()).await;
             drop(permit);
+            let status = answer.as_ref().map_or(0, |b| b.status.as_u16());
+            self.metrics.upstream(kind, status, sent.elapsed());
             let failure = match answer {
                 Err(e) => FetchError::Transport(e),
                 Ok(b) if b.status == StatusCode::TOO_MANY_REQUESTS => {
@@ -205,7 +213,13 @@ impl Fetcher {
             if Instant::now() + backoff >= flow.deadline {
                 return Err(failure);
             }
-            warn!(target, attempt = retries, error = %failure, "retrying upstream GET");
+            self.metrics
+                .retries
+                .get_or_create(&KindLabels {
+                    kind: kind.as_str(),
+                })
+                .inc();
+            warn!(path = target.split('?').next().unwrap_or(""), attempt = retries, error = %failure, "retrying upstream GET");
             tokio::time::sleep(backoff).await;
         }
     }
@@ -230,12 +244,16 @@ impl Fetcher {
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = parts.uri.clone();
             *attempt.headers_mut() = parts.headers.clone();
+            let sent = Instant::now();
             let result = match tokio::time::timeout(timeout, self.upstream.send(attempt)).await {
                 Ok(r) => r,
                 Err(_) => Err(UpstreamError::Timeout(timeout)),
             };
             // The answer's head has arrived: the upstream has counted the request.
             drop(permit);
+            let status = result.as_ref().map_or(0, |r| r.status().as_u16());
+            self.metrics
+                .upstream(UpstreamKind::Passthrough, status, sent.elapsed());
             match result {
                 Ok(resp) => {
                     if resp.status() == StatusCode::TOO_MANY_REQUESTS {
@@ -256,6 +274,12 @@ impl Fetcher {
                 }
                 Err(e) if retryable && retries < self.policy.retries => {
                     retries += 1;
+                    self.metrics
+                        .retries
+                        .get_or_create(&KindLabels {
+                            kind: UpstreamKind::Passthrough.as_str(),
+                        })
+                        .inc();
                     let backoff = self.backoff(retries);
                     if Instant::now() + backoff >= flow.deadline {
                         return Err(FetchError::Transport(e));
@@ -276,6 +300,7 @@ impl Fetcher {
     }
 
     fn pause(&self, key: &str, after: Duration) {
+        self.metrics.rate_limited.inc();
         warn!(
             retry_after_ms = after.as_millis() as u64,
             "upstream answered 429: pausing all upstream requests"
@@ -305,6 +330,7 @@ impl Fetcher {
     }
 
     fn block(&self, key: &str) {
+        self.metrics.blocks.inc();
         error!(
             cooldown_s = self.policy.block_cooldown.as_secs(),
             "upstream answered 403 like a block of this address: no upstream requests until the cool-down ends"

@@ -6,4 +6,5 @@ mod cache;
 mod cli;
 mod fanout;
 mod limits;
+mod ops;
 mod passthrough;

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use kommo_fanout::config::ServeConfig;
 use kommo_fanout::sim::{Sim, SimConfig, SimHandle, SimLead, TokenSpec};
@@ -24,7 +24,7 @@ pub struct Stack {
     pub admin: String,
     /// The proxy's state, for assertions on the cache.
     pub gateway: std::sync::Arc<kommo_fanout::gateway::Gateway>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client,
     _stop: oneshot::Sender<()>,
 }
 
@@ -80,7 +80,7 @@ pub async fn stack_with(sim: SimConfig, tweak: impl FnOnce(&mut ServeConfig)) ->
         proxy,
         admin: admin_url,
         gateway,
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::default(),
         _stop: tx,
     }
 }
@@ -137,29 +137,9 @@ impl Stack {
         body: &str,
         headers: &[(&str, &str)],
     ) -> Answer {
-        let mut req = Request::builder().method(method).uri(url);
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        if !body.is_empty()
-            && !headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
-            req = req.header("content-type", "application/json");
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
-        let resp = self.client.request(req).await.expect("request completes");
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.expect("body reads").to_bytes();
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
+        self.client
+            .request_with(method, url, token, body, headers)
+            .await
     }
 
     /// `GET {proxy}/api/v4/leads?{query}` with the demo token.
@@ -175,6 +155,56 @@ impl Stack {
             "",
         )
         .await
+    }
+}
+
+/// A plain HTTP client for loopback.
+pub struct Client(HyperClient<HttpConnector, Full<Bytes>>);
+
+impl Default for Client {
+    fn default() -> Self {
+        Client(HyperClient::builder(TokioExecutor::new()).build_http())
+    }
+}
+
+impl Client {
+    /// `GET url` with a bearer token.
+    pub async fn get(&self, url: &str, token: &str) -> Answer {
+        self.request_with(Method::GET, url, Some(token), "", &[])
+            .await
+    }
+
+    pub async fn request_with(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(url);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if !body.is_empty()
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            req = req.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let resp = self.0.request(req).await.expect("request completes");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body reads").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
     }
 }
 

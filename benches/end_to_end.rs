@@ -1,0 +1,1293 @@
+//! End-to-end benchmark of the whole stack on loopback: what an integration sees.
+//!
+//! `cargo bench --bench end_to_end` (about 3 minutes; `-- --quick` for a ~30 s smoke run) starts
+//! everything itself on `127.0.0.1` with free ports, drives it from its own async client
+//! (hyper-util's pooled client), prints a markdown report and rewrites `BENCHMARKS.md` with it
+//! (a `--quick` run only prints). Under `cargo test --all-targets` (no `--bench` argument) it
+//! exits at once without running any load.
+//!
+//! What is measured:
+//!
+//! 1. **Cold first page, K stages.** The simulated Kommo account (in-process `Sim`, 100 ms
+//!    latency, its own limit of 7 requests in any 1 s, blocking only after 1000 consecutive 429s)
+//!    sits behind the release proxy binary run as a child process (default limiter: 7 per 1 s).
+//!    For K = 1, 2, 4, 7, 14, 30 distinct stages (padded with empty stages if the account has
+//!    fewer), the time to the complete first page (`limit=50`, `order[created_at]=desc`) is taken
+//!    (a) through the proxy, (b) by a sequential client loop straight to the simulator that does
+//!    what integrations do today (one request per stage, honouring `429 retry_after`, merging
+//!    locally), (c) by a concurrent loop straight to the simulator with no limiter (all stages
+//!    at once, the 429-refused ones retried after `retry_after`), against (d) the floor:
+//!    `ceil(K/7) - 1` full windows plus one 100 ms round trip. Each K runs a few times and the
+//!    median is reported; between runs the bench idles past the rate window so every run starts
+//!    with an idle limiter and an empty simulator window (connections stay pooled). From the
+//!    simulator's own request log: the upstream requests the proxy made, the most of them that
+//!    arrived within any 1 s, and the 429s the proxy earned (must be <= 7 and 0). The three
+//!    pages are compared lead by lead.
+//! 2. **Pass-through overhead.** nginx serves a static ~2 KB JSON body; 32 concurrent
+//!    connections hit it directly, through the proxy (limiter raised out of the way) and through
+//!    a second nginx acting as a plain keep-alive reverse proxy. Requests/s, p50 and p99.
+//!    nginx is installed with apt-get when missing and running as root; without it those rows
+//!    read `n/a`.
+//! 3. **Peak RSS** (`VmHWM`) of each proxy child process when idle and after its scenario.
+//! 4. **Cached answers**: a marked place for the response cache's rows, `n/a` until it exists.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::join_all;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use kommo_fanout::sim::{Sim, SimConfig, SimHandle, SimRateLimit, DEMO_TOKEN};
+use serde_json::Value;
+
+/// The simulator's fixed answer delay: one upstream round trip.
+const LATENCY: Duration = Duration::from_millis(100);
+/// Kommo's limit, enforced by both the simulator and the proxy: this many per window.
+const RATE: usize = 7;
+/// The rate window.
+const WINDOW: Duration = Duration::from_secs(1);
+/// Idle time after each cold-page run: the window plus the proxy's slot margin and slack.
+const COOL_DOWN: Duration = Duration::from_millis(1250);
+/// The client's page size in scenario 1.
+const PAGE: usize = 50;
+/// Concurrent connections in scenario 2.
+const CONNECTIONS: usize = 32;
+/// The `Authorization` header every request carries (the simulator's demo token).
+const AUTH: &str = "Bearer demo-token";
+/// The path scenario 2 requests (not the leads list, so the proxy passes it through).
+const PASS_PATH: &str = "/api/v4/account";
+/// The environment that turns the proxy's response cache off, so every run of scenarios 1 and 2
+/// measures the fan-out and the pass-through themselves (an environment variable, unlike a flag,
+/// is harmless to a build without the cache).
+const CACHE_OFF: [(&str, &str); 1] = [("KOMMO_FANOUT_CACHE_TTL", "0s")];
+/// Rendered for a measurement that does not exist yet.
+const NO_CACHE: &str = "n/a (no response cache yet)";
+
+type Http = Client<HttpConnector, Empty<Bytes>>;
+
+/// How long each scenario runs.
+struct Mode {
+    quick: bool,
+    ks: Vec<usize>,
+    runs: usize,
+    warmup: Duration,
+    load: Duration,
+}
+
+impl Mode {
+    fn from_args() -> Mode {
+        if std::env::args().any(|a| a == "--quick") {
+            Mode {
+                quick: true,
+                ks: vec![1, 7, 14],
+                runs: 1,
+                warmup: Duration::from_millis(500),
+                load: Duration::from_secs(3),
+            }
+        } else {
+            Mode {
+                quick: false,
+                ks: vec![1, 2, 4, 7, 14, 30],
+                runs: 3,
+                warmup: Duration::from_secs(1),
+                load: Duration::from_secs(10),
+            }
+        }
+    }
+
+    fn command(&self) -> &'static str {
+        if self.quick {
+            "cargo bench --bench end_to_end -- --quick"
+        } else {
+            "cargo bench --bench end_to_end"
+        }
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("end_to_end: skipped (not run by `cargo bench`; no load generated)");
+        return;
+    }
+    assert_eq!(AUTH, format!("Bearer {DEMO_TOKEN}"));
+    let mode = Mode::from_args();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let report = runtime.block_on(run(&mode));
+    println!("{report}");
+    if mode.quick {
+        println!("(--quick: BENCHMARKS.md left as it is)");
+    } else {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+        fs::write(&path, &report).expect("write BENCHMARKS.md");
+        println!("wrote {}", path.display());
+    }
+}
+
+/// Runs every scenario and renders the report.
+async fn run(mode: &Mode) -> String {
+    let started = Instant::now();
+    let binary = proxy_binary();
+    eprintln!("proxy binary: {}", binary.display());
+    let scratch = Scratch::new();
+    let machine = Machine::probe();
+    eprintln!("scenario 1: cold first page ({} runs per K)", mode.runs);
+    let cold = cold_pages(mode, &binary, &scratch).await;
+    eprintln!("scenario 2: pass-through overhead");
+    let pass = pass_through(mode, &binary, &scratch).await;
+    let cached = cached_answers(mode).await;
+    let report = Report {
+        machine,
+        command: mode.command(),
+        cold,
+        pass,
+        cached,
+        took: started.elapsed(),
+    };
+    report.render()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 1: cold first page
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario 1's results, plus the proxy's memory.
+struct ColdPages {
+    rows: Vec<KRow>,
+    stages: usize,
+    padded: usize,
+    rss: Rss,
+}
+
+/// The measurements of one K.
+struct KRow {
+    k: usize,
+    proxy: Vec<Duration>,
+    sequential: Vec<Duration>,
+    concurrent: Vec<Duration>,
+    proxy_upstream: usize,
+    proxy_max_window: usize,
+    proxy_429: usize,
+    sequential_429: usize,
+    concurrent_429: usize,
+    same_page: bool,
+    runs: usize,
+}
+
+/// One proxy run as the simulator saw it.
+struct ProxyRun {
+    elapsed: Duration,
+    ids: Vec<i64>,
+    upstream: usize,
+    max_window: usize,
+    too_many: usize,
+}
+
+/// One direct (no proxy) run.
+struct DirectRun {
+    elapsed: Duration,
+    ids: Vec<i64>,
+    too_many: usize,
+}
+
+async fn cold_pages(mode: &Mode, binary: &Path, scratch: &Scratch) -> ColdPages {
+    let sim = Sim::spawn(sim_config()).await.expect("simulator starts");
+    let max_k = mode.ks.iter().copied().max().unwrap_or(1);
+    let (stages, padded) = pick_stages(&sim, max_k);
+    let client = http_client(64);
+    let proxy = Proxy::start(binary, &sim.base_url(), &[], scratch, "proxy-fanout").await;
+    let idle = proxy.rss();
+    let mut rows = Vec::new();
+    for &k in &mode.ks {
+        let row = measure_k(&client, &proxy.base, &sim, &stages[..k], mode.runs).await;
+        eprintln!(
+            "  K={k:>2}: proxy {} ms, sequential {} ms, concurrent {} ms",
+            ms(median(&row.proxy)),
+            ms(median(&row.sequential)),
+            ms(median(&row.concurrent))
+        );
+        rows.push(row);
+    }
+    let rss = Rss {
+        idle,
+        after: proxy.rss(),
+    };
+    ColdPages {
+        rows,
+        stages: max_k,
+        padded,
+        rss,
+    }
+}
+
+/// The simulator of scenario 1: fixed latency, Kommo's limit, no block within the run.
+fn sim_config() -> SimConfig {
+    SimConfig {
+        latency: LATENCY,
+        rate_limit: Some(SimRateLimit {
+            requests: RATE as u32,
+            window: WINDOW,
+            block_after: 1000,
+            block_for: Duration::from_secs(1),
+        }),
+        ..SimConfig::default()
+    }
+}
+
+/// `max` distinct stages, those with live leads first (in pipeline order), then empty ones,
+/// then made-up stages (which list nothing); also how many were not stages with leads.
+fn pick_stages(sim: &Sim, max: usize) -> (Vec<(i64, i64)>, usize) {
+    let mut counts: HashMap<(i64, i64), usize> = HashMap::new();
+    for lead in sim.leads().iter().filter(|l| !l.is_deleted) {
+        *counts
+            .entry((lead.pipeline_id, lead.status_id))
+            .or_default() += 1;
+    }
+    let all: Vec<(i64, i64)> = sim
+        .pipelines()
+        .iter()
+        .flat_map(|p| p.statuses.iter().map(move |s| (p.id, s.id)))
+        .collect();
+    let (with_leads, empty): (Vec<_>, Vec<_>) =
+        all.into_iter().partition(|st| counts.contains_key(st));
+    let filled = with_leads.len().min(max);
+    let mut out: Vec<_> = with_leads.into_iter().chain(empty).take(max).collect();
+    let made_up = (0..).map(|i| (1000, 990_000 + i));
+    let missing = max - out.len();
+    out.extend(made_up.take(missing));
+    (out, max - filled)
+}
+
+/// All runs of one K, interleaving the three clients; each run starts cold.
+async fn measure_k(
+    client: &Http,
+    proxy: &str,
+    sim: &SimHandle,
+    stages: &[(i64, i64)],
+    runs: usize,
+) -> KRow {
+    let mut row = KRow::new(stages.len(), runs);
+    for _ in 0..runs {
+        let p = via_proxy(client, proxy, sim, stages).await;
+        cool_down().await;
+        let s = sequential(client, &sim.base_url(), stages).await;
+        cool_down().await;
+        let c = concurrent(client, &sim.base_url(), stages).await;
+        cool_down().await;
+        row.add(p, s, c);
+    }
+    row
+}
+
+impl KRow {
+    fn new(k: usize, runs: usize) -> KRow {
+        KRow {
+            k,
+            proxy: Vec::new(),
+            sequential: Vec::new(),
+            concurrent: Vec::new(),
+            proxy_upstream: 0,
+            proxy_max_window: 0,
+            proxy_429: 0,
+            sequential_429: 0,
+            concurrent_429: 0,
+            same_page: true,
+            runs,
+        }
+    }
+
+    fn add(&mut self, p: ProxyRun, s: DirectRun, c: DirectRun) {
+        self.same_page &= p.ids == s.ids && s.ids == c.ids;
+        self.proxy.push(p.elapsed);
+        self.sequential.push(s.elapsed);
+        self.concurrent.push(c.elapsed);
+        self.proxy_upstream += p.upstream;
+        self.proxy_max_window = self.proxy_max_window.max(p.max_window);
+        self.proxy_429 += p.too_many;
+        self.sequential_429 += s.too_many;
+        self.concurrent_429 += c.too_many;
+    }
+
+    /// `ceil(K/7) - 1` full windows plus one round trip.
+    fn floor(&self) -> Duration {
+        let windows = self.k.div_ceil(RATE) - 1;
+        WINDOW * windows as u32 + LATENCY
+    }
+}
+
+async fn cool_down() {
+    tokio::time::sleep(COOL_DOWN).await;
+}
+
+/// `filter[statuses][i][...]` for each stage, then the page and order.
+fn leads_query(stages: &[(i64, i64)]) -> String {
+    let mut q: String = stages
+        .iter()
+        .enumerate()
+        .map(|(i, (p, s))| {
+            format!("filter[statuses][{i}][pipeline_id]={p}&filter[statuses][{i}][status_id]={s}&")
+        })
+        .collect();
+    write!(q, "limit={PAGE}&order[created_at]=desc").unwrap();
+    q
+}
+
+/// (a): one request to the proxy; the simulator's log tells what it sent upstream.
+async fn via_proxy(client: &Http, proxy: &str, sim: &Sim, stages: &[(i64, i64)]) -> ProxyRun {
+    sim.clear_requests();
+    let url = format!("{proxy}/api/v4/leads?{}", leads_query(stages));
+    let start = Instant::now();
+    let (status, body) = get(client, &url).await.expect("proxy answers");
+    let elapsed = start.elapsed();
+    assert!(
+        status == StatusCode::OK || status == StatusCode::NO_CONTENT,
+        "proxy answered {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let arrivals = sim.requests();
+    ProxyRun {
+        elapsed,
+        ids: page_leads(&body).into_iter().map(|(_, id)| id).collect(),
+        upstream: arrivals.len(),
+        max_window: max_in_window(arrivals.iter().map(|r| r.at).collect()),
+        too_many: arrivals.iter().filter(|r| r.status == 429).count(),
+    }
+}
+
+/// The most arrivals within any window (the simulator's trailing-window reading).
+fn max_in_window(mut at: Vec<tokio::time::Instant>) -> usize {
+    at.sort();
+    let mut best = 0;
+    let mut first = 0;
+    for last in 0..at.len() {
+        while at[last].duration_since(at[first]) >= WINDOW {
+            first += 1;
+        }
+        best = best.max(last - first + 1);
+    }
+    best
+}
+
+/// What one direct request to the simulator gave.
+enum Fetched {
+    Page(Bytes),
+    TooMany(Duration),
+}
+
+/// One stage's first page straight from the simulator.
+async fn fetch_stage(client: &Http, url: &str) -> Fetched {
+    let (status, body) = get(client, url).await.expect("simulator answers");
+    match status {
+        StatusCode::OK => Fetched::Page(body),
+        StatusCode::NO_CONTENT => Fetched::Page(Bytes::new()),
+        StatusCode::TOO_MANY_REQUESTS => Fetched::TooMany(retry_after(&body)),
+        other => panic!(
+            "simulator answered {other} to {url}: {}",
+            String::from_utf8_lossy(&body)
+        ),
+    }
+}
+
+/// `retry_after` seconds from Kommo's 429 body (one window when absent).
+fn retry_after(body: &[u8]) -> Duration {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["retry_after"].as_u64())
+        .map_or(WINDOW, Duration::from_secs)
+}
+
+fn stage_urls(sim: &str, stages: &[(i64, i64)]) -> Vec<String> {
+    stages
+        .iter()
+        .map(|st| format!("{sim}/api/v4/leads?{}", leads_query(&[*st])))
+        .collect()
+}
+
+/// (b): one stage after the other, waiting out each 429, then the local merge.
+async fn sequential(client: &Http, sim: &str, stages: &[(i64, i64)]) -> DirectRun {
+    let start = Instant::now();
+    let (mut pages, mut too_many) = (Vec::new(), 0);
+    for url in stage_urls(sim, stages) {
+        loop {
+            match fetch_stage(client, &url).await {
+                Fetched::Page(body) => break pages.push(body),
+                Fetched::TooMany(wait) => {
+                    too_many += 1;
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+    let ids = merge_first_page(&pages);
+    DirectRun {
+        elapsed: start.elapsed(),
+        ids,
+        too_many,
+    }
+}
+
+/// (c): every stage at once; the refused ones again after `retry_after`, until all answered.
+async fn concurrent(client: &Http, sim: &str, stages: &[(i64, i64)]) -> DirectRun {
+    let start = Instant::now();
+    let (mut pages, mut too_many) = (Vec::new(), 0);
+    let mut pending = stage_urls(sim, stages);
+    while !pending.is_empty() {
+        let answers = join_all(pending.iter().map(|url| fetch_stage(client, url))).await;
+        let mut retry = Vec::new();
+        let mut wait = Duration::ZERO;
+        for (url, answer) in pending.into_iter().zip(answers) {
+            match answer {
+                Fetched::Page(body) => pages.push(body),
+                Fetched::TooMany(after) => {
+                    too_many += 1;
+                    wait = wait.max(after);
+                    retry.push(url);
+                }
+            }
+        }
+        if !retry.is_empty() {
+            tokio::time::sleep(wait).await;
+        }
+        pending = retry;
+    }
+    let ids = merge_first_page(&pages);
+    DirectRun {
+        elapsed: start.elapsed(),
+        ids,
+        too_many,
+    }
+}
+
+/// `(created_at, id)` of each lead of a HAL page (none for an empty body).
+fn page_leads(body: &[u8]) -> Vec<(i64, i64)> {
+    if body.is_empty() {
+        return Vec::new();
+    }
+    let page: Value = serde_json::from_slice(body).expect("a HAL page");
+    page["_embedded"]["leads"]
+        .as_array()
+        .expect("_embedded.leads")
+        .iter()
+        .map(|l| {
+            (
+                l["created_at"].as_i64().unwrap_or(0),
+                l["id"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The client-side merge: newest first, ties by id descending, no duplicates, one page.
+fn merge_first_page(pages: &[Bytes]) -> Vec<i64> {
+    let mut leads: Vec<(i64, i64)> = pages.iter().flat_map(|p| page_leads(p)).collect();
+    leads.sort_unstable_by(|a, b| b.cmp(a));
+    let mut seen = std::collections::HashSet::new();
+    leads
+        .into_iter()
+        .filter(|&(_, id)| seen.insert(id))
+        .take(PAGE)
+        .map(|(_, id)| id)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 2: pass-through overhead
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario 2's results.
+struct PassThrough {
+    direct: Option<LoadStats>,
+    proxy: Option<LoadStats>,
+    nginx_proxy: Option<LoadStats>,
+    rss: Option<Rss>,
+    body_bytes: usize,
+}
+
+/// One load run at a fixed number of connections.
+#[derive(Clone, Copy)]
+struct LoadStats {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    requests: usize,
+    errors: usize,
+}
+
+async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThrough {
+    let body = account_body();
+    let Some(nginx) = ensure_nginx() else {
+        eprintln!("  nginx is not available: scenario 2 skipped");
+        return PassThrough {
+            direct: None,
+            proxy: None,
+            nginx_proxy: None,
+            rss: None,
+            body_bytes: body.len(),
+        };
+    };
+    let www = scratch.path.join("www");
+    fs::create_dir_all(&www).expect("www dir");
+    fs::write(www.join("account.json"), &body).expect("static body");
+    let static_port = free_port();
+    let _static = Nginx::start(&nginx, scratch, "static", &static_server(static_port, &www));
+    let nginx_port = free_port();
+    let _nginx_proxy = Nginx::start(
+        &nginx,
+        scratch,
+        "proxy",
+        &proxy_server(nginx_port, static_port),
+    );
+    let upstream = format!("http://127.0.0.1:{static_port}");
+    let unlimited = [
+        "--rate-limit",
+        "10000",
+        "--rate-window",
+        "1ms",
+        "--rate-margin",
+        "0ms",
+    ];
+    let proxy = Proxy::start(binary, &upstream, &unlimited, scratch, "proxy-pass").await;
+    let idle = proxy.rss();
+    let direct = load_report(mode, "direct", &format!("{upstream}{PASS_PATH}")).await;
+    let through = load_report(mode, "proxy", &format!("{}{PASS_PATH}", proxy.base)).await;
+    let nginx_url = format!("http://127.0.0.1:{nginx_port}{PASS_PATH}");
+    let via_nginx = load_report(mode, "nginx proxy", &nginx_url).await;
+    PassThrough {
+        direct: Some(direct),
+        proxy: Some(through),
+        nginx_proxy: Some(via_nginx),
+        rss: Some(Rss {
+            idle,
+            after: proxy.rss(),
+        }),
+        body_bytes: body.len(),
+    }
+}
+
+/// A Kommo-like `GET /api/v4/account` answer of a little over 2 KB.
+fn account_body() -> String {
+    let mut users = Vec::new();
+    let mut body = String::new();
+    for i in 0.. {
+        users.push(serde_json::json!({
+            "id": 1001 + i,
+            "name": format!("User {i}"),
+            "email": format!("user{i}@example.com"),
+            "rights": {"leads": {"view": "A", "edit": "A"}, "is_admin": i == 0},
+        }));
+        let account = serde_json::json!({
+            "id": 31_000_001,
+            "name": "Example account",
+            "subdomain": "example",
+            "currency": "USD",
+            "_embedded": {"users": users},
+        });
+        body = account.to_string();
+        if body.len() >= 2048 {
+            break;
+        }
+    }
+    body
+}
+
+/// Runs the load and logs it.
+async fn load_report(mode: &Mode, name: &str, url: &str) -> LoadStats {
+    let stats = load(url, CONNECTIONS, mode.warmup, mode.load).await;
+    eprintln!(
+        "  {name:<12} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+        stats.rps,
+        ms_f(stats.p50),
+        ms_f(stats.p99),
+        stats.errors
+    );
+    stats
+}
+
+/// `connections` clients, each in a request loop, for `warmup` then `duration`; only requests
+/// started after the warm-up and finished within the duration count.
+async fn load(url: &str, connections: usize, warmup: Duration, duration: Duration) -> LoadStats {
+    let client = http_client(connections);
+    let from = Instant::now() + warmup;
+    let until = from + duration;
+    let workers: Vec<_> = (0..connections)
+        .map(|_| tokio::spawn(load_worker(client.clone(), url.to_string(), from, until)))
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (l, e) = worker.await.expect("load worker");
+        latencies.extend(l);
+        errors += e;
+    }
+    latencies.sort_unstable();
+    LoadStats {
+        rps: latencies.len() as f64 / duration.as_secs_f64(),
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        requests: latencies.len(),
+        errors,
+    }
+}
+
+/// One connection's request loop: latencies of the successful requests and the failures.
+async fn load_worker(
+    client: Http,
+    url: String,
+    from: Instant,
+    until: Instant,
+) -> (Vec<Duration>, usize) {
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    loop {
+        let start = Instant::now();
+        if start >= until {
+            break;
+        }
+        let ok = matches!(get(&client, &url).await, Ok((StatusCode::OK, _)));
+        let end = Instant::now();
+        if start < from || end > until {
+            continue;
+        }
+        if ok {
+            latencies.push(end - start);
+        } else {
+            errors += 1;
+        }
+    }
+    (latencies, errors)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[index]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 4: cached answers (arrives with the response cache)
+// ---------------------------------------------------------------------------------------------
+
+/// One row of the cached-answers table: what is measured, and the result once it can be.
+struct CachedRow {
+    target: &'static str,
+    stats: Option<LoadStats>,
+}
+
+/// THE PLACE FOR THE RESPONSE CACHE'S ROWS. When the proxy gains a response cache, measure here
+/// cached answers/s and p50/p99 at 32 connections ([`load`] with [`CONNECTIONS`]) for the proxy
+/// answering from its cache, and for nginx with `proxy_cache` in front of the same upstream.
+/// Until then nothing is measured and the rows read [`NO_CACHE`]: no numbers are made up.
+async fn cached_answers(_mode: &Mode) -> Vec<CachedRow> {
+    vec![
+        CachedRow {
+            target: "kommo-fanout, answered from its response cache",
+            stats: None,
+        },
+        CachedRow {
+            target: "nginx `proxy_cache` in front of the same upstream",
+            stats: None,
+        },
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes: the proxy binary, nginx, and the guards that stop them
+// ---------------------------------------------------------------------------------------------
+
+/// A child process, stopped (SIGTERM, then SIGKILL after 5 s) when dropped, also on panic.
+struct Guard {
+    name: &'static str,
+    child: Child,
+}
+
+impl Guard {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Panics with the log if the process already exited.
+    fn assert_running(&mut self, log: &Path) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            let tail = fs::read_to_string(log).unwrap_or_default();
+            panic!("{} exited early ({status}):\n{tail}", self.name);
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A scratch directory for configs, logs and the static body; removed when dropped.
+struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let path = std::env::temp_dir().join(format!("kommo-fanout-e2e-{}", std::process::id()));
+        fs::create_dir_all(path.join("tmp")).expect("scratch dir");
+        Scratch { path }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The release proxy running as a child process.
+struct Proxy {
+    guard: Guard,
+    base: String,
+}
+
+impl Proxy {
+    /// `kommo-fanout serve` on free loopback ports; returns once `/healthz` answers 200.
+    async fn start(
+        binary: &Path,
+        upstream: &str,
+        extra: &[&str],
+        scratch: &Scratch,
+        name: &'static str,
+    ) -> Proxy {
+        let (listen, admin) = (free_port(), free_port());
+        let log = scratch.path.join(format!("{name}.log"));
+        let child = Command::new(binary)
+            .env_clear()
+            .envs(std::env::vars().filter(|(k, _)| !k.starts_with("KOMMO_FANOUT_")))
+            .envs(CACHE_OFF)
+            .arg("serve")
+            .args(["--upstream", upstream])
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(["--shutdown-grace", "1s"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log_file(&log))
+            .stderr(log_file(&log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let mut guard = Guard { name, child };
+        let health = format!("http://127.0.0.1:{admin}/healthz");
+        let client = http_client(1);
+        for _ in 0..200 {
+            if let Ok((StatusCode::OK, _)) = get(&client, &health).await {
+                let base = format!("http://127.0.0.1:{listen}");
+                return Proxy { guard, base };
+            }
+            guard.assert_running(&log);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{name} did not become healthy within 10 s");
+    }
+
+    fn rss(&self) -> u64 {
+        peak_rss_kib(self.guard.pid())
+    }
+}
+
+fn log_file(path: &Path) -> fs::File {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("log file")
+}
+
+/// Peak and idle memory of one proxy process, KiB.
+#[derive(Clone, Copy)]
+struct Rss {
+    idle: u64,
+    after: u64,
+}
+
+/// `VmHWM` (peak resident set) of a process, KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The release `kommo-fanout` binary: the one cargo built with this bench, else
+/// `target/release/kommo-fanout` (built first if missing).
+fn proxy_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_kommo-fanout") {
+        if Path::new(path).exists() {
+            return PathBuf::from(path);
+        }
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("kommo-fanout")));
+    let fallback = manifest.join("target/release/kommo-fanout");
+    if let Some(path) = beside
+        .into_iter()
+        .chain([fallback.clone()])
+        .find(|p| p.exists())
+    {
+        return path;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--bin", "kommo-fanout"])
+        .current_dir(manifest)
+        .status()
+        .expect("run cargo build");
+    assert!(
+        status.success() && fallback.exists(),
+        "cannot build kommo-fanout"
+    );
+    fallback
+}
+
+/// A running nginx (master with one worker), stopped on drop.
+struct Nginx {
+    _guard: Guard,
+}
+
+impl Nginx {
+    /// Writes `name.conf` with `server` as its only server block and starts nginx on it.
+    fn start(nginx: &Path, scratch: &Scratch, name: &'static str, server: &str) -> Nginx {
+        let dir = &scratch.path;
+        let conf = dir.join(format!("nginx-{name}.conf"));
+        let log = dir.join(format!("nginx-{name}.log"));
+        fs::write(&conf, nginx_conf(dir, name, server)).expect("nginx config");
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(&log)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log_file(&log))
+            .stderr(log_file(&log))
+            .spawn()
+            .expect("start nginx");
+        let mut guard = Guard { name, child };
+        let port = server_port(server);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Nginx { _guard: guard };
+            }
+            guard.assert_running(&log);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("nginx {name} did not listen within 10 s");
+    }
+}
+
+/// The port in a server block's `listen 127.0.0.1:PORT;`.
+fn server_port(server: &str) -> u16 {
+    let after = server.split("listen 127.0.0.1:").nth(1).expect("listen");
+    after[..after.find(';').expect(";")].parse().expect("port")
+}
+
+fn nginx_conf(dir: &Path, name: &str, server: &str) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\nmaster_process on;\nworker_processes 1;\n\
+         pid {d}/nginx-{name}.pid;\nerror_log {d}/nginx-{name}.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 10000000;\n\
+         client_body_temp_path {d}/tmp/{name}-body;\n  proxy_temp_path {d}/tmp/{name}-proxy;\n\
+         fastcgi_temp_path {d}/tmp/{name}-fastcgi;\n  uwsgi_temp_path {d}/tmp/{name}-uwsgi;\n\
+         scgi_temp_path {d}/tmp/{name}-scgi;\n{server}\n}}\n"
+    )
+}
+
+/// nginx serving the static JSON body at every path.
+fn static_server(port: u16, www: &Path) -> String {
+    format!(
+        "  server {{\n    listen 127.0.0.1:{port};\n    root {};\n    default_type application/json;\n\
+         location / {{ try_files /account.json =404; }}\n  }}",
+        www.display()
+    )
+}
+
+/// nginx as a plain keep-alive reverse proxy in front of the static server.
+fn proxy_server(port: u16, upstream: u16) -> String {
+    format!(
+        "  upstream static {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://static;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}"
+    )
+}
+
+/// The nginx binary; installed with apt-get when missing and running as root.
+fn ensure_nginx() -> Option<PathBuf> {
+    if let Some(path) = find_nginx() {
+        return Some(path);
+    }
+    if command_output("id", &["-u"]).as_deref() != Some("0") {
+        return None;
+    }
+    eprintln!("  installing nginx (apt-get)");
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if apt(&["update"]) {
+        apt(&["install", "-y", "nginx"]);
+    }
+    find_nginx()
+}
+
+fn find_nginx() -> Option<PathBuf> {
+    command_output("sh", &["-c", "command -v nginx"])
+        .map(PathBuf::from)
+        .or_else(|| Some(PathBuf::from("/usr/sbin/nginx")))
+        .filter(|p| p.exists())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: HTTP, ports, machine
+// ---------------------------------------------------------------------------------------------
+
+fn http_client(pool: usize) -> Http {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(pool)
+        .build_http()
+}
+
+/// `GET url` with the demo token, body read to the end.
+async fn get(client: &Http, url: &str) -> Result<(StatusCode, Bytes), String> {
+    let req = Request::get(url)
+        .header(http::header::AUTHORIZATION, AUTH)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, body.to_bytes()))
+}
+
+/// A loopback port free right now (bound and released).
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A command's trimmed stdout (or stderr when stdout is empty), if it ran successfully.
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = if out.stdout.is_empty() {
+        out.stderr
+    } else {
+        out.stdout
+    };
+    Some(String::from_utf8_lossy(&text).trim().to_string())
+}
+
+/// What the numbers were measured on.
+struct Machine {
+    date: String,
+    nproc: String,
+    cpu: String,
+    rustc: String,
+    kernel: String,
+    nginx: String,
+}
+
+impl Machine {
+    fn probe() -> Machine {
+        let unknown = || "unknown".to_string();
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string());
+        Machine {
+            date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(unknown),
+            nproc: command_output("nproc", &[]).unwrap_or_else(unknown),
+            cpu: cpu.unwrap_or_else(unknown),
+            rustc: command_output("rustc", &["--version"]).unwrap_or_else(unknown),
+            kernel: command_output("uname", &["-sr"]).unwrap_or_else(unknown),
+            nginx: find_nginx()
+                .and_then(|p| command_output(p.to_str()?, &["-v"]))
+                .unwrap_or_else(|| "not installed".into()),
+        }
+    }
+}
+
+fn median(values: &[Duration]) -> Duration {
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+fn ms_f(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report
+// ---------------------------------------------------------------------------------------------
+
+struct Report {
+    machine: Machine,
+    command: &'static str,
+    cold: ColdPages,
+    pass: PassThrough,
+    cached: Vec<CachedRow>,
+    took: Duration,
+}
+
+impl Report {
+    fn render(&self) -> String {
+        let mut out = String::new();
+        self.header(&mut out);
+        self.cold_table(&mut out);
+        self.pass_table(&mut out);
+        self.rss_table(&mut out);
+        self.cached_table(&mut out);
+        out
+    }
+
+    fn header(&self, out: &mut String) {
+        let m = &self.machine;
+        let _ = write!(
+            out,
+            "# End-to-end benchmark\n\n\
+             Generated by `{}` (`benches/end_to_end.rs`); the whole file is rewritten by every full \
+             run, do not edit it by hand.\n\n\
+             - date: {}\n- machine: {} CPUs (`nproc`), {}, {}\n- toolchain: {}, release profile\n\
+             - nginx: {}\n- took: {:.0} s\n\n\
+             Everything ran on 127.0.0.1, and the load client shares the CPUs with the servers.\n\n",
+            self.command,
+            m.date,
+            m.nproc,
+            m.cpu,
+            m.kernel,
+            m.rustc,
+            m.nginx,
+            self.took.as_secs_f64()
+        );
+    }
+
+    fn cold_table(&self, out: &mut String) {
+        let c = &self.cold;
+        let runs = c.rows.first().map_or(0, |r| r.runs);
+        let _ = write!(
+            out,
+            "## 1. Cold first page of K stages\n\n\
+             Simulated account: 20 000 leads, fixed 100 ms latency, its own limit of {RATE} requests \
+             in any 1 s (429 past it). The proxy: the release binary, default limiter ({RATE} per 1 s). \
+             Page: `limit={PAGE}&order[created_at]=desc`. Median of {runs} run(s) per K, each \
+             started cold (idle limiter, empty simulator window, the proxy's response cache off \
+             with `KOMMO_FANOUT_CACHE_TTL=0s`; connections stay pooled). {} of the {} stages \
+             have no leads (padding when the account has fewer stages with leads).\n\n\
+             | K | proxy ms (x floor) | sequential ms (x floor) | concurrent, no limiter ms (x floor) | floor ms | proxy upstream req/run | proxy max arrivals in 1 s | proxy 429s | sequential 429s/run | concurrent 429s/run | same page |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|\n",
+            c.padded,
+            c.stages
+        );
+        for r in &c.rows {
+            let floor = r.floor();
+            let cell = |v: &[Duration]| {
+                let m = median(v);
+                format!("{} ({:.2}x)", ms(m), m.as_secs_f64() / floor.as_secs_f64())
+            };
+            let per_run = |n: usize| format!("{:.1}", n as f64 / r.runs as f64);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.k,
+                cell(&r.proxy),
+                cell(&r.sequential),
+                cell(&r.concurrent),
+                ms(floor),
+                per_run(r.proxy_upstream),
+                r.proxy_max_window,
+                r.proxy_429,
+                per_run(r.sequential_429),
+                per_run(r.concurrent_429),
+                if r.same_page { "yes" } else { "NO" }
+            );
+        }
+        out.push_str(
+            "\n- **proxy**: one `GET /api/v4/leads` with K `filter[statuses]` pairs to the proxy, \
+             until its whole answer is read.\n\
+             - **sequential**: what integrations do today: one request per stage straight to the \
+             simulator, one after the other, sleeping `retry_after` on a 429 and retrying, then \
+             merging the pages locally.\n\
+             - **concurrent, no limiter**: all K requests to the simulator at once; those refused \
+             with 429 are sent again together after `retry_after`, until every stage answered.\n\
+             - **floor**: `ceil(K/7) - 1` full 1 s windows plus one 100 ms round trip: the least \
+             any client can take under the limit.\n\
+             - **x floor**: the median divided by the floor.\n\
+             - **proxy upstream req/run**, **max arrivals in 1 s**, **proxy 429s**: from the \
+             simulator's request log during the proxy runs (the max over all runs, the 429s \
+             summed over all runs). The limit holds when the max is <= 7 and there is no 429.\n\
+             - **429s/run**: refusals the direct clients earned (Kommo blocks an address after \
+             repeated ones; here the simulator's block is set to 1000 so the run goes on).\n\
+             - **same page**: the three clients got the same 50 lead ids in the same order in \
+             every run.\n\n",
+        );
+    }
+
+    fn pass_table(&self, out: &mut String) {
+        let p = &self.pass;
+        let _ = write!(
+            out,
+            "## 2. Pass-through overhead\n\n\
+             `GET {PASS_PATH}` answered by nginx with a static {} byte JSON file; {CONNECTIONS} \
+             concurrent keep-alive connections from the bench's own client (hyper-util), \
+             measured for the run's load time after a warm-up.\n\n\
+             | target | requests/s | p50 ms | p99 ms | requests | errors |\n\
+             |---|---:|---:|---:|---:|---:|\n",
+            p.body_bytes
+        );
+        let rows = [
+            ("direct to the static nginx", p.direct),
+            ("through kommo-fanout (child process)", p.proxy),
+            ("through nginx as a reverse proxy", p.nginx_proxy),
+        ];
+        for (name, stats) in rows {
+            let cells = load_cells(stats, "n/a (nginx not available)");
+            let _ = writeln!(out, "| {name} | {cells} |");
+        }
+        out.push('\n');
+        self.pass_ratios(out);
+        out.push_str(
+            "\n- **direct**: the floor: the static nginx (1 worker) alone.\n\
+             - **kommo-fanout**: the release proxy (tokio, all CPUs) with `--upstream` at the \
+             static nginx and its limiter raised out of the way (`--rate-limit 10000 \
+             --rate-window 1ms --rate-margin 0ms`, response cache off); the answer streams through \
+             unchanged.\n\
+             - **nginx reverse proxy**: a second nginx (1 worker) with `proxy_pass` to the static \
+             one over an upstream keep-alive pool: the baseline for a plain reverse proxy.\n\n",
+        );
+    }
+
+    fn pass_ratios(&self, out: &mut String) {
+        let p = &self.pass;
+        let (Some(d), Some(x), Some(n)) = (p.direct, p.proxy, p.nginx_proxy) else {
+            out.push_str("Ratios: n/a (nginx not available)\n");
+            return;
+        };
+        let added = |a: Duration, b: Duration| ms_f(a) - ms_f(b);
+        let _ = writeln!(
+            out,
+            "- throughput proxy / direct: {:.2}\n- throughput proxy / nginx reverse proxy: {:.2}\n\
+             - latency the proxy adds to direct: p50 {:+.2} ms, p99 {:+.2} ms\n\
+             - latency nginx as a reverse proxy adds to direct: p50 {:+.2} ms, p99 {:+.2} ms",
+            x.rps / d.rps,
+            x.rps / n.rps,
+            added(x.p50, d.p50),
+            added(x.p99, d.p99),
+            added(n.p50, d.p50),
+            added(n.p99, d.p99),
+        );
+    }
+
+    fn rss_table(&self, out: &mut String) {
+        let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
+        let _ = write!(
+            out,
+            "## 3. Peak RSS of the proxy\n\n\
+             `VmHWM` from `/proc/PID/status` of the proxy child process: once healthy (idle) and \
+             after its scenario.\n\n\
+             | proxy process | idle peak MiB | peak MiB after the scenario |\n|---|---:|---:|\n\
+             | scenario 1 (fan-out in front of the simulator) | {} | {} |\n",
+            mib(self.cold.rss.idle),
+            mib(self.cold.rss.after)
+        );
+        let pass = self.pass.rss.map_or(
+            "| scenario 2 (pass-through, 32 connections) | n/a | n/a |\n".to_string(),
+            |r| {
+                format!(
+                    "| scenario 2 (pass-through, 32 connections) | {} | {} |\n",
+                    mib(r.idle),
+                    mib(r.after)
+                )
+            },
+        );
+        out.push_str(&pass);
+        out.push('\n');
+    }
+
+    fn cached_table(&self, out: &mut String) {
+        out.push_str(
+            "## 4. Cached answers (arrives with the response cache)\n\n\
+             Cached answers/s and p50/p99 at 32 connections, the proxy vs nginx `proxy_cache`. \
+             Not measured until the proxy has a response cache (`cached_answers` in \
+             `benches/end_to_end.rs`).\n\n\
+             | target | requests/s | p50 ms | p99 ms | requests | errors |\n\
+             |---|---:|---:|---:|---:|---:|\n",
+        );
+        for row in &self.cached {
+            let _ = writeln!(
+                out,
+                "| {} | {} |",
+                row.target,
+                load_cells(row.stats, NO_CACHE)
+            );
+        }
+    }
+}
+
+/// The five cells of a load row; `missing` fills a row not measured.
+fn load_cells(stats: Option<LoadStats>, missing: &str) -> String {
+    match stats {
+        Some(s) => format!(
+            "{:.0} | {:.2} | {:.2} | {} | {}",
+            s.rps,
+            ms_f(s.p50),
+            ms_f(s.p99),
+            s.requests,
+            s.errors
+        ),
+        None => format!("{missing} | | | |"),
+    }
+}

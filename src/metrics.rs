@@ -1,0 +1,261 @@
+//! Prometheus metrics, served by the admin listener at `GET /metrics`.
+//!
+//! Labels are fixed, low-cardinality words (route, kind, status, outcome): no token, no
+//! fingerprint, no path or query ever becomes a label.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// The kind of an upstream request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamKind {
+    /// One page of one stage of a fan-out.
+    Stream,
+    /// A zero- or one-stage leads request, relayed.
+    Single,
+    /// Any other path.
+    Passthrough,
+}
+
+impl UpstreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamKind::Stream => "stream",
+            UpstreamKind::Single => "single",
+            UpstreamKind::Passthrough => "passthrough",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub kind: &'static str,
+    /// The HTTP status, or 0 when no answer came (connect error, timeout).
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `page` or `answer`.
+    pub level: &'static str,
+    /// `hit`, `miss`, or `coalesced` (waited for another request's fill).
+    pub outcome: &'static str,
+}
+
+/// Every metric the proxy keeps.
+pub struct Metrics {
+    registry: Registry,
+    pub client_requests: Family<RouteLabels, Counter>,
+    pub in_flight: Gauge,
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub upstream_seconds: Family<KindLabels, Histogram>,
+    pub fanout_width: Histogram,
+    pub limiter_wait_seconds: Histogram,
+    pub limiter_queued: Gauge,
+    pub limiter_in_window: Gauge,
+    pub rate_limited: Counter,
+    pub blocks: Counter,
+    pub retries: Family<KindLabels, Counter>,
+    pub cache_lookups: Family<CacheLabels, Counter>,
+    pub cache_evictions: Counter,
+    pub cache_bytes: Gauge<u64, AtomicU64>,
+    pub redis_degraded: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kommo_fanout");
+        let client_requests = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "client_requests",
+            "Client requests answered, by route (leads, passthrough) and status",
+            client_requests.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Client requests being served",
+            in_flight.clone(),
+        );
+        let upstream_requests = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Upstream requests sent, by kind (stream, single, passthrough) and status (0: no answer)",
+            upstream_requests.clone(),
+        );
+        let upstream_seconds =
+            Family::<KindLabels, Histogram>::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "upstream_latency",
+            "Time to a complete upstream answer, by kind",
+            Unit::Seconds,
+            upstream_seconds.clone(),
+        );
+        let fanout_width =
+            Histogram::new([1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0]);
+        registry.register(
+            "fanout_width",
+            "Distinct stages per fanned-out leads request",
+            fanout_width.clone(),
+        );
+        let limiter_wait_seconds = latency_histogram();
+        registry.register_with_unit(
+            "limiter_wait",
+            "Time an upstream request waited for a rate-limit slot",
+            Unit::Seconds,
+            limiter_wait_seconds.clone(),
+        );
+        let limiter_queued = Gauge::default();
+        registry.register(
+            "limiter_queued",
+            "Upstream requests waiting for a slot",
+            limiter_queued.clone(),
+        );
+        let limiter_in_window = Gauge::default();
+        registry.register(
+            "limiter_slots_taken",
+            "Rate-limit slots taken (in flight, or freed less than a window ago)",
+            limiter_in_window.clone(),
+        );
+        let rate_limited = Counter::default();
+        registry.register(
+            "upstream_429",
+            "429 answers from the upstream",
+            rate_limited.clone(),
+        );
+        let blocks = Counter::default();
+        registry.register(
+            "upstream_blocks",
+            "403 answers taken as a block of this address",
+            blocks.clone(),
+        );
+        let retries = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Upstream attempts retried, by kind",
+            retries.clone(),
+        );
+        let cache_lookups = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_lookups",
+            "Cache lookups by level (page, answer) and outcome (hit, miss, coalesced)",
+            cache_lookups.clone(),
+        );
+        let cache_evictions = Counter::default();
+        registry.register(
+            "cache_evictions",
+            "Entries evicted for size",
+            cache_evictions.clone(),
+        );
+        let cache_bytes = Gauge::<u64, AtomicU64>::default();
+        registry.register_with_unit(
+            "cache",
+            "Bytes held by the cache",
+            Unit::Bytes,
+            cache_bytes.clone(),
+        );
+        let redis_degraded = Gauge::default();
+        registry.register(
+            "redis_degraded",
+            "1 while Redis is configured but unreachable (local fallback in use)",
+            redis_degraded.clone(),
+        );
+        Metrics {
+            registry,
+            client_requests,
+            in_flight,
+            upstream_requests,
+            upstream_seconds,
+            fanout_width,
+            limiter_wait_seconds,
+            limiter_queued,
+            limiter_in_window,
+            rate_limited,
+            blocks,
+            retries,
+            cache_lookups,
+            cache_evictions,
+            cache_bytes,
+            redis_degraded,
+        }
+    }
+
+    /// Records one upstream attempt.
+    pub fn upstream(&self, kind: UpstreamKind, status: u16, took: Duration) {
+        self.upstream_requests
+            .get_or_create(&UpstreamLabels {
+                kind: kind.as_str(),
+                status,
+            })
+            .inc();
+        self.upstream_seconds
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records a cache lookup.
+    pub fn cache(&self, level: &'static str, outcome: &'static str) {
+        self.cache_lookups
+            .get_or_create(&CacheLabels { level, outcome })
+            .inc();
+    }
+
+    /// The text exposition (Prometheus / OpenMetrics text format).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_families_and_moves() {
+        let m = Metrics::new();
+        m.upstream(UpstreamKind::Stream, 200, Duration::from_millis(5));
+        m.cache("page", "hit");
+        let text = m.encode();
+        assert!(
+            text.contains("kommo_fanout_upstream_requests_total{kind=\"stream\",status=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("kommo_fanout_cache_lookups_total{level=\"page\",outcome=\"hit\"} 1"));
+        assert!(text.contains("# TYPE kommo_fanout_upstream_latency_seconds histogram"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
