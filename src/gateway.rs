@@ -13,7 +13,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 use tokio::time::Instant;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::cache::{Cache, Entry, FillError, Outcome};
 use crate::error::ProxyError;
@@ -68,6 +68,8 @@ pub struct Gateway {
     client_quota: Option<DefaultKeyedRateLimiter<String>>,
     /// Requests seen, to prune idle client quota state now and then.
     seen: AtomicU64,
+    /// The upstream origin, shared into every request context.
+    origin: Arc<str>,
     /// The last upstream reachability probe and when it ran: readiness probes come often and
     /// must not each open a connection to Kommo.
     probe: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
@@ -83,8 +85,10 @@ pub struct RequestContext {
     pub upstream_headers: HeaderMap,
     /// The proxy's base URL as this client reaches it.
     pub public_base: String,
-    /// Moves upstream hrefs to `public_base`.
-    pub rewrite: OriginRewrite,
+    /// Moves upstream hrefs to `public_base`; built on first use (pass-through never needs it).
+    rewrite: OnceLock<OriginRewrite>,
+    /// The upstream origin, for the rewrite.
+    origin: Arc<str>,
     /// This request's share of the upstream budget, and its deadline.
     pub flow: Flow,
     /// A keyed hash of the `Authorization` header, if there is one.
@@ -96,6 +100,12 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
+    /// The rewrite of upstream hrefs to this client's base URL.
+    pub fn rewrite(&self) -> &OriginRewrite {
+        self.rewrite
+            .get_or_init(|| OriginRewrite::new(&self.origin, &self.public_base))
+    }
+
     /// Upstream fetches this request caused so far.
     pub fn upstream_calls(&self) -> u32 {
         self.upstream_calls.load(Ordering::Relaxed)
@@ -119,6 +129,7 @@ const UPSTREAM_GET_HEADERS: [HeaderName; 4] = [
 
 impl Gateway {
     pub fn new(fetcher: Fetcher, settings: GatewaySettings, cache: Option<Cache>) -> Self {
+        let origin = Arc::from(fetcher.upstream.origin().url.as_str());
         if let Some(cache) = &cache {
             cache.attach_metrics(fetcher.metrics.clone());
         }
@@ -133,6 +144,7 @@ impl Gateway {
             next_flow: AtomicU64::new(1),
             client_quota,
             seen: AtomicU64::new(0),
+            origin,
             probe: tokio::sync::Mutex::new(None),
         }
     }
@@ -153,7 +165,6 @@ impl Gateway {
         }
         let public_base = self.public_base(&parts.headers);
         let origin = &self.fetcher.upstream.origin().url;
-        let rewrite = OriginRewrite::new(origin, &public_base);
         let credential = self.fingerprint(&parts.headers);
         let key = match (self.settings.rate_limit_key, &credential) {
             (RateLimitKey::Token, Some(c)) => format!("{origin} {c}"),
@@ -170,7 +181,8 @@ impl Gateway {
         RequestContext {
             upstream_headers,
             public_base,
-            rewrite,
+            rewrite: OnceLock::new(),
+            origin: self.origin.clone(),
             flow: self.new_flow(key),
             credential,
             no_cache,

@@ -25,6 +25,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// `headers` without hop-by-hop headers, including those the `Connection` header names.
 pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    strip_hop_by_hop(&mut out);
+    out
+}
+
+/// Removes hop-by-hop headers in place, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -32,11 +39,9 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    let mut out = headers.clone();
     for name in HOP_BY_HOP.iter().chain(named.iter()) {
-        out.remove(name);
+        headers.remove(name);
     }
-    out
 }
 
 /// Relays `req` to the upstream and its answer back, both bodies streamed.
@@ -72,7 +77,8 @@ pub async fn forward(
         .upstream
         .uri(&target)
         .map_err(|e| ProxyError::BadUpstreamAnswer(e.to_string()))?;
-    let mut headers = end_to_end(&parts.headers);
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     *upstream_req.headers_mut() = headers;
 
@@ -80,7 +86,7 @@ pub async fn forward(
     let resp = gw.fetcher.send(&ctx.flow, upstream_req).await?;
 
     let (mut parts, incoming) = resp.into_parts();
-    parts.headers = end_to_end(&parts.headers);
+    strip_hop_by_hop(&mut parts.headers);
     // A redirect to the account is a redirect to the proxy.
     if let Some(location) = parts
         .headers

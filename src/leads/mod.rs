@@ -127,7 +127,7 @@ pub(crate) async fn relay(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("json"));
     let body = if is_json {
-        ctx.rewrite.apply(&entry.body).into()
+        ctx.rewrite().apply(&entry.body).into()
     } else {
         entry.body.clone()
     };
@@ -288,7 +288,7 @@ async fn merged_page(
         base: &base,
         params: &query.link_params,
     };
-    let bytes = render_page(query.page, links, has_next, &leads, &ctx.rewrite);
+    let bytes = render_page(query.page, links, has_next, &leads, ctx.rewrite());
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(HAL_JSON));
     Ok((StatusCode::OK, headers, bytes.into()))

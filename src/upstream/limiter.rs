@@ -32,7 +32,7 @@
 //! new head so it arms its timer. The uncontended path (a permit free, nobody waiting) is one lock
 //! and one push.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -179,8 +179,11 @@ struct Inner {
 
 #[derive(Default)]
 struct KeyState {
-    /// The taken slots, at most `N`: in flight, or released less than `W + M` ago (then pruned).
-    grants: VecDeque<Slot>,
+    /// Taken slots whose request is in flight.
+    in_flight: HashSet<GrantId>,
+    /// Release instants of the slots freeing within `W + M`, oldest first (releases happen in
+    /// clock order, so expired ones are always at the front: pruning is O(1) per slot).
+    released: VecDeque<Instant>,
     /// Source of grant ids for this key.
     next_grant: GrantId,
     /// Flows with queued waiters, in round-robin order: the front flow is served next.
@@ -197,21 +200,6 @@ struct KeyState {
     paused_until: Option<Instant>,
     /// End of the latest block (`403`); may lie in the past.
     blocked_until: Option<Instant>,
-}
-
-/// A taken slot.
-#[derive(Debug, Clone, Copy)]
-struct Slot {
-    id: GrantId,
-    /// When its request completed; `None` while in flight.
-    released: Option<Instant>,
-}
-
-impl Slot {
-    /// When the slot frees, if known.
-    fn free_at(&self, span: Duration) -> Option<Instant> {
-        self.released.and_then(|r| r.checked_add(span))
-    }
 }
 
 struct Waiter {
@@ -410,8 +398,8 @@ impl UpstreamLimiter for LocalLimiter {
             let Some(st) = guard.keys.get_mut(key) else {
                 return;
             };
-            if let Some(slot) = st.grants.iter_mut().find(|s| s.id == grant) {
-                slot.released.get_or_insert(now);
+            if st.in_flight.remove(&grant) {
+                st.released.push_back(now);
             }
             // The slot's free instant is known now: the head re-arms its timer for it.
             let head = st.head();
@@ -479,7 +467,11 @@ impl UpstreamLimiter for LocalLimiter {
         };
         LimiterSnapshot {
             queued: st.queued,
-            in_window: st.grants.iter().filter(|g| !expired(g, now, span)).count(),
+            in_window: st.in_flight.len()
+                + st.released
+                    .iter()
+                    .filter(|r| !expired(**r, now, span))
+                    .count(),
             paused_until: st.paused_at(now),
             blocked_until: st.blocked_at(now),
         }
@@ -496,10 +488,9 @@ fn key_state<'m>(keys: &'m mut HashMap<String, KeyState>, key: &str) -> &'m mut 
         .expect("the key state was inserted just above")
 }
 
-/// Whether `slot` has freed by `now`.
-fn expired(slot: &Slot, now: Instant, span: Duration) -> bool {
-    slot.released
-        .is_some_and(|r| now.saturating_duration_since(r) >= span)
+/// Whether a slot released at `released` has freed by `now`.
+fn expired(released: Instant, now: Instant, span: Duration) -> bool {
+    now.saturating_duration_since(released) >= span
 }
 
 // === impl KeyState ===
@@ -520,15 +511,25 @@ impl KeyState {
     }
 
     fn prune(&mut self, now: Instant, span: Duration) {
-        // Slots free in completion order, not grant order: at most N of them to look at.
-        self.grants.retain(|g| !expired(g, now, span));
+        while self
+            .released
+            .front()
+            .is_some_and(|r| expired(*r, now, span))
+        {
+            self.released.pop_front();
+        }
+    }
+
+    /// Slots taken: in flight, or released within `W + M` (after a prune).
+    fn taken(&self) -> usize {
+        self.in_flight.len() + self.released.len()
     }
 
     /// Takes a slot for a new grant.
     fn take_slot(&mut self) -> GrantId {
         let id = self.next_grant;
         self.next_grant += 1;
-        self.grants.push_back(Slot { id, released: None });
+        self.in_flight.insert(id);
         id
     }
 
@@ -538,7 +539,7 @@ impl KeyState {
             return None;
         }
         self.prune(now, lim.span);
-        if self.grants.len() >= lim.requests {
+        if self.taken() >= lim.requests {
             return None;
         }
         Some(self.take_slot())
@@ -546,13 +547,7 @@ impl KeyState {
 
     /// Gives back the slot of a grant whose request was never sent.
     fn return_grant(&mut self, grant: GrantId) -> bool {
-        match self.grants.iter().position(|g| g.id == grant) {
-            Some(i) => {
-                self.grants.remove(i);
-                true
-            }
-            None => false,
-        }
+        self.in_flight.remove(&grant)
     }
 
     fn enqueue(&mut self, id: WaiterId, flow: FlowId, deadline: Instant, waker: Waker) {
@@ -664,7 +659,7 @@ impl KeyState {
                 return;
             }
             self.prune(now, lim.span);
-            if self.grants.len() >= lim.requests {
+            if self.taken() >= lim.requests {
                 return;
             }
             let Some(id) = self.pop_next() else {
@@ -736,20 +731,22 @@ impl KeyState {
     /// first `N` grants every later one follows a slot's previous use by at least `W + M`.
     fn eta(&self, position: usize, now: Instant, lim: Limits) -> Option<Instant> {
         let start = self.paused_at(now).unwrap_or(now);
-        let mut frees: Vec<Instant> = self
-            .grants
-            .iter()
-            .filter(|g| !expired(g, start, lim.span))
-            .map(|g| g.free_at(lim.span).unwrap_or(start + lim.span))
-            .collect();
-        frees.sort_unstable();
-        let free = lim.requests.saturating_sub(frees.len());
+        // Freeing order: released slots by release instant (already sorted), then the slots in
+        // flight, assumed to complete at `start`.
+        let first_live = self
+            .released
+            .partition_point(|r| expired(*r, start, lim.span));
+        let live_released = self.released.len() - first_live;
+        let taken = live_released + self.in_flight.len();
+        let free = lim.requests.saturating_sub(taken);
         let rounds = u32::try_from(position / lim.requests).unwrap_or(u32::MAX);
         let slot = position % lim.requests;
         let base = if slot < free {
             start
+        } else if slot - free < live_released {
+            self.released[first_live + slot - free].checked_add(lim.span)?
         } else {
-            *frees.get(slot - free)?
+            start.checked_add(lim.span)?
         };
         base.checked_add(lim.span.checked_mul(rounds)?)
     }
