@@ -137,6 +137,56 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey(Arc<str>);
 
+impl CacheKey {
+    /// The key as a string, e.g. for a shared store.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Encodes a stored answer for a [`SharedCache`]: a tag, the status, the headers, the body.
+pub fn encode(status: StatusCode, headers: &HeaderMap, body: &Bytes) -> Bytes {
+    let mut out = Vec::with_capacity(body.len() + 256);
+    out.extend_from_slice(b"KF1");
+    out.extend_from_slice(&status.as_u16().to_be_bytes());
+    let count = u16::try_from(headers.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&count.to_be_bytes());
+    for (name, value) in headers.iter().take(usize::from(count)) {
+        let (n, v) = (name.as_str().as_bytes(), value.as_bytes());
+        out.extend_from_slice(&u16::try_from(n.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&n[..n.len().min(usize::from(u16::MAX))]);
+        out.extend_from_slice(&u32::try_from(v.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(v);
+    }
+    out.extend_from_slice(body);
+    out.into()
+}
+
+/// Decodes what [`encode`] wrote; `None` for anything else (an entry of another version, or
+/// corrupted), which the caller treats as a miss.
+pub fn decode(bytes: &Bytes) -> Option<(StatusCode, HeaderMap, Bytes)> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let slice = bytes.get(at..at.checked_add(n)?)?;
+        at += n;
+        Some(slice)
+    };
+    if take(3)? != b"KF1" {
+        return None;
+    }
+    let status = StatusCode::from_u16(u16::from_be_bytes(take(2)?.try_into().ok()?)).ok()?;
+    let count = u16::from_be_bytes(take(2)?.try_into().ok()?);
+    let mut headers = HeaderMap::new();
+    for _ in 0..count {
+        let n = usize::from(u16::from_be_bytes(take(2)?.try_into().ok()?));
+        let name = http::HeaderName::from_bytes(take(n)?).ok()?;
+        let v = u32::from_be_bytes(take(4)?.try_into().ok()?) as usize;
+        let value = http::HeaderValue::from_bytes(take(v)?).ok()?;
+        headers.append(name, value);
+    }
+    Some((status, headers, bytes.slice(at..)))
+}
+
 /// Why a fill produced nothing to store.
 #[derive(Debug, Clone)]
 pub enum FillError<E> {
@@ -213,7 +263,8 @@ impl Cache {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Drops every entry (the account changed: a Kommo webhook).
+    /// Drops every entry of this process (the account changed: a Kommo webhook here, or one
+    /// another replica received).
     pub fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.pages.invalidate_all();
@@ -382,6 +433,32 @@ pub fn canonical_target(target: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_entries_round_trip_and_garbage_is_a_miss() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/hal+json".parse().unwrap());
+        headers.append("x-a", "1".parse().unwrap());
+        headers.append("x-a", "2".parse().unwrap());
+        let body = Bytes::from_static(b"{\"_embedded\":{}}");
+        let bytes = encode(StatusCode::OK, &headers, &body);
+        let (status, h, b) = decode(&bytes).unwrap();
+        assert_eq!((status, h, b), (StatusCode::OK, headers, body));
+        for garbage in [
+            &b""[..],
+            b"KF1",
+            b"KF2\x00\xc8\x00\x00",
+            b"KF1\x00\xc8\x00\x05\x00",
+        ] {
+            assert!(decode(&Bytes::copy_from_slice(garbage)).is_none());
+        }
+        assert_eq!(
+            decode(&Bytes::from_static(b"KF1\x00\xcc\x00\x00"))
+                .unwrap()
+                .0,
+            StatusCode::NO_CONTENT
+        );
+    }
 
     #[test]
     fn canonical_targets_fold_spellings_and_order() {

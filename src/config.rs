@@ -11,7 +11,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::cache::CacheConfig;
-use crate::gateway::{GatewaySettings, RateLimitKey};
+use crate::gateway::{Bounds, GatewaySettings, RateLimitKey};
 use crate::sim::SimArgs;
 use crate::upstream::fetch::FetchPolicy;
 use crate::upstream::limiter::LimiterConfig;
@@ -45,7 +45,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy in front of a Kommo account.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the simulated Kommo account.
     Sim(SimArgs),
     /// Run the simulator and the proxy in front of it, and print requests to try.
@@ -138,6 +138,47 @@ pub struct ServeArgs {
     /// X-Webhook-Secret header); the endpoint is off without it.
     #[arg(long, env = "KOMMO_FANOUT_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// Share the upstream budget and the cache with other replicas through this Redis
+    /// (`redis://host:6379` or `rediss://...`).
+    #[arg(long, env = "KOMMO_FANOUT_REDIS", hide_env_values = true)]
+    pub redis: Option<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    #[arg(
+        long,
+        env = "KOMMO_FANOUT_REDIS_PREFIX",
+        default_value = "kommo-fanout:"
+    )]
+    pub redis_prefix: String,
+    /// How many replicas share the budget: while Redis is unreachable each falls back to
+    /// --rate-limit divided by this, so together they stay under the limit.
+    #[arg(long, env = "KOMMO_FANOUT_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub replicas: u32,
+    /// Honour X-Forwarded-Host and X-Forwarded-Proto for links (only behind a proxy you trust).
+    #[arg(long, env = "KOMMO_FANOUT_TRUST_FORWARDED")]
+    pub trust_forwarded: bool,
+    /// Longest request target (path and query) in bytes; longer gets 414.
+    #[arg(long, env = "KOMMO_FANOUT_MAX_URI_LEN", default_value_t = 16 * 1024)]
+    pub max_uri_len: usize,
+    /// Most bytes of request headers; more gets 431.
+    #[arg(long, env = "KOMMO_FANOUT_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
+    pub max_header_bytes: usize,
+    /// Largest pass-through request body in bytes; larger gets 413.
+    #[arg(long, env = "KOMMO_FANOUT_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_body_bytes: u64,
+    /// Most query parameters in one request; more gets 400.
+    #[arg(long, env = "KOMMO_FANOUT_MAX_QUERY_PARAMS", default_value_t = 1000)]
+    pub max_query_params: usize,
+    /// Most client requests served at once; more get 503 with Retry-After (load shedding).
+    #[arg(
+        long,
+        env = "KOMMO_FANOUT_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_requests: usize,
+    /// How long a client may take to send its request headers before the connection is closed.
+    #[arg(long, env = "KOMMO_FANOUT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
     /// How long requests in flight may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "KOMMO_FANOUT_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -171,6 +212,15 @@ pub struct DemoArgs {
     pub latency: Duration,
 }
 
+/// Where replicas meet.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+    /// Replicas deployed: the local fallback budget is the limit divided by this.
+    pub replicas: u32,
+}
+
 /// The validated configuration of the proxy.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -182,6 +232,8 @@ pub struct ServeConfig {
     pub cache: CacheConfig,
     /// The secret of the webhook endpoint; `None` turns it off.
     pub webhook_secret: Option<String>,
+    /// Replicas share the limiter and the cache through this Redis.
+    pub redis: Option<RedisSettings>,
     pub fetch: FetchPolicy,
     pub shutdown_grace: Duration,
 }
@@ -232,6 +284,34 @@ impl ServeArgs {
                 );
             }
         }
+        for (value, flag, least) in [
+            (self.max_uri_len, "--max-uri-len", 1024),
+            (self.max_header_bytes, "--max-header-bytes", 4096),
+            (self.max_query_params, "--max-query-params", 16),
+            (self.max_concurrent_requests, "--max-concurrent-requests", 1),
+        ] {
+            if value < least {
+                return Err(format!("{flag} must be at least {least}"));
+            }
+        }
+        if let Some(url) = &self.redis {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+unix://")
+                || url.starts_with("unix://"))
+            {
+                return Err("--redis must be a redis:// or rediss:// URL".into());
+            }
+            if self.replicas > self.rate_limit {
+                return Err(format!(
+                    "--replicas {} is more than --rate-limit {}: the fallback of one request per window each would exceed the limit",
+                    self.replicas, self.rate_limit
+                ));
+            }
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err("--header-read-timeout must be more than zero".into());
+        }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(format!(
                 "--listen and --admin-listen are both {}: the admin endpoints need their own address",
@@ -252,6 +332,15 @@ impl ServeArgs {
                 rate_limit_key: self.rate_limit_key,
                 request_timeout: self.request_timeout,
                 client_rate_limit: self.client_rate_limit,
+                trust_forwarded: self.trust_forwarded,
+                bounds: Bounds {
+                    max_uri_len: self.max_uri_len,
+                    max_header_bytes: self.max_header_bytes,
+                    max_body_bytes: self.max_body_bytes,
+                    max_query_params: self.max_query_params,
+                    max_concurrent: self.max_concurrent_requests,
+                    header_read_timeout: self.header_read_timeout,
+                },
             },
             limiter,
             cache: CacheConfig {
@@ -261,6 +350,11 @@ impl ServeArgs {
                 passthrough: self.cache_passthrough,
             },
             webhook_secret: self.webhook_secret,
+            redis: self.redis.map(|url| RedisSettings {
+                url,
+                prefix: self.redis_prefix,
+                replicas: self.replicas,
+            }),
             fetch: FetchPolicy {
                 retries: self.retries,
                 backoff_base: Duration::from_millis(100),
@@ -418,6 +512,41 @@ impl ServeConfig {
                     "\"(off)\""
                 }
                 .to_string(),
+            ),
+            ("trust_forwarded", self.gateway.trust_forwarded.to_string()),
+            ("max_uri_len", self.gateway.bounds.max_uri_len.to_string()),
+            (
+                "max_header_bytes",
+                self.gateway.bounds.max_header_bytes.to_string(),
+            ),
+            (
+                "max_body_bytes",
+                self.gateway.bounds.max_body_bytes.to_string(),
+            ),
+            (
+                "max_query_params",
+                self.gateway.bounds.max_query_params.to_string(),
+            ),
+            (
+                "max_concurrent_requests",
+                self.gateway.bounds.max_concurrent.to_string(),
+            ),
+            (
+                "header_read_timeout",
+                d(self.gateway.bounds.header_read_timeout),
+            ),
+            (
+                "redis",
+                if self.redis.is_some() {
+                    "\"(set)\""
+                } else {
+                    "\"(off)\""
+                }
+                .to_string(),
+            ),
+            (
+                "replicas",
+                self.redis.as_ref().map_or(1, |r| r.replicas).to_string(),
             ),
             ("shutdown_grace", d(self.shutdown_grace)),
         ];

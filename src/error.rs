@@ -38,6 +38,8 @@ pub enum ProxyError {
     Upstream(UpstreamError),
     /// The upstream answered something the proxy cannot use: `502`.
     BadUpstreamAnswer(String),
+    /// The request breaks a bound (`413`, `414`, `431`, or `400` for too many parameters).
+    Rejected(StatusCode, String),
     /// The request is not something this proxy serves (e.g. `CONNECT`): `405`.
     MethodNotAllowed(String),
     /// The proxy cannot serve now; the client may retry after the hint.
@@ -64,6 +66,7 @@ impl ProxyError {
             | ProxyError::Upstream(_)
             | ProxyError::BadUpstreamAnswer(_) => StatusCode::BAD_GATEWAY,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Rejected(status, _) => *status,
             ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -119,6 +122,7 @@ impl ProxyError {
             }
             ProxyError::Upstream(e) => (e.to_string(), None),
             ProxyError::BadUpstreamAnswer(d)
+            | ProxyError::Rejected(_, d)
             | ProxyError::MethodNotAllowed(d)
             | ProxyError::Timeout(d)
             | ProxyError::Internal(d) => (d, None),

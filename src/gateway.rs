@@ -15,13 +15,14 @@ use tokio::time::Instant;
 
 use std::sync::{Arc, OnceLock};
 
-use crate::cache::{Cache, Entry, FillError, Outcome};
+use crate::cache::{decode, encode, Cache, Entry, FillError, Outcome, SharedCache};
 use crate::error::ProxyError;
 use crate::leads::hal::OriginRewrite;
 use crate::leads::merge::LeadRef;
 use crate::leads::query::QueryLimits;
 use crate::metrics::UpstreamKind;
 use crate::passthrough::end_to_end;
+use crate::redis::{RedisCache, RedisLimiter};
 use crate::upstream::fetch::Verdict;
 use crate::upstream::fetch::{FetchError, Fetcher, Flow};
 use crate::upstream::Buffered;
@@ -49,6 +50,40 @@ pub struct GatewaySettings {
     pub request_timeout: Duration,
     /// Requests per second one client (credential, else address) may make (`--client-rate-limit`).
     pub client_rate_limit: Option<NonZeroU32>,
+    /// Honour `X-Forwarded-Host` / `X-Forwarded-Proto` for links (`--trust-forwarded`).
+    pub trust_forwarded: bool,
+    /// Limits on what a client may send.
+    pub bounds: Bounds,
+}
+
+/// Limits on client requests, each answered with its own status and a problem+json body.
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    /// Longest request target (path and query), else `414`.
+    pub max_uri_len: usize,
+    /// Most bytes of request headers, else `431`.
+    pub max_header_bytes: usize,
+    /// Largest pass-through request body, else `413`.
+    pub max_body_bytes: u64,
+    /// Most query parameters, else `400`.
+    pub max_query_params: usize,
+    /// Most client requests served at once, else `503` (load shedding).
+    pub max_concurrent: usize,
+    /// How long a client may take to send its request headers (slow clients are dropped).
+    pub header_read_timeout: Duration,
+}
+
+/// The Redis backends replicas share, kept concrete for readiness and metrics.
+pub struct Shared {
+    pub limiter: Arc<RedisLimiter>,
+    pub cache: Arc<RedisCache>,
+}
+
+impl Shared {
+    /// Whether either backend is running on its local fallback.
+    pub fn degraded(&self) -> bool {
+        self.limiter.degraded() || self.cache.degraded()
+    }
 }
 
 /// What every request handler shares.
@@ -58,9 +93,11 @@ pub struct Gateway {
     pub settings: GatewaySettings,
     /// Upstream pages and client answers; `None` when caching is off.
     pub cache: Option<Cache>,
+    /// The Redis backends, when replicas share the budget and the cache.
+    pub shared: Option<Shared>,
     /// Keys credential fingerprints: generated at start, so a fingerprint means nothing
     /// outside this process and cannot be reversed to the token.
-    fingerprint_keys: (RandomState, RandomState),
+    fingerprint_keys: FingerprintKey,
     /// Hands out flow ids: each client request shares upstream permits fairly with the others.
     next_flow: AtomicU64,
     /// The inbound per-client quota. governor's GCRA fits here: a client's burst refilling
@@ -70,6 +107,8 @@ pub struct Gateway {
     seen: AtomicU64,
     /// The upstream origin, shared into every request context.
     origin: Arc<str>,
+    /// Client requests being served, bounded by `--max-concurrent-requests`.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The last upstream reachability probe and when it ran: readiness probes come often and
     /// must not each open a connection to Kommo.
     probe: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
@@ -130,6 +169,7 @@ const UPSTREAM_GET_HEADERS: [HeaderName; 4] = [
 impl Gateway {
     pub fn new(fetcher: Fetcher, settings: GatewaySettings, cache: Option<Cache>) -> Self {
         let origin = Arc::from(fetcher.upstream.origin().url.as_str());
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(settings.bounds.max_concurrent));
         if let Some(cache) = &cache {
             cache.attach_metrics(fetcher.metrics.clone());
         }
@@ -140,11 +180,13 @@ impl Gateway {
             fetcher,
             settings,
             cache,
-            fingerprint_keys: (RandomState::new(), RandomState::new()),
+            shared: None,
+            fingerprint_keys: FingerprintKey::random(),
             next_flow: AtomicU64::new(1),
             client_quota,
             seen: AtomicU64::new(0),
             origin,
+            in_flight,
             probe: tokio::sync::Mutex::new(None),
         }
     }
@@ -163,7 +205,8 @@ impl Gateway {
                 upstream_headers.append(name.clone(), v.clone());
             }
         }
-        let public_base = self.public_base(&parts.headers);
+        let public_base =
+            self.public_base(&parts.headers, parts.uri.authority().map(|a| a.as_str()));
         let origin = &self.fetcher.upstream.origin().url;
         let credential = self.fingerprint(&parts.headers);
         let key = match (self.settings.rate_limit_key, &credential) {
@@ -211,8 +254,16 @@ impl Gateway {
             }
         };
         let ready = reachable.is_ok() && blocked.is_none();
+        let redis = self.shared.as_ref().map(|s| {
+            if s.degraded() {
+                "degraded: Redis unreachable, running on the local fallback (limit / replicas, local cache)"
+            } else {
+                "ok"
+            }
+        });
         let report = serde_json::json!({
             "ready": ready,
+            "redis": redis,
             "upstream": match &reachable { Ok(()) => "reachable".to_string(), Err(e) => e.clone() },
             "block_cooldown_remaining_s": blocked,
             "paused_for_429": snapshot.paused_until.is_some(),
@@ -233,23 +284,19 @@ impl Gateway {
         if let Some(cache) = &self.cache {
             metrics.cache_bytes.set(cache.weighted_bytes().await);
         }
+        if let Some(shared) = &self.shared {
+            metrics.redis_degraded.set(i64::from(shared.degraded()));
+        }
         metrics.encode()
     }
 
     /// A new request id: 128 random bits in hex, from keyed hashes of a counter.
     pub fn new_request_id(&self) -> String {
         let n = self.next_flow.fetch_add(1, Ordering::Relaxed);
-        let hash = |state: &RandomState| {
-            let mut h = state.build_hasher();
-            h.write_u64(n);
-            h.write_u64(0x7265_7175_6573_7449);
-            h.finish()
-        };
-        format!(
-            "{:016x}{:016x}",
-            hash(&self.fingerprint_keys.1),
-            hash(&self.fingerprint_keys.0)
-        )
+        let mut input = [0u8; 16];
+        input[..8].copy_from_slice(&n.to_le_bytes());
+        input[8..].copy_from_slice(b"request!");
+        self.fingerprint_keys.hash_hex(&input)
     }
 
     /// A new share of the upstream budget with a fresh deadline.
@@ -281,11 +328,39 @@ impl Gateway {
         read: impl Fn(&Buffered) -> Verdict<Option<Vec<LeadRef>>>,
     ) -> Result<(Arc<Entry>, Option<Outcome>), FetchError> {
         let generation = self.cache.as_ref().map_or(0, Cache::generation);
+        let key = match (&self.cache, &ctx.credential) {
+            (Some(_), Some(credential)) => {
+                let language = ctx
+                    .upstream_headers
+                    .get(header::ACCEPT_LANGUAGE)
+                    .and_then(|v| v.to_str().ok());
+                Some(Cache::page_key(credential, target, language))
+            }
+            _ => None,
+        };
+        let shared = self.shared.as_ref().zip(key.as_ref());
         // Boxed: the fetch is nested inside the cache's fill future, and unboxed the whole
         // chain would be laid out on the stack of whichever task polls it.
         let fetch = Box::pin(async {
+            // The second level: a page another replica already fetched.
+            if let Some((shared, key)) = shared.filter(|_| !ctx.no_cache) {
+                let stored = shared.cache.get(key.as_str()).await;
+                if let Some((status, headers, body)) = stored.as_ref().and_then(decode) {
+                    let b = Buffered {
+                        status,
+                        headers,
+                        body,
+                    };
+                    if let Verdict::Done(leads) = read(&b) {
+                        self.fetcher.metrics.cache("shared", "hit");
+                        return Ok(Entry::new(generation, b.status, b.headers, b.body, leads));
+                    }
+                }
+                self.fetcher.metrics.cache("shared", "miss");
+            }
             ctx.count_upstream_call();
-            self.fetcher
+            let entry = self
+                .fetcher
                 .get(
                     kind,
                     &ctx.flow,
@@ -300,16 +375,23 @@ impl Gateway {
                         Verdict::Unusable(reason) => Verdict::Unusable(reason),
                     },
                 )
-                .await
+                .await?;
+            if let (Some((shared, key)), Some(cache)) = (shared, &self.cache) {
+                if entry.cacheable() {
+                    // Written in the background: a slow Redis must not slow the answer.
+                    let (store, key) = (shared.cache.clone(), key.as_str().to_string());
+                    let (value, ttl) = (
+                        encode(entry.status, &entry.headers, &entry.body),
+                        cache.config().ttl,
+                    );
+                    tokio::spawn(async move { store.put(&key, value, ttl).await });
+                }
+            }
+            Ok(entry)
         });
-        let (Some(cache), Some(credential)) = (&self.cache, &ctx.credential) else {
+        let (Some(cache), Some(key)) = (&self.cache, key.clone()) else {
             return fetch.await.map(|e| (e, None));
         };
-        let language = ctx
-            .upstream_headers
-            .get(header::ACCEPT_LANGUAGE)
-            .and_then(|v| v.to_str().ok());
-        let key = Cache::page_key(credential, target, language);
         match cache
             .page(key, ctx.no_cache, async {
                 fetch.await.map_err(FillError::Failed)
@@ -322,20 +404,34 @@ impl Gateway {
         }
     }
 
-    /// A 128-bit keyed hash (two independently keyed SipHashes) of the `Authorization`
-    /// header: stable for this process, meaningless outside it.
+    /// A 128-bit keyed hash of the `Authorization` header: stable for the key (this process's,
+    /// or the one replicas share through Redis), meaningless without it.
     pub fn fingerprint(&self, headers: &HeaderMap) -> Option<String> {
         let auth = headers.get(header::AUTHORIZATION)?;
-        let hash = |state: &RandomState| {
-            let mut h = state.build_hasher();
-            h.write(auth.as_bytes());
-            h.finish()
-        };
-        Some(format!(
-            "{:016x}{:016x}",
-            hash(&self.fingerprint_keys.0),
-            hash(&self.fingerprint_keys.1)
-        ))
+        Some(self.fingerprint_keys.hash_hex(auth.as_bytes()))
+    }
+
+    /// Adds the shared Redis backends (the limiter must already be the fetcher's).
+    pub fn with_shared(mut self, shared: Shared) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Drops every cached entry, here and, through Redis, in every replica.
+    pub async fn invalidate_all(&self) {
+        if let Some(cache) = &self.cache {
+            cache.invalidate_all();
+        }
+        if let Some(shared) = &self.shared {
+            shared.cache.invalidate_all().await;
+        }
+    }
+
+    /// Replaces the fingerprint key, before the gateway serves: replicas sharing a cache must
+    /// fingerprint a credential alike.
+    pub fn with_fingerprint_key(mut self, key: FingerprintKey) -> Self {
+        self.fingerprint_keys = key;
+        self
     }
 
     /// Charges one request to the client's inbound quota (`--client-rate-limit`).
@@ -359,21 +455,71 @@ impl Gateway {
         })
     }
 
-    /// The base URL links in answers use: `--public-url`, else `http://` and the request's
-    /// `Host` when it is a plain host name or address with an optional port, else the
-    /// upstream origin unchanged (nothing better is known).
-    pub fn public_base(&self, headers: &HeaderMap) -> String {
+    /// The base URL links in answers use: `--public-url`; else, with `--trust-forwarded`, the
+    /// `X-Forwarded-Host`/`-Proto`; else `http://` and the request's `Host` (or HTTP/2
+    /// `:authority`). The host is used only when it is a plain host name or address with an
+    /// optional port (the server refuses other values with `400`), and it is part of the key of
+    /// every cached answer, so one client's `Host` never appears in another's answer.
+    pub fn public_base(&self, headers: &HeaderMap, authority: Option<&str>) -> String {
         if let Some(url) = &self.settings.public_url {
             return url.clone();
+        }
+        if self.settings.trust_forwarded {
+            let forwarded = |name: &str| headers.get(name).and_then(|h| h.to_str().ok());
+            if let Some(host) = forwarded("x-forwarded-host").filter(|h| valid_host(h)) {
+                let scheme = match forwarded("x-forwarded-proto") {
+                    Some(p) if p.eq_ignore_ascii_case("https") => "https",
+                    _ => "http",
+                };
+                return format!("{scheme}://{host}");
+            }
         }
         match headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
+            .or(authority)
             .filter(|h| valid_host(h))
         {
             Some(host) => format!("http://{host}"),
             None => self.fetcher.upstream.origin().url.clone(),
         }
+    }
+}
+
+/// The secret of credential fingerprints: 256 bits, two SipHash-2-4 keys (SipHash is a keyed
+/// PRF made for short inputs; two independent keys give a 128-bit fingerprint).
+#[derive(Clone)]
+pub struct FingerprintKey([u64; 4]);
+
+impl FingerprintKey {
+    /// A key drawn from the process's random source.
+    pub fn random() -> Self {
+        let draw = || RandomState::new().build_hasher().finish();
+        FingerprintKey([draw(), draw(), draw(), draw()])
+    }
+
+    /// A key from 32 bytes (e.g. shared by replicas).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        FingerprintKey([word(0), word(1), word(2), word(3)])
+    }
+
+    /// The 128-bit keyed hash of `input`, in hex.
+    pub fn hash_hex(&self, input: &[u8]) -> String {
+        // std's SipHasher is deprecated only in favour of the hash-map hasher; as a keyed PRF
+        // with explicit keys it is exactly what is needed here.
+        #[allow(deprecated)]
+        let hash = |k0: u64, k1: u64| {
+            let mut h = std::hash::SipHasher::new_with_keys(k0, k1);
+            h.write(input);
+            h.finish()
+        };
+        let [a, b, c, d] = self.0;
+        format!("{:016x}{:016x}", hash(a, b), hash(c, d))
     }
 }
 

@@ -19,6 +19,7 @@
 //! - [`sim`]: the simulated Kommo account (test double, benchmark and demo upstream).
 //! - [`demo`]: the simulator and the proxy in one process.
 //! - [`webhook`]: Kommo's lead webhooks, which drop cached entries.
+//! - [`redis`]: the limiter and cache replicas share through Redis.
 #![forbid(unsafe_code)]
 
 pub mod body;
@@ -30,6 +31,7 @@ pub mod gateway;
 pub mod leads;
 pub mod metrics;
 pub mod passthrough;
+pub mod redis;
 pub mod server;
 pub mod sim;
 pub mod upstream;
@@ -43,21 +45,78 @@ use tokio::net::TcpListener;
 use cache::Cache;
 use config::ServeConfig;
 use gateway::Gateway;
+use gateway::{FingerprintKey, Shared};
+use redis::{RedisCache, RedisCacheConfig, RedisLimiter, RedisLimiterConfig};
 use upstream::fetch::Fetcher;
 use upstream::limiter::LocalLimiter;
 use upstream::Upstream;
 
-/// Builds the gateway of a validated configuration.
-pub fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
+/// Builds the gateway of a validated configuration: with Redis, the shared limiter and cache
+/// (connected lazily: a Redis that is down at start means a degraded start, not a failure).
+pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
     let upstream = Upstream::new(config.upstream.clone())?;
-    let limiter = Arc::new(LocalLimiter::new(config.limiter));
-    let fetcher = Fetcher::new(upstream, limiter, config.fetch.clone());
+    let Some(redis) = &config.redis else {
+        let limiter = Arc::new(LocalLimiter::new(config.limiter));
+        let fetcher = Fetcher::new(upstream, limiter, config.fetch.clone());
+        let cache = Cache::new(config.cache.clone());
+        return Ok(Arc::new(Gateway::new(
+            fetcher,
+            config.gateway.clone(),
+            cache,
+        )));
+    };
+    let limiter = Arc::new(
+        RedisLimiter::connect(RedisLimiterConfig {
+            url: redis.url.clone(),
+            key_prefix: redis.prefix.clone(),
+            limiter: config.limiter,
+            replicas: redis.replicas,
+            // A replica that dies with a request in flight holds its slot this long at most.
+            lease: config.upstream.timeout + config.limiter.window + config.limiter.margin,
+        })
+        .await?,
+    );
+    let shared_cache = Arc::new(
+        RedisCache::connect(RedisCacheConfig {
+            url: redis.url.clone(),
+            key_prefix: redis.prefix.clone(),
+        })
+        .await?,
+    );
+    let fetcher = Fetcher::new(upstream, limiter.clone(), config.fetch.clone());
     let cache = Cache::new(config.cache.clone());
-    Ok(Arc::new(Gateway::new(
-        fetcher,
-        config.gateway.clone(),
-        cache,
-    )))
+    let mut gw = Gateway::new(fetcher, config.gateway.clone(), cache).with_shared(Shared {
+        limiter,
+        cache: shared_cache.clone(),
+    });
+    match redis::shared_fingerprint_secret(&redis.url, &redis.prefix).await {
+        Some(secret) => gw = gw.with_fingerprint_key(FingerprintKey::from_bytes(secret)),
+        None => tracing::error!(
+            "Redis did not answer at start: this replica fingerprints credentials with a local key, \
+             so it shares no cache entries with the others until it is restarted"
+        ),
+    }
+    let gw = Arc::new(gw);
+    tokio::spawn(follow_invalidations(Arc::downgrade(&gw), shared_cache));
+    Ok(gw)
+}
+
+/// Drops this replica's local cache whenever another replica's webhook bumped the shared
+/// generation. Ends with the gateway.
+async fn follow_invalidations(gw: std::sync::Weak<Gateway>, shared: Arc<RedisCache>) {
+    let mut seen = None;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let Some(gw) = gw.upgrade() else { return };
+        if let Some(generation) = shared.generation().await {
+            if seen.is_some_and(|s| s != generation) {
+                if let Some(cache) = &gw.cache {
+                    cache.invalidate_all();
+                }
+            }
+            seen = Some(generation);
+        }
+    }
 }
 
 /// Runs the proxy and its admin listener on already-bound listeners until `shutdown`
@@ -68,7 +127,7 @@ pub async fn run(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let gw = gateway(config)?;
+    let gw = gateway(config).await?;
     serve(config, gw, listener, admin, shutdown).await;
     Ok(())
 }

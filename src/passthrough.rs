@@ -4,7 +4,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
-use crate::body::{self, ProxyBody};
+use std::sync::atomic::Ordering;
+
+use crate::body::{self, CappedBody, ProxyBody};
 use crate::cache::{Cache, Entry, FillError, Outcome};
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, RequestContext};
@@ -62,7 +64,17 @@ pub async fn forward(
             return cached_get(gw, cache, ctx, target).await;
         }
     }
+    let max_body = gw.settings.bounds.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return Err(too_large(max_body));
+    }
     let (parts, incoming) = req.into_parts();
+    let (incoming, exceeded) = CappedBody::new(incoming, max_body);
     // Only the path and query of the request are used, even of an absolute-form request
     // (`GET http://other.host/x`): the destination is always the configured origin.
     let target = parts
@@ -83,7 +95,12 @@ pub async fn forward(
     *upstream_req.headers_mut() = headers;
 
     ctx.count_upstream_call();
-    let resp = gw.fetcher.send(&ctx.flow, upstream_req).await?;
+    let resp = match gw.fetcher.send(&ctx.flow, upstream_req).await {
+        Ok(resp) => resp,
+        // A chunked body that grew past the bound while it streamed.
+        Err(_) if exceeded.load(Ordering::Acquire) => return Err(too_large(max_body)),
+        Err(e) => return Err(e.into()),
+    };
 
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -101,6 +118,13 @@ pub async fn forward(
         }
     }
     Ok(Response::from_parts(parts, body::boxed(incoming)))
+}
+
+fn too_large(max: u64) -> ProxyError {
+    ProxyError::Rejected(
+        http::StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request body is larger than {max} bytes (--max-body-bytes)"),
+    )
 }
 
 /// A GET answered through the cache (`--cache-passthrough`): buffered, stored when `200`/`204`.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -17,7 +17,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::body::{self, ProxyBody};
 use crate::error::{problem, ProxyError};
-use crate::gateway::Gateway;
+use crate::gateway::{valid_host, Bounds, Gateway};
 use crate::leads;
 use crate::metrics::RouteLabels;
 use crate::passthrough;
@@ -58,6 +58,20 @@ pub async fn handle(
         cache = tracing::field::Empty,
     );
     let metrics = &gw.fetcher.metrics;
+    // Load shedding: past the bound a request is refused at once, before any work.
+    let Ok(_permit) = gw.in_flight.clone().try_acquire_owned() else {
+        return ProxyError::Unavailable {
+            detail: format!(
+                "the proxy is serving {} requests at once (--max-concurrent-requests); try again shortly",
+                gw.settings.bounds.max_concurrent
+            ),
+            retry_after: Some(Duration::from_secs(1)),
+        }
+        .into_response();
+    };
+    if let Err(e) = check_bounds(&gw.settings.bounds, &parts) {
+        return e.into_response();
+    }
     metrics.in_flight.inc();
     let ctx = gw.context(&parts);
     let work = Box::pin(async {
@@ -104,6 +118,57 @@ pub async fn handle(
     resp
 }
 
+/// The request line and headers within `--max-uri-len`, `--max-header-bytes` and
+/// `--max-query-params`.
+fn check_bounds(bounds: &Bounds, parts: &http::request::Parts) -> Result<(), ProxyError> {
+    let target = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + parts.uri.authority().map_or(0, |a| a.as_str().len());
+    if target > bounds.max_uri_len {
+        return Err(ProxyError::Rejected(
+            StatusCode::URI_TOO_LONG,
+            format!(
+                "the request target is {target} bytes; at most {} are accepted (--max-uri-len)",
+                bounds.max_uri_len
+            ),
+        ));
+    }
+    let header_bytes: usize = parts
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if header_bytes > bounds.max_header_bytes {
+        return Err(ProxyError::Rejected(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("the request headers are {header_bytes} bytes; at most {} are accepted (--max-header-bytes)", bounds.max_header_bytes),
+        ));
+    }
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .map(|h| h.to_str().ok().filter(|h| valid_host(h)));
+    if host.is_some_and(|h| h.is_none()) {
+        return Err(ProxyError::Rejected(
+            StatusCode::BAD_REQUEST,
+            "the Host header must be a host name or address with an optional port".into(),
+        ));
+    }
+    let params = parts
+        .uri
+        .query()
+        .map_or(0, |q| q.split('&').filter(|p| !p.is_empty()).count());
+    if params > bounds.max_query_params {
+        return Err(ProxyError::Rejected(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the query has {params} parameters; at most {} are accepted (--max-query-params)",
+                bounds.max_query_params
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A client's request id is kept when it is short and plain; otherwise one is generated.
 fn valid_request_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
@@ -120,7 +185,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    serve(listener, shutdown, grace, move |peer, req| {
+    let conn = ConnLimits {
+        header_read_timeout: gateway.settings.bounds.header_read_timeout,
+        // hyper's own buffer limit is a backstop above ours, so our checks answer first with
+        // a problem+json body.
+        max_buf_size: (gateway.settings.bounds.max_header_bytes
+            + gateway.settings.bounds.max_uri_len
+            + 8 * 1024)
+            .max(8 * 1024),
+    };
+    serve(listener, shutdown, grace, conn, move |peer, req| {
         let gw = gateway.clone();
         async move { handle(&gw, peer, req).await }
     })
@@ -135,53 +209,75 @@ pub async fn run_admin(
     webhook_secret: Option<Arc<str>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve(listener, shutdown, Duration::from_secs(1), move |_, req| {
-        let (gw, secret) = (gateway.clone(), webhook_secret.clone());
-        async move {
-            match (req.method(), req.uri().path()) {
-                (&Method::GET, "/healthz") => {
-                    let mut resp = Response::new(body::full("ok\n"));
-                    resp.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("text/plain"),
-                    );
-                    resp
-                }
-                (&Method::GET, "/readyz") => {
-                    let (ready, report) = gw.readiness().await;
-                    let mut resp = Response::new(body::full(report.to_string()));
-                    if !ready {
-                        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    serve(
+        listener,
+        shutdown,
+        Duration::from_secs(1),
+        ConnLimits::ADMIN,
+        move |_, req| {
+            let (gw, secret) = (gateway.clone(), webhook_secret.clone());
+            async move {
+                match (req.method(), req.uri().path()) {
+                    (&Method::GET, "/healthz") => {
+                        let mut resp = Response::new(body::full("ok\n"));
+                        resp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("text/plain"),
+                        );
+                        resp
                     }
-                    resp.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
-                    resp
-                }
-                (&Method::GET, "/metrics") => {
-                    let mut resp = Response::new(body::full(gw.scrape().await));
-                    resp.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        HeaderValue::from_static(
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    (&Method::GET, "/readyz") => {
+                        let (ready, report) = gw.readiness().await;
+                        let mut resp = Response::new(body::full(report.to_string()));
+                        if !ready {
+                            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        resp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        );
+                        resp
+                    }
+                    (&Method::GET, "/metrics") => {
+                        let mut resp = Response::new(body::full(gw.scrape().await));
+                        resp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            HeaderValue::from_static(
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            ),
+                        );
+                        resp
+                    }
+                    (&Method::POST, webhook::PATH) => match secret {
+                        Some(secret) => webhook::receive(&gw, &secret, req).await,
+                        None => problem(
+                            StatusCode::NOT_FOUND,
+                            "the webhook endpoint is off: start the proxy with --webhook-secret",
+                            None,
                         ),
-                    );
-                    resp
+                    },
+                    _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint", None),
                 }
-                (&Method::POST, webhook::PATH) => match secret {
-                    Some(secret) => webhook::receive(&gw, &secret, req).await,
-                    None => problem(
-                        StatusCode::NOT_FOUND,
-                        "the webhook endpoint is off: start the proxy with --webhook-secret",
-                        None,
-                    ),
-                },
-                _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint", None),
             }
-        }
-    })
+        },
+    )
     .await
+}
+
+/// What a connection may cost before the request reaches the handler.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    /// Slow clients (slowloris) are dropped after this without complete request headers.
+    header_read_timeout: Duration,
+    /// hyper's read buffer for a request head.
+    max_buf_size: usize,
+}
+
+impl ConnLimits {
+    const ADMIN: ConnLimits = ConnLimits {
+        header_read_timeout: Duration::from_secs(10),
+        max_buf_size: 64 * 1024,
+    };
 }
 
 /// The accept loop shared by both listeners: HTTP/1.1 and HTTP/2, each connection watched so
@@ -190,13 +286,19 @@ async fn serve<F, Fut>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    limits: ConnLimits,
     handler: F,
 ) where
     F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_buf_size);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {

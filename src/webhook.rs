@@ -56,9 +56,7 @@ pub async fn receive(gw: &Gateway, secret: &str, req: Request<Incoming>) -> Resp
     };
     let lead_events = lead_events(&body);
     if lead_events > 0 {
-        if let Some(cache) = &gw.cache {
-            cache.invalidate_all();
-        }
+        gw.invalidate_all().await;
         info!(
             lead_events,
             "Kommo webhook: dropped the cached entries of the account"

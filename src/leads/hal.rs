@@ -119,8 +119,9 @@ pub fn render_page(
         out.push(b'}');
     };
     link(&mut out, "self", page, true);
-    if has_next {
-        link(&mut out, "next", page + 1, false);
+    // No page follows `u32::MAX`: `next` is left out rather than overflowing.
+    if let Some(next) = page.checked_add(1).filter(|_| has_next) {
+        link(&mut out, "next", next, false);
     }
     link(&mut out, "first", 1, false);
     if page > 1 {
@@ -207,6 +208,24 @@ mod tests {
         assert!(v["_links"].get("next").is_none());
         assert_eq!(v["_links"]["self"]["href"], "/l?page=1");
         assert_eq!(v["_embedded"]["leads"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn fuzz_last_possible_page_has_no_next_and_does_not_overflow() {
+        // Found by fuzz/page_parse: `page + 1` overflowed (a panic with overflow checks, a
+        // `page=0` link without) when the last possible page had a next one.
+        let rw = OriginRewrite::new("x", "x");
+        let links = PageLinks {
+            base: "/l",
+            params: &[],
+        };
+        let body = render_page(u32::MAX, links, true, &[], &rw);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["_links"].get("next").is_none());
+        assert_eq!(v["_links"]["prev"]["href"], "/l?page=4294967294");
+        let v: Value =
+            serde_json::from_slice(&render_page(u32::MAX - 1, links, true, &[], &rw)).unwrap();
+        assert_eq!(v["_links"]["next"]["href"], "/l?page=4294967295");
     }
 
     #[test]

@@ -249,7 +249,9 @@ pub fn parse(query: &str, limits: QueryLimits) -> Result<LeadsQuery, Vec<Invalid
             name: param.key.clone(),
             reason,
         };
-        let Some((name, segments)) = key_path(&param.key) else {
+        // The upstream (PHP) ignores leading spaces in a parameter name: ` filter[statuses]...`
+        // is a stage filter there, so it is one here too, never forwarded as an unknown key.
+        let Some((name, segments)) = key_path(param.key.trim_start_matches(' ')) else {
             invalid.push(bad("unbalanced brackets in the parameter name".into()));
             continue;
         };
@@ -297,6 +299,11 @@ pub fn parse(query: &str, limits: QueryLimits) -> Result<LeadsQuery, Vec<Invalid
                     _ => order = Some((param.key.clone(), new)),
                 }
             }
+            // `order[a][b]...` is no order Kommo knows; forwarded, it would add a second order
+            // to every fan-out stream next to the merge order.
+            ("order", [_, _, ..]) => invalid.push(bad(
+                "unknown order: use order[id], order[created_at] or order[updated_at]".into(),
+            )),
             ("filter", ["statuses", rest @ ..]) => {
                 let (slot, field) = match rest {
                     [index, field] if !index.is_empty() => {
@@ -632,6 +639,40 @@ mod tests {
         );
         assert!(!q.link_params.iter().any(|p| p.starts_with("page=")));
         assert_eq!(q.link_params.len(), 8);
+    }
+
+    #[test]
+    fn fuzz_leading_spaces_do_not_hide_a_stage_or_an_order() {
+        // Found by fuzz/query_parse: PHP drops leading spaces of a name, so these reached every
+        // fan-out stream as a second stage (or order) when forwarded raw.
+        let q = ok("+filter[statuses][1][pipeline_id]=5&%20filter[statuses][1][status_id]=6&filter[statuses][0][pipeline_id]=1&filter[statuses][0][status_id]=2");
+        assert_eq!(q.pairs, vec![pair(1, 2), pair(5, 6)]);
+        assert!(q.forward.is_empty());
+        let q = ok("+order[created_at]=desc");
+        assert_eq!(q.order.map(|o| o.field), Some(OrderField::CreatedAt));
+        assert!(q.forward.is_empty());
+        assert_eq!(ok("+page=2&+limit=3").limit, 3);
+        // Only leading spaces: elsewhere a space keeps the name unknown, and it is forwarded.
+        assert_eq!(
+            ok("filter+[statuses]=1").forward,
+            vec!["filter+[statuses]=1"]
+        );
+    }
+
+    #[test]
+    fn fuzz_nested_order_keys_are_invalid() {
+        // Found by fuzz/query_parse: `order[x][y]=...` was forwarded, so each fan-out stream
+        // asked the upstream for two orders.
+        assert_eq!(
+            names("order[created_at][x]=desc"),
+            vec!["order[created_at][x]"]
+        );
+        assert_eq!(
+            names("order%5Bupdated_at%5s][77_at][from]=1"),
+            vec!["order[updated_at%5s][77_at][from]"]
+        );
+        // A plain `order=...` is still forwarded as before.
+        assert_eq!(ok("order=desc").forward, vec!["order=desc"]);
     }
 
     #[test]

@@ -5,6 +5,8 @@ mod support;
 mod cache;
 mod cli;
 mod fanout;
+mod hardening;
 mod limits;
 mod ops;
 mod passthrough;
+mod redis;

@@ -66,7 +66,9 @@ pub async fn stack_with(sim: SimConfig, tweak: impl FnOnce(&mut ServeConfig)) ->
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = format!("http://{}", listener.local_addr().unwrap());
     let admin_url = format!("http://{}", admin.local_addr().unwrap());
-    let gateway = kommo_fanout::gateway(&config).expect("gateway builds");
+    let gateway = kommo_fanout::gateway(&config)
+        .await
+        .expect("gateway builds");
     let (tx, rx) = oneshot::channel::<()>();
     let gw = gateway.clone();
     tokio::spawn(async move {
@@ -159,7 +161,7 @@ impl Stack {
 }
 
 /// A plain HTTP client for loopback.
-pub struct Client(HyperClient<HttpConnector, Full<Bytes>>);
+pub struct Client(pub HyperClient<HttpConnector, Full<Bytes>>);
 
 impl Default for Client {
     fn default() -> Self {

@@ -1,0 +1,683 @@
+//! Scale-out on Redis: three proxy replicas share one upstream budget and one cache through a
+//! real `redis-server` started on a free loopback port (killed on drop).
+//!
+//! `redis-server` must be installed (`scripts/test.sh` installs Debian's package): a test that
+//! cannot start it fails with a message saying so, it is never skipped. Windows are scaled down
+//! (300 ms instead of a second) so the tests stay short; the guarantee checked is the same:
+//! never more than N arrivals in any window, counted from the simulator's own arrival log.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use kommo_fanout::cache::SharedCache;
+use kommo_fanout::config::{RedisSettings, ServeConfig};
+use kommo_fanout::gateway::Gateway;
+use kommo_fanout::redis::{RedisCache, RedisCacheConfig, RedisLimiter, RedisLimiterConfig};
+use kommo_fanout::sim::{Fault, FaultRule, Sim, SimConfig, SimHandle, SimRateLimit};
+use kommo_fanout::upstream::limiter::{LimiterConfig, UpstreamLimiter};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::support::{sim_config, stage_sizes, stages, truth, Answer, BY_ID, TOKEN};
+
+const LEADS: usize = 3000;
+const N: u32 = 7;
+const WINDOW: Duration = Duration::from_millis(300);
+
+// === a real redis-server ===
+
+/// A `redis-server` child on a loopback port, without persistence; killed on drop.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one on a free port.
+    fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut server = RedisServer { port, child: None };
+        server.restart();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the server on its port and waits until it answers `PING`.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}): these tests need a real Redis. Install it \
+                     with `apt-get install redis-server` (scripts/test.sh does so when it is missing)"
+                )
+            });
+        self.child = Some(child);
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            if self.ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "redis-server did not answer on port {} within 10 s",
+            self.port
+        );
+    }
+
+    /// Kills the server (as a crash or a network cut would look to the replicas).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// === three replicas ===
+
+/// One proxy replica, built by the same wiring as `serve --redis`.
+struct Replica {
+    proxy: String,
+    admin: String,
+    limiter: Arc<RedisLimiter>,
+    gateway: Arc<Gateway>,
+    _stop: oneshot::Sender<()>,
+}
+
+/// The limiter key of the simulator's origin (`--rate-limit-key origin`).
+fn origin_key(sim: &SimHandle) -> String {
+    ServeConfig::for_upstream(&sim.base_url())
+        .expect("valid config")
+        .upstream
+        .origin
+        .url
+}
+
+fn limiter_config(url: &str, prefix: &str, requests: u32) -> RedisLimiterConfig {
+    RedisLimiterConfig {
+        url: url.to_string(),
+        key_prefix: prefix.to_string(),
+        limiter: LimiterConfig {
+            requests,
+            window: WINDOW,
+            margin: Duration::from_millis(20),
+        },
+        replicas: 3,
+        lease: Duration::from_secs(5),
+    }
+}
+
+async fn replica(sim: &SimHandle, redis_url: &str, prefix: &str) -> Replica {
+    replica_with(sim, redis_url, prefix, Duration::ZERO).await
+}
+
+/// A replica with its cache fresh for `cache_ttl` (zero: off) and the webhook endpoint on.
+async fn replica_with(
+    sim: &SimHandle,
+    redis_url: &str,
+    prefix: &str,
+    cache_ttl: Duration,
+) -> Replica {
+    let mut config = ServeConfig::for_upstream(&sim.base_url()).expect("valid config");
+    let lim = limiter_config(redis_url, prefix, N);
+    config.limiter = lim.limiter;
+    config.cache.ttl = cache_ttl;
+    config.webhook_secret = Some(WEBHOOK_SECRET.into());
+    config.gateway.request_timeout = Duration::from_secs(30);
+    config.redis = Some(RedisSettings {
+        url: redis_url.to_string(),
+        prefix: prefix.to_string(),
+        replicas: lim.replicas,
+    });
+    let gw = kommo_fanout::gateway(&config)
+        .await
+        .expect("a valid Redis URL");
+    let limiter = gw.shared.as_ref().expect("shared backends").limiter.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy = format!("http://{}", listener.local_addr().expect("bound"));
+    let admin_url = format!("http://{}", admin.local_addr().expect("bound"));
+    let (tx, rx) = oneshot::channel::<()>();
+    let gateway = gw.clone();
+    tokio::spawn(async move {
+        kommo_fanout::serve(&config, gw, listener, admin, async move {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Replica {
+        proxy,
+        admin: admin_url,
+        limiter,
+        gateway,
+        _stop: tx,
+    }
+}
+
+const WEBHOOK_SECRET: &str = "webhook-secret-0123456789";
+
+async fn three_replicas(sim: &SimHandle, redis: &RedisServer, prefix: &str) -> Vec<Replica> {
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        out.push(replica(sim, &redis.url(), prefix).await);
+    }
+    out
+}
+
+/// The simulator enforcing Kommo's limit; blocks only after many 429s, so a mistake shows as
+/// 429s in the log rather than as a blocked account.
+fn sim_limited() -> SimConfig {
+    SimConfig {
+        rate_limit: Some(SimRateLimit {
+            requests: N,
+            window: WINDOW,
+            block_after: 1000,
+            block_for: Duration::from_secs(60),
+        }),
+        ..sim_config(LEADS)
+    }
+}
+
+fn http() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Answer {
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(url)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .expect("a valid request");
+    let resp = client.request(req).await.expect("request completes");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body reads").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// The most arrivals within any window of length `window`.
+fn max_in_window(mut at: Vec<Instant>, window: Duration) -> usize {
+    at.sort();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..at.len() {
+        while at[end] - at[start] >= window {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+/// The `n` largest stages of the account.
+fn largest(sim: &Sim, n: usize) -> Vec<(i64, i64)> {
+    stage_sizes(sim)
+        .iter()
+        .take(n)
+        .map(|&(p, s, _)| (p, s))
+        .collect()
+}
+
+/// `clients` concurrent 4-stage requests (distinct sets), spread round-robin over the replicas;
+/// asserts every answer against the simulator's own data.
+async fn run_clients(sim: &SimHandle, replicas: &[Replica], clients: usize, offset: usize) {
+    let all = largest(sim, 24);
+    let leads = sim.leads();
+    let client = http();
+    let requests = (0..clients).map(|i| {
+        let c = i + offset;
+        let set: Vec<(i64, i64)> = (0..4).map(|k| all[(c + k * 5) % all.len()]).collect();
+        let url = format!(
+            "{}/api/v4/leads?{}&limit=50",
+            replicas[c % replicas.len()].proxy,
+            stages(&set)
+        );
+        let (client, leads) = (&client, &leads);
+        async move {
+            let a = get(client, &url).await;
+            let want: Vec<i64> = truth(leads, &set, BY_ID, |_| true)
+                .into_iter()
+                .take(50)
+                .collect();
+            (a, want)
+        }
+    });
+    for (a, want) in join_all(requests).await {
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        assert_eq!(a.ids(), want);
+    }
+}
+
+/// Fails unless the simulator never refused and no window held more than `N` arrivals.
+fn assert_within_budget(sim: &SimHandle) {
+    let log = sim.requests();
+    let refused = log.iter().filter(|r| r.status == 429).count();
+    assert_eq!(refused, 0, "the simulator refused {refused} requests");
+    let most = max_in_window(log.iter().map(|r| r.at).collect(), WINDOW);
+    assert!(
+        most <= N as usize,
+        "{most} upstream requests within one window"
+    );
+}
+
+async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < until, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// === the limiter ===
+
+#[tokio::test]
+async fn three_replicas_share_one_window_across_21_clients() {
+    let redis = RedisServer::start();
+    let sim = Sim::spawn(sim_limited()).await.expect("simulator starts");
+    let replicas = three_replicas(&sim, &redis, "share:").await;
+    assert!(replicas.iter().all(|r| !r.limiter.degraded()));
+
+    let started = Instant::now();
+    run_clients(&sim, &replicas, 21, 0).await;
+    let took = started.elapsed();
+
+    let log = sim.requests();
+    assert!(log.len() >= 80, "{} upstream requests", log.len());
+    assert_within_budget(&sim);
+    // Three replicas, one budget: the whole run used about N per W + M + latency, not 3N.
+    eprintln!(
+        "{} upstream requests in {took:?}: {:.1} per window of {WINDOW:?} (N = {N})",
+        log.len(),
+        log.len() as f64 / (took.as_secs_f64() / WINDOW.as_secs_f64())
+    );
+}
+
+#[tokio::test]
+async fn a_429_on_one_replica_pauses_the_others() {
+    let redis = RedisServer::start();
+    let sim = Sim::spawn(SimConfig {
+        latency: Duration::from_millis(5),
+        ..sim_config(LEADS)
+    })
+    .await
+    .expect("simulator starts");
+    let replicas = three_replicas(&sim, &redis, "pause:").await;
+    let key = origin_key(&sim);
+    let set = largest(&sim, 6);
+    let leads = sim.leads();
+    let client = http();
+    sim.inject(
+        FaultRule::always(Fault::TooManyRequests {
+            retry_after: Some(1),
+            header: false,
+        })
+        .times(1),
+    );
+
+    let on = |r: usize, pairs: &[(i64, i64)]| {
+        format!(
+            "{}/api/v4/leads?{}&limit=20",
+            replicas[r].proxy,
+            stages(pairs)
+        )
+    };
+    let (url_a, url_b, url_c) = (on(0, &set[0..2]), on(1, &set[2..4]), on(2, &set[4..6]));
+    let a = get(&client, &url_a);
+    let others = async {
+        // As soon as replica A has seen the 429, B and C are asked for other stages.
+        eventually("replica A saw the 429", Duration::from_secs(5), || {
+            replicas[0].limiter.snapshot(&key).paused_until.is_some()
+        })
+        .await;
+        let asked = Instant::now();
+        let b = get(&client, &url_b);
+        let c = get(&client, &url_c);
+        let (b, c) = tokio::join!(b, c);
+        (asked, b, c)
+    };
+    let (a, (asked, b, c)) = tokio::join!(a, others);
+    for (answer, pairs) in [(a, &set[0..2]), (b, &set[2..4]), (c, &set[4..6])] {
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        let want: Vec<i64> = truth(&leads, pairs, BY_ID, |_| true)
+            .into_iter()
+            .take(20)
+            .collect();
+        assert_eq!(answer.ids(), want);
+    }
+
+    let log = sim.requests();
+    let t429 = log
+        .iter()
+        .find(|r| r.status == 429)
+        .expect("the fault fired")
+        .at;
+    assert!(
+        asked < t429 + Duration::from_millis(300),
+        "B and C were asked during the pause"
+    );
+    let during: Vec<_> = log
+        .iter()
+        .filter(|r| {
+            r.at > t429 + Duration::from_millis(50) && r.at < t429 + Duration::from_millis(950)
+        })
+        .map(|r| (r.at - t429, r.query.clone()))
+        .collect();
+    assert!(
+        during.is_empty(),
+        "upstream requests during the pause: {during:?}"
+    );
+}
+
+#[tokio::test]
+async fn redis_stopped_mid_run_falls_back_at_n_over_replicas_and_recovers() {
+    let mut redis = RedisServer::start();
+    let sim = Sim::spawn(sim_limited()).await.expect("simulator starts");
+    let replicas = three_replicas(&sim, &redis, "outage:").await;
+
+    // Redis dies while 12 clients are being served.
+    let clients = run_clients(&sim, &replicas, 12, 0);
+    let kill = async {
+        eventually("traffic started", Duration::from_secs(5), || {
+            sim.request_count() >= 10
+        })
+        .await;
+        redis.stop();
+    };
+    tokio::join!(clients, kill);
+    eventually("every replica noticed", Duration::from_secs(2), || {
+        replicas.iter().all(|r| r.limiter.degraded())
+    })
+    .await;
+    assert_within_budget(&sim);
+
+    // Redis comes back while 12 more are being served on the fallbacks.
+    let clients = run_clients(&sim, &replicas, 12, 12);
+    let restart = async {
+        let seen = sim.request_count();
+        eventually("traffic on the fallbacks", Duration::from_secs(5), || {
+            sim.request_count() >= seen + 10
+        })
+        .await;
+        redis.restart();
+    };
+    tokio::join!(clients, restart);
+    eventually("every replica shares again", Duration::from_secs(5), || {
+        replicas.iter().all(|r| !r.limiter.degraded())
+    })
+    .await;
+    run_clients(&sim, &replicas, 6, 3).await;
+    assert_within_budget(&sim);
+    // Sharing resumed for real: all three are members of the new server's limiter again.
+    let client = ::redis::Client::open(redis.url()).expect("a valid URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis is back");
+    let mut members = 0;
+    for _ in 0..100 {
+        members = ::redis::cmd("ZCARD")
+            .arg("outage:limiter:members")
+            .query_async(&mut conn)
+            .await
+            .expect("ZCARD");
+        if members == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(members, 3, "replicas registered with the restarted Redis");
+}
+
+#[tokio::test]
+async fn the_limiter_rejects_a_bad_url_and_starts_degraded_without_redis() {
+    let err = RedisLimiter::connect(limiter_config("http://127.0.0.1:1", "bad:", N)).await;
+    assert!(err.is_err(), "an http:// URL is not a Redis URL");
+
+    // Nothing listens on this port: the limiter starts, degraded, and still grants locally.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let limiter = RedisLimiter::connect(limiter_config(&url, "down:", N))
+        .await
+        .expect("an unreachable Redis is not an error");
+    assert!(limiter.degraded());
+    let grant = limiter
+        .acquire("k", 1, Instant::now() + Duration::from_secs(5))
+        .await
+        .expect("the fallback grants");
+    limiter.release("k", grant);
+}
+
+#[tokio::test]
+async fn measure_acquire_release_on_loopback() {
+    let redis = RedisServer::start();
+    let limiter = RedisLimiter::connect(limiter_config(&redis.url(), "bench:", 1_000_000))
+        .await
+        .expect("connects");
+    assert!(!limiter.degraded());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut took = Vec::new();
+    for i in 0..500 {
+        let t = Instant::now();
+        let grant = limiter
+            .acquire("k", i, deadline)
+            .await
+            .expect("a free slot");
+        limiter.release("k", grant);
+        took.push(t.elapsed());
+    }
+    took.sort();
+    // Reported, not asserted: speed belongs in benchmarks.
+    eprintln!(
+        "RedisLimiter acquire+release on loopback: median {:?}, p90 {:?}, p99 {:?} (500 runs)",
+        took[took.len() / 2],
+        took[took.len() * 9 / 10],
+        took[took.len() * 99 / 100]
+    );
+}
+
+// === the cache ===
+
+fn cache_config(redis: &RedisServer, prefix: &str) -> RedisCacheConfig {
+    RedisCacheConfig {
+        url: redis.url(),
+        key_prefix: prefix.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn the_shared_cache_stores_expires_and_invalidates_for_every_replica() {
+    let redis = RedisServer::start();
+    let a = RedisCache::connect(cache_config(&redis, "c:"))
+        .await
+        .expect("connects");
+    let b = RedisCache::connect(cache_config(&redis, "c:"))
+        .await
+        .expect("connects");
+    let long = Duration::from_secs(60);
+    let key = format!("p\u{1f}fp\u{1f}/api/v4/leads?{}", "x".repeat(2000));
+
+    assert_eq!(a.get(&key).await, None);
+    a.put(&key, Bytes::from_static(b"\x00page\xff"), long).await;
+    assert_eq!(
+        b.get(&key).await,
+        Some(Bytes::from_static(b"\x00page\xff")),
+        "one replica's fill is another's hit, bytes intact"
+    );
+    assert_eq!(b.get("another key").await, None);
+
+    a.put(
+        "short",
+        Bytes::from_static(b"s"),
+        Duration::from_millis(100),
+    )
+    .await;
+    assert_eq!(b.get("short").await, Some(Bytes::from_static(b"s")));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(b.get("short").await, None, "the TTL holds");
+
+    // A webhook on replica B: replica A no longer sees the entry, at once.
+    let before = a.generation().await.expect("a generation");
+    b.invalidate_all().await;
+    assert_eq!(a.generation().await, Some(before + 1));
+    assert_eq!(a.get(&key).await, None);
+    a.put(&key, Bytes::from_static(b"new"), long).await;
+    assert_eq!(b.get(&key).await, Some(Bytes::from_static(b"new")));
+    assert!(!a.degraded() && !b.degraded());
+}
+
+#[tokio::test]
+async fn the_shared_cache_misses_while_redis_is_down_and_recovers() {
+    let mut redis = RedisServer::start();
+    let cache = RedisCache::connect(cache_config(&redis, "d:"))
+        .await
+        .expect("connects");
+    let long = Duration::from_secs(60);
+    cache.put("k", Bytes::from_static(b"v"), long).await;
+    assert_eq!(cache.get("k").await, Some(Bytes::from_static(b"v")));
+
+    redis.stop();
+    let t = Instant::now();
+    assert_eq!(
+        cache.get("k").await,
+        None,
+        "an unreachable Redis reads as a miss"
+    );
+    cache.put("k2", Bytes::from_static(b"v"), long).await;
+    assert!(cache.degraded());
+    // While degraded, lookups do not wait on Redis.
+    for _ in 0..100 {
+        assert_eq!(cache.get("k").await, None);
+    }
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    redis.restart();
+    let until = Instant::now() + Duration::from_secs(5);
+    while cache.degraded() {
+        assert!(Instant::now() < until, "the cache did not recover");
+        cache.put("k", Bytes::from_static(b"again"), long).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cache.put("k", Bytes::from_static(b"again"), long).await;
+    assert_eq!(cache.get("k").await, Some(Bytes::from_static(b"again")));
+}
+
+// === the shared cache, wired ===
+
+#[tokio::test]
+async fn a_view_fetched_through_one_replica_is_answered_by_another() {
+    let redis = RedisServer::start();
+    let sim = Sim::spawn(sim_config(LEADS)).await.expect("simulator");
+    let prefix = "shared-view:";
+    let ttl = Duration::from_secs(300);
+    let a = replica_with(&sim, &redis.url(), prefix, ttl).await;
+    let b = replica_with(&sim, &redis.url(), prefix, ttl).await;
+    let set = largest(&sim, 3);
+    let path = format!("/api/v4/leads?{}&limit=100", stages(&set));
+    let client = crate::support::Client::default();
+
+    let first = client.get(&format!("{}{path}", a.proxy), TOKEN).await;
+    assert_eq!(first.status, 200);
+    let sent = sim.request_count();
+    assert_eq!(sent, 3);
+    let second = client.get(&format!("{}{path}", b.proxy), TOKEN).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.ids(), first.ids());
+    assert_eq!(
+        sim.request_count(),
+        sent,
+        "replica B answered from the pages replica A fetched"
+    );
+
+    // Another token through replica B: its own rights, its own upstream requests.
+    let leads = sim.leads();
+    let mine: Vec<i64> = truth(&leads, &set, BY_ID, |l| {
+        [1001, 1002].contains(&l.responsible_user_id)
+    })
+    .into_iter()
+    .take(100)
+    .collect();
+    let limited = client.get(&format!("{}{path}", b.proxy), "limited").await;
+    assert_eq!(limited.ids(), mine);
+    assert_eq!(
+        sim.request_count(),
+        sent + 3,
+        "no entry of the other token was reused"
+    );
+
+    // A webhook received by replica A drops replica B's entries too.
+    let hook = client
+        .0
+        .request(
+            Request::builder()
+                .method(Method::POST)
+                .uri(format!(
+                    "{}/webhooks/kommo?secret={WEBHOOK_SECRET}",
+                    a.admin
+                ))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Full::new(Bytes::from_static(
+                    b"leads[status][0][id]=1&leads[status][0][status_id]=142",
+                )))
+                .expect("request"),
+        )
+        .await
+        .expect("webhook answered");
+    assert_eq!(hook.status(), 200);
+    let before = sim.request_count();
+    eventually("replica B drops its cache", Duration::from_secs(3), || {
+        b.gateway.cache.as_ref().is_some_and(|c| c.generation() > 0)
+    })
+    .await;
+    let after = client.get(&format!("{}{path}", b.proxy), TOKEN).await;
+    assert_eq!(after.headers["x-cache"], "MISS");
+    assert_eq!(sim.request_count(), before + 3);
+}
