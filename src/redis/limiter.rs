@@ -55,8 +55,10 @@
 //! `replicas` says keeps the missing ones' reserve unused: configure the real count.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+
+use crate::upstream::fair::{FairQueue, WaiterId};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -176,19 +178,14 @@ enum Held {
     Fallback(GrantId),
 }
 
-type WaiterId = u64;
 
 /// The local queue of one key, in front of Redis.
 #[derive(Default)]
 struct KeyQueue {
-    /// Flows with queued waiters in round-robin order: the front flow is served next.
-    rotation: VecDeque<FlowId>,
-    /// Each flow's waiters, FIFO; a flow is removed when its queue empties.
-    flows: HashMap<FlowId, VecDeque<WaiterId>>,
+    /// Queued waiters in fair order.
+    queue: FairQueue,
     /// Queued waiters and decided ones whose future has not taken the outcome yet.
     waiters: HashMap<WaiterId, Waiter>,
-    /// Waiters in `flows`.
-    queued: usize,
     /// A take for this key is running: the head waits for it instead of starting another.
     driving: bool,
     /// Do not ask Redis again before this (the window is full or a pause is in force).
@@ -425,7 +422,7 @@ impl UpstreamLimiter for RedisLimiter {
         let (queued, in_window) = st
             .keys
             .get(key)
-            .map_or((0, 0), |kq| (kq.queued, kq.in_window));
+            .map_or((0, 0), |kq| (kq.queue.len(), kq.in_window));
         LimiterSnapshot {
             queued: queued + local.queued,
             in_window: if st.mode == Mode::Fallback {
@@ -539,7 +536,7 @@ impl Shared {
                         None => {
                             kq.driving = true;
                             kq.retry_at = None;
-                            let want = kq.queued.min(self.limits.requests as usize).max(1);
+                            let want = kq.queue.len().min(self.limits.requests as usize).max(1);
                             self.spawn_take(key.to_owned(), want as u64);
                             deadline
                         }
@@ -1009,8 +1006,7 @@ impl Drop for ActiveGuard<'_> {
 
 impl KeyQueue {
     fn head(&self) -> Option<WaiterId> {
-        let flow = self.rotation.front()?;
-        self.flows.get(flow)?.front().copied()
+        self.queue.head()
     }
 
     fn notify_head(&self) {
@@ -1020,12 +1016,7 @@ impl KeyQueue {
     }
 
     fn enqueue(&mut self, id: WaiterId, flow: FlowId, deadline: Instant, notify: Arc<Notify>) {
-        let queue = self.flows.entry(flow).or_default();
-        if queue.is_empty() {
-            self.rotation.push_back(flow);
-        }
-        queue.push_back(id);
-        self.queued += 1;
+        self.queue.push(flow, id);
         self.waiters.insert(
             id,
             Waiter {
@@ -1039,38 +1030,13 @@ impl KeyQueue {
 
     /// The next waiter in the fair order, taken out of its flow's queue (its entry stays).
     fn pop_next(&mut self) -> Option<WaiterId> {
-        while let Some(flow) = self.rotation.pop_front() {
-            let Some(queue) = self.flows.get_mut(&flow) else {
-                continue;
-            };
-            let Some(id) = queue.pop_front() else {
-                self.flows.remove(&flow);
-                continue;
-            };
-            if queue.is_empty() {
-                self.flows.remove(&flow);
-            } else {
-                self.rotation.push_back(flow);
-            }
-            self.queued -= 1;
-            return Some(id);
-        }
-        None
+        self.queue.pop()
     }
 
     /// Takes a waiter out of the queue and forgets it.
     fn withdraw(&mut self, id: WaiterId) {
         if let Some(flow) = self.waiters.remove(&id).map(|w| w.flow) {
-            if let Some(queue) = self.flows.get_mut(&flow) {
-                if let Some(pos) = queue.iter().position(|w| *w == id) {
-                    queue.remove(pos);
-                    self.queued -= 1;
-                }
-                if queue.is_empty() {
-                    self.flows.remove(&flow);
-                    self.rotation.retain(|f| *f != flow);
-                }
-            }
+            self.queue.remove(flow, id);
         }
     }
 
@@ -1097,16 +1063,7 @@ impl KeyQueue {
             let Some(flow) = self.waiters.get(&id).map(|w| w.flow) else {
                 continue;
             };
-            if let Some(queue) = self.flows.get_mut(&flow) {
-                if let Some(pos) = queue.iter().position(|w| *w == id) {
-                    queue.remove(pos);
-                    self.queued -= 1;
-                }
-                if queue.is_empty() {
-                    self.flows.remove(&flow);
-                    self.rotation.retain(|f| *f != flow);
-                }
-            }
+            self.queue.remove(flow, id);
             if let Some(w) = self.waiters.get_mut(&id) {
                 w.outcome = Some(Err(err));
                 w.notify.notify_one();
@@ -1117,7 +1074,7 @@ impl KeyQueue {
     /// A timeout with a hint: when a request arriving now would likely be served, the queue
     /// ahead of it included.
     fn timeout(&self, now: Instant, lim: Limits) -> LimitError {
-        let rounds = u32::try_from(self.queued / lim.requests as usize).unwrap_or(u32::MAX);
+        let rounds = u32::try_from(self.queue.len() / lim.requests as usize).unwrap_or(u32::MAX);
         let free = self
             .retry_at
             .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));

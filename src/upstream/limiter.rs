@@ -41,6 +41,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+
+use super::fair::{FairQueue, WaiterId};
 use tokio::time::{Instant, Sleep};
 
 /// One client request: all the upstream calls one client request makes share a flow, and
@@ -168,7 +170,6 @@ struct Limits {
     span: Duration,
 }
 
-type WaiterId = u64;
 
 struct Inner {
     /// Per-key state; entries are never removed: keys are upstream origins, a handful at most.
@@ -186,16 +187,11 @@ struct KeyState {
     released: VecDeque<Instant>,
     /// Source of grant ids for this key.
     next_grant: GrantId,
-    /// Flows with queued waiters, in round-robin order: the front flow is served next.
-    rotation: VecDeque<FlowId>,
-    /// Each flow's queued waiters, FIFO. A flow is removed when its queue empties, so the map
-    /// does not grow with the number of client requests ever seen.
-    flows: HashMap<FlowId, VecDeque<WaiterId>>,
+    /// Queued waiters in fair order.
+    queue: FairQueue,
     /// Every waiter not yet resolved to its future: queued ones, and decided ones whose future
     /// has not yet seen the outcome.
     waiters: HashMap<WaiterId, Waiter>,
-    /// Waiters in `flows`, kept so snapshots and estimates need not sum the queues.
-    queued: usize,
     /// End of the latest pause (`429`); may lie in the past.
     paused_until: Option<Instant>,
     /// End of the latest block (`403`); may lie in the past.
@@ -277,7 +273,7 @@ impl LocalLimiter {
                 st.dispatch(now, lim, None, wakers);
                 st.wake_head(head, None, false, wakers);
                 // The fast path: only when nobody waits, so a newcomer never overtakes the queue.
-                if st.rotation.is_empty() {
+                if st.queue.is_empty() {
                     if let Some(grant) = st.try_grant(now, lim) {
                         *state = AcquireState::Done;
                         return Step::Ready(Ok(grant));
@@ -466,7 +462,7 @@ impl UpstreamLimiter for LocalLimiter {
             return LimiterSnapshot::default();
         };
         LimiterSnapshot {
-            queued: st.queued,
+            queued: st.queue.len(),
             in_window: st.in_flight.len()
                 + st.released
                     .iter()
@@ -506,8 +502,7 @@ impl KeyState {
 
     /// The waiter served next.
     fn head(&self) -> Option<WaiterId> {
-        let flow = self.rotation.front()?;
-        self.flows.get(flow)?.front().copied()
+        self.queue.head()
     }
 
     fn prune(&mut self, now: Instant, span: Duration) {
@@ -551,12 +546,7 @@ impl KeyState {
     }
 
     fn enqueue(&mut self, id: WaiterId, flow: FlowId, deadline: Instant, waker: Waker) {
-        let queue = self.flows.entry(flow).or_default();
-        if queue.is_empty() {
-            self.rotation.push_back(flow);
-        }
-        queue.push_back(id);
-        self.queued += 1;
+        self.queue.push(flow, id);
         self.waiters.insert(
             id,
             Waiter {
@@ -568,44 +558,14 @@ impl KeyState {
         );
     }
 
-    /// Takes the next waiter in the fair order: the front flow's oldest, after which the flow
-    /// goes to the back of the rotation if it still waits for more.
     fn pop_next(&mut self) -> Option<WaiterId> {
-        while let Some(flow) = self.rotation.pop_front() {
-            let Some(queue) = self.flows.get_mut(&flow) else {
-                continue;
-            };
-            let Some(id) = queue.pop_front() else {
-                self.flows.remove(&flow);
-                continue;
-            };
-            if queue.is_empty() {
-                self.flows.remove(&flow);
-            } else {
-                self.rotation.push_back(flow);
-            }
-            self.queued -= 1;
-            return Some(id);
-        }
-        None
+        self.queue.pop()
     }
 
     /// Takes a queued waiter out of its flow's queue; its entry stays in `waiters`.
     fn withdraw_queued(&mut self, id: WaiterId) {
-        let Some(flow) = self.waiters.get(&id).map(|w| w.flow) else {
-            return;
-        };
-        let Some(queue) = self.flows.get_mut(&flow) else {
-            return;
-        };
-        let Some(pos) = queue.iter().position(|w| *w == id) else {
-            return;
-        };
-        queue.remove(pos);
-        self.queued -= 1;
-        if queue.is_empty() {
-            self.flows.remove(&flow);
-            self.rotation.retain(|f| *f != flow);
+        if let Some(flow) = self.waiters.get(&id).map(|w| w.flow) {
+            self.queue.remove(flow, id);
         }
     }
 
@@ -709,18 +669,7 @@ impl KeyState {
 
     /// A lower bound on how many grants precede a new waiter of `flow` in the fair order.
     fn min_ahead(&self, flow: FlowId) -> usize {
-        let own = self.flows.get(&flow).map_or(0, VecDeque::len);
-        if own == 0 {
-            // A new flow joins the back of the rotation: every flow in it is served once first.
-            return self.rotation.len();
-        }
-        let others: usize = self
-            .flows
-            .iter()
-            .filter(|(f, _)| **f != flow)
-            .map(|(_, q)| q.len().min(own))
-            .sum();
-        own + others
+        self.queue.min_ahead(flow)
     }
 
     /// When the grant `position` places from now (0 = the next) can happen, assuming nobody new
@@ -755,7 +704,7 @@ impl KeyState {
     /// now would likely get a permit, queue included.
     fn timeout(&self, now: Instant, lim: Limits) -> LimitError {
         let retry_after = self
-            .eta(self.queued, now, lim)
+            .eta(self.queue.len(), now, lim)
             .map_or(Duration::MAX, |t| t.saturating_duration_since(now));
         LimitError::Timeout { retry_after }
     }
