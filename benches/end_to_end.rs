@@ -29,7 +29,20 @@
 //!    nginx is installed with apt-get when missing and running as root; without it those rows
 //!    read `n/a`.
 //! 3. **Peak RSS** (`VmHWM`) of each proxy child process when idle and after its scenario.
-//! 4. **Cached answers**: a marked place for the response cache's rows, `n/a` until it exists.
+//! 4. **Cached answers.** 32 connections read one leads page from a warm cache: the proxy's
+//!    answer cache for a single-stage page (`limit=250`, ~220 KB) and for a merged 5-stage page,
+//!    and nginx `proxy_cache` in front of the same simulator for the same single-stage page
+//!    (nginx cannot merge). Every measured answer must be a cache hit (`X-Cache: HIT` from the
+//!    proxy, `X-Cache-Status: HIT` from nginx) and the simulator must see no request meanwhile.
+//! 5. **Dashboard load.** 100 clients poll 5 multi-stage views (3 to 5 stages each) through the
+//!    proxy with its default cache TTL (30 s; 4 s under `--quick` so entries expire within the
+//!    run), in front of the simulator with its 7/s limit: upstream requests against the
+//!    minimum (each view's stages once per TTL period), answers/s, latency, and the 429s the
+//!    simulator gave (must be 0).
+//!
+//! Logging is on an equal footing in the throughput scenarios (2, 4, 5): nginx runs with
+//! `access_log off` and the proxy with `RUST_LOG=warn`, so neither writes a line per request.
+//! Scenario 1 leaves the proxy at its default level.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -41,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::join_all;
-use http::{Request, StatusCode};
+use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -67,9 +80,24 @@ const PASS_PATH: &str = "/api/v4/account";
 /// The environment that turns the proxy's response cache off, so every run of scenarios 1 and 2
 /// measures the fan-out and the pass-through themselves (an environment variable, unlike a flag,
 /// is harmless to a build without the cache).
-const CACHE_OFF: [(&str, &str); 1] = [("KOMMO_FANOUT_CACHE_TTL", "0s")];
-/// Rendered for a measurement that does not exist yet.
-const NO_CACHE: &str = "n/a (no response cache yet)";
+const CACHE_OFF: (&str, &str) = ("KOMMO_FANOUT_CACHE_TTL", "0s");
+/// The log filter of the proxy in the throughput scenarios: no line per request (nginx runs
+/// with `access_log off`).
+const QUIET: (&str, &str) = ("RUST_LOG", "warn");
+/// Rendered for a row that could not be measured (nginx missing).
+const NO_NGINX: &str = "n/a (nginx not available)";
+/// The page size of the cached-answers scenario: Kommo's largest.
+const CACHED_LIMIT: usize = 250;
+/// Stages of the merged page in the cached-answers scenario.
+const CACHED_STAGES: usize = 5;
+/// The stage count of each dashboard view.
+const VIEWS: [usize; 5] = [3, 4, 5, 3, 4];
+/// Concurrent dashboard clients.
+const DASHBOARD_CLIENTS: usize = 100;
+/// The proxy's default `--cache-ttl` (the full dashboard run leaves the flag out).
+const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// The TTL of the `--quick` dashboard run, short enough to expire within it.
+const QUICK_TTL: Duration = Duration::from_secs(4);
 
 type Http = Client<HttpConnector, Empty<Bytes>>;
 
@@ -80,6 +108,7 @@ struct Mode {
     runs: usize,
     warmup: Duration,
     load: Duration,
+    dashboard: Duration,
 }
 
 impl Mode {
@@ -91,6 +120,7 @@ impl Mode {
                 runs: 1,
                 warmup: Duration::from_millis(500),
                 load: Duration::from_secs(3),
+                dashboard: Duration::from_secs(8),
             }
         } else {
             Mode {
@@ -99,7 +129,17 @@ impl Mode {
                 runs: 3,
                 warmup: Duration::from_secs(1),
                 load: Duration::from_secs(10),
+                dashboard: Duration::from_secs(30),
             }
+        }
+    }
+
+    /// The proxy's cache TTL in the dashboard scenario.
+    fn dashboard_ttl(&self) -> Duration {
+        if self.quick {
+            QUICK_TTL
+        } else {
+            DEFAULT_TTL
         }
     }
 
@@ -145,13 +185,17 @@ async fn run(mode: &Mode) -> String {
     let cold = cold_pages(mode, &binary, &scratch).await;
     eprintln!("scenario 2: pass-through overhead");
     let pass = pass_through(mode, &binary, &scratch).await;
-    let cached = cached_answers(mode).await;
+    eprintln!("scenario 4: cached answers");
+    let cached = cached_answers(mode, &binary, &scratch).await;
+    eprintln!("scenario 5: dashboard load");
+    let dashboard = dashboard(mode, &binary, &scratch).await;
     let report = Report {
         machine,
         command: mode.command(),
         cold,
         pass,
         cached,
+        dashboard,
         took: started.elapsed(),
     };
     report.render()
@@ -205,7 +249,15 @@ async fn cold_pages(mode: &Mode, binary: &Path, scratch: &Scratch) -> ColdPages 
     let max_k = mode.ks.iter().copied().max().unwrap_or(1);
     let (stages, padded) = pick_stages(&sim, max_k);
     let client = http_client(64);
-    let proxy = Proxy::start(binary, &sim.base_url(), &[], scratch, "proxy-fanout").await;
+    let proxy = Proxy::start(
+        binary,
+        &sim.base_url(),
+        &[],
+        &[CACHE_OFF],
+        scratch,
+        "proxy-fanout",
+    )
+    .await;
     let idle = proxy.rss();
     let mut rows = Vec::new();
     for &k in &mode.ks {
@@ -519,8 +571,11 @@ struct LoadStats {
     rps: f64,
     p50: Duration,
     p99: Duration,
+    max: Duration,
     requests: usize,
     errors: usize,
+    /// Successful answers that said they came from a cache (when the target asks).
+    hits: usize,
 }
 
 async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThrough {
@@ -556,7 +611,15 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
         "--rate-margin",
         "0ms",
     ];
-    let proxy = Proxy::start(binary, &upstream, &unlimited, scratch, "proxy-pass").await;
+    let proxy = Proxy::start(
+        binary,
+        &upstream,
+        &unlimited,
+        &[CACHE_OFF, QUIET],
+        scratch,
+        "proxy-pass",
+    )
+    .await;
     let idle = proxy.rss();
     let direct = load_report(mode, "direct", &format!("{upstream}{PASS_PATH}")).await;
     let through = load_report(mode, "proxy", &format!("{}{PASS_PATH}", proxy.base)).await;
@@ -602,68 +665,126 @@ fn account_body() -> String {
 
 /// Runs the load and logs it.
 async fn load_report(mode: &Mode, name: &str, url: &str) -> LoadStats {
-    let stats = load(url, CONNECTIONS, mode.warmup, mode.load).await;
+    let target = Target::one(url);
+    let stats = load(&target, CONNECTIONS, mode.warmup, mode.load).await;
+    log_load(name, &stats);
+    stats
+}
+
+fn log_load(name: &str, stats: &LoadStats) {
     eprintln!(
-        "  {name:<12} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+        "  {name:<12} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  max {:.0} ms  errors {}  hits {}",
         stats.rps,
         ms_f(stats.p50),
         ms_f(stats.p99),
-        stats.errors
+        ms_f(stats.max),
+        stats.errors,
+        stats.hits
     );
-    stats
+}
+
+/// What the load clients request, and what they check in each answer.
+#[derive(Clone)]
+struct Target {
+    /// Client `i` asks `urls[i % n]`, then the next one, round and round.
+    urls: Vec<String>,
+    /// A header whose value `HIT` counts as a cache hit (`LoadStats::hits`).
+    hit_header: Option<&'static str>,
+    /// An answer of another length counts as an error.
+    body_len: Option<usize>,
+}
+
+impl Target {
+    fn one(url: &str) -> Target {
+        Target {
+            urls: vec![url.to_string()],
+            hit_header: None,
+            body_len: None,
+        }
+    }
 }
 
 /// `connections` clients, each in a request loop, for `warmup` then `duration`; only requests
 /// started after the warm-up and finished within the duration count.
-async fn load(url: &str, connections: usize, warmup: Duration, duration: Duration) -> LoadStats {
+async fn load(
+    target: &Target,
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> LoadStats {
     let client = http_client(connections);
     let from = Instant::now() + warmup;
     let until = from + duration;
     let workers: Vec<_> = (0..connections)
-        .map(|_| tokio::spawn(load_worker(client.clone(), url.to_string(), from, until)))
+        .map(|i| {
+            let (client, target) = (client.clone(), target.clone());
+            tokio::spawn(load_worker(client, target, i, from, until))
+        })
         .collect();
     let mut latencies = Vec::new();
-    let mut errors = 0;
+    let (mut errors, mut hits) = (0, 0);
     for worker in workers {
-        let (l, e) = worker.await.expect("load worker");
-        latencies.extend(l);
-        errors += e;
+        let tally = worker.await.expect("load worker");
+        latencies.extend(tally.latencies);
+        errors += tally.errors;
+        hits += tally.hits;
     }
     latencies.sort_unstable();
     LoadStats {
         rps: latencies.len() as f64 / duration.as_secs_f64(),
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
+        max: latencies.last().copied().unwrap_or_default(),
         requests: latencies.len(),
         errors,
+        hits,
     }
 }
 
-/// One connection's request loop: latencies of the successful requests and the failures.
+/// What one load client saw within the measured time.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    errors: usize,
+    hits: usize,
+}
+
+/// One connection's request loop: latencies of the successful requests, the failures and the
+/// cache hits among the successes.
 async fn load_worker(
     client: Http,
-    url: String,
+    target: Target,
+    i: usize,
     from: Instant,
     until: Instant,
-) -> (Vec<Duration>, usize) {
-    let (mut latencies, mut errors) = (Vec::new(), 0);
-    loop {
+) -> Tally {
+    let mut tally = Tally::default();
+    for n in i.. {
+        let url = &target.urls[n % target.urls.len()];
         let start = Instant::now();
         if start >= until {
             break;
         }
-        let ok = matches!(get(&client, &url).await, Ok((StatusCode::OK, _)));
+        let answer = get_full(&client, url).await;
         let end = Instant::now();
         if start < from || end > until {
             continue;
         }
-        if ok {
-            latencies.push(end - start);
-        } else {
-            errors += 1;
+        match answer {
+            Ok((StatusCode::OK, headers, body))
+                if target.body_len.is_none_or(|len| len == body.len()) =>
+            {
+                tally.latencies.push(end - start);
+                let hit = target
+                    .hit_header
+                    .and_then(|name| headers.get(name))
+                    .is_some_and(|v| v.as_bytes() == b"HIT");
+                tally.hits += usize::from(hit);
+            }
+            _ => tally.errors += 1,
         }
     }
-    (latencies, errors)
+    tally
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -675,30 +796,284 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scenario 4: cached answers (arrives with the response cache)
+// Scenario 4: cached answers
 // ---------------------------------------------------------------------------------------------
 
-/// One row of the cached-answers table: what is measured, and the result once it can be.
+/// Scenario 4's results.
+struct Cached {
+    /// The proxy: single-stage page, merged page; nginx: single-stage page.
+    rows: Vec<CachedRow>,
+    /// Requests the simulator saw while the caches were measured (must be 0).
+    upstream_during_load: usize,
+    /// How many leads each stage of the pages holds (the single stage first).
+    stage_leads: Vec<usize>,
+    rss: Option<Rss>,
+}
+
+/// One row of the cached-answers table.
 struct CachedRow {
     target: &'static str,
     stats: Option<LoadStats>,
+    body_bytes: usize,
 }
 
-/// THE PLACE FOR THE RESPONSE CACHE'S ROWS. When the proxy gains a response cache, measure here
-/// cached answers/s and p50/p99 at 32 connections ([`load`] with [`CONNECTIONS`]) for the proxy
-/// answering from its cache, and for nginx with `proxy_cache` in front of the same upstream.
-/// Until then nothing is measured and the rows read [`NO_CACHE`]: no numbers are made up.
-async fn cached_answers(_mode: &Mode) -> Vec<CachedRow> {
-    vec![
-        CachedRow {
-            target: "kommo-fanout, answered from its response cache",
+impl CachedRow {
+    fn hit_ratio(&self) -> Option<f64> {
+        let s = self.stats?;
+        Some(s.hits as f64 / s.requests.max(1) as f64)
+    }
+}
+
+/// The proxy with its cache on and nginx `proxy_cache`, both in front of the simulator, each
+/// warmed, then loaded with 32 connections asking the same page over and over.
+async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached {
+    const TARGETS: [(&str, &str); 4] = [
+        (
+            "proxy single",
+            "kommo-fanout: single-stage page from its answer cache",
+        ),
+        (
+            "proxy merged",
+            "kommo-fanout: merged 5-stage page from its answer cache",
+        ),
+        (
+            "nginx cache",
+            "nginx `proxy_cache` (1 worker): the same single-stage page from its cache",
+        ),
+        (
+            "nginx cache 2w",
+            "nginx `proxy_cache` (`worker_processes auto`): the same single-stage page",
+        ),
+    ];
+    let sim = Sim::spawn(sim_config()).await.expect("simulator starts");
+    let by_size = stages_by_size(&sim);
+    let stage_leads = by_size.iter().take(CACHED_STAGES).map(|s| s.1).collect();
+    let stages: Vec<(i64, i64)> = by_size.iter().take(CACHED_STAGES).map(|s| s.0).collect();
+    let Some(nginx) = ensure_nginx() else {
+        eprintln!("  nginx is not available: scenario 4 skipped");
+        let rows = TARGETS.map(|(_, target)| CachedRow {
+            target,
             stats: None,
+            body_bytes: 0,
+        });
+        return Cached {
+            rows: rows.into(),
+            upstream_during_load: 0,
+            stage_leads,
+            rss: None,
+        };
+    };
+    let proxy = Proxy::start(
+        binary,
+        &sim.base_url(),
+        &["--cache-ttl", "10m"],
+        &[QUIET],
+        scratch,
+        "proxy-cache",
+    )
+    .await;
+    let idle = proxy.rss();
+    let sim_port = sim.addr().port();
+    let (nginx_port, auto_port) = (free_port(), free_port());
+    let _nginx = Nginx::start(
+        &nginx,
+        scratch,
+        "cache",
+        &cache_server(nginx_port, sim_port, &scratch.path, "cache"),
+    );
+    let _nginx_auto = Nginx::start_workers(
+        &nginx,
+        scratch,
+        "cache-auto",
+        &cache_server(auto_port, sim_port, &scratch.path, "cache-auto"),
+        "auto",
+    );
+    let single = cached_query(&stages[..1]);
+    let merged = cached_query(&stages);
+    let urls = [
+        (format!("{}/api/v4/leads?{single}", proxy.base), "x-cache"),
+        (format!("{}/api/v4/leads?{merged}", proxy.base), "x-cache"),
+        (
+            format!("http://127.0.0.1:{nginx_port}/api/v4/leads?{single}"),
+            "x-cache-status",
+        ),
+        (
+            format!("http://127.0.0.1:{auto_port}/api/v4/leads?{single}"),
+            "x-cache-status",
+        ),
+    ];
+    let mut targets = Vec::new();
+    for (url, header) in urls {
+        let body_len = warm(&url, header).await;
+        targets.push(Target {
+            urls: vec![url],
+            hit_header: Some(header),
+            body_len: Some(body_len),
+        });
+    }
+    sim.clear_requests();
+    let mut rows = Vec::new();
+    for (target, (short, name)) in targets.iter().zip(TARGETS) {
+        let stats = load(target, CONNECTIONS, mode.warmup, mode.load).await;
+        log_load(short, &stats);
+        let row = CachedRow {
+            target: name,
+            stats: Some(stats),
+            body_bytes: target.body_len.unwrap_or(0),
+        };
+        eprintln!(
+            "    {} bytes, cache hit ratio {:.4}",
+            row.body_bytes,
+            row.hit_ratio().unwrap_or(0.0)
+        );
+        assert!(
+            stats.requests > 0 && stats.errors == 0 && stats.hits == stats.requests,
+            "{name}: every measured answer must be a cache hit: {} requests, {} hits, {} errors",
+            stats.requests,
+            stats.hits,
+            stats.errors
+        );
+        rows.push(row);
+    }
+    let upstream_during_load = sim.request_count();
+    Cached {
+        rows,
+        upstream_during_load,
+        stage_leads,
+        rss: Some(Rss {
+            idle,
+            after: proxy.rss(),
+        }),
+    }
+}
+
+/// Fills a cache with `url`'s answer: asks until `header` says `HIT` twice in a row (waiting
+/// out a `429`, which no cache keeps); returns the answer's length.
+async fn warm(url: &str, header: &str) -> usize {
+    let client = http_client(1);
+    let mut hits = 0;
+    for _ in 0..50 {
+        let (status, headers, body) = get_full(&client, url).await.expect("warm-up answer");
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // nginx has no limiter: its miss may find the simulator's window full.
+            tokio::time::sleep(retry_after(&body)).await;
+            continue;
+        }
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "warm-up of {url}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let hit = headers.get(header).is_some_and(|v| v.as_bytes() == b"HIT");
+        hits = if hit { hits + 1 } else { 0 };
+        if hits == 2 {
+            return body.len();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} never answered `{header}: HIT`");
+}
+
+/// The leads query of scenario 4: the stages, Kommo's largest page, newest first.
+fn cached_query(stages: &[(i64, i64)]) -> String {
+    let pairs = leads_query(stages);
+    let pairs = &pairs[..pairs.find("limit=").expect("limit")];
+    format!("{pairs}limit={CACHED_LIMIT}&order[created_at]=desc")
+}
+
+/// The stages with live leads, largest first, with their lead counts.
+fn stages_by_size(sim: &Sim) -> Vec<((i64, i64), usize)> {
+    let mut counts: HashMap<(i64, i64), usize> = HashMap::new();
+    for lead in sim.leads().iter().filter(|l| !l.is_deleted) {
+        *counts
+            .entry((lead.pipeline_id, lead.status_id))
+            .or_default() += 1;
+    }
+    let mut by_size: Vec<_> = counts.into_iter().collect();
+    by_size.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    by_size
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 5: dashboard load
+// ---------------------------------------------------------------------------------------------
+
+/// Scenario 5's results.
+struct Dashboard {
+    stats: LoadStats,
+    duration: Duration,
+    ttl: Duration,
+    upstream: usize,
+    minimum: usize,
+    max_window: usize,
+    too_many: usize,
+    rss: Rss,
+}
+
+/// 100 clients polling 5 multi-stage views (disjoint stages) through the proxy with its cache on,
+/// the simulator at 100 ms with its 7/s limit; the simulator's log counts what went upstream.
+async fn dashboard(mode: &Mode, binary: &Path, scratch: &Scratch) -> Dashboard {
+    let sim = Sim::spawn(sim_config()).await.expect("simulator starts");
+    let total: usize = VIEWS.iter().sum();
+    let (stages, padded) = pick_stages(&sim, total);
+    assert_eq!(
+        padded, 0,
+        "the account has fewer than {total} stages with leads"
+    );
+    let ttl = mode.dashboard_ttl();
+    let ttl_flag = humantime::format_duration(ttl).to_string();
+    let extra: &[&str] = if ttl == DEFAULT_TTL {
+        &[]
+    } else {
+        &["--cache-ttl", &ttl_flag]
+    };
+    let proxy = Proxy::start(
+        binary,
+        &sim.base_url(),
+        extra,
+        &[QUIET],
+        scratch,
+        "proxy-dashboard",
+    )
+    .await;
+    let idle = proxy.rss();
+    let mut rest = &stages[..];
+    let mut urls = Vec::new();
+    for n in VIEWS {
+        let (view, tail) = rest.split_at(n);
+        urls.push(format!("{}/api/v4/leads?{}", proxy.base, leads_query(view)));
+        rest = tail;
+    }
+    let target = Target {
+        urls,
+        hit_header: Some("x-cache"),
+        body_len: None,
+    };
+    let duration = mode.dashboard;
+    sim.clear_requests();
+    let stats = load(&target, DASHBOARD_CLIENTS, Duration::ZERO, duration).await;
+    log_load("dashboard", &stats);
+    let arrivals = sim.requests();
+    let periods = duration.as_nanos().div_ceil(ttl.as_nanos()) as usize;
+    let result = Dashboard {
+        stats,
+        duration,
+        ttl,
+        upstream: arrivals.len(),
+        minimum: total * periods,
+        max_window: max_in_window(arrivals.iter().map(|r| r.at).collect()),
+        too_many: arrivals.iter().filter(|r| r.status == 429).count(),
+        rss: Rss {
+            idle,
+            after: proxy.rss(),
         },
-        CachedRow {
-            target: "nginx `proxy_cache` in front of the same upstream",
-            stats: None,
-        },
-    ]
+    };
+    eprintln!(
+        "    upstream {} (minimum {}), max in 1 s {}, 429s {}",
+        result.upstream, result.minimum, result.max_window, result.too_many
+    );
+    result
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -771,11 +1146,13 @@ struct Proxy {
 }
 
 impl Proxy {
-    /// `kommo-fanout serve` on free loopback ports; returns once `/healthz` answers 200.
+    /// `kommo-fanout serve` on free loopback ports, with `env` on top of the bench's environment
+    /// (minus any `KOMMO_FANOUT_*`); returns once `/healthz` answers 200.
     async fn start(
         binary: &Path,
         upstream: &str,
         extra: &[&str],
+        env: &[(&str, &str)],
         scratch: &Scratch,
         name: &'static str,
     ) -> Proxy {
@@ -784,7 +1161,7 @@ impl Proxy {
         let child = Command::new(binary)
             .env_clear()
             .envs(std::env::vars().filter(|(k, _)| !k.starts_with("KOMMO_FANOUT_")))
-            .envs(CACHE_OFF)
+            .envs(env.iter().copied())
             .arg("serve")
             .args(["--upstream", upstream])
             .args(["--listen", &format!("127.0.0.1:{listen}")])
@@ -873,18 +1250,30 @@ fn proxy_binary() -> PathBuf {
     fallback
 }
 
-/// A running nginx (master with one worker), stopped on drop.
+/// A running nginx (a master and its workers), stopped on drop.
 struct Nginx {
     _guard: Guard,
 }
 
 impl Nginx {
-    /// Writes `name.conf` with `server` as its only server block and starts nginx on it.
+    /// Writes `name.conf` with `server` as its only server block and starts nginx (one worker)
+    /// on it.
     fn start(nginx: &Path, scratch: &Scratch, name: &'static str, server: &str) -> Nginx {
+        Nginx::start_workers(nginx, scratch, name, server, "1")
+    }
+
+    /// [`Nginx::start`] with `worker_processes workers`.
+    fn start_workers(
+        nginx: &Path,
+        scratch: &Scratch,
+        name: &'static str,
+        server: &str,
+        workers: &str,
+    ) -> Nginx {
         let dir = &scratch.path;
         let conf = dir.join(format!("nginx-{name}.conf"));
         let log = dir.join(format!("nginx-{name}.log"));
-        fs::write(&conf, nginx_conf(dir, name, server)).expect("nginx config");
+        fs::write(&conf, nginx_conf(dir, name, server, workers)).expect("nginx config");
         let child = Command::new(nginx)
             .arg("-p")
             .arg(dir)
@@ -916,10 +1305,10 @@ fn server_port(server: &str) -> u16 {
     after[..after.find(';').expect(";")].parse().expect("port")
 }
 
-fn nginx_conf(dir: &Path, name: &str, server: &str) -> String {
+fn nginx_conf(dir: &Path, name: &str, server: &str, workers: &str) -> String {
     let d = dir.display();
     format!(
-        "daemon off;\nmaster_process on;\nworker_processes 1;\n\
+        "daemon off;\nmaster_process on;\nworker_processes {workers};\n\
          pid {d}/nginx-{name}.pid;\nerror_log {d}/nginx-{name}.log warn;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n\
@@ -944,6 +1333,27 @@ fn proxy_server(port: u16, upstream: u16) -> String {
         "  upstream static {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
          server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://static;\n\
          proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}"
+    )
+}
+
+/// nginx with `proxy_cache` in front of the simulator: every 200 is kept 10 minutes per URI and
+/// `Authorization` (the upstream's caching headers ignored), `X-Cache-Status` tells a hit. Links
+/// point at nginx (`Host` passed on), as the proxy's point at the proxy. `sendfile` on, as in
+/// Debian's stock `nginx.conf`.
+fn cache_server(port: u16, upstream: u16, dir: &Path, name: &str) -> String {
+    let d = dir.display();
+    format!(
+        "  proxy_cache_path {d}/nginx-{name}-store levels=1:2 keys_zone=answers:16m max_size=1g \
+         inactive=1h use_temp_path=off;\n\
+         upstream sim {{ server 127.0.0.1:{upstream}; keepalive 16; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    sendfile on;\n    tcp_nopush on;\n\
+         location / {{\n      proxy_pass http://sim;\n      proxy_http_version 1.1;\n\
+         proxy_set_header Connection \"\";\n      proxy_set_header Host $http_host;\n\
+         proxy_cache answers;\n\
+         proxy_cache_key \"$scheme$proxy_host$request_uri $http_authorization\";\n\
+         proxy_cache_valid 200 10m;\n      proxy_cache_lock on;\n\
+         proxy_ignore_headers Cache-Control Expires Set-Cookie Vary;\n\
+         add_header X-Cache-Status $upstream_cache_status always;\n    }}\n  }}"
     )
 }
 
@@ -989,18 +1399,21 @@ fn http_client(pool: usize) -> Http {
 
 /// `GET url` with the demo token, body read to the end.
 async fn get(client: &Http, url: &str) -> Result<(StatusCode, Bytes), String> {
+    get_full(client, url)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// `GET url` with the demo token: status, headers, and the body read to the end.
+async fn get_full(client: &Http, url: &str) -> Result<(StatusCode, HeaderMap, Bytes), String> {
     let req = Request::get(url)
         .header(http::header::AUTHORIZATION, AUTH)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((status, body.to_bytes()))
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?;
+    Ok((parts.status, parts.headers, body.to_bytes()))
 }
 
 /// A loopback port free right now (bound and released).
@@ -1079,7 +1492,8 @@ struct Report {
     command: &'static str,
     cold: ColdPages,
     pass: PassThrough,
-    cached: Vec<CachedRow>,
+    cached: Cached,
+    dashboard: Dashboard,
     took: Duration,
 }
 
@@ -1091,6 +1505,7 @@ impl Report {
         self.pass_table(&mut out);
         self.rss_table(&mut out);
         self.cached_table(&mut out);
+        self.dashboard_table(&mut out);
         out
     }
 
@@ -1103,7 +1518,10 @@ impl Report {
              run, do not edit it by hand.\n\n\
              - date: {}\n- machine: {} CPUs (`nproc`), {}, {}\n- toolchain: {}, release profile\n\
              - nginx: {}\n- took: {:.0} s\n\n\
-             Everything ran on 127.0.0.1, and the load client shares the CPUs with the servers.\n\n",
+             Everything ran on 127.0.0.1, and the load client shares the CPUs with the servers. \
+             Logging is on an equal footing in the throughput scenarios (2, 4, 5): nginx runs with \
+             `access_log off` and the proxy with `RUST_LOG=warn`, so neither writes a line per \
+             request; scenario 1 leaves the proxy at its default level (`info`).\n\n",
             self.command,
             m.date,
             m.nproc,
@@ -1194,7 +1612,7 @@ impl Report {
             ("through nginx as a reverse proxy", p.nginx_proxy),
         ];
         for (name, stats) in rows {
-            let cells = load_cells(stats, "n/a (nginx not available)");
+            let cells = load_cells(stats, NO_NGINX);
             let _ = writeln!(out, "| {name} | {cells} |");
         }
         out.push('\n');
@@ -1203,8 +1621,8 @@ impl Report {
             "\n- **direct**: the floor: the static nginx (1 worker) alone.\n\
              - **kommo-fanout**: the release proxy (tokio, all CPUs) with `--upstream` at the \
              static nginx and its limiter raised out of the way (`--rate-limit 10000 \
-             --rate-window 1ms --rate-margin 0ms`, response cache off); the answer streams through \
-             unchanged.\n\
+             --rate-window 1ms --rate-margin 0ms`, response cache off, `RUST_LOG=warn`); the \
+             answer streams through unchanged.\n\
              - **nginx reverse proxy**: a second nginx (1 worker) with `proxy_pass` to the static \
              one over an upstream keep-alive pool: the baseline for a plain reverse proxy.\n\n",
         );
@@ -1233,47 +1651,171 @@ impl Report {
 
     fn rss_table(&self, out: &mut String) {
         let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
-        let _ = write!(
-            out,
+        let row = |name: &str, rss: Option<Rss>| match rss {
+            Some(r) => format!("| {name} | {} | {} |\n", mib(r.idle), mib(r.after)),
+            None => format!("| {name} | n/a | n/a |\n"),
+        };
+        out.push_str(
             "## 3. Peak RSS of the proxy\n\n\
-             `VmHWM` from `/proc/PID/status` of the proxy child process: once healthy (idle) and \
+             `VmHWM` from `/proc/PID/status` of each proxy child process: once healthy (idle) and \
              after its scenario.\n\n\
-             | proxy process | idle peak MiB | peak MiB after the scenario |\n|---|---:|---:|\n\
-             | scenario 1 (fan-out in front of the simulator) | {} | {} |\n",
-            mib(self.cold.rss.idle),
-            mib(self.cold.rss.after)
+             | proxy process | idle peak MiB | peak MiB after the scenario |\n|---|---:|---:|\n",
         );
-        let pass = self.pass.rss.map_or(
-            "| scenario 2 (pass-through, 32 connections) | n/a | n/a |\n".to_string(),
-            |r| {
-                format!(
-                    "| scenario 2 (pass-through, 32 connections) | {} | {} |\n",
-                    mib(r.idle),
-                    mib(r.after)
-                )
-            },
-        );
-        out.push_str(&pass);
+        out.push_str(&row(
+            "scenario 1 (fan-out in front of the simulator)",
+            Some(self.cold.rss),
+        ));
+        out.push_str(&row(
+            "scenario 2 (pass-through, 32 connections)",
+            self.pass.rss,
+        ));
+        out.push_str(&row(
+            "scenario 4 (cached answers, 32 connections)",
+            self.cached.rss,
+        ));
+        out.push_str(&row(
+            "scenario 5 (dashboard, 100 clients)",
+            Some(self.dashboard.rss),
+        ));
         out.push('\n');
     }
 
     fn cached_table(&self, out: &mut String) {
-        out.push_str(
-            "## 4. Cached answers (arrives with the response cache)\n\n\
-             Cached answers/s and p50/p99 at 32 connections, the proxy vs nginx `proxy_cache`. \
-             Not measured until the proxy has a response cache (`cached_answers` in \
-             `benches/end_to_end.rs`).\n\n\
-             | target | requests/s | p50 ms | p99 ms | requests | errors |\n\
-             |---|---:|---:|---:|---:|---:|\n",
+        let c = &self.cached;
+        let leads = |n: &[usize]| {
+            n.iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = write!(
+            out,
+            "## 4. Cached answers\n\n\
+             One leads page asked over and over by {CONNECTIONS} concurrent keep-alive connections, \
+             answered from a warm cache, measured for the run's load time after a warm-up. The \
+             page: `limit={CACHED_LIMIT}&order[created_at]=desc` of the account's largest stage \
+             ({} leads), and for the merged page of its {CACHED_STAGES} largest ({} leads). Every \
+             cache sits in front of one simulator set up as in scenario 1. Every measured answer \
+             was a cache hit (asserted; the hit ratio is in the table) and the simulator saw {} \
+             request(s) while the caches were measured.\n\n\
+             | target | body bytes | cache hits | requests/s | p50 ms | p99 ms | requests | errors |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n",
+            leads(&c.stage_leads[..1.min(c.stage_leads.len())]),
+            leads(&c.stage_leads),
+            c.upstream_during_load
         );
-        for row in &self.cached {
+        for row in &c.rows {
+            let hits = row
+                .hit_ratio()
+                .map_or("n/a".to_string(), |r| format!("{:.1}%", r * 100.0));
             let _ = writeln!(
                 out,
-                "| {} | {} |",
+                "| {} | {} | {hits} | {} |",
                 row.target,
-                load_cells(row.stats, NO_CACHE)
+                row.body_bytes,
+                load_cells(row.stats, NO_NGINX)
             );
         }
+        out.push('\n');
+        let stats = |i: usize| c.rows.get(i).and_then(|r| r.stats);
+        match (stats(0), stats(1), stats(2), stats(3)) {
+            (Some(single), Some(merged), Some(one), Some(auto)) => {
+                let pages = [
+                    ("single-stage page", single),
+                    ("merged 5-stage page", merged),
+                ];
+                let nginxes = [("1 worker", one), ("`worker_processes auto`", auto)];
+                for (page, proxy) in pages {
+                    for (workers, nginx) in nginxes {
+                        let _ = writeln!(
+                            out,
+                            "- proxy {page} / nginx `proxy_cache` ({workers}), single-stage page: \
+                             throughput {:.2}, p50 {:+.2} ms, p99 {:+.2} ms",
+                            proxy.rps / nginx.rps,
+                            ms_f(proxy.p50) - ms_f(nginx.p50),
+                            ms_f(proxy.p99) - ms_f(nginx.p99),
+                        );
+                    }
+                }
+            }
+            _ => out.push_str("Ratios: n/a (nginx not available)\n"),
+        }
+        out.push_str(
+            "\n- **kommo-fanout**: the release proxy (tokio, all CPUs) with `--cache-ttl 10m` and \
+             `RUST_LOG=warn`, the simulator as its upstream; warmed until it answers \
+             `X-Cache: HIT`. The single-stage page is relayed (hrefs moved to the proxy) and \
+             stored; the 5-stage page is the merged HAL page, stored ready.\n\
+             - **nginx `proxy_cache`**: nginx (1 worker, or `worker_processes auto` = one per CPU \
+             like the proxy's runtime; `sendfile on`, `access_log off`) with \
+             `proxy_pass` to the simulator, `proxy_cache_path` in the scratch directory, \
+             `proxy_cache_key \"$scheme$proxy_host$request_uri $http_authorization\"`, \
+             `proxy_cache_valid 200 10m`, `proxy_ignore_headers Cache-Control Expires Set-Cookie \
+             Vary` and `add_header X-Cache-Status $upstream_cache_status`; warmed until it \
+             answers `HIT`. nginx cannot merge stages, so the merged page has no nginx row: its \
+             ratios are taken against nginx's single-stage page (a body of similar size).\n\
+             - **cache hits**: the share of measured answers with `X-Cache: HIT` (proxy) or \
+             `X-Cache-Status: HIT` (nginx); an answer of another length than the warm one counts \
+             as an error.\n\n",
+        );
+    }
+
+    fn dashboard_table(&self, out: &mut String) {
+        let d = &self.dashboard;
+        let views = VIEWS
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let total: usize = VIEWS.iter().sum();
+        let periods = d.minimum / total.max(1);
+        let ttl = if d.ttl == DEFAULT_TTL {
+            format!("{} s (the default)", d.ttl.as_secs())
+        } else {
+            format!("{} s (`--cache-ttl`)", d.ttl.as_secs())
+        };
+        let s = &d.stats;
+        let _ = write!(
+            out,
+            "## 5. Dashboard load\n\n\
+             {DASHBOARD_CLIENTS} concurrent clients poll {} multi-stage views (stages per view: \
+             {views}; {total} distinct stages with leads, `limit={PAGE}&order[created_at]=desc`) \
+             in a closed loop, each client going round the views from its own starting view, for \
+             {} s from a cold start. The proxy: the release binary, default limiter ({RATE} per \
+             1 s), response cache TTL {ttl}, `RUST_LOG=warn`. The simulator: 100 ms latency, its \
+             own limit of {RATE} in any 1 s.\n\n\
+             | upstream requests | minimum | max arrivals in 1 s | simulator 429s | answers/s | p50 ms | p99 ms | max ms | answers | cache hits | errors |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
+             | {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {} | {:.2}% | {} |\n\n",
+            VIEWS.len(),
+            d.duration.as_secs(),
+            d.upstream,
+            d.minimum,
+            d.max_window,
+            d.too_many,
+            s.rps,
+            ms_f(s.p50),
+            ms_f(s.p99),
+            ms_f(s.max),
+            s.requests,
+            s.hits as f64 * 100.0 / s.requests.max(1) as f64,
+            s.errors,
+        );
+        let _ = write!(
+            out,
+            "- **upstream requests**: every request the simulator saw during the run (its own \
+             log).\n\
+             - **minimum**: each view's stages fetched once per TTL period: {total} stages x \
+             ceil({} s / {} s) = {total} x {periods} = {}.\n\
+             - **max arrivals in 1 s**, **simulator 429s**: the limit holds when the max is <= \
+             {RATE} and there is no 429 (must be 0).\n\
+             - **answers/s**, **p50/p99/max**: all {DASHBOARD_CLIENTS} clients' `200` answers \
+             within the run, the cold fills and the refills after each expiry included (the \
+             max is a client that waited for a fill behind the limiter).\n\
+             - **cache hits**: answers with `X-Cache: HIT`.\n",
+            d.duration.as_secs(),
+            d.ttl.as_secs(),
+            d.minimum,
+        );
     }
 }
 
