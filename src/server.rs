@@ -72,7 +72,8 @@ pub async fn handle(
     if let Err(e) = check_bounds(&gw.settings.bounds, &parts) {
         return e.into_response();
     }
-    metrics.in_flight.inc();
+    // A guard, so a request dropped because its client left is counted out too.
+    let _in_flight = InFlight::enter(metrics);
     let ctx = gw.context(&parts);
     let work = Box::pin(async {
         gw.check_client_quota(&ctx, peer.ip())?;
@@ -98,7 +99,6 @@ pub async fn handle(
         span.in_scope(|| debug!(error = %e.status(), "request failed"));
         e.into_response()
     });
-    metrics.in_flight.dec();
     let status = resp.status().as_u16();
     metrics
         .client_requests
@@ -167,6 +167,22 @@ fn check_bounds(bounds: &Bounds, parts: &http::request::Parts) -> Result<(), Pro
         ));
     }
     Ok(())
+}
+
+/// Counts a request in `kommo_fanout_in_flight_requests` for as long as it lives.
+struct InFlight<'a>(&'a crate::metrics::Metrics);
+
+impl<'a> InFlight<'a> {
+    fn enter(metrics: &'a crate::metrics::Metrics) -> Self {
+        metrics.in_flight.inc();
+        InFlight(metrics)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
 }
 
 /// A client's request id is kept when it is short and plain; otherwise one is generated.

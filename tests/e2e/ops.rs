@@ -329,3 +329,40 @@ fn config_precedence_is_flags_then_environment_then_file() {
     );
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test]
+async fn a_request_whose_client_left_is_no_longer_counted_in_flight() {
+    let s = std::sync::Arc::new(
+        stack_with(
+            SimConfig {
+                latency: Duration::from_millis(600),
+                ..sim_config(300)
+            },
+            |_| {},
+        )
+        .await,
+    );
+    let gone = {
+        let s = s.clone();
+        tokio::spawn(async move { s.get("/api/v4/account", TOKEN).await })
+    };
+    while s.sim.request_count() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gone.abort();
+    let _ = gone.await;
+    let metrics = format!("{}/metrics", s.admin);
+    let mut in_flight = f64::NAN;
+    for _ in 0..100 {
+        let text = s.request(http::Method::GET, &metrics, None, "").await;
+        in_flight = sample(
+            &String::from_utf8_lossy(&text.body),
+            "kommo_fanout_in_flight_requests",
+        );
+        if in_flight == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(in_flight, 0.0);
+}
