@@ -143,10 +143,12 @@ impl Upstream {
             .enable_http2()
             .wrap_connector(http);
         // The idle timeout only takes effect with a pool timer: without it, idle connections
-        // to the upstream stay open for ever.
+        // to the upstream stay open for ever. 30 s sits below the keep-alive timeouts servers
+        // commonly use (nginx: 75 s), so a pooled connection is not reused just as the upstream
+        // closes it; the reaper runs once per timeout, so one closes within 60 s of going idle.
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
         Ok(Upstream { config, client })
     }
