@@ -44,6 +44,13 @@ pub fn parse_page(body: &Bytes, order_field: OrderField) -> Result<Vec<LeadRef>,
         .into_iter()
         .enumerate()
         .map(|(i, raw)| {
+            // serde reads a struct from a JSON array too (`[5]` as `{"id":5}`): a lead that is
+            // not an object is no lead.
+            if !raw.get().starts_with('{') {
+                return Err(format!(
+                    "lead {i} of the upstream page is not a JSON object"
+                ));
+            }
             let keys: Keys = serde_json::from_str(raw.get()).map_err(|e| {
                 format!("lead {i} of the upstream page has no usable id or order field: {e}")
             })?;
@@ -99,6 +106,26 @@ mod tests {
             let err = parse_page(&Bytes::copy_from_slice(body), OrderField::CreatedAt);
             assert!(err.is_err(), "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn fuzz_leads_that_are_not_objects_are_errors() {
+        // Found by fuzz/page_parse: `[[[[1]]]]` parsed as a page holding the lead `[1]` with id 1,
+        // since serde reads a struct from a sequence.
+        for body in [
+            &b"[[[[1]]    ]            ]"[..],
+            br#"{"_embedded":{"leads":[[7,1,2]]}}"#,
+            br#"{"_embedded":{"leads":[{"id":1},[2]]}}"#,
+        ] {
+            let err = parse_page(&Bytes::copy_from_slice(body), OrderField::Id);
+            assert!(err.is_err(), "{}", String::from_utf8_lossy(body));
+        }
+        let ok = parse_page(
+            &Bytes::from_static(br#"{"_embedded":{"leads":[ {"id":1} ]}}"#),
+            OrderField::Id,
+        )
+        .unwrap();
+        assert_eq!(&ok[0].raw[..], br#"{"id":1}"#);
     }
 
     #[test]
