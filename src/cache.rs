@@ -406,25 +406,28 @@ const SET_FILTERS: &[&str] = &[
 /// alike map to the same string.
 pub fn canonical_target(target: &str) -> String {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let mut params: Vec<(String, String)> = split_params(query)
+    // (key, value, whether the key is an unordered set, position): values of a set filter are
+    // sorted and deduplicated; any other repeated parameter keeps its order, since the
+    // upstream (PHP) lets the last one win and `query=a&query=b` is not `query=b&query=a`.
+    let mut params: Vec<(String, String, bool, usize)> = split_params(query)
         .into_iter()
-        .map(|p| {
-            let key = match key_path(&p.key) {
-                Some(("filter", segs)) if segs.len() == 2 && SET_FILTERS.contains(&segs[0]) => {
-                    format!("filter[{}][]", segs[0])
-                }
-                Some(("filter", segs)) if segs.len() == 1 && SET_FILTERS.contains(&segs[0]) => {
-                    format!("filter[{}][]", segs[0])
-                }
-                _ => p.key,
-            };
-            (key, p.value)
+        .enumerate()
+        .map(|(i, p)| match key_path(&p.key) {
+            Some(("filter", segs))
+                if (segs.len() == 1 || segs.len() == 2) && SET_FILTERS.contains(&segs[0]) =>
+            {
+                (format!("filter[{}][]", segs[0]), p.value, true, i)
+            }
+            _ => (p.key, p.value, false, i),
         })
         .collect();
-    params.sort();
-    params.dedup();
+    params.sort_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| if a.2 { a.1.cmp(&b.1) } else { a.3.cmp(&b.3) })
+    });
+    params.dedup_by(|a, b| a.2 && a.0 == b.0 && a.1 == b.1);
     let mut out = form_urlencoded::Serializer::new(String::new());
-    for (k, v) in &params {
+    for (k, v, _, _) in &params {
         out.append_pair(k, v);
     }
     format!("{path}?{}", out.finish())
@@ -457,6 +460,20 @@ mod tests {
                 .unwrap()
                 .0,
             StatusCode::NO_CONTENT
+        );
+    }
+
+    #[test]
+    fn repeated_scalars_keep_their_order_in_the_key() {
+        // The upstream keeps the last of a repeated scalar: `query=a&query=b` is not
+        // `query=b&query=a`, and must not share a cache entry with it.
+        assert_ne!(
+            canonical_target("/api/v4/leads?query=a&query=b"),
+            canonical_target("/api/v4/leads?query=b&query=a")
+        );
+        assert_eq!(
+            canonical_target("/api/v4/leads?query=a&limit=5&query=b"),
+            canonical_target("/api/v4/leads?limit=5&query=a&query=b")
         );
     }
 

@@ -6,12 +6,14 @@ use arbitrary::Arbitrary;
 use kommo_fanout::leads::query::{Direction, Order, OrderField};
 use libfuzzer_sys::fuzz_target;
 
+/// One stream: its page size and its leads as (id, sort, sort is null).
+type RawStream = (u8, Vec<(u8, i8, bool)>);
+
 #[derive(Debug, Arbitrary)]
 struct Input {
     field: u8,
     desc: bool,
-    /// Per stream: its page size and its leads as (id, sort, sort is null).
-    streams: Vec<(u8, Vec<(u8, i8, bool)>)>,
+    streams: Vec<RawStream>,
     /// Spread ids and sort values over the whole i64 range instead of a small one.
     wide: bool,
 }

@@ -643,8 +643,8 @@ mod tests {
 
     #[test]
     fn fuzz_leading_spaces_do_not_hide_a_stage_or_an_order() {
-        // Found by fuzz/query_parse: PHP drops leading spaces of a name, so these reached every
-        // fan-out stream as a second stage (or order) when forwarded raw.
+        // Broke the fuzz/query_parse invariant: PHP drops leading spaces of a name, so these
+        // reached every fan-out stream as a second stage (or order) when forwarded raw.
         let q = ok("+filter[statuses][1][pipeline_id]=5&%20filter[statuses][1][status_id]=6&filter[statuses][0][pipeline_id]=1&filter[statuses][0][status_id]=2");
         assert_eq!(q.pairs, vec![pair(1, 2), pair(5, 6)]);
         assert!(q.forward.is_empty());

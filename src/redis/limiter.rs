@@ -178,7 +178,6 @@ enum Held {
     Fallback(GrantId),
 }
 
-
 /// The local queue of one key, in front of Redis.
 #[derive(Default)]
 struct KeyQueue {

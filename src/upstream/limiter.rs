@@ -170,7 +170,6 @@ struct Limits {
     span: Duration,
 }
 
-
 struct Inner {
     /// Per-key state; entries are never removed: keys are upstream origins, a handful at most.
     keys: HashMap<String, KeyState>,

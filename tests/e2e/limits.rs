@@ -10,8 +10,8 @@ use std::time::Duration;
 use futures::future::join_all;
 use kommo_fanout::config::ServeConfig;
 use kommo_fanout::sim::{Fault, FaultRule, SimConfig, SimRateLimit};
-use tokio::time::Instant;
 
+use crate::support::max_in_window;
 use crate::support::*;
 
 const LEADS: usize = 3000;
@@ -35,20 +35,6 @@ fn sim_limited(n: u32, window: Duration) -> SimConfig {
         }),
         ..sim_config(LEADS)
     }
-}
-
-/// The most arrivals within any window of length `window`.
-fn max_in_window(mut at: Vec<Instant>, window: Duration) -> usize {
-    at.sort();
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..at.len() {
-        while at[end] - at[start] >= window {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
 }
 
 #[tokio::test]

@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::support::max_in_window;
 use crate::support::{sim_config, stage_sizes, stages, truth, Answer, BY_ID, TOKEN};
 
 const LEADS: usize = 3000;
@@ -234,20 +235,6 @@ async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Answer {
         headers: parts.headers,
         body,
     }
-}
-
-/// The most arrivals within any window of length `window`.
-fn max_in_window(mut at: Vec<Instant>, window: Duration) -> usize {
-    at.sort();
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..at.len() {
-        while at[end] - at[start] >= window {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
 }
 
 /// The `n` largest stages of the account.

@@ -291,3 +291,17 @@ pub fn largest_stages(s: &Stack, n: usize) -> Vec<(i64, i64)> {
         .map(|&(p, st, _)| (p, st))
         .collect()
 }
+
+/// The most arrivals within any window of length `window`.
+pub fn max_in_window(mut at: Vec<tokio::time::Instant>, window: std::time::Duration) -> usize {
+    at.sort();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..at.len() {
+        while at[end] - at[start] >= window {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
