@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: formatting, lints, unit, property and
 # end-to-end tests, and a single pass of each micro-benchmark (so benchmarks keep compiling and
-# running, as `cargo test --all-targets` does for criterion benches). Installs what the tests need when it is missing.
+# running, as `cargo test --all-targets` does for criterion benches). Installs what the tests
+# need when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,5 +36,11 @@ docker-compose -f docker-compose.yml config -q
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-cargo test --all-targets
-cargo test --doc
+
+# The tests, then one closing line that sums every runner's results.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --doc 2>&1 | tee "$log"
+cargo test --all-targets 2>&1 | tee -a "$log"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
