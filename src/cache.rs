@@ -196,6 +196,20 @@ pub enum FillError<E> {
     Uncacheable(Arc<Entry>),
 }
 
+impl<E> FillError<E> {
+    /// The answer of a lookup whose fill produced nothing to store: an uncacheable answer is
+    /// still the answer (a miss); a failure is the caller's error.
+    pub fn settle(
+        result: Result<(Arc<Entry>, Outcome), FillError<E>>,
+    ) -> Result<(Arc<Entry>, Outcome), E> {
+        match result {
+            Ok(found) => Ok(found),
+            Err(FillError::Uncacheable(entry)) => Ok((entry, Outcome::Miss)),
+            Err(FillError::Failed(e)) => Err(e),
+        }
+    }
+}
+
 /// Both cache levels.
 pub struct Cache {
     config: CacheConfig,

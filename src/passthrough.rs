@@ -7,7 +7,7 @@ use hyper::body::Incoming;
 use std::sync::atomic::Ordering;
 
 use crate::body::{self, CappedBody, ProxyBody};
-use crate::cache::{Cache, Entry, FillError, Outcome};
+use crate::cache::{Cache, Entry, FillError};
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, RequestContext};
 use crate::leads;
@@ -147,11 +147,7 @@ async fn cached_get(
             .map_err(FillError::Failed)?;
         Ok(Entry::new(generation, status, headers, body, None))
     };
-    let (entry, outcome) = match cache.answer(key, ctx.no_cache, fill).await {
-        Ok(found) => found,
-        Err(FillError::Uncacheable(entry)) => (entry, Outcome::Miss),
-        Err(FillError::Failed(e)) => return Err(e),
-    };
+    let (entry, outcome) = FillError::settle(cache.answer(key, ctx.no_cache, fill).await)?;
     Ok(leads::respond(&entry, Some(outcome)))
 }
 

@@ -52,11 +52,7 @@ pub async fn answer(
             .await
             .map_err(FillError::Failed)
     });
-    let (entry, outcome) = match cache.answer(key.clone(), ctx.no_cache, fill).await {
-        Ok(found) => found,
-        Err(FillError::Uncacheable(entry)) => (entry, Outcome::Miss),
-        Err(FillError::Failed(e)) => return Err(e),
-    };
+    let (entry, outcome) = FillError::settle(cache.answer(key.clone(), ctx.no_cache, fill).await)?;
     tracing::Span::current().record("cache", outcome.as_str());
     if outcome == Outcome::Hit && cache.claim_refresh(&entry) {
         // Stale within --stale-while-revalidate: this answer is served, one refresh runs.

@@ -473,16 +473,10 @@ impl Sim {
 
     /// `POST /api/v4/leads`: a JSON array of leads, all or nothing.
     async fn create_leads(&self, req: Request<Incoming>, base: &str, token: &TokenSpec) -> Reply {
-        let body = match read_json(req).await {
-            Ok(body) => body,
+        let items = match read_json_array(req).await {
+            Ok(items) => items,
             Err(reply) => return reply,
         };
-        let Value::Array(items) = body else {
-            return Reply::simple_problem(400, "Bad Request", "Request body must be a JSON array");
-        };
-        if items.len() > MAX_LIMIT as usize {
-            return Reply::simple_problem(422, "Unprocessable Entity", "Limit 250 per page");
-        }
         let mut patches = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let request_id = match item.get("request_id") {
@@ -550,16 +544,10 @@ impl Sim {
 
     /// `PATCH /api/v4/leads`: a JSON array of changes, each with its `id`.
     async fn patch_leads(&self, req: Request<Incoming>, base: &str, token: &TokenSpec) -> Reply {
-        let body = match read_json(req).await {
-            Ok(body) => body,
+        let items = match read_json_array(req).await {
+            Ok(items) => items,
             Err(reply) => return reply,
         };
-        let Value::Array(items) = body else {
-            return Reply::simple_problem(400, "Bad Request", "Request body must be a JSON array");
-        };
-        if items.len() > MAX_LIMIT as usize {
-            return Reply::simple_problem(422, "Unprocessable Entity", "Limit 250 per page");
-        }
         let mut done = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let request_id = i.to_string();
@@ -640,6 +628,25 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {
         .to_bytes();
     serde_json::from_slice(&bytes)
         .map_err(|_| Reply::simple_problem(400, "Bad Request", "Request body is not valid JSON"))
+}
+
+/// A JSON array of at most 250 items, as Kommo's batch writes take; otherwise the reply to give.
+async fn read_json_array(req: Request<Incoming>) -> Result<Vec<Value>, Reply> {
+    let Value::Array(items) = read_json(req).await? else {
+        return Err(Reply::simple_problem(
+            400,
+            "Bad Request",
+            "Request body must be a JSON array",
+        ));
+    };
+    if items.len() > MAX_LIMIT as usize {
+        return Err(Reply::simple_problem(
+            422,
+            "Unprocessable Entity",
+            "Limit 250 per page",
+        ));
+    }
+    Ok(items)
 }
 
 /// The writable fields of one lead object.
