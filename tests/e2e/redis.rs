@@ -24,7 +24,6 @@ use kommo_fanout::gateway::Gateway;
 use kommo_fanout::redis::{RedisCache, RedisCacheConfig, RedisLimiter, RedisLimiterConfig};
 use kommo_fanout::sim::{Fault, FaultRule, Sim, SimConfig, SimHandle, SimRateLimit};
 use kommo_fanout::upstream::limiter::{LimiterConfig, UpstreamLimiter};
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -167,28 +166,20 @@ async fn replica_with(
         prefix: prefix.to_string(),
         replicas: lim.replicas,
     });
-    let gw = kommo_fanout::gateway(&config)
-        .await
-        .expect("a valid Redis URL");
-    let limiter = gw.shared.as_ref().expect("shared backends").limiter.clone();
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let proxy = format!("http://{}", listener.local_addr().expect("bound"));
-    let admin_url = format!("http://{}", admin.local_addr().expect("bound"));
-    let (tx, rx) = oneshot::channel::<()>();
-    let gateway = gw.clone();
-    tokio::spawn(async move {
-        kommo_fanout::serve(&config, gw, listener, admin, async move {
-            let _ = rx.await;
-        })
-        .await;
-    });
+    let served = crate::support::serve_proxy(config).await;
+    let limiter = served
+        .gateway
+        .shared
+        .as_ref()
+        .expect("shared backends")
+        .limiter
+        .clone();
     Replica {
-        proxy,
-        admin: admin_url,
+        proxy: served.proxy,
+        admin: served.admin,
         limiter,
-        gateway,
-        _stop: tx,
+        gateway: served.gateway,
+        _stop: served.stop,
     }
 }
 

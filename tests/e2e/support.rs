@@ -62,14 +62,35 @@ pub async fn stack_with(sim: SimConfig, tweak: impl FnOnce(&mut ServeConfig)) ->
     // Nor about the cache, which hides upstream faults a test injects; cache tests turn it on.
     config.cache.ttl = std::time::Duration::ZERO;
     tweak(&mut config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = format!("http://{}", listener.local_addr().unwrap());
-    let admin_url = format!("http://{}", admin.local_addr().unwrap());
+    let served = serve_proxy(config).await;
+    Stack {
+        sim,
+        proxy: served.proxy,
+        admin: served.admin,
+        gateway: served.gateway,
+        client: Client::default(),
+        _stop: served.stop,
+    }
+}
+
+/// A proxy built from `config` by the real wiring, serving on loopback port 0 until `stop`
+/// is dropped.
+pub struct Served {
+    pub proxy: String,
+    pub admin: String,
+    pub gateway: std::sync::Arc<kommo_fanout::gateway::Gateway>,
+    pub stop: oneshot::Sender<()>,
+}
+
+pub async fn serve_proxy(config: ServeConfig) -> Served {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy = format!("http://{}", listener.local_addr().expect("bound"));
+    let admin_url = format!("http://{}", admin.local_addr().expect("bound"));
     let gateway = kommo_fanout::gateway(&config)
         .await
         .expect("gateway builds");
-    let (tx, rx) = oneshot::channel::<()>();
+    let (stop, rx) = oneshot::channel::<()>();
     let gw = gateway.clone();
     tokio::spawn(async move {
         kommo_fanout::serve(&config, gw, listener, admin, async move {
@@ -77,13 +98,11 @@ pub async fn stack_with(sim: SimConfig, tweak: impl FnOnce(&mut ServeConfig)) ->
         })
         .await;
     });
-    Stack {
-        sim,
+    Served {
         proxy,
         admin: admin_url,
         gateway,
-        client: Client::default(),
-        _stop: tx,
+        stop,
     }
 }
 
