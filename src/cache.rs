@@ -385,16 +385,17 @@ impl Cache {
         }
         let generation = self.generation();
         let leader = AtomicBool::new(false);
-        let result = level
-            .try_get_with(key, async {
-                leader.store(true, Ordering::Relaxed);
-                let entry = fill.await?;
-                if entry.generation != generation || !entry.cacheable() {
-                    return Err(FillError::Uncacheable(entry));
-                }
-                Ok(entry)
-            })
-            .await;
+        // Boxed: moka's coalescing future is several KiB, and unboxed it would be part of
+        // every lookup's future (and copied with it), hits included.
+        let result = Box::pin(level.try_get_with(key, async {
+            leader.store(true, Ordering::Relaxed);
+            let entry = fill.await?;
+            if entry.generation != generation || !entry.cacheable() {
+                return Err(FillError::Uncacheable(entry));
+            }
+            Ok(entry)
+        }))
+        .await;
         let led = leader.load(Ordering::Relaxed);
         self.count(name, if led { "miss" } else { "coalesced" });
         match result {

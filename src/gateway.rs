@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use tokio::time::Instant;
 
@@ -120,7 +120,8 @@ const PROBE_TTL: Duration = Duration::from_secs(5);
 /// What one client request carries into the fetches it causes.
 #[derive(Clone)]
 pub struct RequestContext {
-    /// The client's headers as they are sent upstream with buffered GETs.
+    /// The client's headers as they are sent upstream with buffered GETs (empty for a request
+    /// relayed as it came, which carries its own headers).
     pub upstream_headers: HeaderMap,
     /// The proxy's base URL as this client reaches it.
     pub public_base: String,
@@ -198,20 +199,23 @@ impl Gateway {
     }
 
     /// The context of one client request.
-    pub fn context(&self, parts: &Parts) -> RequestContext {
+    /// `buffered`: whether the request is answered with GETs the proxy makes itself (the leads
+    /// list, cached pass-through); only those carry [`RequestContext::upstream_headers`].
+    pub fn context(&self, parts: &Parts, buffered: bool) -> RequestContext {
         let mut upstream_headers = HeaderMap::new();
-        for name in UPSTREAM_GET_HEADERS {
-            for v in parts.headers.get_all(&name) {
-                upstream_headers.append(name.clone(), v.clone());
+        if buffered {
+            for name in UPSTREAM_GET_HEADERS {
+                for v in parts.headers.get_all(&name) {
+                    upstream_headers.append(name.clone(), v.clone());
+                }
             }
         }
         let public_base =
             self.public_base(&parts.headers, parts.uri.authority().map(|a| a.as_str()));
-        let origin = &self.fetcher.upstream.origin().url;
         let credential = self.fingerprint(&parts.headers);
         let key = match (self.settings.rate_limit_key, &credential) {
-            (RateLimitKey::Token, Some(c)) => format!("{origin} {c}"),
-            _ => origin.clone(),
+            (RateLimitKey::Token, Some(c)) => format!("{} {c}", self.origin).into(),
+            _ => self.origin.clone(),
         };
         let no_cache = [header::CACHE_CONTROL, header::PRAGMA].iter().any(|name| {
             parts.headers.get_all(name).iter().any(|v| {
@@ -291,16 +295,19 @@ impl Gateway {
     }
 
     /// A new request id: 128 random bits in hex, from keyed hashes of a counter.
-    pub fn new_request_id(&self) -> String {
+    pub fn new_request_id(&self) -> HeaderValue {
         let n = self.next_flow.fetch_add(1, Ordering::Relaxed);
         let mut input = [0u8; 16];
         input[..8].copy_from_slice(&n.to_le_bytes());
         input[8..].copy_from_slice(b"request!");
-        self.fingerprint_keys.hash_hex(&input)
+        let hex = self.fingerprint_keys.hash_hex(&input);
+        // Hex digits are always a valid header value; the bytes move without a copy.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(hex))
+            .unwrap_or_else(|_| HeaderValue::from_static("0"))
     }
 
     /// A new share of the upstream budget with a fresh deadline.
-    fn new_flow(&self, key: String) -> Flow {
+    fn new_flow(&self, key: Arc<str>) -> Flow {
         Flow {
             id: self.next_flow.fetch_add(1, Ordering::Relaxed),
             key,
@@ -519,7 +526,37 @@ impl FingerprintKey {
             h.finish()
         };
         let [a, b, c, d] = self.0;
-        format!("{:016x}{:016x}", hash(a, b), hash(c, d))
+        let mut hex = String::with_capacity(32);
+        for word in [hash(a, b), hash(c, d)] {
+            for byte in word.to_be_bytes() {
+                hex.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
+                hex.push(char::from(HEX_DIGITS[usize::from(byte & 0xf)]));
+            }
+        }
+        hex
+    }
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::FingerprintKey;
+
+    #[test]
+    fn hash_hex_is_32_lowercase_hex_digits_of_both_keyed_hashes() {
+        let key = FingerprintKey::from_bytes([7; 32]);
+        #[allow(deprecated)]
+        let hash = |k: u64| {
+            use std::hash::Hasher;
+            let mut h = std::hash::SipHasher::new_with_keys(k, k);
+            h.write(b"Bearer token");
+            h.finish()
+        };
+        let word = u64::from_le_bytes([7; 8]);
+        let expected = format!("{:016x}{:016x}", hash(word), hash(word));
+        assert_eq!(key.hash_hex(b"Bearer token"), expected);
+        assert_ne!(key.hash_hex(b"Bearer token"), key.hash_hex(b"Bearer other"));
     }
 }
 

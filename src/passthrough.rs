@@ -34,6 +34,10 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 
 /// Removes hop-by-hop headers in place, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one look at each name, nothing removed or allocated.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -44,6 +48,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP.iter().chain(named.iter()) {
         headers.remove(name);
     }
+}
+
+/// Whether a pass-through request is answered through the cache (`--cache-passthrough`): GETs
+/// with a credential (an `Authorization` header) only, as anonymous answers are never stored.
+pub fn is_cached(gw: &Gateway, method: &Method, has_credential: bool) -> bool {
+    *method == Method::GET
+        && has_credential
+        && gw.cache.as_ref().is_some_and(|c| c.config().passthrough)
 }
 
 /// Relays `req` to the upstream and its answer back, both bodies streamed.
@@ -58,11 +70,15 @@ pub async fn forward(
                 .into(),
         ));
     }
-    if req.method() == Method::GET && ctx.credential.is_some() {
-        if let Some(cache) = gw.cache.as_ref().filter(|c| c.config().passthrough) {
-            let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-            return cached_get(gw, cache, ctx, target).await;
-        }
+    if let Some(cache) = gw
+        .cache
+        .as_ref()
+        .filter(|_| is_cached(gw, req.method(), ctx.credential.is_some()))
+    {
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        // Boxed: the cache's future is several times the size of the plain relay below,
+        // and every pass-through request would carry (and copy) it unboxed.
+        return Box::pin(cached_get(gw, cache, ctx, target)).await;
     }
     let max_body = gw.settings.bounds.max_body_bytes;
     let declared = req
@@ -76,19 +92,10 @@ pub async fn forward(
     let (parts, incoming) = req.into_parts();
     let (incoming, exceeded) = CappedBody::new(incoming, max_body);
     // Only the path and query of the request are used, even of an absolute-form request
-    // (`GET http://other.host/x`): the destination is always the configured origin.
-    let target = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    // (`GET http://other.host/x`): `Upstream::send` puts them at the configured origin.
     let mut upstream_req = Request::new(body::boxed(incoming));
-    *upstream_req.method_mut() = parts.method.clone();
-    *upstream_req.uri_mut() = gw
-        .fetcher
-        .upstream
-        .uri(&target)
-        .map_err(|e| ProxyError::BadUpstreamAnswer(e.to_string()))?;
+    *upstream_req.method_mut() = parts.method;
+    *upstream_req.uri_mut() = parts.uri;
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);

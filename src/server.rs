@@ -36,21 +36,24 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let started = std::time::Instant::now();
     let (mut parts, incoming) = req.into_parts();
-    let request_id = parts
+    let client_id = parts
         .headers
         .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|id| valid_request_id(id))
-        .map_or_else(|| gw.new_request_id(), str::to_string);
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        parts.headers.insert(REQUEST_ID, v);
-    }
+        .filter(|v| v.to_str().is_ok_and(valid_request_id));
+    let request_id = match client_id {
+        Some(id) => id.clone(),
+        None => {
+            let id = gw.new_request_id();
+            parts.headers.insert(REQUEST_ID, id.clone());
+            id
+        }
+    };
     let is_leads = parts.method == Method::GET && parts.uri.path() == leads::plan::LEADS_PATH;
     let route = if is_leads { "leads" } else { "passthrough" };
     // Only the path: a query can carry anything, and nothing a client sends is logged raw.
     let span = info_span!(
         "request",
-        id = %request_id,
+        id = request_id.to_str().unwrap_or_default(),
         method = %parts.method,
         path = %parts.uri.path(),
         route,
@@ -74,7 +77,13 @@ pub async fn handle(
     }
     // A guard, so a request dropped because its client left is counted out too.
     let _in_flight = InFlight::enter(metrics);
-    let ctx = gw.context(&parts);
+    let buffered = is_leads
+        || passthrough::is_cached(
+            gw,
+            &parts.method,
+            parts.headers.contains_key(http::header::AUTHORIZATION),
+        );
+    let ctx = gw.context(&parts, buffered);
     let work = Box::pin(async {
         gw.check_client_quota(&ctx, peer.ip())?;
         if is_leads {
@@ -112,9 +121,7 @@ pub async fn handle(
             "answered"
         )
     });
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        resp.headers_mut().insert(REQUEST_ID, v);
-    }
+    resp.headers_mut().insert(REQUEST_ID, request_id);
     resp
 }
 

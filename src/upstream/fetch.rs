@@ -44,7 +44,7 @@ pub struct Flow {
     /// Shares permits fairly with other client requests.
     pub id: FlowId,
     /// The limiter key: the upstream origin, or the credential with `--rate-limit-key token`.
-    pub key: String,
+    pub key: Arc<str>,
     /// The client request's deadline (`--request-timeout`); nothing is sent after it.
     pub deadline: Instant,
 }

@@ -124,6 +124,8 @@ pub struct Upstream {
     config: UpstreamConfig,
     /// hyper's pooled client: keeps connections to the account warm across requests.
     client: Client<HttpsConnector, ProxyBody>,
+    /// The `Host` every upstream request carries: the origin's authority.
+    host: HeaderValue,
 }
 
 impl Upstream {
@@ -150,7 +152,13 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Ok(Upstream { config, client })
+        let host = HeaderValue::from_str(config.origin.authority.as_str())
+            .map_err(|e| format!("the origin's host is not a header value: {e}"))?;
+        Ok(Upstream {
+            config,
+            client,
+            host,
+        })
     }
 
     pub fn origin(&self) -> &Origin {
@@ -161,34 +169,29 @@ impl Upstream {
         &self.config
     }
 
-    /// The absolute URI of `path_and_query` at the upstream origin.
-    pub fn uri(&self, path_and_query: &str) -> Result<Uri, String> {
-        let pq: PathAndQuery = path_and_query
-            .parse()
-            .map_err(|e| format!("invalid request target {path_and_query:?}: {e}"))?;
-        Uri::builder()
-            .scheme(self.config.origin.scheme.clone())
-            .authority(self.config.origin.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| e.to_string())
+    /// `pq` at the upstream origin, without parsing anything again.
+    fn at_origin(&self, pq: PathAndQuery) -> Result<Uri, String> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.config.origin.scheme.clone());
+        parts.authority = Some(self.config.origin.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|e| e.to_string())
     }
 
-    /// Sends a request whose URI and `Host` are set here, to the configured origin only;
-    /// the response body is streamed back to the caller.
+    /// Sends a request to the configured origin only: of its URI only the path and query are
+    /// kept (an absolute-form target's host is dropped), and `Host` is set here. The response
+    /// body is streamed back to the caller.
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let target = req
+        let pq = req
             .uri()
             .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/");
-        *req.uri_mut() = self.uri(target).map_err(UpstreamError::Connect)?;
-        if let Ok(host) = HeaderValue::from_str(self.config.origin.authority.as_str()) {
-            req.headers_mut().insert(header::HOST, host);
-        }
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = self.at_origin(pq).map_err(UpstreamError::Connect)?;
+        req.headers_mut().insert(header::HOST, self.host.clone());
         self.client
             .request(req)
             .await
@@ -203,7 +206,9 @@ impl Upstream {
     ) -> Result<Buffered, UpstreamError> {
         let mut req = Request::new(body::boxed(Empty::<Bytes>::new()));
         *req.method_mut() = Method::GET;
-        *req.uri_mut() = self.uri(path_and_query).map_err(UpstreamError::Connect)?;
+        *req.uri_mut() = path_and_query.parse().map_err(|e| {
+            UpstreamError::Connect(format!("invalid request target {path_and_query:?}: {e}"))
+        })?;
         *req.headers_mut() = headers;
         let timeout = self.config.timeout;
         let max = self.config.max_body;
