@@ -228,14 +228,29 @@ impl Upstream {
                 .to_bytes();
             Ok(Buffered {
                 status: parts.status,
-                headers: parts.headers,
-                body,
+                headers: owned_headers(&parts.headers),
+                // A copy of its own: a body that arrived in one read is a slice of the
+                // connection's read buffer, and a cached slice would keep that whole buffer
+                // (up to hundreds of KiB) alive for as long as it is cached.
+                body: Bytes::copy_from_slice(&body),
             })
         };
         tokio::time::timeout(timeout, attempt)
             .await
             .map_err(|_| UpstreamError::Timeout(timeout))?
     }
+}
+
+/// `headers` with values of their own. hyper's parsed values are slices of the connection's
+/// read buffer; kept in a cache, each would pin that buffer.
+fn owned_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut owned = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        owned.append(name.clone(), copy);
+    }
+    owned
 }
 
 /// An error and its sources on one line: hyper's outer errors ("client error (Connect)") say
