@@ -1,8 +1,8 @@
 //! End-to-end benchmark of the whole stack on loopback: what an integration sees.
 //!
-//! `cargo bench --bench end_to_end` (about 3 minutes; `-- --quick` for a ~30 s smoke run) starts
+//! `cargo bench --bench end_to_end` (about 4 minutes; `-- --quick` for a ~45 s smoke run) starts
 //! everything itself on `127.0.0.1` with free ports, drives it from its own async client
-//! (hyper-util's pooled client), prints a markdown report and rewrites `BENCHMARKS.md` with it
+//! (hyper-util's pooled client; `wrk` for scenario 2), prints a markdown report and rewrites `BENCHMARKS.md` with it
 //! (a `--quick` run only prints). Under `cargo test --all-targets` (no `--bench` argument) it
 //! exits at once without running any load.
 //!
@@ -23,11 +23,14 @@
 //!    simulator's own request log: the upstream requests the proxy made, the most of them that
 //!    arrived within any 1 s, and the 429s the proxy earned (must be <= 7 and 0). The three
 //!    pages are compared lead by lead.
-//! 2. **Pass-through overhead.** nginx serves a static ~2 KB JSON body; 32 concurrent
-//!    connections hit it directly, through the proxy (limiter raised out of the way) and through
-//!    a second nginx acting as a plain keep-alive reverse proxy. Requests/s, p50 and p99.
-//!    nginx is installed with apt-get when missing and running as root; without it those rows
-//!    read `n/a`.
+//! 2. **Pass-through overhead.** nginx serves a static ~2 KB JSON body; `wrk` (installed with
+//!    apt-get when missing and running as root, else the bench's own client) hits it directly,
+//!    through the proxy (limiter raised out of the way; one runtime thread per CPU, and
+//!    `--worker-threads 1`) and through a second nginx acting as a plain keep-alive reverse
+//!    proxy (1 worker, and one per CPU): 32 connections for throughput, 1 connection for the
+//!    latency a hop adds without queueing. Requests/s, p50, p99, and the CPU time the measured
+//!    hop's processes spent per request (`/proc/PID/stat`). nginx is installed the same way;
+//!    without it those rows read `n/a`.
 //! 3. **Peak RSS** (`VmHWM`) of each proxy child process when idle and after its scenario.
 //! 4. **Cached answers.** 32 connections read one leads page from a warm cache: the proxy's
 //!    answer cache for a single-stage page (`limit=250`, ~220 KB) and for a merged 5-stage page,
@@ -556,13 +559,25 @@ fn merge_first_page(pages: &[Bytes]) -> Vec<i64> {
 // Scenario 2: pass-through overhead
 // ---------------------------------------------------------------------------------------------
 
-/// Scenario 2's results.
+/// Scenario 2's results: each hop under load and unloaded.
 struct PassThrough {
-    direct: Option<LoadStats>,
-    proxy: Option<LoadStats>,
-    nginx_proxy: Option<LoadStats>,
+    /// `None` when nginx is not available.
+    rows: Option<PassRows>,
     rss: Option<Rss>,
     body_bytes: usize,
+    /// What drove the load: `wrk` or the bench's own client.
+    generator: String,
+}
+
+struct PassRows {
+    direct: LoadStats,
+    proxy: LoadStats,
+    proxy_one_thread: LoadStats,
+    nginx: LoadStats,
+    nginx_auto: LoadStats,
+    direct_unloaded: LoadStats,
+    proxy_unloaded: LoadStats,
+    nginx_unloaded: LoadStats,
 }
 
 /// One load run at a fixed number of connections.
@@ -576,31 +591,49 @@ struct LoadStats {
     errors: usize,
     /// Successful answers that said they came from a cache (when the target asks).
     hits: usize,
+    /// CPU time (user + system) the measured server spent per answer, when measured.
+    cpu_per_request: Option<Duration>,
 }
+
+/// Connections of the unloaded latency runs: one request at a time, no queueing.
+const UNLOADED: usize = 1;
+/// How long each unloaded latency run lasts (after a short warm-up).
+const UNLOADED_TIME: Duration = Duration::from_secs(3);
 
 async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThrough {
     let body = account_body();
+    let wrk = ensure_wrk();
+    let generator = match &wrk {
+        Some(_) => "wrk (1 thread)".to_string(),
+        None => "the bench's own client (hyper-util; wrk not available)".to_string(),
+    };
     let Some(nginx) = ensure_nginx() else {
         eprintln!("  nginx is not available: scenario 2 skipped");
         return PassThrough {
-            direct: None,
-            proxy: None,
-            nginx_proxy: None,
+            rows: None,
             rss: None,
             body_bytes: body.len(),
+            generator,
         };
     };
     let www = scratch.path.join("www");
     fs::create_dir_all(&www).expect("www dir");
     fs::write(www.join("account.json"), &body).expect("static body");
     let static_port = free_port();
-    let _static = Nginx::start(&nginx, scratch, "static", &static_server(static_port, &www));
-    let nginx_port = free_port();
-    let _nginx_proxy = Nginx::start(
+    let static_nginx = Nginx::start(&nginx, scratch, "static", &static_server(static_port, &www));
+    let (nginx_port, nginx_auto_port) = (free_port(), free_port());
+    let nginx_proxy = Nginx::start(
         &nginx,
         scratch,
         "proxy",
         &proxy_server(nginx_port, static_port),
+    );
+    let nginx_auto = Nginx::start_workers(
+        &nginx,
+        scratch,
+        "proxy-auto",
+        &proxy_server(nginx_auto_port, static_port),
+        "auto",
     );
     let upstream = format!("http://127.0.0.1:{static_port}");
     let unlimited = [
@@ -611,30 +644,206 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
         "--rate-margin",
         "0ms",
     ];
-    let proxy = Proxy::start(
-        binary,
-        &upstream,
-        &unlimited,
-        &[CACHE_OFF, QUIET],
-        scratch,
-        "proxy-pass",
-    )
-    .await;
+    let env = [CACHE_OFF, QUIET];
+    let proxy = Proxy::start(binary, &upstream, &unlimited, &env, scratch, "proxy-pass").await;
+    let one_thread = [&unlimited[..], &["--worker-threads", "1"]].concat();
+    let proxy_one = Proxy::start(binary, &upstream, &one_thread, &env, scratch, "proxy-1t").await;
     let idle = proxy.rss();
-    let direct = load_report(mode, "direct", &format!("{upstream}{PASS_PATH}")).await;
-    let through = load_report(mode, "proxy", &format!("{}{PASS_PATH}", proxy.base)).await;
+    let gen = wrk.as_deref();
+    let (proxy_pids, one_pids) = (vec![proxy.guard.pid()], vec![proxy_one.guard.pid()]);
+    let loaded = |name: &'static str, url: String, pids: Vec<u32>| async move {
+        let stats = measure(gen, &url, CONNECTIONS, mode.warmup, mode.load, &pids).await;
+        log_load(name, &stats);
+        stats
+    };
+    let unloaded = |name: &'static str, url: String, pids: Vec<u32>| async move {
+        let warmup = Duration::from_millis(300);
+        let stats = measure(gen, &url, UNLOADED, warmup, UNLOADED_TIME, &pids).await;
+        log_load(name, &stats);
+        stats
+    };
+    let direct_url = format!("{upstream}{PASS_PATH}");
+    let proxy_url = format!("{}{PASS_PATH}", proxy.base);
     let nginx_url = format!("http://127.0.0.1:{nginx_port}{PASS_PATH}");
-    let via_nginx = load_report(mode, "nginx proxy", &nginx_url).await;
+    let rows = PassRows {
+        direct: loaded("direct", direct_url.clone(), static_nginx.pids()).await,
+        proxy: loaded("proxy", proxy_url.clone(), proxy_pids.clone()).await,
+        proxy_one_thread: loaded(
+            "proxy 1 thr",
+            format!("{}{PASS_PATH}", proxy_one.base),
+            one_pids,
+        )
+        .await,
+        nginx: loaded("nginx proxy", nginx_url.clone(), nginx_proxy.pids()).await,
+        nginx_auto: loaded(
+            "nginx auto",
+            format!("http://127.0.0.1:{nginx_auto_port}{PASS_PATH}"),
+            nginx_auto.pids(),
+        )
+        .await,
+        direct_unloaded: unloaded("direct c=1", direct_url, static_nginx.pids()).await,
+        proxy_unloaded: unloaded("proxy c=1", proxy_url, proxy_pids).await,
+        nginx_unloaded: unloaded("nginx c=1", nginx_url, nginx_proxy.pids()).await,
+    };
     PassThrough {
-        direct: Some(direct),
-        proxy: Some(through),
-        nginx_proxy: Some(via_nginx),
+        rows: Some(rows),
         rss: Some(Rss {
             idle,
             after: proxy.rss(),
         }),
         body_bytes: body.len(),
+        generator,
     }
+}
+
+/// A load run against `url` with `pids`' CPU time measured over it: by `wrk` when given, else
+/// by the bench's own client.
+async fn measure(
+    wrk: Option<&Path>,
+    url: &str,
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+    pids: &[u32],
+) -> LoadStats {
+    let mut stats = match wrk {
+        Some(wrk) => {
+            run_wrk(wrk, url, connections, warmup).await;
+            let before = cpu_time(pids);
+            let stats = run_wrk(wrk, url, connections, duration).await;
+            stats.with_cpu(cpu_time(pids).saturating_sub(before))
+        }
+        None => {
+            let target = Target::one(url);
+            load(&target, connections, Duration::ZERO, warmup).await;
+            let before = cpu_time(pids);
+            let stats = load(&target, connections, Duration::ZERO, duration).await;
+            stats.with_cpu(cpu_time(pids).saturating_sub(before))
+        }
+    };
+    if stats.requests == 0 {
+        stats.cpu_per_request = None;
+    }
+    stats
+}
+
+impl LoadStats {
+    /// Adds the CPU time per answer, from the CPU time spent over the whole run.
+    fn with_cpu(mut self, cpu: Duration) -> LoadStats {
+        self.cpu_per_request = u32::try_from(self.requests)
+            .ok()
+            .filter(|&n| n > 0)
+            .map(|n| cpu / n);
+        self
+    }
+}
+
+/// `wrk -t1 -c{connections} -d{duration} --latency` against `url` with the demo token.
+async fn run_wrk(wrk: &Path, url: &str, connections: usize, duration: Duration) -> LoadStats {
+    let mut cmd = tokio::process::Command::new(wrk);
+    cmd.args(["-t1", &format!("-c{connections}")])
+        .arg(format!("-d{}ms", duration.as_millis().max(1)))
+        .args(["--latency", "-H", &format!("Authorization: {AUTH}"), url])
+        .stdin(Stdio::null());
+    let out = cmd.output().await.expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "wrk failed: {text}");
+    parse_wrk(&text, duration).unwrap_or_else(|| panic!("unreadable wrk output:\n{text}"))
+}
+
+/// Reads wrk's report: requests, latency percentiles and max, non-2xx answers and socket
+/// errors. Requests/s is the requests over the asked duration.
+fn parse_wrk(text: &str, duration: Duration) -> Option<LoadStats> {
+    let duration_of = |v: &str| -> Option<Duration> {
+        let (number, scale) = if let Some(n) = v.strip_suffix("us") {
+            (n, 1e-6)
+        } else if let Some(n) = v.strip_suffix("ms") {
+            (n, 1e-3)
+        } else if let Some(n) = v.strip_suffix('m') {
+            (n, 60.0)
+        } else {
+            (v.strip_suffix('s')?, 1.0)
+        };
+        Some(Duration::from_secs_f64(number.parse::<f64>().ok()? * scale))
+    };
+    let line = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .map(|l| l[prefix.len()..].trim().to_string())
+    };
+    let percentile = |p: &str| duration_of(line(p)?.split_whitespace().next()?);
+    let max = line("Latency")
+        .and_then(|l| l.split_whitespace().nth(2).and_then(duration_of))
+        .unwrap_or_default();
+    let requests: usize = text
+        .lines()
+        .find(|l| l.contains(" requests in "))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let non_2xx: usize = line("Non-2xx or 3xx responses:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let socket_errors: usize = line("Socket errors:")
+        .map(|l| {
+            l.split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<usize>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    let ok = requests.saturating_sub(non_2xx);
+    Some(LoadStats {
+        rps: ok as f64 / duration.as_secs_f64(),
+        p50: percentile("50%")?,
+        p99: percentile("99%")?,
+        max,
+        requests: ok,
+        errors: non_2xx + socket_errors,
+        hits: 0,
+        cpu_per_request: None,
+    })
+}
+
+/// CPU time (user + system) spent so far by `pids` and their child processes.
+fn cpu_time(pids: &[u32]) -> Duration {
+    let tick = clock_ticks_per_second();
+    let mut ticks = 0u64;
+    let mut seen = Vec::new();
+    let mut todo = pids.to_vec();
+    while let Some(pid) = todo.pop() {
+        if seen.contains(&pid) {
+            continue;
+        }
+        seen.push(pid);
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and stime are the
+        // 12th and 13th.
+        if let Some((_, rest)) = stat.rsplit_once(')') {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            for i in [11, 12] {
+                ticks += fields
+                    .get(i)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+        todo.extend(
+            children
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    Duration::from_secs_f64(ticks as f64 / tick)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    command_output("getconf", &["CLK_TCK"])
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// A Kommo-like `GET /api/v4/account` answer of a little over 2 KB.
@@ -661,14 +870,6 @@ fn account_body() -> String {
         }
     }
     body
-}
-
-/// Runs the load and logs it.
-async fn load_report(mode: &Mode, name: &str, url: &str) -> LoadStats {
-    let target = Target::one(url);
-    let stats = load(&target, CONNECTIONS, mode.warmup, mode.load).await;
-    log_load(name, &stats);
-    stats
 }
 
 fn log_load(name: &str, stats: &LoadStats) {
@@ -738,6 +939,7 @@ async fn load(
         requests: latencies.len(),
         errors,
         hits,
+        cpu_per_request: None,
     }
 }
 
@@ -1252,7 +1454,7 @@ fn proxy_binary() -> PathBuf {
 
 /// A running nginx (a master and its workers), stopped on drop.
 struct Nginx {
-    _guard: Guard,
+    guard: Guard,
 }
 
 impl Nginx {
@@ -1290,12 +1492,17 @@ impl Nginx {
         let port = server_port(server);
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Nginx { _guard: guard };
+                return Nginx { guard };
             }
             guard.assert_running(&log);
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("nginx {name} did not listen within 10 s");
+    }
+
+    /// The master process (its workers are its children).
+    fn pids(&self) -> Vec<u32> {
+        vec![self.guard.pid()]
     }
 }
 
@@ -1359,13 +1566,31 @@ fn cache_server(port: u16, upstream: u16, dir: &Path, name: &str) -> String {
 
 /// The nginx binary; installed with apt-get when missing and running as root.
 fn ensure_nginx() -> Option<PathBuf> {
-    if let Some(path) = find_nginx() {
-        return Some(path);
-    }
+    find_nginx().or_else(|| {
+        apt_install("nginx");
+        find_nginx()
+    })
+}
+
+/// `wrk`, installed with apt-get when missing and running as root.
+fn ensure_wrk() -> Option<PathBuf> {
+    let find = || {
+        command_output("sh", &["-c", "command -v wrk"])
+            .map(PathBuf::from)
+            .filter(|p| p.exists())
+    };
+    find().or_else(|| {
+        apt_install("wrk");
+        find()
+    })
+}
+
+/// Installs a Debian package when running as root; the caller looks for it afterwards.
+fn apt_install(package: &str) {
     if command_output("id", &["-u"]).as_deref() != Some("0") {
-        return None;
+        return;
     }
-    eprintln!("  installing nginx (apt-get)");
+    eprintln!("  installing {package} (apt-get)");
     let apt = |args: &[&str]| {
         Command::new("apt-get")
             .args(args)
@@ -1375,9 +1600,8 @@ fn ensure_nginx() -> Option<PathBuf> {
             .is_ok_and(|s| s.success())
     };
     if apt(&["update"]) {
-        apt(&["install", "-y", "nginx"]);
+        apt(&["install", "-y", package]);
     }
-    find_nginx()
 }
 
 fn find_nginx() -> Option<PathBuf> {
@@ -1599,53 +1823,109 @@ impl Report {
         let _ = write!(
             out,
             "## 2. Pass-through overhead\n\n\
-             `GET {PASS_PATH}` answered by nginx with a static {} byte JSON file; {CONNECTIONS} \
-             concurrent keep-alive connections from the bench's own client (hyper-util), \
-             measured for the run's load time after a warm-up.\n\n\
-             | target | requests/s | p50 ms | p99 ms | requests | errors |\n\
-             |---|---:|---:|---:|---:|---:|\n",
-            p.body_bytes
+             `GET {PASS_PATH}` answered by nginx with a static {} byte JSON file. Load: {}, \
+             keep-alive connections, {CONNECTIONS} at once for the throughput rows and {UNLOADED} \
+             (one request at a time, nothing queued) for the latency rows; each run after a \
+             warm-up. **CPU us/request** is the user + system time of the measured hop's own \
+             processes (`/proc/PID/stat`) over the run divided by its answers: what one request \
+             costs it, whatever else the machine runs.\n\n\
+             | target | connections | requests/s | p50 ms | p99 ms | CPU us/request | requests | errors |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|\n",
+            p.body_bytes, p.generator
         );
-        let rows = [
-            ("direct to the static nginx", p.direct),
-            ("through kommo-fanout (child process)", p.proxy),
-            ("through nginx as a reverse proxy", p.nginx_proxy),
-        ];
-        for (name, stats) in rows {
-            let cells = load_cells(stats, NO_NGINX);
-            let _ = writeln!(out, "| {name} | {cells} |");
-        }
-        out.push('\n');
-        self.pass_ratios(out);
-        out.push_str(
-            "\n- **direct**: the floor: the static nginx (1 worker) alone.\n\
-             - **kommo-fanout**: the release proxy (tokio, all CPUs) with `--upstream` at the \
-             static nginx and its limiter raised out of the way (`--rate-limit 10000 \
-             --rate-window 1ms --rate-margin 0ms`, response cache off, `RUST_LOG=warn`); the \
-             answer streams through unchanged.\n\
-             - **nginx reverse proxy**: a second nginx (1 worker) with `proxy_pass` to the static \
-             one over an upstream keep-alive pool: the baseline for a plain reverse proxy.\n\n",
-        );
-    }
-
-    fn pass_ratios(&self, out: &mut String) {
-        let p = &self.pass;
-        let (Some(d), Some(x), Some(n)) = (p.direct, p.proxy, p.nginx_proxy) else {
-            out.push_str("Ratios: n/a (nginx not available)\n");
+        let Some(r) = &p.rows else {
+            out.push_str("| n/a (nginx not available) | | | | | | | |\n\n");
             return;
         };
+        let rows = [
+            (
+                "direct to the static nginx (1 worker)",
+                CONNECTIONS,
+                &r.direct,
+            ),
+            ("kommo-fanout (one thread per CPU)", CONNECTIONS, &r.proxy),
+            (
+                "kommo-fanout (`--worker-threads 1`)",
+                CONNECTIONS,
+                &r.proxy_one_thread,
+            ),
+            ("nginx reverse proxy (1 worker)", CONNECTIONS, &r.nginx),
+            (
+                "nginx reverse proxy (`worker_processes auto`)",
+                CONNECTIONS,
+                &r.nginx_auto,
+            ),
+            ("direct to the static nginx", UNLOADED, &r.direct_unloaded),
+            (
+                "kommo-fanout (one thread per CPU)",
+                UNLOADED,
+                &r.proxy_unloaded,
+            ),
+            (
+                "nginx reverse proxy (1 worker)",
+                UNLOADED,
+                &r.nginx_unloaded,
+            ),
+        ];
+        for (name, connections, stats) in rows {
+            let cpu = stats.cpu_per_request.map_or("n/a".to_string(), |d| {
+                format!("{:.1}", d.as_secs_f64() * 1e6)
+            });
+            let _ = writeln!(
+                out,
+                "| {name} | {connections} | {:.0} | {:.3} | {:.3} | {cpu} | {} | {} |",
+                stats.rps,
+                ms_f(stats.p50),
+                ms_f(stats.p99),
+                stats.requests,
+                stats.errors
+            );
+        }
+        out.push('\n');
         let added = |a: Duration, b: Duration| ms_f(a) - ms_f(b);
+        let cpu_ratio = |a: &LoadStats, b: &LoadStats| match (a.cpu_per_request, b.cpu_per_request)
+        {
+            (Some(a), Some(b)) if !b.is_zero() => {
+                format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
+            }
+            _ => "n/a".to_string(),
+        };
         let _ = writeln!(
             out,
-            "- throughput proxy / direct: {:.2}\n- throughput proxy / nginx reverse proxy: {:.2}\n\
-             - latency the proxy adds to direct: p50 {:+.2} ms, p99 {:+.2} ms\n\
-             - latency nginx as a reverse proxy adds to direct: p50 {:+.2} ms, p99 {:+.2} ms",
-            x.rps / d.rps,
-            x.rps / n.rps,
-            added(x.p50, d.p50),
-            added(x.p99, d.p99),
-            added(n.p50, d.p50),
-            added(n.p99, d.p99),
+            "- latency added to direct, {UNLOADED} connection: kommo-fanout p50 {:+.3} ms, p99 \
+             {:+.3} ms; nginx reverse proxy p50 {:+.3} ms, p99 {:+.3} ms\n\
+             - latency added to direct, {CONNECTIONS} connections (queueing included): \
+             kommo-fanout p50 {:+.2} ms, p99 {:+.2} ms; nginx reverse proxy p50 {:+.2} ms, p99 \
+             {:+.2} ms\n\
+             - throughput kommo-fanout / nginx reverse proxy, same CPUs: one thread per CPU / \
+             `worker_processes auto` {:.2}; one thread / 1 worker {:.2}\n\
+             - CPU per request kommo-fanout / nginx reverse proxy: one thread / 1 worker {}; one \
+             thread per CPU / `worker_processes auto` {}",
+            added(r.proxy_unloaded.p50, r.direct_unloaded.p50),
+            added(r.proxy_unloaded.p99, r.direct_unloaded.p99),
+            added(r.nginx_unloaded.p50, r.direct_unloaded.p50),
+            added(r.nginx_unloaded.p99, r.direct_unloaded.p99),
+            added(r.proxy.p50, r.direct.p50),
+            added(r.proxy.p99, r.direct.p99),
+            added(r.nginx.p50, r.direct.p50),
+            added(r.nginx.p99, r.direct.p99),
+            r.proxy.rps / r.nginx_auto.rps,
+            r.proxy_one_thread.rps / r.nginx.rps,
+            cpu_ratio(&r.proxy_one_thread, &r.nginx),
+            cpu_ratio(&r.proxy, &r.nginx_auto),
+        );
+        out.push_str(
+            "\n- **direct**: the floor: the static nginx alone.\n\
+             - **kommo-fanout**: the release proxy with `--upstream` at the static nginx and its \
+             limiter raised out of the way (`--rate-limit 10000 --rate-window 1ms --rate-margin \
+             0ms`, response cache off, `RUST_LOG=warn`); the answer streams through unchanged. \
+             By default its runtime has one thread per CPU; `--worker-threads 1` runs it on one.\n\
+             - **nginx reverse proxy**: a second nginx with `proxy_pass` to the static one over an \
+             upstream keep-alive pool: the baseline for a plain reverse proxy, with 1 worker and \
+             with one per CPU.\n\
+             - The load generator, the static upstream and the hop measured share the CPUs, so \
+             requests/s is what is left of them for the hop; CPU per request does not depend on \
+             that share and is the steadier figure from run to run.\n\n",
         );
     }
 

@@ -36,6 +36,8 @@ docker-compose -f docker-compose.yml config -q
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# The benchmarks build in their own (release) profile, as `cargo bench` runs them; not run here.
+cargo bench --no-run
 
 # The tests, then one closing line that sums every runner's results.
 log=$(mktemp)

@@ -182,6 +182,11 @@ pub struct ServeArgs {
     /// How long requests in flight may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "KOMMO_FANOUT_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Threads serving requests (default: one per CPU). Fewer leave CPUs to what shares the
+    /// machine; one thread spends the least CPU per request (no hand-offs between threads).
+    #[arg(long, env = "KOMMO_FANOUT_WORKER_THREADS",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 }
 
 /// Flags of `demo`.
@@ -236,6 +241,8 @@ pub struct ServeConfig {
     pub redis: Option<RedisSettings>,
     pub fetch: FetchPolicy,
     pub shutdown_grace: Duration,
+    /// Runtime worker threads; `None`: one per CPU.
+    pub worker_threads: Option<usize>,
 }
 
 impl ServeArgs {
@@ -364,6 +371,7 @@ impl ServeArgs {
                 max_wait: self.max_wait,
             },
             shutdown_grace: self.shutdown_grace,
+            worker_threads: self.worker_threads.map(usize::from),
         })
     }
 }
@@ -549,6 +557,11 @@ impl ServeConfig {
                 self.redis.as_ref().map_or(1, |r| r.replicas).to_string(),
             ),
             ("shutdown_grace", d(self.shutdown_grace)),
+            (
+                "worker_threads",
+                self.worker_threads
+                    .map_or_else(|| "\"(one per CPU)\"".to_string(), |n| n.to_string()),
+            ),
         ];
         lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
     }

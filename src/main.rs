@@ -26,61 +26,85 @@ fn main() -> ExitCode {
             .with_env_filter(filter)
             .init(),
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
-    };
-    runtime.block_on(async move {
-        match cli.command {
-            Command::Serve(args) => {
-                let check = args.check;
-                let config = match args.validate() {
-                    Ok(c) => c,
-                    Err(e) => return fail(USAGE, &e),
-                };
-                if check {
-                    print!("{}", config.describe());
-                    return ExitCode::SUCCESS;
-                }
-                let (listener, admin) = match (
-                    TcpListener::bind(config.listen).await,
-                    TcpListener::bind(config.admin_listen).await,
-                ) {
-                    (Ok(l), Ok(a)) => (l, a),
-                    (Err(e), _) => return fail(1, &format!("cannot listen on {}: {e}", config.listen)),
-                    (_, Err(e)) => return fail(1, &format!("cannot listen on {}: {e}", config.admin_listen)),
-                };
-                tracing::info!(listen = %config.listen, admin = %config.admin_listen, upstream = %config.upstream.origin.url, "serving");
-                match kommo_fanout::run(&config, listener, admin, kommo_fanout::shutdown_signal()).await {
+    match cli.command {
+        Command::Serve(args) => {
+            // Validated before the runtime starts: its size is part of the configuration.
+            let check = args.check;
+            let config = match args.validate() {
+                Ok(c) => c,
+                Err(e) => return fail(USAGE, &e),
+            };
+            if check {
+                print!("{}", config.describe());
+                return ExitCode::SUCCESS;
+            }
+            match runtime(config.worker_threads) {
+                Ok(rt) => rt.block_on(serve(config)),
+                Err(code) => code,
+            }
+        }
+        Command::Sim(args) => match runtime(None) {
+            Ok(rt) => rt.block_on(sim(args)),
+            Err(code) => code,
+        },
+        Command::Demo(args) => match runtime(None) {
+            Ok(rt) => rt.block_on(async {
+                match kommo_fanout::demo::run(args, kommo_fanout::shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => fail(1, &e),
                 }
-            }
-            Command::Sim(args) => {
-                let listen = args.listen();
-                let config = match args.into_config() {
-                    Ok(c) => c,
-                    Err(e) => return fail(USAGE, &e),
-                };
-                let listener = match TcpListener::bind(listen).await {
-                    Ok(l) => l,
-                    Err(e) => return fail(1, &format!("cannot listen on {listen}: {e}")),
-                };
-                tracing::info!(%listen, "simulated Kommo account serving");
-                match kommo_fanout::sim::Sim::new(config)
-                    .run(listener, kommo_fanout::shutdown_signal())
-                    .await
-                {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => fail(1, &e.to_string()),
-                }
-            }
-            Command::Demo(args) => match kommo_fanout::demo::run(args, kommo_fanout::shutdown_signal()).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(1, &e),
-            },
-        }
-    })
+            }),
+            Err(code) => code,
+        },
+    }
+}
+
+/// A multi-threaded runtime with `workers` threads (default: one per CPU).
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
+        .build()
+        .map_err(|e| fail(1, &format!("cannot start the runtime: {e}")))
+}
+
+async fn serve(config: config::ServeConfig) -> ExitCode {
+    let (listener, admin) = match (
+        TcpListener::bind(config.listen).await,
+        TcpListener::bind(config.admin_listen).await,
+    ) {
+        (Ok(l), Ok(a)) => (l, a),
+        (Err(e), _) => return fail(1, &format!("cannot listen on {}: {e}", config.listen)),
+        (_, Err(e)) => return fail(1, &format!("cannot listen on {}: {e}", config.admin_listen)),
+    };
+    tracing::info!(listen = %config.listen, admin = %config.admin_listen, upstream = %config.upstream.origin.url, "serving");
+    match kommo_fanout::run(&config, listener, admin, kommo_fanout::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, &e),
+    }
+}
+
+async fn sim(args: kommo_fanout::sim::SimArgs) -> ExitCode {
+    let listen = args.listen();
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => return fail(USAGE, &e),
+    };
+    let listener = match TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(1, &format!("cannot listen on {listen}: {e}")),
+    };
+    tracing::info!(%listen, "simulated Kommo account serving");
+    match kommo_fanout::sim::Sim::new(config)
+        .run(listener, kommo_fanout::shutdown_signal())
+        .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, &e.to_string()),
+    }
 }
 
 fn fail(code: u8, message: &str) -> ExitCode {

@@ -39,11 +39,63 @@ fn invalid_flags_exit_2_with_a_message() {
             ],
             "listen",
         ),
+        (
+            vec![
+                "serve",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--worker-threads",
+                "0",
+            ],
+            "worker-threads",
+        ),
         (vec!["sim", "--latency", "fast"], "latency"),
         (vec!["frobnicate"], "frobnicate"),
     ] {
         let (code, stderr) = run(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+/// Threads of a running process named like tokio's runtime workers.
+fn runtime_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.trim() == "tokio-rt-worker")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn worker_threads_sets_the_runtime_size() {
+    for n in [1usize, 3] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kommo-fanout"))
+            .args(["serve", "--upstream", "http://127.0.0.1:1"])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--worker-threads", &n.to_string()])
+            .env_remove("KOMMO_FANOUT_UPSTREAM")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("binary runs");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut seen = 0;
+        while std::time::Instant::now() < deadline {
+            seen = runtime_workers(child.id());
+            if seen >= n {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Settle: a runtime starts all its workers at once; none may come later.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        seen = seen.max(runtime_workers(child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(seen, n, "--worker-threads {n}");
     }
 }
