@@ -742,13 +742,15 @@ impl LoadStats {
 async fn run_wrk(wrk: &Path, url: &str, connections: usize, duration: Duration) -> LoadStats {
     let mut cmd = tokio::process::Command::new(wrk);
     cmd.args(["-t1", &format!("-c{connections}")])
-        .arg(format!("-d{}ms", duration.as_millis().max(1)))
+        // wrk takes whole seconds.
+        .arg(format!("-d{}s", duration.as_secs_f64().ceil().max(1.0)))
         .args(["--latency", "-H", &format!("Authorization: {AUTH}"), url])
         .stdin(Stdio::null());
     let out = cmd.output().await.expect("run wrk");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "wrk failed: {text}");
-    parse_wrk(&text, duration).unwrap_or_else(|| panic!("unreadable wrk output:\n{text}"))
+    let ran = Duration::from_secs_f64(duration.as_secs_f64().ceil().max(1.0));
+    parse_wrk(&text, ran).unwrap_or_else(|| panic!("unreadable wrk output:\n{text}"))
 }
 
 /// Reads wrk's report: requests, latency percentiles and max, non-2xx answers and socket

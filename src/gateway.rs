@@ -131,7 +131,8 @@ pub struct RequestContext {
     origin: Arc<str>,
     /// This request's share of the upstream budget, and its deadline.
     pub flow: Flow,
-    /// A keyed hash of the `Authorization` header, if there is one.
+    /// A keyed hash of the `Authorization` header, if there is one and something reads it: a
+    /// request relayed as it came, with no per-credential budget or quota, has none.
     pub credential: Option<String>,
     /// The client sent `Cache-Control: no-cache` (or `Pragma: no-cache`): refetch and refresh.
     pub no_cache: bool,
@@ -212,7 +213,16 @@ impl Gateway {
         }
         let public_base =
             self.public_base(&parts.headers, parts.uri.authority().map(|a| a.as_str()));
-        let credential = self.fingerprint(&parts.headers);
+        // The fingerprint costs two keyed hashes: only for what reads it (cache keys, the
+        // per-credential budget, the per-client quota).
+        let needs_credential = buffered
+            || self.settings.rate_limit_key == RateLimitKey::Token
+            || self.client_quota.is_some();
+        let credential = if needs_credential {
+            self.fingerprint(&parts.headers)
+        } else {
+            None
+        };
         let key = match (self.settings.rate_limit_key, &credential) {
             (RateLimitKey::Token, Some(c)) => format!("{} {c}", self.origin).into(),
             _ => self.origin.clone(),

@@ -34,8 +34,10 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 
 /// Removes hop-by-hop headers in place, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one look at each name, nothing removed or allocated.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // Most messages carry none, or only `Connection: keep-alive`: one look at each name, and
+    // only what is there is removed; nothing is allocated unless `Connection` names a header.
+    let present = HOP_BY_HOP.map(|hop| headers.keys().any(|name| *name == hop));
+    if !present.contains(&true) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -43,9 +45,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+    let fixed = HOP_BY_HOP
+        .into_iter()
+        .zip(present)
+        .filter_map(|(n, here)| here.then_some(n));
+    for name in fixed.chain(named) {
         headers.remove(name);
     }
 }
@@ -179,5 +187,28 @@ mod tests {
         let out = end_to_end(&h);
         assert_eq!(out.len(), 1);
         assert_eq!(out[header::AUTHORIZATION], "Bearer t");
+    }
+
+    #[test]
+    fn connection_options_alone_remove_only_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Keep-Alive, close"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert("x-close", HeaderValue::from_static("kept"));
+        let out = end_to_end(&h);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[header::CONTENT_TYPE], "application/json");
+        assert_eq!(out["x-close"], "kept");
+
+        let mut plain = HeaderMap::new();
+        plain.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        assert_eq!(end_to_end(&plain), plain);
     }
 }
