@@ -160,10 +160,12 @@ fn check_bounds(bounds: &Bounds, parts: &http::request::Parts) -> Result<(), Pro
             "the Host header must be a host name or address with an optional port".into(),
         ));
     }
-    let params = parts
-        .uri
-        .query()
-        .map_or(0, |q| q.split('&').filter(|p| !p.is_empty()).count());
+    let params = parts.uri.query().map_or(0, |q| {
+        q.as_bytes()
+            .split(|&b| b == b'&')
+            .filter(|p| !p.is_empty())
+            .count()
+    });
     if params > bounds.max_query_params {
         return Err(ProxyError::Rejected(
             StatusCode::BAD_REQUEST,

@@ -39,14 +39,31 @@ pub async fn answer(
     ctx: &RequestContext,
     raw_query: &str,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let cached = gw.cache.as_ref().zip(ctx.credential.as_ref());
+    let key = cached.map(|(_, credential)| {
+        Cache::answer_key(credential, &ctx.public_base, plan::LEADS_PATH, raw_query)
+    });
+    if let (Some((cache, _)), Some(key), false) = (cached, &key, ctx.no_cache) {
+        // Only a query that parsed has an answer stored, and the same bytes parse the same
+        // way: a stored answer is served without parsing them again (parsing is most of what
+        // a hit would cost).
+        if let Some(entry) = cache.answer_hit(key).await {
+            tracing::Span::current().record("cache", Outcome::Hit.as_str());
+            if cache.claim_refresh(&entry) {
+                if let Ok(query) = query::parse(raw_query, gw.query_limits()) {
+                    refresh_in_background(gw, ctx, key.clone(), query, raw_query);
+                }
+            }
+            return Ok(respond(&entry, Some(Outcome::Hit)));
+        }
+    }
     // Validation first: an invalid request never reaches the cache or the upstream.
     let query = query::parse(raw_query, gw.query_limits()).map_err(ProxyError::InvalidQuery)?;
-    let (Some(cache), Some(credential)) = (&gw.cache, &ctx.credential) else {
+    let (Some((cache, _)), Some(key)) = (cached, key) else {
         return compute(gw, ctx, &query, raw_query)
             .await
             .map(|e| respond(&e, None));
     };
-    let key = Cache::answer_key(credential, &ctx.public_base, plan::LEADS_PATH, raw_query);
     let fill = Box::pin(async {
         compute(gw, ctx, &query, raw_query)
             .await
@@ -55,16 +72,27 @@ pub async fn answer(
     let (entry, outcome) = FillError::settle(cache.answer(key.clone(), ctx.no_cache, fill).await)?;
     tracing::Span::current().record("cache", outcome.as_str());
     if outcome == Outcome::Hit && cache.claim_refresh(&entry) {
-        // Stale within --stale-while-revalidate: this answer is served, one refresh runs.
-        let (gw, ctx) = (gw.clone(), gw.refresh_context(ctx));
-        let (query, raw) = (query.clone(), raw_query.to_string());
-        tokio::spawn(async move {
-            if let (Ok(fresh), Some(cache)) = (compute(&gw, &ctx, &query, &raw).await, &gw.cache) {
-                cache.store_answer(key, fresh).await;
-            }
-        });
+        refresh_in_background(gw, ctx, key, query, raw_query);
     }
     Ok(respond(&entry, Some(outcome)))
+}
+
+/// A stored answer is stale within --stale-while-revalidate: it is served, and this one
+/// refresh replaces it.
+fn refresh_in_background(
+    gw: &Arc<Gateway>,
+    ctx: &RequestContext,
+    key: crate::cache::CacheKey,
+    query: LeadsQuery,
+    raw_query: &str,
+) {
+    let (gw, ctx) = (gw.clone(), gw.refresh_context(ctx));
+    let raw = raw_query.to_string();
+    tokio::spawn(async move {
+        if let (Ok(fresh), Some(cache)) = (compute(&gw, &ctx, &query, &raw).await, &gw.cache) {
+            cache.store_answer(key, fresh).await;
+        }
+    });
 }
 
 /// The client's response for a computed or stored answer.

@@ -53,6 +53,11 @@ async fn metrics_parse_and_move_with_traffic() {
         moved(r#"kommo_fanout_upstream_requests_total{kind="stream",status="200"}"#),
         3.0
     );
+    // The first request misses once (the early hit check does not count), the second hits.
+    assert_eq!(
+        moved(r#"kommo_fanout_cache_lookups_total{level="answer",outcome="miss"}"#),
+        1.0
+    );
     assert_eq!(
         moved(r#"kommo_fanout_cache_lookups_total{level="answer",outcome="hit"}"#),
         1.0
