@@ -178,6 +178,10 @@ pub fn split_params(query: &str) -> Vec<RawParam<'_>> {
 }
 
 fn decode(s: &str) -> String {
+    // Only `%XX` and `+` change in decoding; most names and values have neither.
+    if !s.bytes().any(|b| b == b'%' || b == b'+') {
+        return s.to_string();
+    }
     form_urlencoded::parse(format!("x={s}").as_bytes())
         .next()
         .map(|(_, v)| v.into_owned())
