@@ -2,7 +2,10 @@
 //! `plan::plan` of a 30-stage query (`query/*`), `page::parse_page` of one real 250-lead
 //! upstream page (`page/*`), the k-way `Merger` over K = 2, 10, 30 streams of 250 leads, cut
 //! at the client's first page of 250 and drained to the end (`merge/*`), and
-//! `hal::render_page` of 250 leads with the href rewrite (`render/*`).
+//! `hal::render_page` of 250 leads with the href rewrite (`render/*`), `cache::canonical_target`
+//! of the 30-stage query (`query/canonical_30_pairs`), and a hit of the in-process answer cache
+//! (`cached_answer/*`): the key built from credential, base and raw query, the lookup, and the
+//! response made from the stored page, for a rendered 250-lead page.
 //!
 //! The lead bodies are real: the setup starts the simulator (`Sim`, 20 000 leads) on loopback
 //! and reads `GET /api/v4/leads?filter[statuses][0][...]&limit=250&order[created_at]=asc`
@@ -26,11 +29,13 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use kommo_fanout::cache::{canonical_target, Cache, CacheConfig, Entry, Outcome};
 use kommo_fanout::leads::hal::{render_page, OriginRewrite, PageLinks};
 use kommo_fanout::leads::merge::{LeadRef, Merger, Step};
 use kommo_fanout::leads::page::parse_page;
 use kommo_fanout::leads::plan;
 use kommo_fanout::leads::query::{self, Direction, Order, OrderField, QueryLimits, MAX_LIMIT};
+use kommo_fanout::leads::respond;
 use kommo_fanout::sim::{Sim, SimConfig, DEMO_TOKEN};
 
 /// The most streams any merge bench uses.
@@ -239,6 +244,63 @@ fn bench_query(c: &mut Criterion) {
     g.bench_function("plan_30_pairs", |b| {
         b.iter(|| plan::plan(black_box(&parsed), black_box(&raw)))
     });
+    let target = format!("{}?{raw}", plan::LEADS_PATH);
+    g.bench_function("canonical_30_pairs", |b| {
+        b.iter(|| canonical_target(black_box(&target)))
+    });
+    g.finish();
+}
+
+/// A hit of the answer cache as a request makes it: key, lookup, response.
+fn bench_cached_answer(c: &mut Criterion) {
+    let f = fixture();
+    let raw = query_30_pairs();
+    let parsed = query::parse(&raw, LIMITS).unwrap();
+    let base = format!("{PUBLIC_URL}{}", plan::LEADS_PATH);
+    let links = PageLinks {
+        base: &base,
+        params: &parsed.link_params,
+    };
+    let rewrite = OriginRewrite::new(&f.sim_base, PUBLIC_URL);
+    let body = Bytes::from(render_page(
+        parsed.page,
+        links,
+        true,
+        &f.streams[0],
+        &rewrite,
+    ));
+    let cache = Cache::new(CacheConfig {
+        ttl: Duration::from_secs(600),
+        max_bytes: 64 << 20,
+        stale_while_revalidate: Duration::ZERO,
+        passthrough: false,
+    })
+    .expect("a cache");
+    let credential = "0123456789abcdef0123456789abcdef";
+    let key = Cache::answer_key(credential, PUBLIC_URL, plan::LEADS_PATH, &raw);
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(kommo_fanout::leads::HAL_JSON),
+    );
+    let entry = Entry::new(cache.generation(), StatusCode::OK, headers, body, None);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(cache.store_answer(key, entry));
+    // Sanity: the stored page is found under the key a request builds.
+    let probe = Cache::answer_key(credential, PUBLIC_URL, plan::LEADS_PATH, &raw);
+    assert!(runtime.block_on(cache.answer_hit(&probe)).is_some());
+
+    let mut g = c.benchmark_group("cached_answer");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("hit_30_pairs_250_leads", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let key = Cache::answer_key(credential, PUBLIC_URL, plan::LEADS_PATH, black_box(&raw));
+            let entry = cache.answer_hit(&key).await.expect("a hit");
+            respond(&entry, Some(Outcome::Hit))
+        })
+    });
     g.finish();
 }
 
@@ -338,6 +400,6 @@ fn bench_render(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_query, bench_page, bench_merge, bench_render
+    targets = bench_query, bench_page, bench_merge, bench_render, bench_cached_answer
 }
 criterion_main!(benches);

@@ -96,7 +96,7 @@ fn refresh_in_background(
 }
 
 /// The client's response for a computed or stored answer.
-pub(crate) fn respond(entry: &Entry, outcome: Option<Outcome>) -> Response<ProxyBody> {
+pub fn respond(entry: &Entry, outcome: Option<Outcome>) -> Response<ProxyBody> {
     let mut resp = Response::new(body::full(entry.body.clone()));
     *resp.status_mut() = entry.status;
     *resp.headers_mut() = entry.headers.clone();
