@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Flags: `--minutes M` (default 10, fractions allowed), `--clients N` (default 24),
-//! `--max-requests N` (default 5000000), `--seed N` (default 7), `--no-build` (use the existing
+//! `--max-requests N` (default 5000000), `--seed N` (default 7), `--cache-mib N` (the proxy's
+//! `--cache-max-bytes` in MiB, default 64), `--no-build` (use the existing
 //! `target/release/kommo-fanout` as is). Everything listens on loopback only. Exit code 0 on PASS,
 //! 1 on FAIL, 130 when interrupted.
 
@@ -67,6 +68,8 @@ struct Args {
     max_requests: u64,
     seed: u64,
     build: bool,
+    /// The proxy's `--cache-max-bytes`, in MiB.
+    cache_mib: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -76,6 +79,7 @@ fn parse_args() -> Result<Args, String> {
         max_requests: 5_000_000,
         seed: 7,
         build: true,
+        cache_mib: 64,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -107,10 +111,18 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|_| "--seed: expected an integer".to_string())?;
             }
+            "--cache-mib" => {
+                args.cache_mib = value("--cache-mib")?
+                    .parse()
+                    .map_err(|_| "--cache-mib: expected an integer".to_string())?;
+                if !(1..=65536).contains(&args.cache_mib) {
+                    return Err("--cache-mib: expected 1..=65536".into());
+                }
+            }
             "--no-build" => args.build = false,
             "-h" | "--help" => {
                 println!(
-                    "usage: soak [--minutes M] [--clients N] [--max-requests N] [--seed N] [--no-build]"
+                    "usage: soak [--minutes M] [--clients N] [--max-requests N] [--seed N] [--cache-mib N] [--no-build]"
                 );
                 std::process::exit(0);
             }
@@ -247,7 +259,13 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn spawn_proxy(binary: &Path, upstream: &str, port: u16, admin: u16) -> ProxyGuard {
+fn spawn_proxy(
+    binary: &Path,
+    upstream: &str,
+    port: u16,
+    admin: u16,
+    cache_bytes: u64,
+) -> ProxyGuard {
     let log = std::env::temp_dir().join(format!("kommo-fanout-soak-{}.log", std::process::id()));
     let file = std::fs::File::create(&log).expect("proxy log file");
     let child = Command::new(binary)
@@ -256,7 +274,7 @@ fn spawn_proxy(binary: &Path, upstream: &str, port: u16, admin: u16) -> ProxyGua
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
         .args(["--rate-limit", "10000", "--rate-window", "1s"])
         .args(["--cache-ttl", "5s"])
-        .args(["--cache-max-bytes", &(64u64 << 20).to_string()])
+        .args(["--cache-max-bytes", &cache_bytes.to_string()])
         .args(["--retries", "2"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -1266,7 +1284,8 @@ async fn run(args: Args, binary: PathBuf) -> ExitCode {
     .expect("the simulator starts");
 
     let (port, admin_port) = (free_port(), free_port());
-    let mut proxy = spawn_proxy(&binary, &sim.base_url(), port, admin_port);
+    let cache_bytes = args.cache_mib << 20;
+    let mut proxy = spawn_proxy(&binary, &sim.base_url(), port, admin_port, cache_bytes);
     let pid = proxy.pid();
     let base = format!("http://127.0.0.1:{port}");
     let admin = format!("http://127.0.0.1:{admin_port}");
@@ -1303,12 +1322,13 @@ async fn run(args: Args, binary: PathBuf) -> ExitCode {
     let (rss_start, _) = proc_memory(pid);
 
     println!(
-        "soak: {} min, {} clients, sampling every {:.0}s; sim {} (20000 leads, 20ms±10ms, faults 500/reset/truncate@{FAULT_P}, 429@{FAULT_429_P}); proxy pid {pid} {} on {base} (admin {admin})",
+        "soak: {} min, {} clients, sampling every {:.0}s; sim {} (20000 leads, 20ms±10ms, faults 500/reset/truncate@{FAULT_P}, 429@{FAULT_429_P}); proxy pid {pid} {} on {base} (admin {admin}, cache {} MiB)",
         args.minutes,
         args.clients,
         interval.as_secs_f64(),
         sim.base_url(),
-        binary.display()
+        binary.display(),
+        args.cache_mib
     );
     println!(
         "soak: at start rss={:.1}MiB fds={fds_start}",

@@ -120,8 +120,9 @@ const PROBE_TTL: Duration = Duration::from_secs(5);
 /// What one client request carries into the fetches it causes.
 #[derive(Clone)]
 pub struct RequestContext {
-    /// The client's headers as they are sent upstream with buffered GETs (empty for a request
-    /// relayed as it came, which carries its own headers).
+    /// The client's headers as they are sent upstream with the proxy's own GETs: empty until
+    /// [`RequestContext::with_upstream_headers`] (a cache hit and a request relayed as it came
+    /// need none).
     pub upstream_headers: HeaderMap,
     /// The proxy's base URL as this client reaches it.
     pub public_base: String,
@@ -155,6 +156,19 @@ impl RequestContext {
     /// Counts one upstream fetch.
     pub fn count_upstream_call(&self) {
         self.upstream_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This context (its flow and upstream call count shared) with the headers of `client`
+    /// that the proxy's own upstream GETs carry: taken only when an answer has to be fetched.
+    pub fn with_upstream_headers(&self, client: &HeaderMap) -> RequestContext {
+        let mut ctx = self.clone();
+        ctx.upstream_headers = HeaderMap::with_capacity(UPSTREAM_GET_HEADERS.len());
+        for name in UPSTREAM_GET_HEADERS {
+            for v in client.get_all(&name) {
+                ctx.upstream_headers.append(name.clone(), v.clone());
+            }
+        }
+        ctx
     }
 }
 
@@ -199,18 +213,10 @@ impl Gateway {
         }
     }
 
-    /// The context of one client request.
-    /// `buffered`: whether the request is answered with GETs the proxy makes itself (the leads
-    /// list, cached pass-through); only those carry [`RequestContext::upstream_headers`].
+    /// The context of one client request. `buffered`: whether the request is answered with GETs
+    /// the proxy makes itself (the leads list, cached pass-through), whose cache keys need the
+    /// credential's fingerprint.
     pub fn context(&self, parts: &Parts, buffered: bool) -> RequestContext {
-        let mut upstream_headers = HeaderMap::new();
-        if buffered {
-            for name in UPSTREAM_GET_HEADERS {
-                for v in parts.headers.get_all(&name) {
-                    upstream_headers.append(name.clone(), v.clone());
-                }
-            }
-        }
         let public_base =
             self.public_base(&parts.headers, parts.uri.authority().map(|a| a.as_str()));
         // The fingerprint costs two keyed hashes: only for what reads it (cache keys, the
@@ -236,7 +242,7 @@ impl Gateway {
             })
         });
         RequestContext {
-            upstream_headers,
+            upstream_headers: HeaderMap::new(),
             public_base,
             rewrite: OnceLock::new(),
             origin: self.origin.clone(),

@@ -86,7 +86,8 @@ pub async fn forward(
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         // Boxed: the cache's future is several times the size of the plain relay below,
         // and every pass-through request would carry (and copy) it unboxed.
-        return Box::pin(cached_get(gw, cache, ctx, target)).await;
+        let ctx = ctx.with_upstream_headers(req.headers());
+        return Box::pin(cached_get(gw, cache, &ctx, target)).await;
     }
     let max_body = gw.settings.bounds.max_body_bytes;
     let declared = req

@@ -88,7 +88,7 @@ pub async fn handle(
         gw.check_client_quota(&ctx, peer.ip())?;
         if is_leads {
             let query = parts.uri.query().unwrap_or("");
-            leads::answer(gw, &ctx, query).await
+            leads::answer(gw, &ctx, query, &parts.headers).await
         } else {
             passthrough::forward(gw, &ctx, Request::from_parts(parts, incoming)).await
         }

@@ -38,6 +38,7 @@ pub async fn answer(
     gw: &Arc<Gateway>,
     ctx: &RequestContext,
     raw_query: &str,
+    client_headers: &HeaderMap,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let cached = gw.cache.as_ref().zip(ctx.credential.as_ref());
     let key = cached.map(|(_, credential)| {
@@ -51,7 +52,8 @@ pub async fn answer(
             tracing::Span::current().record("cache", Outcome::Hit.as_str());
             if cache.claim_refresh(&entry) {
                 if let Ok(query) = query::parse(raw_query, gw.query_limits()) {
-                    refresh_in_background(gw, ctx, key.clone(), query, raw_query);
+                    let ctx = ctx.with_upstream_headers(client_headers);
+                    refresh_in_background(gw, &ctx, key.clone(), query, raw_query);
                 }
             }
             return Ok(respond(&entry, Some(Outcome::Hit)));
@@ -59,6 +61,7 @@ pub async fn answer(
     }
     // Validation first: an invalid request never reaches the cache or the upstream.
     let query = query::parse(raw_query, gw.query_limits()).map_err(ProxyError::InvalidQuery)?;
+    let ctx = &ctx.with_upstream_headers(client_headers);
     let (Some((cache, _)), Some(key)) = (cached, key) else {
         return compute(gw, ctx, &query, raw_query)
             .await

@@ -251,6 +251,10 @@ async fn stale_answers_are_served_and_refreshed_exactly_once() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(s.sim.request_count(), 8);
+    // The refresh asks with the client's credential, and gets real pages.
+    for r in &s.sim.requests()[4..] {
+        assert_eq!((r.token.as_deref(), r.status), (Some(TOKEN), 200), "{r:?}");
+    }
     let refreshed = s.leads(&q).await;
     assert_eq!(refreshed.headers["age"], "0");
     assert_eq!(s.sim.request_count(), 8);
