@@ -371,29 +371,6 @@ impl Cache {
             && !entry.refreshing.swap(true, Ordering::AcqRel)
     }
 
-    /// The answer stored under `key` if it is still usable (fresh, or stale within
-    /// stale-while-revalidate), counted as a hit; nothing is filled or counted otherwise.
-    pub async fn answer_hit(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        let usable = self.config.ttl + self.config.stale_while_revalidate;
-        self.hit("answer", &self.answers, key, usable).await
-    }
-
-    async fn hit(
-        &self,
-        name: &'static str,
-        level: &Moka<CacheKey, Arc<Entry>>,
-        key: &CacheKey,
-        usable_for: Duration,
-    ) -> Option<Arc<Entry>> {
-        let entry = level.get(key).await?;
-        let usable =
-            entry.generation == self.generation() && entry.stored_at.elapsed() < usable_for;
-        if usable {
-            self.count(name, "hit");
-        }
-        usable.then_some(entry)
-    }
-
     async fn lookup<E, F>(
         &self,
         name: &'static str,
@@ -415,11 +392,11 @@ impl Cache {
             }
             return Ok((entry, Outcome::Miss));
         }
-        if let Some(entry) = self.hit(name, level, &key, usable_for).await {
-            return Ok((entry, Outcome::Hit));
-        }
-        if level.contains_key(&key) {
-            // Stored, but stale or from before an invalidation.
+        if let Some(entry) = level.get(&key).await {
+            if entry.generation == self.generation() && entry.stored_at.elapsed() < usable_for {
+                self.count(name, "hit");
+                return Ok((entry, Outcome::Hit));
+            }
             level.invalidate(&key).await;
         }
         let generation = self.generation();

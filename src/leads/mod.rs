@@ -34,40 +34,29 @@ use query::LeadsQuery;
 pub const HAL_JSON: &str = "application/hal+json";
 
 /// Answers a leads list request, from the answer cache when it can.
+///
+/// With the cache, the query is parsed inside the fill, that is only when no answer is stored:
+/// only a query that parsed has an answer stored, and the same bytes parse the same way, so a
+/// hit skips the parse (most of what it would cost). An invalid query is a failed fill: never
+/// stored, answered `400` like without the cache.
 pub async fn answer(
     gw: &Arc<Gateway>,
     ctx: &RequestContext,
     raw_query: &str,
     client_headers: &HeaderMap,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let cached = gw.cache.as_ref().zip(ctx.credential.as_ref());
-    let key = cached.map(|(_, credential)| {
-        Cache::answer_key(credential, &ctx.public_base, plan::LEADS_PATH, raw_query)
-    });
-    if let (Some((cache, _)), Some(key), false) = (cached, &key, ctx.no_cache) {
-        // Only a query that parsed has an answer stored, and the same bytes parse the same
-        // way: a stored answer is served without parsing them again (parsing is most of what
-        // a hit would cost).
-        if let Some(entry) = cache.answer_hit(key).await {
-            tracing::Span::current().record("cache", Outcome::Hit.as_str());
-            if cache.claim_refresh(&entry) {
-                if let Ok(query) = query::parse(raw_query, gw.query_limits()) {
-                    let ctx = ctx.with_upstream_headers(client_headers);
-                    refresh_in_background(gw, &ctx, key.clone(), query, raw_query);
-                }
-            }
-            return Ok(respond(&entry, Some(Outcome::Hit)));
-        }
-    }
-    // Validation first: an invalid request never reaches the cache or the upstream.
-    let query = query::parse(raw_query, gw.query_limits()).map_err(ProxyError::InvalidQuery)?;
-    let ctx = &ctx.with_upstream_headers(client_headers);
-    let (Some((cache, _)), Some(key)) = (cached, key) else {
+    let parse = || query::parse(raw_query, gw.query_limits()).map_err(ProxyError::InvalidQuery);
+    let (Some(cache), Some(credential)) = (&gw.cache, &ctx.credential) else {
+        let query = parse()?;
+        let ctx = &ctx.with_upstream_headers(client_headers);
         return compute(gw, ctx, &query, raw_query)
             .await
             .map(|e| respond(&e, None));
     };
+    let key = Cache::answer_key(credential, &ctx.public_base, plan::LEADS_PATH, raw_query);
     let fill = Box::pin(async {
+        let query = parse().map_err(FillError::Failed)?;
+        let ctx = &ctx.with_upstream_headers(client_headers);
         compute(gw, ctx, &query, raw_query)
             .await
             .map_err(FillError::Failed)
@@ -75,7 +64,12 @@ pub async fn answer(
     let (entry, outcome) = FillError::settle(cache.answer(key.clone(), ctx.no_cache, fill).await)?;
     tracing::Span::current().record("cache", outcome.as_str());
     if outcome == Outcome::Hit && cache.claim_refresh(&entry) {
-        refresh_in_background(gw, ctx, key, query, raw_query);
+        refresh_in_background(
+            gw,
+            &ctx.with_upstream_headers(client_headers),
+            key,
+            raw_query,
+        );
     }
     Ok(respond(&entry, Some(outcome)))
 }
@@ -86,12 +80,15 @@ fn refresh_in_background(
     gw: &Arc<Gateway>,
     ctx: &RequestContext,
     key: crate::cache::CacheKey,
-    query: LeadsQuery,
     raw_query: &str,
 ) {
     let (gw, ctx) = (gw.clone(), gw.refresh_context(ctx));
     let raw = raw_query.to_string();
     tokio::spawn(async move {
+        // The stored answer's query parsed when it was filled.
+        let Ok(query) = query::parse(&raw, gw.query_limits()) else {
+            return;
+        };
         if let (Ok(fresh), Some(cache)) = (compute(&gw, &ctx, &query, &raw).await, &gw.cache) {
             cache.store_answer(key, fresh).await;
         }

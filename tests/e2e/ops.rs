@@ -53,7 +53,7 @@ async fn metrics_parse_and_move_with_traffic() {
         moved(r#"kommo_fanout_upstream_requests_total{kind="stream",status="200"}"#),
         3.0
     );
-    // The first request misses once (the early hit check does not count), the second hits.
+    // The first request is one miss, the second one hit: one lookup each.
     assert_eq!(
         moved(r#"kommo_fanout_cache_lookups_total{level="answer",outcome="miss"}"#),
         1.0
