@@ -215,24 +215,17 @@ impl Upstream {
         let attempt = async {
             let resp = self.send(req).await?;
             let (parts, incoming) = resp.into_parts();
-            let body = Limited::new(incoming, max)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        UpstreamError::TooLarge(max)
-                    } else {
-                        UpstreamError::Body(error_chain(e.as_ref()))
-                    }
-                })?
-                .to_bytes();
+            let body = Limited::new(incoming, max).collect().await.map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    UpstreamError::TooLarge(max)
+                } else {
+                    UpstreamError::Body(error_chain(e.as_ref()))
+                }
+            })?;
             Ok(Buffered {
                 status: parts.status,
                 headers: owned_headers(&parts.headers),
-                // A copy of its own: a body that arrived in one read is a slice of the
-                // connection's read buffer, and a cached slice would keep that whole buffer
-                // (up to hundreds of KiB) alive for as long as it is cached.
-                body: Bytes::copy_from_slice(&body),
+                body: owned_body(body.aggregate()),
             })
         };
         tokio::time::timeout(timeout, attempt)
@@ -253,6 +246,21 @@ fn owned_headers(headers: &HeaderMap) -> HeaderMap {
     owned
 }
 
+/// The body's chunks copied once into one allocation of its own. The chunks are slices of the
+/// connection's read buffer (`Collected::to_bytes` hands back a lone chunk as it is), and a
+/// cached slice would keep that whole buffer (up to hundreds of KiB) alive as long as it is
+/// cached.
+fn owned_body(mut chunks: impl bytes::Buf) -> Bytes {
+    let mut body = Vec::with_capacity(chunks.remaining());
+    while chunks.has_remaining() {
+        let chunk = chunks.chunk();
+        body.extend_from_slice(chunk);
+        let n = chunk.len();
+        chunks.advance(n);
+    }
+    Bytes::from(body)
+}
+
 /// An error and its sources on one line: hyper's outer errors ("client error (Connect)") say
 /// little without their causes.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -269,6 +277,14 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owned_body_joins_the_chunks_into_one() {
+        use bytes::Buf;
+        let chunks = Bytes::from_static(b"{\"a\"").chain(Bytes::from_static(b":1}"));
+        assert_eq!(owned_body(chunks), Bytes::from_static(b"{\"a\":1}"));
+        assert!(owned_body(Bytes::new()).is_empty());
+    }
 
     #[test]
     fn origins() {
