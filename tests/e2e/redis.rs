@@ -14,10 +14,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::join_all;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use kommo_fanout::cache::SharedCache;
 use kommo_fanout::config::{RedisSettings, ServeConfig};
 use kommo_fanout::gateway::Gateway;
@@ -28,7 +24,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::support::max_in_window;
-use crate::support::{sim_config, stage_sizes, stages, truth, Answer, BY_ID, TOKEN};
+use crate::support::{sim_config, stage_sizes, stages, truth, Client, BY_ID, TOKEN};
 
 const LEADS: usize = 3000;
 const N: u32 = 7;
@@ -207,27 +203,6 @@ fn sim_limited() -> SimConfig {
     }
 }
 
-fn http() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Answer {
-    let req = Request::builder()
-        .method(Method::GET)
-        .uri(url)
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(Full::new(Bytes::new()))
-        .expect("a valid request");
-    let resp = client.request(req).await.expect("request completes");
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("body reads").to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
-}
-
 /// The `n` largest stages of the account.
 fn largest(sim: &Sim, n: usize) -> Vec<(i64, i64)> {
     stage_sizes(sim)
@@ -242,7 +217,7 @@ fn largest(sim: &Sim, n: usize) -> Vec<(i64, i64)> {
 async fn run_clients(sim: &SimHandle, replicas: &[Replica], clients: usize, offset: usize) {
     let all = largest(sim, 24);
     let leads = sim.leads();
-    let client = http();
+    let client = Client::default();
     let requests = (0..clients).map(|i| {
         let c = i + offset;
         let set: Vec<(i64, i64)> = (0..4).map(|k| all[(c + k * 5) % all.len()]).collect();
@@ -253,7 +228,7 @@ async fn run_clients(sim: &SimHandle, replicas: &[Replica], clients: usize, offs
         );
         let (client, leads) = (&client, &leads);
         async move {
-            let a = get(client, &url).await;
+            let a = client.get(&url, TOKEN).await;
             let want: Vec<i64> = truth(leads, &set, BY_ID, |_| true)
                 .into_iter()
                 .take(50)
@@ -324,7 +299,7 @@ async fn a_429_on_one_replica_pauses_the_others() {
     let key = origin_key(&sim);
     let set = largest(&sim, 6);
     let leads = sim.leads();
-    let client = http();
+    let client = Client::default();
     sim.inject(
         FaultRule::always(Fault::TooManyRequests {
             retry_after: Some(1),
@@ -341,7 +316,7 @@ async fn a_429_on_one_replica_pauses_the_others() {
         )
     };
     let (url_a, url_b, url_c) = (on(0, &set[0..2]), on(1, &set[2..4]), on(2, &set[4..6]));
-    let a = get(&client, &url_a);
+    let a = client.get(&url_a, TOKEN);
     let others = async {
         // As soon as replica A has seen the 429, B and C are asked for other stages.
         eventually("replica A saw the 429", Duration::from_secs(5), || {
@@ -349,8 +324,8 @@ async fn a_429_on_one_replica_pauses_the_others() {
         })
         .await;
         let asked = Instant::now();
-        let b = get(&client, &url_b);
-        let c = get(&client, &url_c);
+        let b = client.get(&url_b, TOKEN);
+        let c = client.get(&url_c, TOKEN);
         let (b, c) = tokio::join!(b, c);
         (asked, b, c)
     };
@@ -626,7 +601,7 @@ async fn a_view_fetched_through_one_replica_is_answered_by_another() {
     let b = replica_with(&sim, &redis.url(), prefix, ttl).await;
     let set = largest(&sim, 3);
     let path = format!("/api/v4/leads?{}&limit=100", stages(&set));
-    let client = crate::support::Client::default();
+    let client = Client::default();
 
     let first = client.get(&format!("{}{path}", a.proxy), TOKEN).await;
     assert_eq!(first.status, 200);
@@ -659,23 +634,15 @@ async fn a_view_fetched_through_one_replica_is_answered_by_another() {
 
     // A webhook received by replica A drops replica B's entries too.
     let hook = client
-        .0
-        .request(
-            Request::builder()
-                .method(Method::POST)
-                .uri(format!(
-                    "{}/webhooks/kommo?secret={WEBHOOK_SECRET}",
-                    a.admin
-                ))
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(Full::new(Bytes::from_static(
-                    b"leads[status][0][id]=1&leads[status][0][status_id]=142",
-                )))
-                .expect("request"),
+        .request_with(
+            http::Method::POST,
+            &format!("{}/webhooks/kommo?secret={WEBHOOK_SECRET}", a.admin),
+            None,
+            "leads[status][0][id]=1&leads[status][0][status_id]=142",
+            &[("content-type", "application/x-www-form-urlencoded")],
         )
-        .await
-        .expect("webhook answered");
-    assert_eq!(hook.status(), 200);
+        .await;
+    assert_eq!(hook.status, 200);
     let before = sim.request_count();
     eventually("replica B drops its cache", Duration::from_secs(3), || {
         b.gateway.cache.as_ref().is_some_and(|c| c.generation() > 0)
