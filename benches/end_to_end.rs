@@ -53,6 +53,7 @@ use std::fs;
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -566,7 +567,7 @@ struct PassThrough {
     rss: Option<Rss>,
     body_bytes: usize,
     /// What drove the load: `wrk` or the bench's own client.
-    generator: String,
+    generator: &'static str,
 }
 
 struct PassRows {
@@ -602,11 +603,7 @@ const UNLOADED_TIME: Duration = Duration::from_secs(3);
 
 async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThrough {
     let body = account_body();
-    let wrk = ensure_wrk();
-    let generator = match &wrk {
-        Some(_) => "wrk (1 thread)".to_string(),
-        None => "the bench's own client (hyper-util; wrk not available)".to_string(),
-    };
+    let (wrk, generator) = load_generator();
     let Some(nginx) = ensure_nginx() else {
         eprintln!("  nginx is not available: scenario 2 skipped");
         return PassThrough {
@@ -649,7 +646,7 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
     let one_thread = [&unlimited[..], &["--worker-threads", "1"]].concat();
     let proxy_one = Proxy::start(binary, &upstream, &one_thread, &env, scratch, "proxy-1t").await;
     let idle = proxy.rss();
-    let gen = wrk.as_deref();
+    let gen = wrk;
     let (proxy_pids, one_pids) = (vec![proxy.guard.pid()], vec![proxy_one.guard.pid()]);
     let loaded = |name: &'static str, url: String, pids: Vec<u32>| async move {
         let target = Target::one(&url);
@@ -708,7 +705,7 @@ async fn measure(
     duration: Duration,
     pids: &[u32],
 ) -> LoadStats {
-    let mut stats = match wrk {
+    match wrk {
         Some(wrk) => {
             let url = &target.urls[0];
             run_wrk(wrk, url, connections, warmup).await;
@@ -722,11 +719,7 @@ async fn measure(
             let stats = load(target, connections, Duration::ZERO, duration).await;
             stats.with_cpu(cpu_time(pids).saturating_sub(before))
         }
-    };
-    if stats.requests == 0 {
-        stats.cpu_per_request = None;
     }
-    stats
 }
 
 impl LoadStats {
@@ -845,9 +838,12 @@ fn cpu_time(pids: &[u32]) -> Duration {
 }
 
 fn clock_ticks_per_second() -> f64 {
-    command_output("getconf", &["CLK_TCK"])
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        command_output("getconf", &["CLK_TCK"])
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// A Kommo-like `GET /api/v4/account` answer of a little over 2 KB.
@@ -1015,7 +1011,7 @@ struct Cached {
     stage_leads: Vec<usize>,
     rss: Option<Rss>,
     /// What drove the load: `wrk` or the bench's own client.
-    generator: String,
+    generator: &'static str,
 }
 
 /// One row of the cached-answers table.
@@ -1057,11 +1053,7 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
     let by_size = stages_by_size(&sim);
     let stage_leads = by_size.iter().take(CACHED_STAGES).map(|s| s.1).collect();
     let stages: Vec<(i64, i64)> = by_size.iter().take(CACHED_STAGES).map(|s| s.0).collect();
-    let wrk = ensure_wrk();
-    let generator = match &wrk {
-        Some(_) => "wrk (1 thread)".to_string(),
-        None => "the bench's own client (hyper-util; wrk not available)".to_string(),
-    };
+    let (wrk, generator) = load_generator();
     let Some(nginx) = ensure_nginx() else {
         eprintln!("  nginx is not available: scenario 4 skipped");
         let rows = TARGETS.map(|(_, target)| CachedRow {
@@ -1134,7 +1126,7 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
     ];
     let mut rows = Vec::new();
     for ((target, (short, name)), pids) in targets.iter().zip(TARGETS).zip(pids) {
-        let gen = wrk.as_deref();
+        let gen = wrk;
         let mut stats = measure(gen, target, CONNECTIONS, mode.warmup, mode.load, &pids).await;
         if gen.is_some() {
             // wrk reads no headers: an answer is a hit when the upstream saw no request at
@@ -1599,6 +1591,19 @@ fn ensure_nginx() -> Option<PathBuf> {
         apt_install("nginx");
         find_nginx()
     })
+}
+
+/// `wrk` when there is one (looked for, and installed when missing, once per run), and how the
+/// report names the load generator.
+fn load_generator() -> (Option<&'static Path>, &'static str) {
+    static WRK: OnceLock<Option<PathBuf>> = OnceLock::new();
+    match WRK.get_or_init(ensure_wrk) {
+        Some(wrk) => (Some(wrk), "wrk (1 thread)"),
+        None => (
+            None,
+            "the bench's own client (hyper-util; wrk not available)",
+        ),
+    }
 }
 
 /// `wrk`, installed with apt-get when missing and running as root.
