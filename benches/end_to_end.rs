@@ -25,7 +25,7 @@
 //!    pages are compared lead by lead.
 //! 2. **Pass-through overhead.** nginx serves a static ~2 KB JSON body; `wrk` (installed with
 //!    apt-get when missing and running as root, else the bench's own client) hits it directly,
-//!    through the proxy (limiter raised out of the way; one runtime thread per CPU, and
+//!    through the proxy (limiter raised out of the way; one serving thread per CPU, and
 //!    `--worker-threads 1`) and through a second nginx acting as a plain keep-alive reverse
 //!    proxy (1 worker, and one per CPU): 32 connections for throughput, 1 connection for the
 //!    latency a hop adds without queueing. Requests/s, p50, p99, and the CPU time the measured
@@ -1944,7 +1944,8 @@ impl Report {
              - **kommo-fanout**: the release proxy with `--upstream` at the static nginx and its \
              limiter raised out of the way (`--rate-limit 10000 --rate-window 1ms --rate-margin \
              0ms`, response cache off, `RUST_LOG=warn`); the answer streams through unchanged. \
-             By default its runtime has one thread per CPU; `--worker-threads 1` runs it on one.\n\
+             By default it serves on one thread per CPU, each with its own runtime and upstream \
+             pool; `--worker-threads 1` serves on one.\n\
              - **nginx reverse proxy**: a second nginx with `proxy_pass` to the static one over an \
              upstream keep-alive pool: the baseline for a plain reverse proxy, with 1 worker and \
              with one per CPU.\n\
@@ -2054,7 +2055,7 @@ impl Report {
              `X-Cache: HIT`. The single-stage page is relayed (hrefs moved to the proxy) and \
              stored; the 5-stage page is the merged HAL page, stored ready.\n\
              - **nginx `proxy_cache`**: nginx (1 worker, or `worker_processes auto` = one per CPU \
-             like the proxy's runtime; `sendfile on`, `access_log off`) with \
+             like the proxy's serving threads; `sendfile on`, `access_log off`) with \
              `proxy_pass` to the simulator, `proxy_cache_path` in the scratch directory, \
              `proxy_cache_key \"$scheme$proxy_host$request_uri $http_authorization\"`, \
              `proxy_cache_valid 200 10m`, `proxy_ignore_headers Cache-Control Expires Set-Cookie \

@@ -182,8 +182,8 @@ pub struct ServeArgs {
     /// How long requests in flight may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "KOMMO_FANOUT_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
-    /// Threads serving requests (default: one per CPU). Fewer leave CPUs to what shares the
-    /// machine; one thread spends the least CPU per request (no hand-offs between threads).
+    /// Threads serving client connections (default: one per CPU), each with its own runtime
+    /// and upstream connection pool. Fewer leave CPUs to what shares the machine.
     #[arg(long, env = "KOMMO_FANOUT_WORKER_THREADS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
@@ -241,8 +241,16 @@ pub struct ServeConfig {
     pub redis: Option<RedisSettings>,
     pub fetch: FetchPolicy,
     pub shutdown_grace: Duration,
-    /// Runtime worker threads; `None`: one per CPU.
+    /// Serving threads; `None`: one per CPU.
     pub worker_threads: Option<usize>,
+}
+
+impl ServeConfig {
+    /// How many serving threads run: the configured number or one per CPU.
+    pub fn serving_threads(&self) -> usize {
+        self.worker_threads
+            .unwrap_or_else(crate::workers::default_count)
+    }
 }
 
 impl ServeArgs {

@@ -20,6 +20,7 @@
 //! - [`demo`]: the simulator and the proxy in one process.
 //! - [`webhook`]: Kommo's lead webhooks, which drop cached entries.
 //! - [`redis`]: the limiter and cache replicas share through Redis.
+//! - [`workers`]: the serving threads, one runtime and upstream pool each.
 #![forbid(unsafe_code)]
 
 pub mod body;
@@ -36,6 +37,7 @@ pub mod server;
 pub mod sim;
 pub mod upstream;
 pub mod webhook;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -54,7 +56,7 @@ use upstream::Upstream;
 /// Builds the gateway of a validated configuration: with Redis, the shared limiter and cache
 /// (connected lazily: a Redis that is down at start means a degraded start, not a failure).
 pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
-    let upstream = Upstream::new(config.upstream.clone())?;
+    let upstream = Upstream::new(config.upstream.clone(), config.serving_threads())?;
     let Some(redis) = &config.redis else {
         let limiter = Arc::new(LocalLimiter::new(config.limiter));
         let fetcher = Fetcher::new(upstream, limiter, config.fetch.clone());
@@ -128,8 +130,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let gw = gateway(config).await?;
-    serve(config, gw, listener, admin, shutdown).await;
-    Ok(())
+    serve(config, gw, listener, admin, shutdown).await
 }
 
 /// [`run`] with a gateway built by the caller (who may keep a handle on it).
@@ -139,7 +140,7 @@ pub async fn serve(
     listener: TcpListener,
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) {
+) -> Result<(), String> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let admin_rx = rx.clone();
     let secret = config.webhook_secret.as_deref().map(Arc::from);
@@ -152,16 +153,22 @@ pub async fn serve(
         let _ = tx.send(true);
     });
     let mut rx = rx;
-    server::run(
+    let served = server::run(
         listener,
         gw,
         async move {
             let _ = rx.wait_for(|stop| *stop).await;
         },
         config.shutdown_grace,
+        config.serving_threads(),
     )
     .await;
+    if served.is_err() {
+        // The admin listener stops with the proxy.
+        admin_task.abort();
+    }
     let _ = admin_task.await;
+    served
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Serve(args) => {
-            // Validated before the runtime starts: its size is part of the configuration.
+            // Validated before anything starts: `--check` prints it and exits.
             let check = args.check;
             let config = match args.validate() {
                 Ok(c) => c,
@@ -38,16 +38,21 @@ fn main() -> ExitCode {
                 print!("{}", config.describe());
                 return ExitCode::SUCCESS;
             }
-            match runtime(config.worker_threads) {
+            // This runtime accepts connections, serves the admin listener and runs background
+            // work; the serving threads (`--worker-threads`) run their own.
+            let control = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match control {
                 Ok(rt) => rt.block_on(serve(config)),
-                Err(code) => code,
+                Err(e) => fail(1, &format!("cannot start the runtime: {e}")),
             }
         }
-        Command::Sim(args) => match runtime(None) {
+        Command::Sim(args) => match runtime() {
             Ok(rt) => rt.block_on(sim(args)),
             Err(code) => code,
         },
-        Command::Demo(args) => match runtime(None) {
+        Command::Demo(args) => match runtime() {
             Ok(rt) => rt.block_on(async {
                 match kommo_fanout::demo::run(args, kommo_fanout::shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
@@ -59,14 +64,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// A multi-threaded runtime with `workers` threads (default: one per CPU).
-fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = workers {
-        builder.worker_threads(n);
-    }
-    builder
+/// A multi-threaded runtime with one thread per CPU.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
         .build()
         .map_err(|e| fail(1, &format!("cannot start the runtime: {e}")))
 }

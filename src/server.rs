@@ -12,7 +12,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::body::{self, ProxyBody};
@@ -22,6 +23,7 @@ use crate::leads;
 use crate::metrics::RouteLabels;
 use crate::passthrough;
 use crate::webhook;
+use crate::workers::{Accepted, Workers};
 
 /// The header that carries a request's id, from the client or generated, to the upstream and
 /// back to the client.
@@ -210,15 +212,16 @@ fn valid_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// Serves the proxy on `listener` until `shutdown` completes, then lets requests in flight
-/// finish for up to `grace`.
+/// Serves the proxy on `listener` with `threads` serving threads (see [`workers`]) until
+/// `shutdown` completes, then lets requests in flight finish for up to `grace`.
 pub async fn run(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
-) {
-    let conn = ConnLimits {
+    threads: usize,
+) -> Result<(), String> {
+    let limits = ConnLimits {
         header_read_timeout: gateway.settings.bounds.header_read_timeout,
         // hyper's own buffer limit is a backstop above ours, so our checks answer first with
         // a problem+json body.
@@ -227,11 +230,44 @@ pub async fn run(
             + 8 * 1024)
             .max(8 * 1024),
     };
-    serve(listener, shutdown, grace, conn, move |peer, req| {
+    let handler = move |peer, req| {
         let gw = gateway.clone();
         async move { handle(&gw, peer, req).await }
+    };
+    let mut workers = Workers::start(threads, move |queue| {
+        serve_handed(queue, grace, limits, handler.clone())
+    })?;
+    accept(&listener, shutdown, |stream, peer| {
+        match stream.into_std() {
+            Ok(stream) => workers.hand(stream, peer),
+            Err(e) => warn!(%peer, error = %e, "cannot hand a connection to a serving thread"),
+        }
     })
-    .await
+    .await;
+    drop(listener);
+    workers.finish().await;
+    Ok(())
+}
+
+/// A serving thread's loop: serves each connection it is handed until the acceptor stops,
+/// then drains them.
+async fn serve_handed<F, Fut>(
+    mut queue: mpsc::UnboundedReceiver<Accepted>,
+    grace: Duration,
+    limits: ConnLimits,
+    handler: F,
+) where
+    F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let connections = Connections::new(limits);
+    while let Some(Accepted { stream, peer, open }) = queue.recv().await {
+        match TcpStream::from_std(stream) {
+            Ok(stream) => connections.serve(stream, peer, handler.clone(), open),
+            Err(e) => warn!(%peer, error = %e, "cannot serve a handed connection"),
+        }
+    }
+    connections.drain(grace).await;
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes: `GET /healthz`, and
@@ -313,8 +349,8 @@ impl ConnLimits {
     };
 }
 
-/// The accept loop shared by both listeners: HTTP/1.1 and HTTP/2, each connection watched so
-/// shutdown can drain it.
+/// Serves `listener` on this thread's runtime until `shutdown` completes, then drains its
+/// connections for up to `grace`.
 async fn serve<F, Fut>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -325,13 +361,22 @@ async fn serve<F, Fut>(
     F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_buf_size);
+    let connections = Connections::new(limits);
+    accept(&listener, shutdown, |stream, peer| {
+        connections.serve(stream, peer, handler.clone(), ())
+    })
+    .await;
+    drop(listener);
+    connections.drain(grace).await;
+}
+
+/// Accepts connections until `shutdown` completes; each goes to `accepted` with `TCP_NODELAY`
+/// set.
+async fn accept(
+    listener: &TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut accepted: impl FnMut(TcpStream, SocketAddr),
+) {
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -347,26 +392,65 @@ async fn serve<F, Fut>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
+        accepted(stream, peer);
+    }
+}
+
+/// The connections of one runtime: HTTP/1.1 and HTTP/2, each watched so shutdown can drain
+/// it.
+struct Connections {
+    builder: auto::Builder<TokioExecutor>,
+    graceful: GracefulShutdown,
+}
+
+impl Connections {
+    fn new(limits: ConnLimits) -> Connections {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_buf_size);
+        Connections {
+            builder,
+            graceful: GracefulShutdown::new(),
+        }
+    }
+
+    /// Serves `stream` on a task of the current runtime; `guard` is dropped when it closes.
+    fn serve<F, Fut>(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        handler: F,
+        guard: impl Send + 'static,
+    ) where
+        F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
         let service = service_fn(move |req| {
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(peer, req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let conn = self.builder.serve_connection(TokioIo::new(stream), service);
+        let conn = self.graceful.watch(conn.into_owned());
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(guard);
         });
     }
-    drop(listener);
-    info!(connections = graceful.count(), "draining connections");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("connections still open after the shutdown grace period; closing them");
+
+    /// Lets open connections finish their requests for up to `grace`, then closes them.
+    async fn drain(self, grace: Duration) {
+        info!(connections = self.graceful.count(), "draining connections");
+        if tokio::time::timeout(grace, self.graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!("connections still open after the shutdown grace period; closing them");
+        }
     }
 }
 

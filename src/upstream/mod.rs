@@ -7,6 +7,7 @@ pub mod fair;
 pub mod fetch;
 pub mod limiter;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -122,15 +123,18 @@ type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 #[derive(Clone)]
 pub struct Upstream {
     config: UpstreamConfig,
-    /// hyper's pooled client: keeps connections to the account warm across requests.
-    client: Client<HttpsConnector, ProxyBody>,
+    /// hyper's pooled clients, one per serving thread and one for every other thread: keep
+    /// connections to the account warm across requests, each driven by the thread that uses
+    /// it (see [`crate::workers`]).
+    clients: Arc<[Client<HttpsConnector, ProxyBody>]>,
     /// The `Host` every upstream request carries: the origin's authority.
     host: HeaderValue,
 }
 
 impl Upstream {
-    /// Builds the client; fails only if the TLS provider cannot be set up.
-    pub fn new(config: UpstreamConfig) -> Result<Self, String> {
+    /// Builds the clients of `serving_threads` threads and of the rest; fails only if the TLS
+    /// provider cannot be set up.
+    pub fn new(config: UpstreamConfig, serving_threads: usize) -> Result<Self, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -148,15 +152,18 @@ impl Upstream {
         // to the upstream stay open for ever. 30 s sits below the keep-alive timeouts servers
         // commonly use (nginx: 75 s), so a pooled connection is not reused just as the upstream
         // closes it; the reaper runs once per timeout, so one closes within 60 s of going idle.
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+            .pool_idle_timeout(Duration::from_secs(30));
+        let clients = (0..=serving_threads)
+            .map(|_| builder.build(connector.clone()))
+            .collect();
         let host = HeaderValue::from_str(config.origin.authority.as_str())
             .map_err(|e| format!("the origin's host is not a header value: {e}"))?;
         Ok(Upstream {
             config,
-            client,
+            clients,
             host,
         })
     }
@@ -192,7 +199,9 @@ impl Upstream {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = self.at_origin(pq).map_err(UpstreamError::Connect)?;
         req.headers_mut().insert(header::HOST, self.host.clone());
-        self.client
+        // Serving thread i uses client i + 1; every other thread client 0.
+        let client = crate::workers::current().map_or(0, |i| i + 1);
+        self.clients[client % self.clients.len()]
             .request(req)
             .await
             .map_err(|e| UpstreamError::Connect(error_chain(&e)))

@@ -286,6 +286,27 @@ async fn three_replicas_share_one_window_across_21_clients() {
     );
 }
 
+/// Whether `pause_key` holds a pause in Redis within 5 s.
+async fn pause_shared(redis: &RedisServer, pause_key: &str) -> bool {
+    let client = ::redis::Client::open(redis.url()).expect("a valid URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis answers");
+    for _ in 0..1000 {
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(pause_key)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        if ttl > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn a_429_on_one_replica_pauses_the_others() {
     let redis = RedisServer::start();
@@ -318,11 +339,14 @@ async fn a_429_on_one_replica_pauses_the_others() {
     let (url_a, url_b, url_c) = (on(0, &set[0..2]), on(1, &set[2..4]), on(2, &set[4..6]));
     let a = client.get(&url_a, TOKEN);
     let others = async {
-        // As soon as replica A has seen the 429, B and C are asked for other stages.
+        // As soon as replica A has seen the 429 and shared the pause (one Redis round trip
+        // after it; A's requests meanwhile already wait), B and C are asked for other stages.
         eventually("replica A saw the 429", Duration::from_secs(5), || {
             replicas[0].limiter.snapshot(&key).paused_until.is_some()
         })
         .await;
+        let shared = pause_shared(&redis, &format!("pause:limiter:{key}:pause")).await;
+        assert!(shared, "the pause reached Redis within 5 s");
         let asked = Instant::now();
         let b = client.get(&url_b, TOKEN);
         let c = client.get(&url_c, TOKEN);

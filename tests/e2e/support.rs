@@ -96,7 +96,8 @@ pub async fn serve_proxy(config: ServeConfig) -> Served {
         kommo_fanout::serve(&config, gw, listener, admin, async move {
             let _ = rx.await;
         })
-        .await;
+        .await
+        .expect("the proxy serves");
     });
     Served {
         proxy,
