@@ -2050,7 +2050,7 @@ impl Report {
             _ => out.push_str("Ratios: n/a (nginx not available)\n"),
         }
         out.push_str(
-            "\n- **kommo-fanout**: the release proxy (tokio, all CPUs) with `--cache-ttl 10m` and \
+            "\n- **kommo-fanout**: the release proxy (one serving thread per CPU) with `--cache-ttl 10m` and \
              `RUST_LOG=warn`, the simulator as its upstream; warmed until it answers \
              `X-Cache: HIT`. The single-stage page is relayed (hrefs moved to the proxy) and \
              stored; the 5-stage page is the merged HAL page, stored ready.\n\
