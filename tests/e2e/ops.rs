@@ -232,7 +232,7 @@ async fn logs_never_contain_a_token_in_either_format() {
 }
 
 #[tokio::test]
-async fn sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones() {
+async fn sigterm_lets_the_requests_in_flight_finish_and_refuses_new_ones() {
     let sim = kommo_fanout::sim::Sim::spawn(SimConfig {
         leads: 300,
         latency: Duration::from_millis(1500),
@@ -240,10 +240,22 @@ async fn sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones() {
     })
     .await
     .unwrap();
-    let mut proxy = spawn_proxy(&sim.base_url(), &["--shutdown-grace", "10s"], &[]).await;
+    // Three connections at once: each goes to its own serving thread, and all three threads
+    // must drain.
+    let mut proxy = spawn_proxy(
+        &sim.base_url(),
+        &["--shutdown-grace", "10s", "--worker-threads", "3"],
+        &[],
+    )
+    .await;
     let url = format!("{}/api/v4/leads/pipelines", proxy.url);
-    let in_flight = tokio::spawn(async move { Client::default().get(&url, TOKEN).await });
-    while sim.request_count() == 0 {
+    let in_flight: Vec<_> = (0..3)
+        .map(|i| {
+            let url = format!("{url}?probe={i}");
+            tokio::spawn(async move { Client::default().get(&url, TOKEN).await })
+        })
+        .collect();
+    while sim.request_count() < 3 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let pid = proxy.child.id().to_string();
@@ -256,8 +268,10 @@ async fn sigterm_lets_the_request_in_flight_finish_and_refuses_new_ones() {
             .is_err(),
         "new connections are refused while draining"
     );
-    let answer = in_flight.await.unwrap();
-    assert_eq!(answer.status, 200, "the request in flight completed");
+    for request in in_flight {
+        let answer = request.await.unwrap();
+        assert_eq!(answer.status, 200, "every request in flight completed");
+    }
     assert_eq!(
         wait_exit(&mut proxy.child, Duration::from_secs(10)),
         Some(0)
