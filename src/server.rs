@@ -444,7 +444,18 @@ impl Connections {
 
     /// Lets open connections finish their requests for up to `grace`, then closes them.
     async fn drain(self, grace: Duration) {
-        info!(connections = self.graceful.count(), "draining connections");
+        // Serving threads say which they are; the admin listener has no index.
+        match crate::workers::current() {
+            Some(thread) => info!(
+                thread,
+                connections = self.graceful.count(),
+                "draining connections"
+            ),
+            None => info!(
+                connections = self.graceful.count(),
+                "draining admin connections"
+            ),
+        }
         if tokio::time::timeout(grace, self.graceful.shutdown())
             .await
             .is_err()
