@@ -29,6 +29,7 @@ mod tests;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -413,6 +414,8 @@ struct Inner {
     log: Mutex<RequestLog>,
     /// When the sim was built: the clock behind timestamps of changes made while it runs.
     started: tokio::time::Instant,
+    /// Connections accepted: shows how clients pool and reuse them.
+    connections: AtomicU64,
 }
 
 /// The request log; `generation` lets an answer find its entry again even after a `clear_requests`.
@@ -455,6 +458,7 @@ impl Sim {
             faults: Mutex::new(FaultSet::new(cfg.faults, SplitMix64::derived(cfg.seed, 2))),
             log: Mutex::new(RequestLog::default()),
             started: tokio::time::Instant::now(),
+            connections: AtomicU64::new(0),
         }))
     }
 
@@ -509,6 +513,15 @@ impl Sim {
     /// Every request so far (since the last [`Sim::clear_requests`]), in arrival order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.log().entries.clone()
+    }
+
+    /// How many connections were accepted since the simulator started.
+    pub fn connections_accepted(&self) -> u64 {
+        self.0.connections.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn connection_accepted(&self) {
+        self.0.connections.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many requests arrived (since the last [`Sim::clear_requests`]).

@@ -194,6 +194,7 @@ pub(crate) async fn run(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
+                    sim.connection_accepted();
                     let _ = stream.set_nodelay(true);
                     connections.spawn(serve_connection(sim.clone(), stream, local, stop_rx.clone()));
                 }
