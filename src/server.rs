@@ -251,15 +251,12 @@ pub async fn run(
 
 /// A serving thread's loop: serves each connection it is handed until the acceptor stops,
 /// then drains them.
-async fn serve_handed<F, Fut>(
+async fn serve_handed(
     mut queue: mpsc::UnboundedReceiver<Accepted>,
     grace: Duration,
     limits: ConnLimits,
-    handler: F,
-) where
-    F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
-{
+    handler: impl Handler,
+) {
     let connections = Connections::new(limits);
     while let Some(Accepted { stream, peer, open }) = queue.recv().await {
         match TcpStream::from_std(stream) {
@@ -351,16 +348,13 @@ impl ConnLimits {
 
 /// Serves `listener` on this thread's runtime until `shutdown` completes, then drains its
 /// connections for up to `grace`.
-async fn serve<F, Fut>(
+async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     limits: ConnLimits,
-    handler: F,
-) where
-    F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
-{
+    handler: impl Handler,
+) {
     let connections = Connections::new(limits);
     accept(&listener, shutdown, |stream, peer| {
         connections.serve(stream, peer, handler.clone(), ())
@@ -396,6 +390,21 @@ async fn accept(
     }
 }
 
+/// What answers the requests of a connection: the proxy's router or the admin endpoints.
+trait Handler:
+    Fn(SocketAddr, Request<Incoming>) -> Self::Answer + Clone + Send + Sync + 'static
+{
+    type Answer: Future<Output = Response<ProxyBody>> + Send + 'static;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    type Answer = Fut;
+}
+
 /// The connections of one runtime: HTTP/1.1 and HTTP/2, each watched so shutdown can drain
 /// it.
 struct Connections {
@@ -418,16 +427,13 @@ impl Connections {
     }
 
     /// Serves `stream` on a task of the current runtime; `guard` is dropped when it closes.
-    fn serve<F, Fut>(
+    fn serve(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        handler: F,
+        handler: impl Handler,
         guard: impl Send + 'static,
-    ) where
-        F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
-    {
+    ) {
         let service = service_fn(move |req| {
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(peer, req).await) }
