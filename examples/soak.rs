@@ -83,40 +83,39 @@ fn parse_args() -> Result<Args, String> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        // The flag's value parsed as a `T`, or an error naming the flag and what it expects.
+        let mut value = |expected: &str| -> Result<_, String> {
+            let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            Ok((v, format!("{flag}: expected {expected}")))
+        };
         match flag.as_str() {
             "--minutes" => {
-                args.minutes = value("--minutes")?
-                    .parse()
-                    .map_err(|_| "--minutes: expected a number".to_string())?;
+                let (v, err) = value("0 < M <= 1440")?;
+                args.minutes = v.parse().map_err(|_| err.clone())?;
                 if !(args.minutes > 0.0 && args.minutes <= 24.0 * 60.0) {
-                    return Err("--minutes: expected 0 < M <= 1440".into());
+                    return Err(err);
                 }
             }
             "--clients" => {
-                args.clients = value("--clients")?
-                    .parse()
-                    .map_err(|_| "--clients: expected an integer".to_string())?;
+                let (v, err) = value("1..=512")?;
+                args.clients = v.parse().map_err(|_| err.clone())?;
                 if !(1..=512).contains(&args.clients) {
-                    return Err("--clients: expected 1..=512".into());
+                    return Err(err);
                 }
             }
             "--max-requests" => {
-                args.max_requests = value("--max-requests")?
-                    .parse()
-                    .map_err(|_| "--max-requests: expected an integer".to_string())?;
+                let (v, err) = value("an integer")?;
+                args.max_requests = v.parse().map_err(|_| err)?;
             }
             "--seed" => {
-                args.seed = value("--seed")?
-                    .parse()
-                    .map_err(|_| "--seed: expected an integer".to_string())?;
+                let (v, err) = value("an integer")?;
+                args.seed = v.parse().map_err(|_| err)?;
             }
             "--cache-mib" => {
-                args.cache_mib = value("--cache-mib")?
-                    .parse()
-                    .map_err(|_| "--cache-mib: expected an integer".to_string())?;
+                let (v, err) = value("1..=65536")?;
+                args.cache_mib = v.parse().map_err(|_| err.clone())?;
                 if !(1..=65536).contains(&args.cache_mib) {
-                    return Err("--cache-mib: expected 1..=65536".into());
+                    return Err(err);
                 }
             }
             "--no-build" => args.build = false,
