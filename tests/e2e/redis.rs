@@ -90,6 +90,30 @@ impl RedisServer {
         }
     }
 
+    /// Sends `cmd` until its answer passes `done`, at most `tries` times `every` apart, and
+    /// returns the last answer.
+    async fn poll<T: ::redis::FromRedisValue>(
+        &self,
+        cmd: &::redis::Cmd,
+        (tries, every): (u32, Duration),
+        done: impl Fn(&T) -> bool,
+    ) -> T {
+        let client = ::redis::Client::open(self.url()).expect("a valid URL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis answers");
+        let mut attempt = 1;
+        loop {
+            let answer: T = cmd.query_async(&mut conn).await.expect("Redis answers");
+            if done(&answer) || attempt == tries {
+                return answer;
+            }
+            attempt += 1;
+            tokio::time::sleep(every).await;
+        }
+    }
+
     fn ping(&self) -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
@@ -286,27 +310,6 @@ async fn three_replicas_share_one_window_across_21_clients() {
     );
 }
 
-/// Whether `pause_key` holds a pause in Redis within 5 s.
-async fn pause_shared(redis: &RedisServer, pause_key: &str) -> bool {
-    let client = ::redis::Client::open(redis.url()).expect("a valid URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis answers");
-    for _ in 0..1000 {
-        let ttl: i64 = ::redis::cmd("PTTL")
-            .arg(pause_key)
-            .query_async(&mut conn)
-            .await
-            .expect("PTTL");
-        if ttl > 0 {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    false
-}
-
 #[tokio::test]
 async fn a_429_on_one_replica_pauses_the_others() {
     let redis = RedisServer::start();
@@ -345,8 +348,14 @@ async fn a_429_on_one_replica_pauses_the_others() {
             replicas[0].limiter.snapshot(&key).paused_until.is_some()
         })
         .await;
-        let shared = pause_shared(&redis, &format!("pause:limiter:{key}:pause")).await;
-        assert!(shared, "the pause reached Redis within 5 s");
+        let pause_ttl: i64 = redis
+            .poll(
+                ::redis::cmd("PTTL").arg(format!("pause:limiter:{key}:pause")),
+                (1000, Duration::from_millis(5)),
+                |ttl| *ttl > 0,
+            )
+            .await;
+        assert!(pause_ttl > 0, "the pause reached Redis within 5 s");
         let asked = Instant::now();
         let b = client.get(&url_b, TOKEN);
         let c = client.get(&url_c, TOKEN);
@@ -457,23 +466,13 @@ async fn redis_stopped_mid_run_falls_back_at_n_over_replicas_and_recovers() {
     run_clients(&sim, &replicas, 6, 3).await;
     assert_within_budget(&sim);
     // Sharing resumed for real: all three are members of the new server's limiter again.
-    let client = ::redis::Client::open(redis.url()).expect("a valid URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis is back");
-    let mut members = 0;
-    for _ in 0..100 {
-        members = ::redis::cmd("ZCARD")
-            .arg("outage:limiter:members")
-            .query_async(&mut conn)
-            .await
-            .expect("ZCARD");
-        if members == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let members: i64 = redis
+        .poll(
+            ::redis::cmd("ZCARD").arg("outage:limiter:members"),
+            (100, Duration::from_millis(50)),
+            |members| *members == 3,
+        )
+        .await;
     assert_eq!(members, 3, "replicas registered with the restarted Redis");
 }
 
