@@ -74,8 +74,9 @@ impl Workers {
         F: Fn(mpsc::UnboundedReceiver<Accepted>) -> Fut + Send + Clone + 'static,
         Fut: std::future::Future<Output = ()>,
     {
+        let count = count.max(1);
         let mut threads = Vec::with_capacity(count);
-        for index in 0..count.max(1) {
+        for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -142,6 +143,15 @@ impl Workers {
 mod tests {
     use super::*;
 
+    /// Each thread's count of open connections.
+    fn open_counts(workers: &Workers) -> Vec<usize> {
+        workers
+            .threads
+            .iter()
+            .map(|t| t.open.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// Connected loopback sockets; the listener is kept so the peers stay open.
     fn sockets(
         n: usize,
@@ -181,12 +191,7 @@ mod tests {
         for (s, peer) in conns {
             workers.hand(s, peer);
         }
-        let open: Vec<usize> = workers
-            .threads
-            .iter()
-            .map(|t| t.open.load(Ordering::Relaxed))
-            .collect();
-        assert_eq!(open, [3, 2, 2]);
+        assert_eq!(open_counts(&workers), [3, 2, 2]);
         workers.finish().await;
         let mut seen: Vec<_> = std::iter::from_fn(|| report.try_recv().ok()).collect();
         seen.sort();
@@ -212,21 +217,12 @@ mod tests {
         }
         // Both threads drop what they get; once they have, every count is back to zero.
         for _ in 0..1000 {
-            if workers
-                .threads
-                .iter()
-                .all(|t| t.open.load(Ordering::Relaxed) == 0)
-            {
+            if open_counts(&workers) == [0, 0] {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        let open: Vec<usize> = workers
-            .threads
-            .iter()
-            .map(|t| t.open.load(Ordering::Relaxed))
-            .collect();
-        assert_eq!(open, [0, 0]);
+        assert_eq!(open_counts(&workers), [0, 0]);
         workers.finish().await;
     }
 }
