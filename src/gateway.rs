@@ -494,7 +494,7 @@ impl Gateway {
                     Some(p) if p.eq_ignore_ascii_case("https") => "https",
                     _ => "http",
                 };
-                return format!("{scheme}://{host}");
+                return [scheme, "://", host].concat();
             }
         }
         match headers
@@ -503,7 +503,7 @@ impl Gateway {
             .or(authority)
             .filter(|h| valid_host(h))
         {
-            Some(host) => format!("http://{host}"),
+            Some(host) => ["http://", host].concat(),
             None => self.fetcher.upstream.origin().url.clone(),
         }
     }
@@ -632,13 +632,20 @@ pub fn valid_host(host: &str) -> bool {
             None => (host, None),
         }
     };
+    // One pass over the bytes (this runs on every request): labels of 1 to 63 letters,
+    // digits and hyphens, separated by single dots.
+    let mut label = 0;
     let name_ok = !name.is_empty()
         && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        });
+        && name.bytes().all(|c| {
+            if c == b'.' {
+                std::mem::replace(&mut label, 0) > 0
+            } else {
+                label += 1;
+                label <= 63 && (c.is_ascii_alphanumeric() || c == b'-')
+            }
+        })
+        && label > 0;
     let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok());
     name_ok && port_ok
 }
@@ -670,8 +677,18 @@ mod tests {
             "a..b",
             "h:99999",
             "\"x",
+            ".a",
+            "a.",
+            "é.com",
         ] {
             assert!(!valid_host(bad), "{bad}");
         }
+        let label = "a".repeat(63);
+        assert!(valid_host(&format!("{label}.com:8080")));
+        assert!(!valid_host(&format!("{label}a.com")));
+        let long = ["ab"; 85].join(".");
+        assert_eq!(long.len(), 254);
+        assert!(!valid_host(&long), "a name of 254 bytes");
+        assert!(valid_host(&long[1..]), "a name of 253 bytes");
     }
 }

@@ -14,7 +14,7 @@ use crate::leads;
 use crate::metrics::UpstreamKind;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1): never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -34,9 +34,15 @@ pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 
 /// Removes hop-by-hop headers in place, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none, or only `Connection: keep-alive`: one look at each name, and
-    // only what is there is removed; nothing is allocated unless `Connection` names a header.
-    let present = HOP_BY_HOP.map(|hop| headers.keys().any(|name| *name == hop));
+    // One pass over the names: most messages carry no hop-by-hop header, or only `Connection:
+    // keep-alive`; only what is there is removed, and nothing is allocated unless `Connection`
+    // names a header.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
+    }
     if !present.contains(&true) {
         return;
     }
@@ -49,11 +55,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
-    let fixed = HOP_BY_HOP
-        .into_iter()
-        .zip(present)
-        .filter_map(|(n, here)| here.then_some(n));
-    for name in fixed.chain(named) {
+    let fixed = HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here);
+    for name in fixed.map(|(name, _)| name).chain(&named) {
         headers.remove(name);
     }
 }
@@ -185,6 +188,10 @@ mod tests {
         );
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        for name in ["te", "trailer", "proxy-authorization", "proxy-authenticate"] {
+            h.append(name, HeaderValue::from_static("x"));
+            h.append(name, HeaderValue::from_static("y"));
+        }
         let out = end_to_end(&h);
         assert_eq!(out.len(), 1);
         assert_eq!(out[header::AUTHORIZATION], "Bearer t");
