@@ -6,6 +6,7 @@
 pub mod fair;
 pub mod fetch;
 pub mod limiter;
+mod pool;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +18,9 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{self, ProxyBody};
+use pool::Pool;
 
 /// The upstream account's origin, validated at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,16 +117,14 @@ pub struct UpstreamConfig {
     pub max_body: usize,
 }
 
-type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
-
 /// The client for the configured upstream origin.
 #[derive(Clone)]
 pub struct Upstream {
     config: UpstreamConfig,
-    /// hyper's pooled clients, one per serving thread and one for every other thread: keep
+    /// Connection pools, one per serving thread and one for every other thread: keep
     /// connections to the account warm across requests, each driven by the thread that uses
     /// it (see [`crate::workers`]).
-    clients: Arc<[Client<HttpsConnector, ProxyBody>]>,
+    pools: Arc<[Pool]>,
     /// The `Host` every upstream request carries: the origin's authority.
     host: HeaderValue,
 }
@@ -148,22 +146,22 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        // The idle timeout only takes effect with a pool timer: without it, idle connections
-        // to the upstream stay open for ever. 30 s sits below the keep-alive timeouts servers
-        // commonly use (nginx: 75 s), so a pooled connection is not reused just as the upstream
-        // closes it; the reaper runs once per timeout, so one closes within 60 s of going idle.
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30));
-        let clients = (0..=serving_threads)
-            .map(|_| builder.build(connector.clone()))
+        // 30 s sits below the keep-alive timeouts servers commonly use (nginx: 75 s), so a
+        // pooled connection is not reused just as the upstream closes it; the reaper runs once
+        // per timeout, so one closes within 60 s of going idle.
+        let origin: Uri = config
+            .origin
+            .url
+            .parse()
+            .map_err(|e| format!("the origin is not a URI: {e}"))?;
+        let pools = (0..=serving_threads)
+            .map(|_| Pool::new(connector.clone(), origin.clone(), Duration::from_secs(30)))
             .collect();
         let host = HeaderValue::from_str(config.origin.authority.as_str())
             .map_err(|e| format!("the origin's host is not a header value: {e}"))?;
         Ok(Upstream {
             config,
-            clients,
+            pools,
             host,
         })
     }
@@ -199,12 +197,12 @@ impl Upstream {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = self.at_origin(pq).map_err(UpstreamError::Connect)?;
         req.headers_mut().insert(header::HOST, self.host.clone());
-        // Serving thread i uses client i + 1; every other thread client 0.
-        let client = crate::workers::current().map_or(0, |i| i + 1);
-        self.clients[client % self.clients.len()]
-            .request(req)
+        // Serving thread i uses pool i + 1; every other thread pool 0.
+        let pool = crate::workers::current().map_or(0, |i| i + 1);
+        self.pools[pool % self.pools.len()]
+            .send(req)
             .await
-            .map_err(|e| UpstreamError::Connect(error_chain(&e)))
+            .map_err(UpstreamError::Connect)
     }
 
     /// A GET whose whole answer is read within the timeout and the body limit.

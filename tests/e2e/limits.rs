@@ -258,7 +258,15 @@ async fn an_html_403_stops_upstream_traffic_for_the_cool_down() {
 
 #[tokio::test]
 async fn a_small_request_behind_a_wide_one_waits_for_a_few_permits_only() {
-    let s = stack_with(sim_config(LEADS), limited(7, Duration::from_millis(300))).await;
+    // One serving thread: the order of arrival upstream stands for the order of the grants
+    // only when every stream sends on a warm connection. With two, the small request may land
+    // on the thread without upstream connections and dial one while the wide one's streams,
+    // granted after it, reuse theirs.
+    let s = stack_with(sim_config(LEADS), |c| {
+        limited(7, Duration::from_millis(300))(c);
+        c.worker_threads = Some(1);
+    })
+    .await;
     let mut wide = largest_stages(&s, 40);
     // Pad with stages that hold no leads (the simulator answers them 204).
     let pipeline = wide[0].0;

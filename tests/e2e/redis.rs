@@ -630,6 +630,20 @@ async fn a_view_fetched_through_one_replica_is_answered_by_another() {
     assert_eq!(first.status, 200);
     let sent = sim.request_count();
     assert_eq!(sent, 3);
+    // A stores its pages in Redis after answering: sharing takes one Redis round trip, which
+    // on a loaded machine can outlast the next request.
+    let stored: Vec<String> = redis
+        .poll(
+            ::redis::cmd("KEYS").arg(format!("{prefix}cache:*")),
+            (1000, Duration::from_millis(5)),
+            |keys: &Vec<String>| keys.len() == 3,
+        )
+        .await;
+    assert_eq!(
+        stored.len(),
+        3,
+        "replica A's 3 pages reached Redis within 5 s"
+    );
     let second = client.get(&format!("{}{path}", b.proxy), TOKEN).await;
     assert_eq!(second.status, 200);
     assert_eq!(second.ids(), first.ids());
