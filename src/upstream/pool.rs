@@ -534,8 +534,8 @@ hSHJw3H0rDXe+EOR+wys5m2vY1skXBi4pHzd89hR2jZ4/4yBvCozqJs4
         assert_eq!(origin.accepted(), 2);
     }
 
-    #[tokio::test]
-    async fn http2_when_tls_negotiates_it_carries_every_request_on_one_connection() {
+    /// A TLS acceptor for 127.0.0.1 offering `alpn`, in order of preference.
+    fn tls(alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
         let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -547,8 +547,28 @@ hSHJw3H0rDXe+EOR+wys5m2vY1skXBi4pHzd89hR2jZ4/4yBvCozqJs4
             PrivateKeyDer::from_pem_slice(KEY.as_bytes()).unwrap(),
         )
         .unwrap();
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls))
+    }
+
+    #[tokio::test]
+    async fn https_with_http1_keeps_its_connection_for_the_next_request() {
+        let origin = Origin::start(true, Some(tls(&[b"http/1.1"]))).await;
+        let pool = pool(&origin, Duration::from_secs(30));
+        for _ in 0..3 {
+            let answer = get(&pool, &origin, "/x").await;
+            assert_eq!(
+                answer,
+                (StatusCode::OK, Version::HTTP_11, Bytes::from("ok"))
+            );
+        }
+        assert_eq!(origin.accepted(), 1, "one TLS handshake");
+        assert_eq!(pool.held(), 1);
+    }
+
+    #[tokio::test]
+    async fn http2_when_tls_negotiates_it_carries_every_request_on_one_connection() {
+        let acceptor = tls(&[b"h2", b"http/1.1"]);
         let origin = Origin::start(true, Some(acceptor)).await;
         let pool = pool(&origin, Duration::from_secs(30));
         let first = get(&pool, &origin, "/x").await;
