@@ -90,7 +90,7 @@ impl Pool {
                 // grow every request's future, which is moved into place on each request.
                 None => Box::pin(self.connect()).await?,
             };
-            let unsent = match conn {
+            let mut unsent = match conn {
                 Conn::H1(mut tx) => {
                     // HTTP/1.1 names only the path and query; `Host` carries the authority.
                     let pq = absolute.path_and_query().cloned();
@@ -112,7 +112,6 @@ impl Pool {
                     }
                 }
             };
-            let mut unsent = unsent;
             match unsent.take_message() {
                 // A reused connection closed before the request went out: try another. A new
                 // one failing at once is a real failure, as every later try would be.
