@@ -130,8 +130,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the clients of `serving_threads` threads and of the rest; fails only if the TLS
-    /// provider cannot be set up.
+    /// Builds the connection pools of `serving_threads` threads and of the rest; fails only if
+    /// the TLS provider cannot be set up.
     pub fn new(config: UpstreamConfig, serving_threads: usize) -> Result<Self, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
