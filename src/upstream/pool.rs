@@ -155,7 +155,9 @@ impl Pool {
     }
 
     /// Returns an HTTP/1.1 connection whose answer's head has arrived. Its body may still be
-    /// streaming; checkout skips it until the connection is ready again.
+    /// streaming; checkout skips it until the connection is ready again. Its idle time counts
+    /// from here: one streaming past the timeout leaves the pool, and closes once its answer
+    /// has been read.
     fn put(&self, tx: http1::SendRequest<ProxyBody>) {
         let mut state = self.lock();
         state.idle.push(Idle {
@@ -431,6 +433,23 @@ hSHJw3H0rDXe+EOR+wys5m2vY1skXBi4pHzd89hR2jZ4/4yBvCozqJs4
         // Both are free again: no third.
         answered_ok(&pool, &origin, 3).await;
         assert_eq!(origin.accepted(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_streaming_past_the_idle_timeout_is_not_cut() {
+        let origin = Origin::start(true, None).await;
+        let pool = pool(&origin, Duration::from_millis(100));
+        let slow = pool
+            .send(request(&origin, Method::GET, "/slow"))
+            .await
+            .unwrap();
+        // Three reaper rounds pass while the body streams: the connection leaves the pool, but
+        // the answer on it is read to the end.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(pool.held(), 0);
+        let release = origin.release.lock().unwrap().take().unwrap();
+        release.send(()).unwrap();
+        assert_eq!(read(slow).await.2, "slow");
     }
 
     #[tokio::test]
