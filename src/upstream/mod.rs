@@ -65,6 +65,15 @@ impl Origin {
             url,
         })
     }
+
+    /// `pq` at this origin, from the parts already parsed.
+    pub fn at(&self, pq: PathAndQuery) -> Result<Uri, String> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|e| e.to_string())
+    }
 }
 
 /// Where an upstream failure came from, worded for the client's `502` detail.
@@ -149,14 +158,9 @@ impl Upstream {
         // 30 s sits below the keep-alive timeouts servers commonly use (nginx: 75 s), so a
         // pooled connection is not reused just as the upstream closes it; the reaper runs once
         // per timeout, so one closes within 60 s of going idle.
-        let origin: Uri = config
-            .origin
-            .url
-            .parse()
-            .map_err(|e| format!("the origin is not a URI: {e}"))?;
         let pools = (0..=serving_threads)
-            .map(|_| Pool::new(connector.clone(), origin.clone(), Duration::from_secs(30)))
-            .collect();
+            .map(|_| Pool::new(connector.clone(), &config.origin, Duration::from_secs(30)))
+            .collect::<Result<_, _>>()?;
         let host = HeaderValue::from_str(config.origin.authority.as_str())
             .map_err(|e| format!("the origin's host is not a header value: {e}"))?;
         Ok(Upstream {
@@ -174,15 +178,6 @@ impl Upstream {
         &self.config
     }
 
-    /// `pq` at the upstream origin, without parsing anything again.
-    fn at_origin(&self, pq: PathAndQuery) -> Result<Uri, String> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.config.origin.scheme.clone());
-        parts.authority = Some(self.config.origin.authority.clone());
-        parts.path_and_query = Some(pq);
-        Uri::from_parts(parts).map_err(|e| e.to_string())
-    }
-
     /// Sends a request to the configured origin only: of its URI only the path and query are
     /// kept (an absolute-form target's host is dropped), and `Host` is set here. The response
     /// body is streamed back to the caller.
@@ -190,12 +185,6 @@ impl Upstream {
         &self,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = self.at_origin(pq).map_err(UpstreamError::Connect)?;
         req.headers_mut().insert(header::HOST, self.host.clone());
         // Serving thread i uses pool i + 1; every other thread pool 0.
         let pool = crate::workers::current().map_or(0, |i| i + 1);

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tower_service::Service;
 use tracing::debug;
 
-use super::error_chain;
+use super::{error_chain, Origin};
 use crate::body::ProxyBody;
 
 /// The connector: TCP, then TLS for `https` origins (offering HTTP/2 and HTTP/1.1).
@@ -33,8 +33,9 @@ pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 /// The open connections of one serving thread to the origin.
 pub struct Pool {
     connector: Connector,
-    /// `scheme://authority` of the origin: what is dialled.
-    origin: Uri,
+    origin: Origin,
+    /// `scheme://authority/` of the origin: what is dialled.
+    dial: Uri,
     /// Idle connections older than this are closed; the reaper runs once per period.
     idle_timeout: Duration,
     state: Arc<Mutex<State>>,
@@ -65,19 +66,29 @@ enum Conn {
 }
 
 impl Pool {
-    pub fn new(connector: Connector, origin: Uri, idle_timeout: Duration) -> Self {
-        Pool {
+    pub fn new(
+        connector: Connector,
+        origin: &Origin,
+        idle_timeout: Duration,
+    ) -> Result<Self, String> {
+        Ok(Pool {
             connector,
-            origin,
+            dial: origin.at(PathAndQuery::from_static("/"))?,
+            origin: origin.clone(),
             idle_timeout,
             state: Arc::default(),
-        }
+        })
     }
 
-    /// Sends `req` (an absolute URI at the origin) on a pooled connection, or on a new one, and
-    /// returns the answer with its body still streaming. Errors are one line, causes included.
+    /// Sends `req` to the origin, on a pooled connection or on a new one, and returns the
+    /// answer with its body still streaming. Of the request's URI only the path and query are
+    /// used. Errors are one line, causes included.
     pub async fn send(&self, mut req: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
-        let absolute = req.uri().clone();
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut reuses = 0;
         loop {
             // After a few reused connections failed in a row, a new one settles it.
@@ -93,9 +104,7 @@ impl Pool {
             let mut unsent = match conn {
                 Conn::H1(mut tx) => {
                     // HTTP/1.1 names only the path and query; `Host` carries the authority.
-                    let pq = absolute.path_and_query().cloned();
-                    *req.uri_mut() =
-                        Uri::from(pq.unwrap_or_else(|| PathAndQuery::from_static("/")));
+                    *req.uri_mut() = Uri::from(pq.clone());
                     match tx.try_send_request(req).await {
                         Ok(resp) => {
                             self.put(tx);
@@ -105,7 +114,8 @@ impl Pool {
                     }
                 }
                 Conn::H2(mut tx) => {
-                    *req.uri_mut() = absolute.clone();
+                    // HTTP/2 carries the scheme and authority as pseudo-headers.
+                    *req.uri_mut() = self.origin.at(pq.clone())?;
                     match tx.try_send_request(req).await {
                         Ok(resp) => return Ok(resp),
                         Err(e) => e,
@@ -177,7 +187,7 @@ impl Pool {
         let mut connector = self.connector.clone();
         let io = async {
             std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
-            connector.call(self.origin.clone()).await
+            connector.call(self.dial.clone()).await
         }
         .await
         .map_err(|e| format!("connect: {}", error_chain(e.as_ref())))?;
@@ -367,7 +377,8 @@ hSHJw3H0rDXe+EOR+wys5m2vY1skXBi4pHzd89hR2jZ4/4yBvCozqJs4
         roots
             .add(CertificateDer::from_pem_slice(CERT.as_bytes()).unwrap())
             .unwrap();
-        Pool::new(connector(roots), origin.url.clone(), idle)
+        let url = super::Origin::parse(&origin.url.to_string()).unwrap();
+        Pool::new(connector(roots), &url, idle).unwrap()
     }
 
     fn request(origin: &Origin, method: Method, path: &str) -> Request<ProxyBody> {
