@@ -153,6 +153,8 @@ pub async fn serve(
         let _ = tx.send(true);
     });
     let mut rx = rx;
+    // As many as the upstream has pools for: the CPU count is read once, when it is built.
+    let threads = gw.fetcher.upstream.serving_threads();
     let served = server::run(
         listener,
         gw,
@@ -160,7 +162,7 @@ pub async fn serve(
             let _ = rx.wait_for(|stop| *stop).await;
         },
         config.shutdown_grace,
-        config.serving_threads(),
+        threads,
     )
     .await;
     if served.is_err() {

@@ -174,6 +174,11 @@ impl Upstream {
         &self.config.origin
     }
 
+    /// How many serving threads the pools were built for.
+    pub fn serving_threads(&self) -> usize {
+        self.pools.len() - 1
+    }
+
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
     }
