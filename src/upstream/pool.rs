@@ -57,6 +57,13 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Worth keeping at `now`: still open, and back in the pool for less than `timeout`.
+    fn fresh(&self, now: Instant, timeout: Duration) -> bool {
+        !self.tx.is_closed() && now.duration_since(self.since) < timeout
+    }
+}
+
 /// Reused connections tried for one request before a new one is dialled.
 const MAX_REUSES: u32 = 3;
 
@@ -155,7 +162,7 @@ impl Pool {
         while i > 0 {
             i -= 1;
             let idle = &state.idle[i];
-            if idle.tx.is_closed() || now.duration_since(idle.since) >= self.idle_timeout {
+            if !idle.fresh(now, self.idle_timeout) {
                 state.idle.remove(i);
             } else if idle.tx.is_ready() {
                 return Some(Conn::H1(state.idle.remove(i).tx));
@@ -231,9 +238,7 @@ async fn reap(state: Weak<Mutex<State>>, every: Duration) {
         let Some(state) = state.upgrade() else { return };
         let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        state
-            .idle
-            .retain(|idle| !idle.tx.is_closed() && now.duration_since(idle.since) < every);
+        state.idle.retain(|idle| idle.fresh(now, every));
     }
 }
 
@@ -345,6 +350,21 @@ hSHJw3H0rDXe+EOR+wys5m2vY1skXBi4pHzd89hR2jZ4/4yBvCozqJs4
             origin
         }
 
+        /// Sends `/slow` and returns its answer once the head is in; the body waits for
+        /// [`Origin::finish_slow`].
+        async fn start_slow(&self, pool: &Pool) -> Response<Incoming> {
+            pool.send(request(self, Method::GET, "/slow"))
+                .await
+                .unwrap()
+        }
+
+        /// Lets the `/slow` body go; it must arrive whole.
+        async fn finish_slow(&self, slow: Response<Incoming>) {
+            let release = self.release.lock().unwrap().take().unwrap();
+            release.send(()).unwrap();
+            assert_eq!(read(slow).await.2, "slow");
+        }
+
         fn accepted(&self) -> usize {
             self.accepted.load(Ordering::SeqCst)
         }
@@ -430,17 +450,12 @@ hSHJw3H0rDXe+EOR+wys5m2vY1skXBi4pHzd89hR2jZ4/4yBvCozqJs4
     async fn a_connection_still_streaming_a_body_is_not_handed_out() {
         let origin = Origin::start(true, None).await;
         let pool = pool(&origin, Duration::from_secs(30));
-        let slow = pool
-            .send(request(&origin, Method::GET, "/slow"))
-            .await
-            .unwrap();
+        let slow = origin.start_slow(&pool).await;
         // The slow answer's head is in, its body is not: the next request needs a second
         // connection.
         answered_ok(&pool, &origin, 1).await;
         assert_eq!(origin.accepted(), 2);
-        let release = origin.release.lock().unwrap().take().unwrap();
-        release.send(()).unwrap();
-        assert_eq!(read(slow).await.2, "slow");
+        origin.finish_slow(slow).await;
         // Both are free again: no third.
         answered_ok(&pool, &origin, 3).await;
         assert_eq!(origin.accepted(), 2);
@@ -450,17 +465,12 @@ hSHJw3H0rDXe+EOR+wys5m2vY1skXBi4pHzd89hR2jZ4/4yBvCozqJs4
     async fn a_body_streaming_past_the_idle_timeout_is_not_cut() {
         let origin = Origin::start(true, None).await;
         let pool = pool(&origin, Duration::from_millis(100));
-        let slow = pool
-            .send(request(&origin, Method::GET, "/slow"))
-            .await
-            .unwrap();
+        let slow = origin.start_slow(&pool).await;
         // Three reaper rounds pass while the body streams: the connection leaves the pool, but
         // the answer on it is read to the end.
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert_eq!(pool.held(), 0);
-        let release = origin.release.lock().unwrap().take().unwrap();
-        release.send(()).unwrap();
-        assert_eq!(read(slow).await.2, "slow");
+        origin.finish_slow(slow).await;
     }
 
     #[tokio::test]
@@ -602,15 +612,10 @@ hSHJw3H0rDXe+EOR+wys5m2vY1skXBi4pHzd89hR2jZ4/4yBvCozqJs4
         let pool = pool(&origin, Duration::from_secs(30));
         let first = get(&pool, &origin, "/x").await;
         assert_eq!(first, (StatusCode::OK, Version::HTTP_2, Bytes::from("ok")));
-        let slow = pool
-            .send(request(&origin, Method::GET, "/slow"))
-            .await
-            .unwrap();
+        let slow = origin.start_slow(&pool).await;
         let answers = futures::future::join_all((0..4).map(|_| get(&pool, &origin, "/x"))).await;
         assert!(answers.iter().all(|a| a.2 == "ok"));
-        let release = origin.release.lock().unwrap().take().unwrap();
-        release.send(()).unwrap();
-        assert_eq!(read(slow).await.2, "slow");
+        origin.finish_slow(slow).await;
         assert_eq!(origin.accepted(), 1, "one connection carried them all");
         assert_eq!(pool.held(), 0, "no HTTP/1.1 connection was made");
     }
