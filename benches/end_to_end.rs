@@ -646,18 +646,17 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
     let one_thread = [&unlimited[..], &["--worker-threads", "1"]].concat();
     let proxy_one = Proxy::start(binary, &upstream, &one_thread, &env, scratch, "proxy-1t").await;
     let idle = proxy.rss();
-    let gen = wrk;
     let (proxy_pids, one_pids) = (vec![proxy.guard.pid()], vec![proxy_one.guard.pid()]);
     let loaded = |name: &'static str, url: String, pids: Vec<u32>| async move {
         let target = Target::one(&url);
-        let stats = measure(gen, &target, CONNECTIONS, mode.warmup, mode.load, &pids).await;
+        let stats = measure(wrk, &target, CONNECTIONS, mode.warmup, mode.load, &pids).await;
         log_load(name, &stats);
         stats
     };
     let unloaded = |name: &'static str, url: String, pids: Vec<u32>| async move {
         let warmup = Duration::from_millis(300);
         let target = Target::one(&url);
-        let stats = measure(gen, &target, UNLOADED, warmup, UNLOADED_TIME, &pids).await;
+        let stats = measure(wrk, &target, UNLOADED, warmup, UNLOADED_TIME, &pids).await;
         log_load(name, &stats);
         stats
     };
@@ -1126,9 +1125,8 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
     ];
     let mut rows = Vec::new();
     for ((target, (short, name)), pids) in targets.iter().zip(TARGETS).zip(pids) {
-        let gen = wrk;
-        let mut stats = measure(gen, target, CONNECTIONS, mode.warmup, mode.load, &pids).await;
-        if gen.is_some() {
+        let mut stats = measure(wrk, target, CONNECTIONS, mode.warmup, mode.load, &pids).await;
+        if wrk.is_some() {
             // wrk reads no headers: an answer is a hit when the upstream saw no request at
             // all while the cache was loaded (a miss would have reached it), and it was a 2xx.
             stats.hits = if sim.request_count() == 0 {
