@@ -1,9 +1,9 @@
 //! End-to-end benchmark of the whole stack on loopback: what an integration sees.
 //!
-//! `cargo bench --bench end_to_end` (about 4 minutes; `-- --quick` for a ~45 s smoke run) starts
+//! `cargo bench --bench end_to_end` (about 4 minutes; `-- --quick` for a ~80 s smoke run) starts
 //! everything itself on `127.0.0.1` with free ports, drives it from its own async client
-//! (hyper-util's pooled client; `wrk` for scenario 2), prints a markdown report and rewrites `BENCHMARKS.md` with it
-//! (a `--quick` run only prints). Under `cargo test --all-targets` (no `--bench` argument) it
+//! (hyper-util's pooled client; `wrk` for scenarios 2 and 4), prints a markdown report and
+//! rewrites `BENCHMARKS.md` with it (a `--quick` run only prints). Under `cargo test --all-targets` (no `--bench` argument) it
 //! exits at once without running any load.
 //!
 //! What is measured:
@@ -30,12 +30,16 @@
 //!    proxy (1 worker, and one per CPU): 32 connections for throughput, 1 connection for the
 //!    latency a hop adds without queueing. Requests/s, p50, p99, and the CPU time the measured
 //!    hop's processes spent per request (`/proc/PID/stat`). nginx is installed the same way;
-//!    without it those rows read `n/a`.
+//!    without it those rows read `n/a`. Each target is warmed up, then measured in a few short
+//!    rounds, the targets taking turns, so that a change in the machine's other load falls on
+//!    all of them alike; the rows give the rounds' medians and range, the throughput ratios
+//!    the median of the ratios within a round.
 //! 3. **Peak RSS** (`VmHWM`) of each proxy child process when idle and after its scenario.
 //! 4. **Cached answers.** 32 connections read one leads page from a warm cache: the proxy's
 //!    answer cache for a single-stage page (`limit=250`, ~220 KB) and for a merged 5-stage page,
 //!    and nginx `proxy_cache` in front of the same simulator for the same single-stage page
-//!    (nginx cannot merge). Every measured answer must be a cache hit (`X-Cache: HIT` from the
+//!    (nginx cannot merge); the proxy on one thread per CPU and on one, nginx with one worker
+//!    per CPU and with one, measured in rounds as in scenario 2. Every measured answer must be a cache hit (`X-Cache: HIT` from the
 //!    proxy, `X-Cache-Status: HIT` from nginx) and the simulator must see no request meanwhile.
 //! 5. **Dashboard load.** 100 clients poll 5 multi-stage views (3 to 5 stages each) through the
 //!    proxy with its default cache TTL (30 s; 4 s under `--quick` so entries expire within the
@@ -111,7 +115,9 @@ struct Mode {
     ks: Vec<usize>,
     runs: usize,
     warmup: Duration,
-    load: Duration,
+    /// Scenarios 2 and 4 measure each target in this many rounds of `round` each.
+    rounds: usize,
+    round: Duration,
     dashboard: Duration,
 }
 
@@ -123,7 +129,8 @@ impl Mode {
                 ks: vec![1, 7, 14],
                 runs: 1,
                 warmup: Duration::from_millis(500),
-                load: Duration::from_secs(3),
+                rounds: 1,
+                round: Duration::from_secs(2),
                 dashboard: Duration::from_secs(8),
             }
         } else {
@@ -132,7 +139,8 @@ impl Mode {
                 ks: vec![1, 2, 4, 7, 14, 30],
                 runs: 3,
                 warmup: Duration::from_secs(1),
-                load: Duration::from_secs(10),
+                rounds: 3,
+                round: Duration::from_secs(2),
                 dashboard: Duration::from_secs(30),
             }
         }
@@ -196,6 +204,8 @@ async fn run(mode: &Mode) -> String {
     let report = Report {
         machine,
         command: mode.command(),
+        rounds: mode.rounds,
+        round: mode.round,
         cold,
         pass,
         cached,
@@ -571,14 +581,14 @@ struct PassThrough {
 }
 
 struct PassRows {
-    direct: LoadStats,
-    proxy: LoadStats,
-    proxy_one_thread: LoadStats,
-    nginx: LoadStats,
-    nginx_auto: LoadStats,
-    direct_unloaded: LoadStats,
-    proxy_unloaded: LoadStats,
-    nginx_unloaded: LoadStats,
+    direct: Rounds,
+    proxy: Rounds,
+    proxy_one_thread: Rounds,
+    nginx: Rounds,
+    nginx_auto: Rounds,
+    direct_unloaded: Rounds,
+    proxy_unloaded: Rounds,
+    nginx_unloaded: Rounds,
 }
 
 /// One load run at a fixed number of connections.
@@ -598,8 +608,10 @@ struct LoadStats {
 
 /// Connections of the unloaded latency runs: one request at a time, no queueing.
 const UNLOADED: usize = 1;
-/// How long each unloaded latency run lasts (after a short warm-up).
-const UNLOADED_TIME: Duration = Duration::from_secs(3);
+/// How long each round of the unloaded latency runs lasts.
+const UNLOADED_ROUND: Duration = Duration::from_secs(1);
+/// The warm-up of each unloaded target.
+const UNLOADED_WARMUP: Duration = Duration::from_millis(300);
 
 async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThrough {
     let body = account_body();
@@ -646,42 +658,56 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
     let one_thread = [&unlimited[..], &["--worker-threads", "1"]].concat();
     let proxy_one = Proxy::start(binary, &upstream, &one_thread, &env, scratch, "proxy-1t").await;
     let idle = proxy.rss();
-    let (proxy_pids, one_pids) = (vec![proxy.guard.pid()], vec![proxy_one.guard.pid()]);
-    let loaded = |name: &'static str, url: String, pids: Vec<u32>| async move {
-        let target = Target::one(&url);
-        let stats = measure(wrk, &target, CONNECTIONS, mode.warmup, mode.load, &pids).await;
-        log_load(name, &stats);
-        stats
-    };
-    let unloaded = |name: &'static str, url: String, pids: Vec<u32>| async move {
-        let warmup = Duration::from_millis(300);
-        let target = Target::one(&url);
-        let stats = measure(wrk, &target, UNLOADED, warmup, UNLOADED_TIME, &pids).await;
-        log_load(name, &stats);
-        stats
-    };
-    let direct_url = format!("{upstream}{PASS_PATH}");
-    let proxy_url = format!("{}{PASS_PATH}", proxy.base);
-    let nginx_url = format!("http://127.0.0.1:{nginx_port}{PASS_PATH}");
+    let target = |url: String| Target::one(&url);
+    let direct = target(format!("{upstream}{PASS_PATH}"));
+    let via_proxy = target(format!("{}{PASS_PATH}", proxy.base));
+    let via_one = target(format!("{}{PASS_PATH}", proxy_one.base));
+    let via_nginx = target(format!("http://127.0.0.1:{nginx_port}{PASS_PATH}"));
+    let via_auto = target(format!("http://127.0.0.1:{nginx_auto_port}{PASS_PATH}"));
+    let (proxy_pids, one_pids) = ([proxy.guard.pid()], [proxy_one.guard.pid()]);
+    let (static_pids, nginx_pids, auto_pids) =
+        (static_nginx.pids(), nginx_proxy.pids(), nginx_auto.pids());
+    let loaded = [
+        ("direct", &direct, &static_pids[..]),
+        ("proxy", &via_proxy, &proxy_pids[..]),
+        ("proxy 1 thr", &via_one, &one_pids[..]),
+        ("nginx proxy", &via_nginx, &nginx_pids[..]),
+        ("nginx auto", &via_auto, &auto_pids[..]),
+    ]
+    .map(|(name, target, pids)| Measured { name, target, pids });
+    let [direct_loaded, proxy_loaded, one_loaded, nginx_loaded, auto_loaded] = measure_rounds(
+        wrk,
+        &loaded,
+        CONNECTIONS,
+        mode.warmup,
+        mode.round,
+        mode.rounds,
+    )
+    .await;
+    let unloaded = [
+        ("direct c=1", &direct, &static_pids[..]),
+        ("proxy c=1", &via_proxy, &proxy_pids[..]),
+        ("nginx c=1", &via_nginx, &nginx_pids[..]),
+    ]
+    .map(|(name, target, pids)| Measured { name, target, pids });
+    let [direct_unloaded, proxy_unloaded, nginx_unloaded] = measure_rounds(
+        wrk,
+        &unloaded,
+        UNLOADED,
+        UNLOADED_WARMUP,
+        UNLOADED_ROUND,
+        mode.rounds,
+    )
+    .await;
     let rows = PassRows {
-        direct: loaded("direct", direct_url.clone(), static_nginx.pids()).await,
-        proxy: loaded("proxy", proxy_url.clone(), proxy_pids.clone()).await,
-        proxy_one_thread: loaded(
-            "proxy 1 thr",
-            format!("{}{PASS_PATH}", proxy_one.base),
-            one_pids,
-        )
-        .await,
-        nginx: loaded("nginx proxy", nginx_url.clone(), nginx_proxy.pids()).await,
-        nginx_auto: loaded(
-            "nginx auto",
-            format!("http://127.0.0.1:{nginx_auto_port}{PASS_PATH}"),
-            nginx_auto.pids(),
-        )
-        .await,
-        direct_unloaded: unloaded("direct c=1", direct_url, static_nginx.pids()).await,
-        proxy_unloaded: unloaded("proxy c=1", proxy_url, proxy_pids).await,
-        nginx_unloaded: unloaded("nginx c=1", nginx_url, nginx_proxy.pids()).await,
+        direct: direct_loaded,
+        proxy: proxy_loaded,
+        proxy_one_thread: one_loaded,
+        nginx: nginx_loaded,
+        nginx_auto: auto_loaded,
+        direct_unloaded,
+        proxy_unloaded,
+        nginx_unloaded,
     };
     PassThrough {
         rows: Some(rows),
@@ -694,30 +720,120 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
     }
 }
 
-/// A load run against `url` with `pids`' CPU time measured over it: by `wrk` when given, else
-/// by the bench's own client.
-async fn measure(
+/// One target of an interleaved measurement: what to load and whose CPU time to count.
+struct Measured<'a> {
+    name: &'static str,
+    target: &'a Target,
+    pids: &'a [u32],
+}
+
+/// Loads each target for one warm-up, then in `rounds` rounds of `round` each, the targets
+/// taking turns within a round (each round starting one target further on), so slow drift in
+/// what else the machine runs falls on every target alike. Each run is measured by `wrk` when
+/// given, else by the bench's own client, with the targets' CPU time over it.
+async fn measure_rounds<const N: usize>(
     wrk: Option<&Path>,
-    target: &Target,
+    targets: &[Measured<'_>; N],
     connections: usize,
     warmup: Duration,
-    duration: Duration,
-    pids: &[u32],
-) -> LoadStats {
-    match wrk {
-        Some(wrk) => {
-            let url = &target.urls[0];
-            run_wrk(wrk, url, connections, warmup).await;
-            let before = cpu_time(pids);
-            let stats = run_wrk(wrk, url, connections, duration).await;
-            stats.with_cpu(cpu_time(pids).saturating_sub(before))
+    round: Duration,
+    rounds: usize,
+) -> [Rounds; N] {
+    let run = |target: &Target, duration: Duration| {
+        let url = target.urls[0].clone();
+        let target = target.clone();
+        async move {
+            match wrk {
+                Some(wrk) => run_wrk(wrk, &url, connections, duration).await,
+                None => load(&target, connections, Duration::ZERO, duration).await,
+            }
         }
-        None => {
-            load(target, connections, Duration::ZERO, warmup).await;
-            let before = cpu_time(pids);
-            let stats = load(target, connections, Duration::ZERO, duration).await;
-            stats.with_cpu(cpu_time(pids).saturating_sub(before))
+    };
+    for m in targets {
+        run(m.target, warmup).await;
+    }
+    let mut measured: [Rounds; N] = std::array::from_fn(|_| Rounds::default());
+    for r in 0..rounds {
+        for j in 0..N {
+            let i = (r + j) % N;
+            let m = &targets[i];
+            let before = cpu_time(m.pids);
+            let stats = run(m.target, round).await;
+            let stats = stats.with_cpu(cpu_time(m.pids).saturating_sub(before));
+            log_load(&format!("{} #{}", m.name, r + 1), &stats);
+            measured[i].runs.push(stats);
         }
+    }
+    measured
+}
+
+/// A target's runs, one per round.
+#[derive(Default)]
+struct Rounds {
+    runs: Vec<LoadStats>,
+}
+
+impl Rounds {
+    /// The rounds as one row: the median of the rounds' requests/s and of their percentiles,
+    /// the largest max, every answer, error and hit counted, and the CPU time of all rounds
+    /// over all their answers.
+    fn summary(&self) -> LoadStats {
+        let median_of = |f: fn(&LoadStats) -> f64| {
+            let mut v: Vec<f64> = self.runs.iter().map(f).collect();
+            median_f(&mut v)
+        };
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let requests = self.runs.iter().map(|s| s.requests).sum::<usize>();
+        let cpu: Option<Duration> = self
+            .runs
+            .iter()
+            .map(|s| s.cpu_per_request.map(|c| c * count(s.requests)))
+            .sum();
+        LoadStats {
+            rps: median_of(|s| s.rps),
+            p50: Duration::from_secs_f64(median_of(|s| s.p50.as_secs_f64())),
+            p99: Duration::from_secs_f64(median_of(|s| s.p99.as_secs_f64())),
+            max: self.runs.iter().map(|s| s.max).max().unwrap_or_default(),
+            requests,
+            errors: self.runs.iter().map(|s| s.errors).sum(),
+            hits: self.runs.iter().map(|s| s.hits).sum(),
+            cpu_per_request: cpu.filter(|_| requests > 0).map(|c| c / count(requests)),
+        }
+    }
+
+    /// The lowest and highest requests/s of the rounds, as a table cell.
+    fn range_cell(&self) -> String {
+        let rps = self.runs.iter().map(|s| s.rps);
+        let low = rps.clone().fold(f64::INFINITY, f64::min);
+        let high = rps.fold(0.0, f64::max);
+        if self.runs.is_empty() {
+            "n/a".to_string()
+        } else {
+            format!("{low:.0} to {high:.0}")
+        }
+    }
+}
+
+/// The median over the rounds of `a`'s requests/s divided by `b`'s in the same round: each
+/// ratio pairs two runs made one after the other.
+fn paired_ratio(a: &Rounds, b: &Rounds) -> f64 {
+    let mut ratios: Vec<f64> = a
+        .runs
+        .iter()
+        .zip(&b.runs)
+        .filter(|(_, b)| b.rps > 0.0)
+        .map(|(a, b)| a.rps / b.rps)
+        .collect();
+    median_f(&mut ratios)
+}
+
+/// The median of `values` (the mean of the middle two for an even count); 0 when empty.
+fn median_f(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 
@@ -873,7 +989,7 @@ fn account_body() -> String {
 
 fn log_load(name: &str, stats: &LoadStats) {
     eprintln!(
-        "  {name:<12} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  max {:.0} ms  errors {}  hits {}",
+        "  {name:<16} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  max {:.0} ms  errors {}  hits {}",
         stats.rps,
         ms_f(stats.p50),
         ms_f(stats.p99),
@@ -1002,7 +1118,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Scenario 4's results.
 struct Cached {
-    /// The proxy: single-stage page, merged page; nginx: single-stage page.
+    /// The proxy on one thread per CPU: single-stage page, merged page; the proxy on one
+    /// thread, nginx with 1 worker and with one per CPU: single-stage page.
     rows: Vec<CachedRow>,
     /// Requests the simulator saw while the caches were measured (must be 0).
     upstream_during_load: usize,
@@ -1016,13 +1133,14 @@ struct Cached {
 /// One row of the cached-answers table.
 struct CachedRow {
     target: &'static str,
-    stats: Option<LoadStats>,
+    /// `None` when nginx is not available.
+    rounds: Option<Rounds>,
     body_bytes: usize,
 }
 
 impl CachedRow {
     fn hit_ratio(&self) -> Option<f64> {
-        let s = self.stats?;
+        let s = self.rounds.as_ref()?.summary();
         Some(s.hits as f64 / s.requests.max(1) as f64)
     }
 }
@@ -1030,14 +1148,18 @@ impl CachedRow {
 /// The proxy with its cache on and nginx `proxy_cache`, both in front of the simulator, each
 /// warmed, then loaded with 32 connections asking the same page over and over.
 async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached {
-    const TARGETS: [(&str, &str); 4] = [
+    const TARGETS: [(&str, &str); 5] = [
         (
             "proxy single",
-            "kommo-fanout: single-stage page from its answer cache",
+            "kommo-fanout (one thread per CPU): single-stage page from its answer cache",
         ),
         (
             "proxy merged",
-            "kommo-fanout: merged 5-stage page from its answer cache",
+            "kommo-fanout (one thread per CPU): merged 5-stage page from its answer cache",
+        ),
+        (
+            "proxy 1 thr",
+            "kommo-fanout (`--worker-threads 1`): the same single-stage page",
         ),
         (
             "nginx cache",
@@ -1057,7 +1179,7 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         eprintln!("  nginx is not available: scenario 4 skipped");
         let rows = TARGETS.map(|(_, target)| CachedRow {
             target,
-            stats: None,
+            rounds: None,
             body_bytes: 0,
         });
         return Cached {
@@ -1068,13 +1190,24 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
             generator,
         };
     };
+    let cache_on = ["--cache-ttl", "10m"];
     let proxy = Proxy::start(
         binary,
         &sim.base_url(),
-        &["--cache-ttl", "10m"],
+        &cache_on,
         &[QUIET],
         scratch,
         "proxy-cache",
+    )
+    .await;
+    let one_thread = [&cache_on[..], &["--worker-threads", "1"]].concat();
+    let proxy_one = Proxy::start(
+        binary,
+        &sim.base_url(),
+        &one_thread,
+        &[QUIET],
+        scratch,
+        "proxy-cache-1t",
     )
     .await;
     let idle = proxy.rss();
@@ -1099,6 +1232,10 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         (format!("{}/api/v4/leads?{single}", proxy.base), "x-cache"),
         (format!("{}/api/v4/leads?{merged}", proxy.base), "x-cache"),
         (
+            format!("{}/api/v4/leads?{single}", proxy_one.base),
+            "x-cache",
+        ),
+        (
             format!("http://127.0.0.1:{nginx_port}/api/v4/leads?{single}"),
             "x-cache-status",
         ),
@@ -1117,32 +1254,45 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         });
     }
     sim.clear_requests();
-    let pids = [
-        vec![proxy.guard.pid()],
-        vec![proxy.guard.pid()],
-        nginx_cache.pids(),
-        nginx_auto.pids(),
-    ];
+    let (proxy_pids, one_pids) = ([proxy.guard.pid()], [proxy_one.guard.pid()]);
+    let (nginx_pids, auto_pids) = (nginx_cache.pids(), nginx_auto.pids());
+    let pids: [&[u32]; 5] = [&proxy_pids, &proxy_pids, &one_pids, &nginx_pids, &auto_pids];
+    let measured: [Measured; 5] = std::array::from_fn(|i| Measured {
+        name: TARGETS[i].0,
+        target: &targets[i],
+        pids: pids[i],
+    });
+    let mut measured = measure_rounds(
+        wrk,
+        &measured,
+        CONNECTIONS,
+        mode.warmup,
+        mode.round,
+        mode.rounds,
+    )
+    .await;
+    let upstream_during_load = sim.request_count();
     let mut rows = Vec::new();
-    for ((target, (short, name)), pids) in targets.iter().zip(TARGETS).zip(pids) {
-        let mut stats = measure(wrk, target, CONNECTIONS, mode.warmup, mode.load, &pids).await;
+    for (rounds, ((short, name), target)) in measured.iter_mut().zip(TARGETS.iter().zip(&targets)) {
         if wrk.is_some() {
-            // wrk reads no headers: an answer is a hit when the upstream saw no request at
-            // all while the cache was loaded (a miss would have reached it), and it was a 2xx.
-            stats.hits = if sim.request_count() == 0 {
-                stats.requests
-            } else {
-                0
-            };
+            // wrk reads no headers: the answers are hits when the upstream saw no request at
+            // all while the caches were loaded (a miss would have reached it), and were 2xx.
+            for run in &mut rounds.runs {
+                run.hits = if upstream_during_load == 0 {
+                    run.requests
+                } else {
+                    0
+                };
+            }
         }
-        log_load(short, &stats);
+        let stats = rounds.summary();
         let row = CachedRow {
             target: name,
-            stats: Some(stats),
+            rounds: Some(std::mem::take(rounds)),
             body_bytes: target.body_len.unwrap_or(0),
         };
         eprintln!(
-            "    {} bytes, cache hit ratio {:.4}",
+            "  {short}: {} bytes, cache hit ratio {:.4}",
             row.body_bytes,
             row.hit_ratio().unwrap_or(0.0)
         );
@@ -1155,7 +1305,6 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         );
         rows.push(row);
     }
-    let upstream_during_load = sim.request_count();
     Cached {
         rows,
         upstream_during_load,
@@ -1746,6 +1895,9 @@ fn ms_f(d: Duration) -> f64 {
 struct Report {
     machine: Machine,
     command: &'static str,
+    /// Rounds per target in scenarios 2 and 4, and the length of a loaded round.
+    rounds: usize,
+    round: Duration,
     cold: ColdPages,
     pass: PassThrough,
     cached: Cached,
@@ -1763,6 +1915,21 @@ impl Report {
         self.cached_table(&mut out);
         self.dashboard_table(&mut out);
         out
+    }
+
+    /// How scenarios 2 and 4 take turns between their targets, and what their figures are.
+    fn rounds_text(&self) -> String {
+        format!(
+            "Each target is loaded once to warm it up, then measured in {} round(s) of {} s \
+             ({} s for one connection), the targets taking turns within a round and each round \
+             starting one target further on, so a change in what else the machine runs falls on \
+             all of them alike. **requests/s** and the latencies are the medians of the rounds' \
+             figures, **rounds' requests/s** the lowest and highest round, and every throughput \
+             ratio is the median of the rounds' ratios (two runs made one after the other).",
+            self.rounds,
+            self.round.as_secs(),
+            UNLOADED_ROUND.as_secs(),
+        )
     }
 
     fn header(&self, out: &mut String) {
@@ -1857,16 +2024,18 @@ impl Report {
             "## 2. Pass-through overhead\n\n\
              `GET {PASS_PATH}` answered by nginx with a static {} byte JSON file. Load: {}, \
              keep-alive connections, {CONNECTIONS} at once for the throughput rows and {UNLOADED} \
-             (one request at a time, nothing queued) for the latency rows; each run after a \
-             warm-up. **CPU us/request** is the user + system time of the measured hop's own \
-             processes (`/proc/PID/stat`) over the run divided by its answers: what one request \
-             costs it, whatever else the machine runs.\n\n\
-             | target | connections | requests/s | p50 ms | p99 ms | CPU us/request | requests | errors |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|\n",
-            p.body_bytes, p.generator
+             (one request at a time, nothing queued) for the latency rows. {} \
+             **CPU us/request** is the user + system time of the measured hop's own processes \
+             (`/proc/PID/stat`) over its runs divided by their answers: what one request costs \
+             it, whatever else the machine runs.\n\n\
+             | target | connections | requests/s | rounds' requests/s | p50 ms | p99 ms | CPU us/request | requests | errors |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            p.body_bytes,
+            p.generator,
+            self.rounds_text(),
         );
         let Some(r) = &p.rows else {
-            out.push_str("| n/a (nginx not available) | | | | | | | |\n\n");
+            out.push_str("| n/a (nginx not available) | | | | | | | | |\n\n");
             return;
         };
         let rows = [
@@ -1899,12 +2068,14 @@ impl Report {
                 &r.nginx_unloaded,
             ),
         ];
-        for (name, connections, stats) in rows {
+        for (name, connections, rounds) in rows {
+            let stats = rounds.summary();
             let cpu = cpu_cell(stats.cpu_per_request);
             let _ = writeln!(
                 out,
-                "| {name} | {connections} | {:.0} | {:.3} | {:.3} | {cpu} | {} | {} |",
+                "| {name} | {connections} | {:.0} | {} | {:.3} | {:.3} | {cpu} | {} | {} |",
                 stats.rps,
+                rounds.range_cell(),
                 ms_f(stats.p50),
                 ms_f(stats.p99),
                 stats.requests,
@@ -1912,7 +2083,14 @@ impl Report {
             );
         }
         out.push('\n');
-        let added = |a: Duration, b: Duration| ms_f(a) - ms_f(b);
+        let added = |a: &Rounds, b: &Rounds| {
+            let (a, b) = (a.summary(), b.summary());
+            (ms_f(a.p50) - ms_f(b.p50), ms_f(a.p99) - ms_f(b.p99))
+        };
+        let proxy_unloaded = added(&r.proxy_unloaded, &r.direct_unloaded);
+        let nginx_unloaded = added(&r.nginx_unloaded, &r.direct_unloaded);
+        let proxy_loaded = added(&r.proxy, &r.direct);
+        let nginx_loaded = added(&r.nginx, &r.direct);
         let _ = writeln!(
             out,
             "- latency added to direct, {UNLOADED} connection: kommo-fanout p50 {:+.3} ms, p99 \
@@ -1920,22 +2098,23 @@ impl Report {
              - latency added to direct, {CONNECTIONS} connections (queueing included): \
              kommo-fanout p50 {:+.2} ms, p99 {:+.2} ms; nginx reverse proxy p50 {:+.2} ms, p99 \
              {:+.2} ms\n\
-             - throughput kommo-fanout / nginx reverse proxy, same CPUs: one thread per CPU / \
-             `worker_processes auto` {:.2}; one thread / 1 worker {:.2}\n\
+             - throughput kommo-fanout / nginx reverse proxy, same CPUs (median of the rounds' \
+             ratios): one thread per CPU / `worker_processes auto` {:.2}; one thread / 1 worker \
+             {:.2}\n\
              - CPU per request kommo-fanout / nginx reverse proxy: one thread / 1 worker {}; one \
              thread per CPU / `worker_processes auto` {}",
-            added(r.proxy_unloaded.p50, r.direct_unloaded.p50),
-            added(r.proxy_unloaded.p99, r.direct_unloaded.p99),
-            added(r.nginx_unloaded.p50, r.direct_unloaded.p50),
-            added(r.nginx_unloaded.p99, r.direct_unloaded.p99),
-            added(r.proxy.p50, r.direct.p50),
-            added(r.proxy.p99, r.direct.p99),
-            added(r.nginx.p50, r.direct.p50),
-            added(r.nginx.p99, r.direct.p99),
-            r.proxy.rps / r.nginx_auto.rps,
-            r.proxy_one_thread.rps / r.nginx.rps,
-            cpu_ratio(&r.proxy_one_thread, &r.nginx),
-            cpu_ratio(&r.proxy, &r.nginx_auto),
+            proxy_unloaded.0,
+            proxy_unloaded.1,
+            nginx_unloaded.0,
+            nginx_unloaded.1,
+            proxy_loaded.0,
+            proxy_loaded.1,
+            nginx_loaded.0,
+            nginx_loaded.1,
+            paired_ratio(&r.proxy, &r.nginx_auto),
+            paired_ratio(&r.proxy_one_thread, &r.nginx),
+            cpu_ratio(&r.proxy_one_thread.summary(), &r.nginx.summary()),
+            cpu_ratio(&r.proxy.summary(), &r.nginx_auto.summary()),
         );
         out.push_str(
             "\n- **direct**: the floor: the static nginx alone.\n\
@@ -1996,16 +2175,17 @@ impl Report {
             out,
             "## 4. Cached answers\n\n\
              One leads page asked over and over by {CONNECTIONS} concurrent keep-alive connections \
-             ({}), answered from a warm cache, measured for the run's load time after a warm-up, \
-             with the CPU time of the cache's own processes per answer as in scenario 2. The \
+             ({}), answered from a warm cache, with the CPU time of the cache's own processes per \
+             answer as in scenario 2. {} The \
              page: `limit={CACHED_LIMIT}&order[created_at]=desc` of the account's largest stage \
              ({} leads), and for the merged page of its {CACHED_STAGES} largest ({} leads). Every \
              cache sits in front of one simulator set up as in scenario 1. Every measured answer \
              was a cache hit (asserted; the hit ratio is in the table) and the simulator saw {} \
              request(s) while the caches were measured.\n\n\
-             | target | body bytes | cache hits | requests/s | p50 ms | p99 ms | CPU us/request | requests | errors |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             | target | body bytes | cache hits | requests/s | rounds' requests/s | p50 ms | p99 ms | CPU us/request | requests | errors |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             c.generator,
+            self.rounds_text(),
             leads(&c.stage_leads[..1.min(c.stage_leads.len())]),
             leads(&c.stage_leads),
             c.upstream_during_load
@@ -2019,37 +2199,53 @@ impl Report {
                 "| {} | {} | {hits} | {} |",
                 row.target,
                 row.body_bytes,
-                load_cells(row.stats, NO_NGINX)
+                load_cells(row.rounds.as_ref(), NO_NGINX)
             );
         }
         out.push('\n');
-        let stats = |i: usize| c.rows.get(i).and_then(|r| r.stats);
-        match (stats(0), stats(1), stats(2), stats(3)) {
-            (Some(single), Some(merged), Some(one), Some(auto)) => {
-                let pages = [
-                    ("single-stage page", single),
-                    ("merged 5-stage page", merged),
+        let rounds = |i: usize| c.rows.get(i).and_then(|r| r.rounds.as_ref());
+        match (rounds(0), rounds(1), rounds(2), rounds(3), rounds(4)) {
+            (Some(single), Some(merged), Some(single_one), Some(one), Some(auto)) => {
+                // Each proxy row against the nginx of as many processes as it has threads.
+                let pairs = [
+                    (
+                        "one thread per CPU, single-stage page",
+                        single,
+                        "`worker_processes auto`",
+                        auto,
+                    ),
+                    (
+                        "one thread per CPU, merged 5-stage page",
+                        merged,
+                        "`worker_processes auto`",
+                        auto,
+                    ),
+                    (
+                        "`--worker-threads 1`, single-stage page",
+                        single_one,
+                        "1 worker",
+                        one,
+                    ),
                 ];
-                let nginxes = [("1 worker", one), ("`worker_processes auto`", auto)];
-                for (page, proxy) in pages {
-                    for (workers, nginx) in nginxes {
-                        let _ = writeln!(
-                            out,
-                            "- proxy {page} / nginx `proxy_cache` ({workers}), single-stage page: \
-                             throughput {:.2}, p50 {:+.2} ms, p99 {:+.2} ms, CPU per request {}",
-                            proxy.rps / nginx.rps,
-                            ms_f(proxy.p50) - ms_f(nginx.p50),
-                            ms_f(proxy.p99) - ms_f(nginx.p99),
-                            cpu_ratio(&proxy, &nginx),
-                        );
-                    }
+                for (proxy_row, proxy, nginx_row, nginx) in pairs {
+                    let (p, n) = (proxy.summary(), nginx.summary());
+                    let _ = writeln!(
+                        out,
+                        "- proxy ({proxy_row}) / nginx `proxy_cache` ({nginx_row}), single-stage \
+                         page: throughput {:.2}, p50 {:+.2} ms, p99 {:+.2} ms, CPU per request {}",
+                        paired_ratio(proxy, nginx),
+                        ms_f(p.p50) - ms_f(n.p50),
+                        ms_f(p.p99) - ms_f(n.p99),
+                        cpu_ratio(&p, &n),
+                    );
                 }
             }
             _ => out.push_str("Ratios: n/a (nginx not available)\n"),
         }
         out.push_str(
-            "\n- **kommo-fanout**: the release proxy (one serving thread per CPU) with `--cache-ttl 10m` and \
-             `RUST_LOG=warn`, the simulator as its upstream; warmed until it answers \
+            "\n- **kommo-fanout**: the release proxy with `--cache-ttl 10m` and `RUST_LOG=warn`, \
+             serving on one thread per CPU (the default) or on one (`--worker-threads 1`), the \
+             simulator as its upstream; warmed until it answers \
              `X-Cache: HIT`. The single-stage page is relayed (hrefs moved to the proxy) and \
              stored; the 5-stage page is the merged HAL page, stored ready.\n\
              - **nginx `proxy_cache`**: nginx (1 worker, or `worker_processes auto` = one per CPU \
@@ -2128,19 +2324,23 @@ impl Report {
     }
 }
 
-/// The five cells of a load row; `missing` fills a row not measured.
-fn load_cells(stats: Option<LoadStats>, missing: &str) -> String {
-    match stats {
-        Some(s) => format!(
-            "{:.0} | {:.2} | {:.2} | {} | {} | {}",
-            s.rps,
-            ms_f(s.p50),
-            ms_f(s.p99),
-            cpu_cell(s.cpu_per_request),
-            s.requests,
-            s.errors
-        ),
-        None => format!("{missing} | | | | |"),
+/// The six cells of a load row; `missing` fills a row not measured.
+fn load_cells(rounds: Option<&Rounds>, missing: &str) -> String {
+    match rounds {
+        Some(r) => {
+            let s = r.summary();
+            format!(
+                "{:.0} | {} | {:.2} | {:.2} | {} | {} | {}",
+                s.rps,
+                r.range_cell(),
+                ms_f(s.p50),
+                ms_f(s.p99),
+                cpu_cell(s.cpu_per_request),
+                s.requests,
+                s.errors
+            )
+        }
+        None => format!("{missing} | | | | | |"),
     }
 }
 
