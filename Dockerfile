@@ -22,8 +22,8 @@ RUN apt-get update \
 COPY --from=build /src/target/release/kommo-fanout /usr/local/bin/kommo-fanout
 USER kommo
 # glibc maps blocks of 128 KiB and more (cached pages are ~220 KB) and returns them when freed,
-# instead of raising its threshold and keeping them in the heap: peak RSS in the soak 117 MiB
-# instead of 153 MiB with a 64 MiB cache (SOAK.md).
+# instead of raising its threshold and keeping them in the heap: peak RSS in the soak 116 MiB
+# instead of 134 MiB with a 64 MiB cache (SOAK.md).
 ENV MALLOC_MMAP_THRESHOLD_=131072
 # 8080: clients; 9090: admin (/healthz); 8081: the simulator, when run as `sim`.
 EXPOSE 8080 9090 8081
