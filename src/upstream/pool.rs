@@ -71,7 +71,7 @@ const MAX_REUSES: u32 = 3;
 /// read buffer grow to about 400 KB on a large body, and while a read's chunk lives, the next
 /// read takes a new buffer of that size. Those buffers cost memory for nothing: at Kommo's
 /// 7 requests/s, reading a 220 KB page in 32 KiB steps costs microseconds. In the soak
-/// (1 minute, 64 MiB cache) peak RSS fell from about 157 to 137 MiB with glibc's defaults.
+/// (1 minute, 64 MiB cache) peak RSS fell from 153–160 to 134 MiB with glibc's defaults.
 /// Under `MALLOC_MMAP_THRESHOLD_=131072` each larger buffer was mapped, faulted in and unmapped
 /// per read: a 220 KB pass-through body then took about twice the CPU. The bound also caps an
 /// answer's head at 32 KiB, far above what Kommo sends.
