@@ -3,8 +3,8 @@
 //! `cargo bench --bench end_to_end` (about 4 minutes; `-- --quick` for a ~80 s smoke run) starts
 //! everything itself on `127.0.0.1` with free ports, drives it from its own async client
 //! (hyper-util's pooled client; `wrk` for scenarios 2 and 4), prints a markdown report and
-//! rewrites `BENCHMARKS.md` with it (a `--quick` run only prints). Under `cargo test --all-targets` (no `--bench` argument) it
-//! exits at once without running any load.
+//! rewrites `BENCHMARKS.md` with it (a `--quick` run only prints). Under `cargo test
+//! --all-targets` (no `--bench` argument) it exits at once without running any load.
 //!
 //! What is measured:
 //!
@@ -39,8 +39,9 @@
 //!    answer cache for a single-stage page (`limit=250`, ~220 KB) and for a merged 5-stage page,
 //!    and nginx `proxy_cache` in front of the same simulator for the same single-stage page
 //!    (nginx cannot merge); the proxy on one thread per CPU and on one, nginx with one worker
-//!    per CPU and with one, measured in rounds as in scenario 2. Every measured answer must be a cache hit (`X-Cache: HIT` from the
-//!    proxy, `X-Cache-Status: HIT` from nginx) and the simulator must see no request meanwhile.
+//!    per CPU and with one, measured in rounds as in scenario 2. Every measured answer must be
+//!    a cache hit (`X-Cache: HIT` from the proxy, `X-Cache-Status: HIT` from nginx) and the
+//!    simulator must see no request meanwhile.
 //! 5. **Dashboard load.** 100 clients poll 5 multi-stage views (3 to 5 stages each) through the
 //!    proxy with its default cache TTL (30 s; 4 s under `--quick` so entries expire within the
 //!    run), in front of the simulator with its 7/s limit: upstream requests against the
@@ -1875,9 +1876,8 @@ impl Machine {
 }
 
 fn median(values: &[Duration]) -> Duration {
-    let mut v = values.to_vec();
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or_default()
+    let mut secs: Vec<f64> = values.iter().map(Duration::as_secs_f64).collect();
+    Duration::from_secs_f64(median_f(&mut secs))
 }
 
 fn ms(d: Duration) -> u128 {
