@@ -214,11 +214,7 @@ impl Pool {
                 .handshake(io)
                 .await
                 .map_err(handshake)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            });
+            drive(conn, "HTTP/2");
             self.lock().h2 = Some(tx.clone());
             Ok(Conn::H2(tx))
         } else {
@@ -227,11 +223,7 @@ impl Pool {
                 .handshake(io)
                 .await
                 .map_err(handshake)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "upstream connection ended");
-                }
-            });
+            drive(conn, "HTTP/1.1");
             tx.ready().await.map_err(handshake)?;
             Ok(Conn::H1(tx))
         }
@@ -242,6 +234,18 @@ impl Pool {
     fn held(&self) -> usize {
         self.lock().idle.len()
     }
+}
+
+/// Runs a connection on this thread until it closes; an error that ends it is logged.
+fn drive(
+    conn: impl std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    version: &'static str,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, version, "upstream connection ended");
+        }
+    });
 }
 
 /// Once per `every`, closes the connections idle for `every` or more, until the pool is gone.
