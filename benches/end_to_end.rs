@@ -659,12 +659,11 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
     let one_thread = [&unlimited[..], &["--worker-threads", "1"]].concat();
     let proxy_one = Proxy::start(binary, &upstream, &one_thread, &env, scratch, "proxy-1t").await;
     let idle = proxy.rss();
-    let target = |url: String| Target::one(&url);
-    let direct = target(format!("{upstream}{PASS_PATH}"));
-    let via_proxy = target(format!("{}{PASS_PATH}", proxy.base));
-    let via_one = target(format!("{}{PASS_PATH}", proxy_one.base));
-    let via_nginx = target(format!("http://127.0.0.1:{nginx_port}{PASS_PATH}"));
-    let via_auto = target(format!("http://127.0.0.1:{nginx_auto_port}{PASS_PATH}"));
+    let direct = Target::one(&format!("{upstream}{PASS_PATH}"));
+    let via_proxy = Target::one(&format!("{}{PASS_PATH}", proxy.base));
+    let via_one = Target::one(&format!("{}{PASS_PATH}", proxy_one.base));
+    let via_nginx = Target::one(&format!("http://127.0.0.1:{nginx_port}{PASS_PATH}"));
+    let via_auto = Target::one(&format!("http://127.0.0.1:{nginx_auto_port}{PASS_PATH}"));
     let (proxy_pids, one_pids) = ([proxy.guard.pid()], [proxy_one.guard.pid()]);
     let (static_pids, nginx_pids, auto_pids) =
         (static_nginx.pids(), nginx_proxy.pids(), nginx_auto.pids());
@@ -1263,7 +1262,7 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         target: &targets[i],
         pids: pids[i],
     });
-    let mut measured = measure_rounds(
+    let measured = measure_rounds(
         wrk,
         &measured,
         CONNECTIONS,
@@ -1274,7 +1273,9 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
     .await;
     let upstream_during_load = sim.request_count();
     let mut rows = Vec::new();
-    for (rounds, ((short, name), target)) in measured.iter_mut().zip(TARGETS.iter().zip(&targets)) {
+    for (mut rounds, ((short, name), target)) in
+        measured.into_iter().zip(TARGETS.iter().zip(&targets))
+    {
         if wrk.is_some() {
             // wrk reads no headers: the answers are hits when the upstream saw no request at
             // all while the caches were loaded (a miss would have reached it), and were 2xx.
@@ -1289,7 +1290,7 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         let stats = rounds.summary();
         let row = CachedRow {
             target: name,
-            rounds: Some(std::mem::take(rounds)),
+            rounds: Some(rounds),
             body_bytes: target.body_len.unwrap_or(0),
         };
         eprintln!(
