@@ -39,7 +39,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // names a header.
     let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             present[i] = true;
         }
     }
@@ -58,6 +58,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let fixed = HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here);
     for name in fixed.map(|(name, _)| name).chain(&named) {
         headers.remove(name);
+    }
+}
+
+/// Where `name` is in [`HOP_BY_HOP`]: one string match, which compares lengths first, instead
+/// of eight `HeaderName` comparisons for every header of every relayed message.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-authenticate" => Some(2),
+        "proxy-authorization" => Some(3),
+        "te" => Some(4),
+        "trailer" => Some(5),
+        "transfer-encoding" => Some(6),
+        "upgrade" => Some(7),
+        _ => None,
     }
 }
 
@@ -173,6 +189,27 @@ async fn cached_get(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hop_by_hop_match_finds_each_listed_name_at_its_place_and_nothing_else() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        for name in [
+            "host",
+            "authorization",
+            "x-request-id",
+            "tee",
+            "upgrades",
+            "keepalive",
+        ] {
+            assert_eq!(
+                hop_by_hop_index(&HeaderName::from_static(name)),
+                None,
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
