@@ -17,7 +17,9 @@
 //!    what integrations do today (one request per stage, honouring `429 retry_after`, merging
 //!    locally), (c) by a concurrent loop straight to the simulator with no limiter (all stages
 //!    at once, the 429-refused ones retried after `retry_after`), against (d) the floor:
-//!    `ceil(K/7) - 1` full windows plus one 100 ms round trip. Each K runs a few times and the
+//!    `ceil(K/7) - 1` full windows plus one 100 ms round trip, and the proxy also against (e)
+//!    the safe floor of a client that counts a window from an answer, not from a send (one
+//!    round trip per batch of 7 on top). Each K runs a few times and the
 //!    median is reported; between runs the bench idles past the rate window so every run starts
 //!    with an idle limiter and an empty simulator window (connections stay pooled). From the
 //!    simulator's own request log: the upstream requests the proxy made, the most of them that
@@ -389,6 +391,14 @@ impl KRow {
     fn floor(&self) -> Duration {
         let windows = self.k.div_ceil(RATE) - 1;
         WINDOW * windows as u32 + LATENCY
+    }
+
+    /// The floor of a client that may send a request only a full window after an earlier one
+    /// has *arrived*: it knows the arrival happened only once the answer is back, so each
+    /// batch of 7 costs a round trip on top of the window. The same as `floor` for K <= 7.
+    fn safe_floor(&self) -> Duration {
+        let batches = self.k.div_ceil(RATE);
+        WINDOW * (batches - 1) as u32 + LATENCY * batches as u32
     }
 }
 
@@ -1969,8 +1979,8 @@ impl Report {
              started cold (idle limiter, empty simulator window, the proxy's response cache off \
              with `KOMMO_FANOUT_CACHE_TTL=0s`; connections stay pooled). {} of the {} stages \
              have no leads (padding when the account has fewer stages with leads).\n\n\
-             | K | proxy ms (x floor) | sequential ms (x floor) | concurrent, no limiter ms (x floor) | floor ms | proxy upstream req/run | proxy max arrivals in 1 s | proxy 429s | sequential 429s/run | concurrent 429s/run | same page |\n\
-             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|\n",
+             | K | proxy ms (x floor) | sequential ms (x floor) | concurrent, no limiter ms (x floor) | floor ms | safe floor ms (proxy x safe floor) | proxy upstream req/run | proxy max arrivals in 1 s | proxy 429s | sequential 429s/run | concurrent 429s/run | same page |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|\n",
             c.padded,
             c.stages
         );
@@ -1981,14 +1991,17 @@ impl Report {
                 format!("{} ({:.2}x)", ms(m), m.as_secs_f64() / floor.as_secs_f64())
             };
             let per_run = |n: usize| format!("{:.1}", n as f64 / r.runs as f64);
+            let safe = r.safe_floor();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} ({:.2}x) | {} | {} | {} | {} | {} | {} |",
                 r.k,
                 cell(&r.proxy),
                 cell(&r.sequential),
                 cell(&r.concurrent),
                 ms(floor),
+                ms(safe),
+                median(&r.proxy).as_secs_f64() / safe.as_secs_f64(),
                 per_run(r.proxy_upstream),
                 r.proxy_max_window,
                 r.proxy_429,
@@ -2008,6 +2021,13 @@ impl Report {
              - **floor**: `ceil(K/7) - 1` full 1 s windows plus one 100 ms round trip: the least \
              any client can take under the limit.\n\
              - **x floor**: the median divided by the floor.\n\
+             - **safe floor**: the floor of a client that never trips the limit whatever the \
+             network does: it may send a request a full window after an earlier one *arrived*, \
+             and it knows that only when the answer is back. Each batch of 7 then costs a \
+             round trip on top of its window: `ceil(K/7) - 1` windows plus `ceil(K/7)` round \
+             trips, the same as the floor for K <= 7. The proxy's limiter works so (a slot is \
+             reused a window after its request's answer); the floor above assumes the arrival \
+             is known at the send.\n\
              - **proxy upstream req/run**, **max arrivals in 1 s**, **proxy 429s**: from the \
              simulator's request log during the proxy runs (the max over all runs, the 429s \
              summed over all runs). The limit holds when the max is <= 7 and there is no 429.\n\
