@@ -19,12 +19,12 @@
 //!    at once, the 429-refused ones retried after `retry_after`), against (d) the floor:
 //!    `ceil(K/7) - 1` full windows plus one 100 ms round trip, and the proxy also against (e)
 //!    the safe floor of a client that counts a window from an answer, not from a send (one
-//!    round trip per batch of 7 on top). Each K runs a few times and the
-//!    median is reported; between runs the bench idles past the rate window so every run starts
-//!    with an idle limiter and an empty simulator window (connections stay pooled). From the
-//!    simulator's own request log: the upstream requests the proxy made, the most of them that
-//!    arrived within any 1 s, and the 429s the proxy earned (must be <= 7 and 0). The three
-//!    pages are compared lead by lead.
+//!    round trip per batch of 7 on top). Each K runs a few times and the median is reported;
+//!    between runs the bench idles past the rate window so every run starts with an idle
+//!    limiter and an empty simulator window (connections stay pooled). From the simulator's own
+//!    request log: the upstream requests the proxy made, the most of them that arrived within
+//!    any 1 s, and the 429s the proxy earned (must be <= 7 and 0). The three pages are compared
+//!    lead by lead.
 //! 2. **Pass-through overhead.** nginx serves a static ~2 KB JSON body; `wrk` (installed with
 //!    apt-get when missing and running as root, else the bench's own client) hits it directly,
 //!    through the proxy (limiter raised out of the way; one serving thread per CPU, and
@@ -2019,15 +2019,14 @@ impl Report {
              - **concurrent, no limiter**: all K requests to the simulator at once; those refused \
              with 429 are sent again together after `retry_after`, until every stage answered.\n\
              - **floor**: `ceil(K/7) - 1` full 1 s windows plus one 100 ms round trip: the least \
-             any client can take under the limit.\n\
+             any client can take under the limit if it knew when each request arrived.\n\
              - **x floor**: the median divided by the floor.\n\
              - **safe floor**: the floor of a client that never trips the limit whatever the \
              network does: it may send a request a full window after an earlier one *arrived*, \
              and it knows that only when the answer is back. Each batch of 7 then costs a \
              round trip on top of its window: `ceil(K/7) - 1` windows plus `ceil(K/7)` round \
-             trips, the same as the floor for K <= 7. The proxy's limiter works so (a slot is \
-             reused a window after its request's answer); the floor above assumes the arrival \
-             is known at the send.\n\
+             trips, the same as the floor for K <= 7. The proxy's limiter works so: a slot is \
+             reused a window (and a 25 ms margin) after its request's answer.\n\
              - **proxy upstream req/run**, **max arrivals in 1 s**, **proxy 429s**: from the \
              simulator's request log during the proxy runs (the max over all runs, the 429s \
              summed over all runs). The limit holds when the max is <= 7 and there is no 429.\n\
