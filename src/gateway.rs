@@ -179,7 +179,7 @@ const UPSTREAM_GET_HEADERS: [HeaderName; 4] = [
     header::AUTHORIZATION,
     header::ACCEPT_LANGUAGE,
     header::USER_AGENT,
-    HeaderName::from_static("x-request-id"),
+    crate::server::REQUEST_ID,
 ];
 
 impl Gateway {

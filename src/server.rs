@@ -26,8 +26,9 @@ use crate::webhook;
 use crate::workers::{Accepted, Workers};
 
 /// The header that carries a request's id, from the client or generated, to the upstream and
-/// back to the client.
-pub const REQUEST_ID: &str = "x-request-id";
+/// back to the client. A `HeaderName`, not a `&str`: inserting under a string key allocates a
+/// new name every time.
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// Routes one client request: the leads list to the fan-out, everything else through, within
 /// the request deadline; in a span with its request id, counted in the metrics.
