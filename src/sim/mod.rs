@@ -386,6 +386,8 @@ pub struct RecordedRequest {
     pub query: String,
     /// Bearer token, if an `Authorization: Bearer` header was sent (valid or not).
     pub token: Option<String>,
+    /// The `X-Request-Id` header, if one was sent.
+    pub request_id: Option<String>,
     /// Status answered; 0 while in flight, for a reset connection, or if the client went away.
     pub status: u16,
 }

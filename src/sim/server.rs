@@ -264,6 +264,11 @@ impl Sim {
             path: path.clone(),
             query: raw_query.clone(),
             token: token.clone(),
+            request_id: req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
             status: 0,
         });
         // Limits and faults are decided on arrival, in arrival order; the answer waits for latency.

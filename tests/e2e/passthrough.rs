@@ -41,6 +41,69 @@ async fn post_body_reaches_the_upstream_and_the_answer_comes_back() {
 }
 
 #[tokio::test]
+async fn every_answer_carries_a_request_id_and_the_upstream_sees_the_same() {
+    let s = stack(sim_config(300)).await;
+    let url = format!("{}/api/v4/leads/pipelines", s.proxy);
+    let id_of = |a: &Answer| {
+        a.headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("an x-request-id on the answer")
+            .to_owned()
+    };
+    let upstream_id = || s.sim.requests().pop().unwrap().request_id;
+
+    // None sent: one is made, 128 bits in hex, and a new one for every request.
+    let first = s.request(Method::GET, &url, Some(TOKEN), "").await;
+    assert_eq!(first.status, 200);
+    let made = id_of(&first);
+    assert_eq!(made.len(), 32, "{made}");
+    assert!(made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+    assert_eq!(upstream_id().as_deref(), Some(made.as_str()));
+    let second = s.request(Method::GET, &url, Some(TOKEN), "").await;
+    assert_ne!(id_of(&second), made);
+
+    // A plain one from the client is kept, upstream and back.
+    let mine = "dashboard-7:req_42.a";
+    let kept = s
+        .request_with(
+            Method::GET,
+            &url,
+            Some(TOKEN),
+            "",
+            &[("x-request-id", mine)],
+        )
+        .await;
+    assert_eq!(id_of(&kept), mine);
+    assert_eq!(upstream_id().as_deref(), Some(mine));
+
+    // One that is not plain (a space, or over 128 bytes) is replaced, upstream too.
+    let long = "a".repeat(129);
+    for bad in ["two words", long.as_str()] {
+        let replaced = s
+            .request_with(Method::GET, &url, Some(TOKEN), "", &[("x-request-id", bad)])
+            .await;
+        let id = id_of(&replaced);
+        assert_eq!(id.len(), 32, "{bad:?} -> {id}");
+        assert_eq!(upstream_id().as_deref(), Some(id.as_str()));
+    }
+
+    // A leads page goes upstream with the same id as the answer's.
+    let page = s
+        .request_with(
+            Method::GET,
+            &format!("{}/api/v4/leads?limit=5", s.proxy),
+            Some(TOKEN),
+            "",
+            &[("x-request-id", "leads-page-1")],
+        )
+        .await;
+    assert_eq!(page.status, 200);
+    assert_eq!(id_of(&page), "leads-page-1");
+    assert_eq!(upstream_id().as_deref(), Some("leads-page-1"));
+}
+
+#[tokio::test]
 async fn upstream_404_and_other_paths_are_relayed() {
     let s = stack(sim_config(300)).await;
     let a = s.get("/api/v4/no-such-thing?x=1", TOKEN).await;
