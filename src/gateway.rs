@@ -316,9 +316,10 @@ impl Gateway {
         let mut input = [0u8; 16];
         input[..8].copy_from_slice(&n.to_le_bytes());
         input[8..].copy_from_slice(b"request!");
-        let hex = self.fingerprint_keys.hash_hex(&input);
-        // Hex digits are always a valid header value; the bytes move without a copy.
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(hex))
+        let hex = self.fingerprint_keys.hash_hex_digits(&input);
+        // Hex digits are always a valid header value. One allocation, which the request's copy
+        // and the answer's share (a `String` took three: its own, `Bytes`', and the first clone's).
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
             .unwrap_or_else(|_| HeaderValue::from_static("0"))
     }
 
@@ -533,6 +534,15 @@ impl FingerprintKey {
 
     /// The 128-bit keyed hash of `input`, in hex.
     pub fn hash_hex(&self, input: &[u8]) -> String {
+        // Hex digits are ASCII: the check cannot fail, and one copy is cheaper than pushing
+        // them as chars one by one.
+        std::str::from_utf8(&self.hash_hex_digits(input))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// The 128-bit keyed hash of `input` as 32 ASCII hex digits.
+    pub fn hash_hex_digits(&self, input: &[u8]) -> [u8; 32] {
         // std's SipHasher is deprecated only in favour of the hash-map hasher; as a keyed PRF
         // with explicit keys it is exactly what is needed here.
         #[allow(deprecated)]
@@ -542,12 +552,11 @@ impl FingerprintKey {
             h.finish()
         };
         let [a, b, c, d] = self.0;
-        let mut hex = String::with_capacity(32);
-        for word in [hash(a, b), hash(c, d)] {
-            for byte in word.to_be_bytes() {
-                hex.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
-                hex.push(char::from(HEX_DIGITS[usize::from(byte & 0xf)]));
-            }
+        let mut hex = [0u8; 32];
+        let bytes = [hash(a, b), hash(c, d)].map(u64::to_be_bytes);
+        for (digits, byte) in hex.chunks_exact_mut(2).zip(bytes.as_flattened()) {
+            digits[0] = HEX_DIGITS[usize::from(byte >> 4)];
+            digits[1] = HEX_DIGITS[usize::from(byte & 0xf)];
         }
         hex
     }
