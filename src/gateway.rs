@@ -317,8 +317,8 @@ impl Gateway {
         input[..8].copy_from_slice(&n.to_le_bytes());
         input[8..].copy_from_slice(b"request!");
         let hex = self.fingerprint_keys.hash_hex_digits(&input);
-        // Hex digits are always a valid header value. One allocation, which the request's copy
-        // and the answer's share (a `String` took three: its own, `Bytes`', and the first clone's).
+        // Hex digits are always a valid header value. One allocation, shared by the request's
+        // copy and the answer's (clones of `Bytes` made from a `String` allocate once more).
         HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
             .unwrap_or_else(|_| HeaderValue::from_static("0"))
     }
@@ -534,8 +534,7 @@ impl FingerprintKey {
 
     /// The 128-bit keyed hash of `input`, in hex.
     pub fn hash_hex(&self, input: &[u8]) -> String {
-        // Hex digits are ASCII: the check cannot fail, and one copy is cheaper than pushing
-        // them as chars one by one.
+        // Hex digits are ASCII: the check cannot fail.
         std::str::from_utf8(&self.hash_hex_digits(input))
             .unwrap_or_default()
             .to_owned()
