@@ -160,7 +160,7 @@ impl Upstream {
         // per timeout, so one closes within 60 s of going idle.
         let pools = (0..=serving_threads)
             .map(|_| Pool::new(connector.clone(), &config.origin, Duration::from_secs(30)))
-            .collect::<Result<_, _>>()?;
+            .collect();
         let host = HeaderValue::from_str(config.origin.authority.as_str())
             .map_err(|e| format!("the origin's host is not a header value: {e}"))?;
         Ok(Upstream {

@@ -34,8 +34,6 @@ pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 pub struct Pool {
     connector: Connector,
     origin: Origin,
-    /// `scheme://authority/` of the origin: what is dialled.
-    dial: Uri,
     /// Idle connections older than this are closed; the reaper runs once per period.
     idle_timeout: Duration,
     state: Arc<Mutex<State>>,
@@ -83,18 +81,13 @@ enum Conn {
 }
 
 impl Pool {
-    pub fn new(
-        connector: Connector,
-        origin: &Origin,
-        idle_timeout: Duration,
-    ) -> Result<Self, String> {
-        Ok(Pool {
+    pub fn new(connector: Connector, origin: &Origin, idle_timeout: Duration) -> Self {
+        Pool {
             connector,
-            dial: origin.at(PathAndQuery::from_static("/"))?,
             origin: origin.clone(),
             idle_timeout,
             state: Arc::default(),
-        })
+        }
     }
 
     /// Sends `req` to the origin, on a pooled connection or on a new one, and returns the
@@ -201,10 +194,12 @@ impl Pool {
 
     /// Dials the origin and sets up HTTP/2 or HTTP/1.1 on the connection, as TLS negotiated.
     async fn connect(&self) -> Result<Conn, String> {
+        // `scheme://authority/`: what is dialled.
+        let dial = self.origin.at(PathAndQuery::from_static("/"))?;
         let mut connector = self.connector.clone();
         let io = async {
             std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
-            connector.call(self.dial.clone()).await
+            connector.call(dial).await
         }
         .await
         .map_err(|e| format!("connect: {}", error_chain(e.as_ref())))?;
@@ -416,7 +411,7 @@ hSHJw3H0rDXe+EOR+wys5m2vY1skXBi4pHzd89hR2jZ4/4yBvCozqJs4
             .add(CertificateDer::from_pem_slice(CERT.as_bytes()).unwrap())
             .unwrap();
         let url = super::Origin::parse(&origin.url.to_string()).unwrap();
-        Pool::new(connector(roots), &url, idle).unwrap()
+        Pool::new(connector(roots), &url, idle)
     }
 
     fn request(origin: &Origin, method: Method, path: &str) -> Request<ProxyBody> {
