@@ -65,42 +65,35 @@ async fn every_answer_carries_a_request_id_and_the_upstream_sees_the_same() {
 
     // A plain one from the client is kept, upstream and back.
     let mine = "dashboard-7:req_42.a";
-    let kept = s
-        .request_with(
-            Method::GET,
-            &url,
-            Some(TOKEN),
-            "",
-            &[("x-request-id", mine)],
-        )
-        .await;
+    let kept = get_with_id(&s, &url, mine).await;
     assert_eq!(id_of(&kept), mine);
     assert_eq!(upstream_id().as_deref(), Some(mine));
 
     // One that is not plain (a space, or over 128 bytes) is replaced, upstream too.
     let long = "a".repeat(129);
     for bad in ["two words", long.as_str()] {
-        let replaced = s
-            .request_with(Method::GET, &url, Some(TOKEN), "", &[("x-request-id", bad)])
-            .await;
+        let replaced = get_with_id(&s, &url, bad).await;
         let id = id_of(&replaced);
         assert_eq!(id.len(), 32, "{bad:?} -> {id}");
         assert_eq!(upstream_id().as_deref(), Some(id.as_str()));
     }
 
     // A leads page goes upstream with the same id as the answer's.
-    let page = s
-        .request_with(
-            Method::GET,
-            &format!("{}/api/v4/leads?limit=5", s.proxy),
-            Some(TOKEN),
-            "",
-            &[("x-request-id", "leads-page-1")],
-        )
-        .await;
+    let page = get_with_id(
+        &s,
+        &format!("{}/api/v4/leads?limit=5", s.proxy),
+        "leads-page-1",
+    )
+    .await;
     assert_eq!(page.status, 200);
     assert_eq!(id_of(&page), "leads-page-1");
     assert_eq!(upstream_id().as_deref(), Some("leads-page-1"));
+}
+
+/// `GET url` with the demo token and `id` as the request id.
+async fn get_with_id(s: &Stack, url: &str, id: &str) -> Answer {
+    s.request_with(Method::GET, url, Some(TOKEN), "", &[("x-request-id", id)])
+        .await
 }
 
 #[tokio::test]
