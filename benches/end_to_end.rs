@@ -2470,9 +2470,7 @@ impl Report {
             d.minimum,
         );
     }
-}
 
-impl Report {
     /// The benchmark's targets, each with what this run measured and whether it meets it.
     fn targets_table(&self, out: &mut String) {
         let verdict = |met: bool| if met { "yes" } else { "no" };
@@ -2620,6 +2618,9 @@ impl Report {
         out.push_str(
             "\n- **one upstream round trip**: the simulator's fixed latency, 100 ms; for K <= 7 \
              it is also the floor.\n\
+             - **the safe floor** row holds the proxy to the least a client can take that never \
+             trips the limit, whatever the network delays (scenario 1); the row above it, to the \
+             floor of a client that knows when each request arrived.\n\
              - **the bare hyper relay**, beside the throughput ratios: the ceiling of the HTTP \
              stack, what the proxy would reach with none of its own work (scenario 2).\n",
         );
