@@ -7,6 +7,12 @@
 //! (`cached_answer/*`): the key built from credential, base and raw query, the lookup, and the
 //! response made from the stored page, for a rendered 250-lead page.
 //!
+//! Three groups time a baseline beside the proxy's code, on the same input, checked to give
+//! the same result: `page/parse_250_value_baseline` parses the page into a `serde_json::Value`
+//! and writes each lead out again; `merge/k=K/first_page_sort_baseline` sorts every stream's
+//! leads into one list and deduplicates it, as a client merging the stages itself does;
+//! `render/page_250_value_baseline` builds the page as a `Value`, hrefs moved, and writes it.
+//!
 //! The lead bodies are real: the setup starts the simulator (`Sim`, 20 000 leads) on loopback
 //! and reads `GET /api/v4/leads?filter[statuses][0][...]&limit=250&order[created_at]=asc`
 //! pages from it once, before anything is timed. A few leads are listed under a second stage
@@ -39,6 +45,7 @@ use kommo_fanout::leads::query::{
 };
 use kommo_fanout::leads::respond;
 use kommo_fanout::sim::{Sim, SimConfig, DEMO_TOKEN};
+use serde_json::{json, Value};
 
 /// The most streams any merge bench uses.
 const MAX_K: usize = 30;
@@ -303,14 +310,44 @@ fn bench_page(c: &mut Criterion) {
     g.bench_function("parse_250", |b| {
         b.iter(|| parse_page(black_box(body), ORDER.field).unwrap())
     });
+    // Sanity: the baseline reads the same leads, in the same order, byte for byte alike once
+    // both are parsed.
+    let ours = parse_page(body, ORDER.field).unwrap();
+    let naive = parse_page_value(body);
+    assert_eq!(ours.len(), naive.len());
+    for (a, (id, sort, raw)) in ours.iter().zip(&naive) {
+        assert_eq!((a.id, a.sort), (*id, *sort));
+        let a: Value = serde_json::from_slice(&a.raw).unwrap();
+        assert_eq!(a, serde_json::from_slice::<Value>(raw).unwrap());
+    }
+    g.bench_function("parse_250_value_baseline", |b| {
+        b.iter(|| parse_page_value(black_box(body)))
+    });
     g.finish();
 }
 
-/// Runs a merge the way the gateway does: feeds each stream's page when the merger asks (one
-/// page of 250 marked not-last, then an empty last page) until `want` leads are emitted or
-/// every stream has ended.
+/// The baseline of `page/*`: the page parsed into a `serde_json::Value` tree and each lead
+/// written out again as bytes to be kept, as a proxy without borrowed raw values would.
+fn parse_page_value(body: &[u8]) -> Vec<(i64, Option<i64>, Vec<u8>)> {
+    let page: Value = serde_json::from_slice(body).unwrap();
+    let leads = page["_embedded"]["leads"].as_array().unwrap();
+    leads
+        .iter()
+        .map(|lead| {
+            let id = lead["id"].as_i64().unwrap();
+            let sort = lead["created_at"].as_i64();
+            (id, sort, serde_json::to_vec(lead).unwrap())
+        })
+        .collect()
+}
+
+/// Runs a merge the way the gateway does: reserves room for the page, feeds each stream's page
+/// when the merger asks (one page of 250 marked not-last, then an empty last page) until `want`
+/// leads are emitted or every stream has ended.
 fn merge(streams: Vec<Vec<LeadRef>>, want: usize) -> Vec<LeadRef> {
     let mut merger = Merger::new(streams.len(), ORDER);
+    // As the gateway does: room for the client's page (at most `PAGE`) and one lead past it.
+    merger.reserve(want.min(PAGE) + 1);
     let mut pages: Vec<Option<Vec<LeadRef>>> = streams.into_iter().map(Some).collect();
     let mut out = Vec::with_capacity(want.min(pages.len() * PAGE));
     while out.len() < want {
@@ -343,7 +380,19 @@ fn bench_merge(c: &mut Criterion) {
         let ids: HashSet<i64> = input.iter().flatten().map(|l| l.id).collect();
         assert_eq!(unique.len(), ids.len());
 
-        for (variant, want) in [("first_page", PAGE), ("all", usize::MAX)] {
+        // Sanity: the baseline emits the same leads in the same order.
+        let ids = |leads: &[LeadRef]| leads.iter().map(|l| l.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&merge_by_sorting(input.to_vec(), PAGE)),
+            ids(&merge(input.to_vec(), PAGE))
+        );
+        type Run = fn(Vec<Vec<LeadRef>>, usize) -> Vec<LeadRef>;
+        let variants: [(&str, usize, Run); 3] = [
+            ("first_page", PAGE, merge),
+            ("all", usize::MAX, merge),
+            ("first_page_sort_baseline", PAGE, merge_by_sorting),
+        ];
+        for (variant, want, run) in variants {
             let emitted = want.min(unique.len());
             g.throughput(Throughput::Elements(emitted as u64));
             g.bench_with_input(
@@ -352,7 +401,7 @@ fn bench_merge(c: &mut Criterion) {
                 |b, input| {
                     b.iter_batched(
                         || input.to_vec(),
-                        |streams| merge(streams, want),
+                        |streams| run(streams, want),
                         BatchSize::LargeInput,
                     )
                 },
@@ -360,6 +409,18 @@ fn bench_merge(c: &mut Criterion) {
         }
     }
     g.finish();
+}
+
+/// The baseline of `merge/*`: every stream's leads in one list, sorted, deduplicated by id,
+/// cut at `want`: what a client merging the stages itself does.
+fn merge_by_sorting(streams: Vec<Vec<LeadRef>>, want: usize) -> Vec<LeadRef> {
+    let mut all: Vec<LeadRef> = streams.into_iter().flatten().collect();
+    all.sort_by_key(|l| (l.sort, l.id));
+    let mut seen = HashSet::with_capacity(all.len());
+    all.into_iter()
+        .filter(|l| seen.insert(l.id))
+        .take(want)
+        .collect()
 }
 
 /// What rendering the 30-stage query's page needs: the query, its links' base, the rewrite.
@@ -390,6 +451,54 @@ impl RenderSetup {
         };
         render_page(self.parsed.page, links, true, leads, &self.rewrite)
     }
+
+    /// The baseline of `render/*`: each lead parsed into a `serde_json::Value`, its hrefs
+    /// moved from `upstream` to the public URL, and the page built as a `Value` and written
+    /// out.
+    fn render_value(&self, leads: &[LeadRef], upstream: &str) -> Vec<u8> {
+        fn rehome(v: &mut Value, from: &str) {
+            match v {
+                Value::Object(map) => {
+                    for (k, v) in map.iter_mut() {
+                        match v {
+                            Value::String(href) if k == "href" && href.starts_with(from) => {
+                                *href = format!("{PUBLIC_URL}{}", &href[from.len()..]);
+                            }
+                            _ => rehome(v, from),
+                        }
+                    }
+                }
+                Value::Array(items) => items.iter_mut().for_each(|v| rehome(v, from)),
+                _ => {}
+            }
+        }
+        let links = PageLinks {
+            base: &self.base,
+            params: &self.parsed.link_params,
+        };
+        let page = self.parsed.page;
+        let leads: Vec<Value> = leads
+            .iter()
+            .map(|l| {
+                let mut lead: Value = serde_json::from_slice(&l.raw).unwrap();
+                rehome(&mut lead, upstream);
+                lead
+            })
+            .collect();
+        let mut link_map = serde_json::Map::new();
+        link_map.insert("self".into(), json!({ "href": links.href(page) }));
+        link_map.insert("next".into(), json!({ "href": links.href(page + 1) }));
+        link_map.insert("first".into(), json!({ "href": links.href(1) }));
+        if page > 1 {
+            link_map.insert("prev".into(), json!({ "href": links.href(page - 1) }));
+        }
+        let doc = json!({
+            "_page": page,
+            "_links": link_map,
+            "_embedded": { "leads": leads },
+        });
+        serde_json::to_vec(&doc).unwrap()
+    }
 }
 
 fn bench_render(c: &mut Criterion) {
@@ -403,9 +512,19 @@ fn bench_render(c: &mut Criterion) {
     assert!(memchr::memmem::find(&sample, needle.as_bytes()).is_some());
     assert!(memchr::memmem::find(&sample, upstream.as_bytes()).is_none());
 
+    // Sanity: the baseline renders the same document.
+    let naive = setup.render_value(leads, &f.sim_base);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&sample).unwrap(),
+        serde_json::from_slice::<Value>(&naive).unwrap()
+    );
+
     let mut g = c.benchmark_group("render");
     g.throughput(Throughput::Bytes(sample.len() as u64));
     g.bench_function("page_250", |b| b.iter(|| setup.render(black_box(leads))));
+    g.bench_function("page_250_value_baseline", |b| {
+        b.iter(|| setup.render_value(black_box(leads), &f.sim_base))
+    });
     g.finish();
 }
 

@@ -44,6 +44,14 @@ struct Stream {
     pages_fed: u32,
 }
 
+impl Stream {
+    /// Nothing buffered and more to come: the stream could hold the next lead, so the merge
+    /// must wait for its next page.
+    fn starved(&self) -> bool {
+        self.buffered.is_empty() && !self.ended
+    }
+}
+
 /// A head of one stream in the heap. Ordered so the heap (a max-heap) pops the lead that comes
 /// first in the requested order.
 #[derive(Debug)]
@@ -94,6 +102,9 @@ pub struct Merger {
     /// Ids already emitted: a lead listed under two stages (it moved between two page reads)
     /// is emitted once, at its first position.
     emitted: HashSet<i64>,
+    /// How many streams are starved (see [`Stream::starved`]), kept as they change so that a
+    /// step looks at every stream only when one needs a page, not once per lead.
+    starved: usize,
 }
 
 impl Merger {
@@ -104,7 +115,16 @@ impl Merger {
             streams: (0..streams).map(|_| Stream::default()).collect(),
             heap: BinaryHeap::with_capacity(streams),
             emitted: HashSet::new(),
+            // No stream has a page yet.
+            starved: streams,
         }
+    }
+
+    /// Makes room for the ids of `leads` emitted leads at once. The set of emitted ids would
+    /// grow to hold them anyway, rehashing as it goes; a caller that knows how many leads it
+    /// takes (the client's page) saves that.
+    pub fn reserve(&mut self, leads: usize) {
+        self.emitted.reserve(leads);
     }
 
     /// The number of pages fed to `stream` so far.
@@ -121,10 +141,12 @@ impl Merger {
     /// than the upstream limit).
     pub fn feed(&mut self, stream: usize, leads: Vec<LeadRef>, last: bool) {
         let s = &mut self.streams[stream];
+        let was_starved = s.starved();
         s.pages_fed += 1;
         s.ended |= last;
         let had_head = !s.buffered.is_empty();
         s.buffered.extend(leads);
+        self.starved = self.starved + usize::from(s.starved()) - usize::from(was_starved);
         if !had_head {
             self.push_head(stream);
         }
@@ -144,23 +166,24 @@ impl Merger {
     /// The next step of the merge.
     pub fn next_step(&mut self) -> Step {
         loop {
-            // A stream with nothing buffered that has not ended could hold the next lead.
-            let need: Vec<usize> = self
-                .streams
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.buffered.is_empty() && !s.ended)
-                .map(|(i, _)| i)
-                .collect();
-            if !need.is_empty() {
-                return Step::Need(need);
+            debug_assert_eq!(
+                self.starved,
+                self.streams.iter().filter(|s| s.starved()).count(),
+                "the starved count must follow the streams"
+            );
+            if self.starved > 0 {
+                let need = self.streams.iter().enumerate();
+                let need = need.filter(|(_, s)| s.starved()).map(|(i, _)| i);
+                return Step::Need(need.collect());
             }
             let Some(head) = self.heap.pop() else {
                 return Step::Done;
             };
-            let Some(lead) = self.streams[head.stream].buffered.pop_front() else {
+            let s = &mut self.streams[head.stream];
+            let Some(lead) = s.buffered.pop_front() else {
                 continue;
             };
+            self.starved += usize::from(s.starved());
             self.push_head(head.stream);
             if self.emitted.insert(lead.id) {
                 return Step::Lead(lead);

@@ -256,6 +256,9 @@ async fn merged_page(
     let want = query.limit as usize;
     let mut skipped = 0u64;
     let mut leads = Vec::with_capacity(want);
+    // The page and the one lead past it that says whether another page exists; a later page
+    // also emits the leads it skips, and the set grows for those.
+    merger.reserve(want + 1);
     let mut has_next = false;
     loop {
         match merger.next_step() {
