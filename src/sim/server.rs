@@ -266,7 +266,7 @@ impl Sim {
             token: token.clone(),
             request_id: req
                 .headers()
-                .get("x-request-id")
+                .get(crate::server::REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             status: 0,
