@@ -680,7 +680,7 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
     let proxy = Proxy::start(binary, &upstream, &unlimited, &env, scratch, "proxy-pass").await;
     let one_thread = [&unlimited[..], &["--worker-threads", "1"]].concat();
     let proxy_one = Proxy::start(binary, &upstream, &one_thread, &env, scratch, "proxy-1t").await;
-    let bare = BareRelay::start(&format!("127.0.0.1:{static_port}"), scratch).await;
+    let bare = BareRelay::start(&format!("127.0.0.1:{static_port}"), scratch);
     let idle = proxy.rss();
     let direct = Target::one(&format!("{upstream}{PASS_PATH}"));
     let via_proxy = Target::one(&format!("{}{PASS_PATH}", proxy.base));
@@ -1487,6 +1487,30 @@ struct Guard {
 }
 
 impl Guard {
+    /// Starts `command` with its output appended to `log` and nothing on its input.
+    fn spawn(name: &'static str, mut command: Command, log: &Path) -> Guard {
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log_file(log))
+            .stderr(log_file(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Guard { name, child }
+    }
+
+    /// Returns once something accepts TCP connections on `127.0.0.1:port`; panics with the
+    /// log if the process exits first or nothing listens within 10 s.
+    fn wait_listening(&mut self, port: u16, log: &Path) {
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            self.assert_running(log);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} did not listen on port {port} within 10 s", self.name);
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -1558,7 +1582,8 @@ impl Proxy {
     ) -> Proxy {
         let (listen, admin) = (free_port(), free_port());
         let log = scratch.path.join(format!("{name}.log"));
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .env_clear()
             .envs(std::env::vars().filter(|(k, _)| !k.starts_with("KOMMO_FANOUT_")))
             .envs(env.iter().copied())
@@ -1567,13 +1592,8 @@ impl Proxy {
             .args(["--listen", &format!("127.0.0.1:{listen}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(["--shutdown-grace", "1s"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log_file(&log))
-            .stderr(log_file(&log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let mut guard = Guard { name, child };
+            .args(extra);
+        let mut guard = Guard::spawn(name, command, &log);
         let health = format!("http://127.0.0.1:{admin}/healthz");
         let client = http_client(1);
         for _ in 0..200 {
@@ -1672,33 +1692,15 @@ struct BareRelay {
 
 impl BareRelay {
     /// Starts it in front of `upstream` (`host:port`) and returns once it accepts connections.
-    async fn start(upstream: &str, scratch: &Scratch) -> BareRelay {
+    fn start(upstream: &str, scratch: &Scratch) -> BareRelay {
         let port = free_port();
         let log = scratch.path.join("bare-relay.log");
-        let exe = std::env::current_exe().expect("the bench's own path");
-        let child = Command::new(exe)
-            .args([BARE_RELAY, &format!("127.0.0.1:{port}"), upstream])
-            .stdin(Stdio::null())
-            .stdout(log_file(&log))
-            .stderr(log_file(&log))
-            .spawn()
-            .expect("start the bare relay");
-        let mut guard = Guard {
-            name: "bare relay",
-            child,
-        };
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                let base = format!("http://127.0.0.1:{port}");
-                return BareRelay { guard, base };
-            }
-            guard.assert_running(&log);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the bare relay did not accept connections within 10 s");
+        let mut command = Command::new(std::env::current_exe().expect("the bench's own path"));
+        command.args([BARE_RELAY, &format!("127.0.0.1:{port}"), upstream]);
+        let mut guard = Guard::spawn("bare relay", command, &log);
+        guard.wait_listening(port, &log);
+        let base = format!("http://127.0.0.1:{port}");
+        BareRelay { guard, base }
     }
 }
 
@@ -1759,28 +1761,17 @@ impl Nginx {
         let conf = dir.join(format!("nginx-{name}.conf"));
         let log = dir.join(format!("nginx-{name}.log"));
         fs::write(&conf, nginx_conf(dir, name, server, workers)).expect("nginx config");
-        let child = Command::new(nginx)
+        let mut command = Command::new(nginx);
+        command
             .arg("-p")
             .arg(dir)
             .arg("-e")
             .arg(&log)
             .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log_file(&log))
-            .stderr(log_file(&log))
-            .spawn()
-            .expect("start nginx");
-        let mut guard = Guard { name, child };
-        let port = server_port(server);
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Nginx { guard };
-            }
-            guard.assert_running(&log);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("nginx {name} did not listen within 10 s");
+            .arg(&conf);
+        let mut guard = Guard::spawn(name, command, &log);
+        guard.wait_listening(server_port(server), &log);
+        Nginx { guard }
     }
 
     /// The master process (its workers are its children).
