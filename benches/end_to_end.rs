@@ -398,6 +398,11 @@ impl KRow {
         self.concurrent_429 += c.too_many;
     }
 
+    /// The proxy's median over `floor`.
+    fn proxy_over(&self, floor: Duration) -> f64 {
+        median(&self.proxy).as_secs_f64() / floor.as_secs_f64()
+    }
+
     /// `ceil(K/7) - 1` full windows plus one round trip.
     fn floor(&self) -> Duration {
         let windows = self.k.div_ceil(RATE) - 1;
@@ -840,6 +845,12 @@ impl Rounds {
             format!("{low:.0} to {high:.0}")
         }
     }
+}
+
+/// The latency `a` adds to `b`, ms: (p50, p99) of the rounds' medians.
+fn added(a: &Rounds, b: &Rounds) -> (f64, f64) {
+    let (a, b) = (a.summary(), b.summary());
+    (ms_f(a.p50) - ms_f(b.p50), ms_f(a.p99) - ms_f(b.p99))
 }
 
 /// The median over the rounds of `a`'s requests/s divided by `b`'s in the same round: each
@@ -2096,7 +2107,7 @@ impl Report {
                 cell(&r.concurrent),
                 ms(floor),
                 ms(safe),
-                median(&r.proxy).as_secs_f64() / safe.as_secs_f64(),
+                r.proxy_over(safe),
                 per_run(r.proxy_upstream),
                 r.proxy_max_window,
                 r.proxy_429,
@@ -2203,10 +2214,6 @@ impl Report {
             );
         }
         out.push('\n');
-        let added = |a: &Rounds, b: &Rounds| {
-            let (a, b) = (a.summary(), b.summary());
-            (ms_f(a.p50) - ms_f(b.p50), ms_f(a.p99) - ms_f(b.p99))
-        };
         let proxy_unloaded = added(&r.proxy_unloaded, &r.direct_unloaded);
         let nginx_unloaded = added(&r.nginx_unloaded, &r.direct_unloaded);
         let proxy_loaded = added(&r.proxy, &r.direct);
@@ -2278,23 +2285,29 @@ impl Report {
              after its scenario.\n\n\
              | proxy process | idle peak MiB | peak MiB after the scenario |\n|---|---:|---:|\n",
         );
-        out.push_str(&row(
-            "scenario 1 (fan-out in front of the simulator)",
-            Some(self.cold.rss),
-        ));
-        out.push_str(&row(
-            "scenario 2 (pass-through, 32 connections)",
-            self.pass.rss,
-        ));
-        out.push_str(&row(
-            "scenario 4 (cached answers, 32 connections)",
-            self.cached.rss,
-        ));
-        out.push_str(&row(
-            "scenario 5 (dashboard, 100 clients)",
-            Some(self.dashboard.rss),
-        ));
+        for (name, rss) in self.rss_rows() {
+            out.push_str(&row(name, rss));
+        }
         out.push('\n');
+    }
+
+    /// Each scenario's proxy memory; `None` where the scenario did not run.
+    fn rss_rows(&self) -> [(&'static str, Option<Rss>); 4] {
+        [
+            (
+                "scenario 1 (fan-out in front of the simulator)",
+                Some(self.cold.rss),
+            ),
+            ("scenario 2 (pass-through, 32 connections)", self.pass.rss),
+            (
+                "scenario 4 (cached answers, 32 connections)",
+                self.cached.rss,
+            ),
+            (
+                "scenario 5 (dashboard, 100 clients)",
+                Some(self.dashboard.rss),
+            ),
+        ]
     }
 
     fn cached_table(&self, out: &mut String) {
@@ -2470,18 +2483,19 @@ impl Report {
         // The proxy's worst median over the Ks on one side of 7, against `floor`.
         let mut cold_row = |target: &str, small: bool, floor: fn(&KRow) -> Duration, max: f64| {
             let picked: Vec<&KRow> = cold.iter().filter(|r| (r.k <= RATE) == small).collect();
+            if picked.is_empty() {
+                return;
+            }
             let worst = picked
                 .iter()
-                .map(|r| median(&r.proxy).as_secs_f64() / floor(r).as_secs_f64())
+                .map(|r| r.proxy_over(floor(r)))
                 .fold(0.0, f64::max);
-            if !picked.is_empty() {
-                let ks: Vec<String> = picked.iter().map(|r| r.k.to_string()).collect();
-                rows.push((
-                    target.to_string(),
-                    format!("at most {worst:.2}x (K = {})", ks.join(", ")),
-                    verdict(worst <= max),
-                ));
-            }
+            let ks: Vec<String> = picked.iter().map(|r| r.k.to_string()).collect();
+            rows.push((
+                target.to_string(),
+                format!("at most {worst:.2}x (K = {})", ks.join(", ")),
+                verdict(worst <= max),
+            ));
         };
         cold_row(
             "cold first page, K <= 7: within 1.5x one upstream round trip",
@@ -2538,12 +2552,11 @@ impl Report {
         }
         match &self.pass.rows {
             Some(r) => {
-                let added =
-                    ms_f(r.proxy_unloaded.summary().p50) - ms_f(r.direct_unloaded.summary().p50);
+                let (p50, _) = added(&r.proxy_unloaded, &r.direct_unloaded);
                 rows.push((
                     "pass-through latency added under 0.2 ms at p50 (1 connection)".to_string(),
-                    format!("{added:+.3} ms"),
-                    verdict(added < 0.2),
+                    format!("{p50:+.3} ms"),
+                    verdict(p50 < 0.2),
                 ));
                 for (threads, proxy, workers, nginx) in [
                     (
@@ -2580,17 +2593,9 @@ impl Report {
             format!("{} for a minimum of {}", d.upstream, d.minimum),
             verdict(d.upstream as f64 <= d.minimum as f64 * 1.1),
         ));
-        let peak = [
-            Some(self.cold.rss),
-            self.pass.rss,
-            self.cached.rss,
-            Some(d.rss),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|r| r.after)
-        .max()
-        .unwrap_or(0);
+        let peak = self.rss_rows().into_iter();
+        let peak = peak.filter_map(|(_, rss)| rss).map(|r| r.after).max();
+        let peak = peak.unwrap_or(0);
         let peak = peak as f64 / 1024.0;
         rows.push((
             "proxy RSS under 64 MiB outside what the cache holds".to_string(),
