@@ -29,11 +29,12 @@
 //!    apt-get when missing and running as root, else the bench's own client) hits it directly,
 //!    through the proxy (limiter raised out of the way; one serving thread per CPU, and
 //!    `--worker-threads 1`), through a bare hyper relay (this binary run with `--bare-relay`:
-//!    hyper's server and hyper-util's pooled client with none of the proxy's own work, the
-//!    ceiling of the HTTP stack) and through a second nginx acting as a plain keep-alive reverse
-//!    proxy (1 worker, and one per CPU): 32 connections for throughput, 1 connection for the
-//!    latency a hop adds without queueing. Requests/s, p50, p99, and the CPU time the measured
-//!    hop's processes spent per request (`/proc/PID/stat`). nginx is installed the same way;
+//!    hyper's server and hyper-util's pooled client with none of the proxy's own work: about
+//!    what the proxy would reach on its HTTP stack) and through a second nginx acting as a
+//!    plain keep-alive reverse proxy (1 worker, and one per CPU): 32 connections for
+//!    throughput, 1 connection for the latency a hop adds without queueing. Requests/s, p50,
+//!    p99, and the CPU time the measured hop's processes spent per request
+//!    (`/proc/PID/stat`). nginx is installed the same way;
 //!    without it those rows read `n/a`. Each target is warmed up, then measured in a few short
 //!    rounds, the targets taking turns, so that a change in the machine's other load falls on
 //!    all of them alike; the rows give the rounds' medians and range, the throughput ratios
@@ -2617,8 +2618,10 @@ impl Report {
              - **the safe floor** row holds the proxy to the least a client can take that never \
              trips the limit, whatever the network delays (scenario 1); the row above it, to the \
              floor of a client that knows when each request arrived.\n\
-             - **the bare hyper relay**, beside the throughput ratios: the ceiling of the HTTP \
-             stack, what the proxy would reach with none of its own work (scenario 2).\n",
+             - **the bare hyper relay**, beside the throughput ratios: about what the proxy would \
+             reach on its HTTP stack with none of its own work (scenario 2). Its pooled client \
+             is hyper-util's, which hashes its pool key on every request where the proxy's pool \
+             does not, so it is a little below that.\n",
         );
     }
 }
