@@ -80,10 +80,6 @@ impl Entry {
         body: Bytes,
         leads: Option<Vec<LeadRef>>,
     ) -> Arc<Entry> {
-        let mut headers = headers;
-        // Room for the `Age` and `X-Cache` an answer adds to a copy of these: a copy keeps the
-        // room, so adding them does not rebuild the copy's index on every hit.
-        headers.reserve(2);
         Arc::new(Entry {
             status,
             headers,

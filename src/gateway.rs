@@ -107,6 +107,8 @@ pub struct Gateway {
     seen: AtomicU64,
     /// The upstream origin, shared into every request context.
     origin: Arc<str>,
+    /// `--public-url`, shared into every request context.
+    public_url: Option<Arc<str>>,
     /// Client requests being served, bounded by `--max-concurrent-requests`.
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The last upstream reachability probe and when it ran: readiness probes come often and
@@ -125,8 +127,8 @@ pub struct RequestContext {
     /// need none).
     pub upstream_headers: HeaderMap,
     /// The proxy's base URL as this client reaches it.
-    pub public_base: String,
-    /// Moves upstream hrefs to `public_base`; built on first use (pass-through never needs it).
+    base: PublicBase,
+    /// Moves upstream hrefs to the public base; built on first use (pass-through never needs it).
     rewrite: OnceLock<OriginRewrite>,
     /// The upstream origin, for the rewrite.
     origin: Arc<str>,
@@ -137,15 +139,23 @@ pub struct RequestContext {
     pub credential: Option<String>,
     /// The client sent `Cache-Control: no-cache` (or `Pragma: no-cache`): refetch and refresh.
     pub no_cache: bool,
+    /// The request's id (the client's, or a new one): every upstream request it causes carries
+    /// it, and so does its answer.
+    pub request_id: HeaderValue,
     /// Upstream fetches this request caused (cache misses), for its log line.
     upstream_calls: Arc<AtomicU32>,
 }
 
 impl RequestContext {
+    /// The proxy's base URL as this client reaches it (see [`Gateway::public_base`]).
+    pub fn public_base(&self) -> &str {
+        self.base.as_str()
+    }
+
     /// The rewrite of upstream hrefs to this client's base URL.
     pub fn rewrite(&self) -> &OriginRewrite {
         self.rewrite
-            .get_or_init(|| OriginRewrite::new(&self.origin, &self.public_base))
+            .get_or_init(|| OriginRewrite::new(&self.origin, self.public_base()))
     }
 
     /// Upstream fetches this request caused so far.
@@ -159,15 +169,18 @@ impl RequestContext {
     }
 
     /// This context (its flow and upstream call count shared) with the headers of `client`
-    /// that the proxy's own upstream GETs carry: taken only when an answer has to be fetched.
+    /// that the proxy's own upstream GETs carry, and the request id: taken only when an answer
+    /// has to be fetched.
     pub fn with_upstream_headers(&self, client: &HeaderMap) -> RequestContext {
         let mut ctx = self.clone();
-        ctx.upstream_headers = HeaderMap::with_capacity(UPSTREAM_GET_HEADERS.len());
+        ctx.upstream_headers = HeaderMap::with_capacity(UPSTREAM_GET_HEADERS.len() + 1);
         for name in UPSTREAM_GET_HEADERS {
             for v in client.get_all(&name) {
                 ctx.upstream_headers.append(name.clone(), v.clone());
             }
         }
+        ctx.upstream_headers
+            .insert(crate::server::REQUEST_ID, self.request_id.clone());
         ctx
     }
 }
@@ -175,16 +188,16 @@ impl RequestContext {
 /// Headers of the client's request that reach the upstream with the GETs the proxy makes on
 /// its behalf. A whitelist: conditional and encoding headers would change what the proxy has
 /// to parse, and nothing else of the client's request concerns Kommo.
-const UPSTREAM_GET_HEADERS: [HeaderName; 4] = [
+const UPSTREAM_GET_HEADERS: [HeaderName; 3] = [
     header::AUTHORIZATION,
     header::ACCEPT_LANGUAGE,
     header::USER_AGENT,
-    crate::server::REQUEST_ID,
 ];
 
 impl Gateway {
     pub fn new(fetcher: Fetcher, settings: GatewaySettings, cache: Option<Cache>) -> Self {
         let origin = Arc::from(fetcher.upstream.origin().url.as_str());
+        let public_url = settings.public_url.as_deref().map(Arc::from);
         let in_flight = Arc::new(tokio::sync::Semaphore::new(settings.bounds.max_concurrent));
         if let Some(cache) = &cache {
             cache.attach_metrics(fetcher.metrics.clone());
@@ -202,6 +215,7 @@ impl Gateway {
             client_quota,
             seen: AtomicU64::new(0),
             origin,
+            public_url,
             in_flight,
             probe: tokio::sync::Mutex::new(None),
         }
@@ -216,9 +230,13 @@ impl Gateway {
     /// The context of one client request. `buffered`: whether the request is answered with GETs
     /// the proxy makes itself (the leads list, cached pass-through), whose cache keys need the
     /// credential's fingerprint.
-    pub fn context(&self, parts: &Parts, buffered: bool) -> RequestContext {
-        let public_base =
-            self.public_base(&parts.headers, parts.uri.authority().map(|a| a.as_str()));
+    pub fn context(
+        &self,
+        parts: &Parts,
+        buffered: bool,
+        request_id: HeaderValue,
+    ) -> RequestContext {
+        let base = self.public_base(parts);
         // The fingerprint costs two keyed hashes: only for what reads it (cache keys, the
         // per-credential budget, the per-client quota).
         let needs_credential = buffered
@@ -243,12 +261,13 @@ impl Gateway {
         });
         RequestContext {
             upstream_headers: HeaderMap::new(),
-            public_base,
+            base,
             rewrite: OnceLock::new(),
             origin: self.origin.clone(),
             flow: self.new_flow(key),
             credential,
             no_cache,
+            request_id,
             upstream_calls: Arc::default(),
         }
     }
@@ -484,30 +503,86 @@ impl Gateway {
     /// `:authority`). The host is used only when it is a plain host name or address with an
     /// optional port (the server refuses other values with `400`), and it is part of the key of
     /// every cached answer, so one client's `Host` never appears in another's answer.
-    pub fn public_base(&self, headers: &HeaderMap, authority: Option<&str>) -> String {
-        if let Some(url) = &self.settings.public_url {
-            return url.clone();
+    pub fn public_base(&self, parts: &Parts) -> PublicBase {
+        let from = match &self.public_url {
+            Some(url) => BaseFrom::Configured(url.clone()),
+            None => BaseFrom::Request(RequestNames {
+                forwarded: self.settings.trust_forwarded.then(|| {
+                    let h = |name| parts.headers.get(name).cloned();
+                    (h("x-forwarded-host"), h("x-forwarded-proto"))
+                }),
+                host: parts.headers.get(header::HOST).cloned(),
+                authority: parts.uri.authority().cloned(),
+                fallback: self.origin.clone(),
+            }),
+        };
+        PublicBase {
+            from,
+            url: OnceLock::new(),
         }
-        if self.settings.trust_forwarded {
-            let forwarded = |name: &str| headers.get(name).and_then(|h| h.to_str().ok());
-            if let Some(host) = forwarded("x-forwarded-host").filter(|h| valid_host(h)) {
-                let scheme = match forwarded("x-forwarded-proto") {
+    }
+}
+
+/// The proxy's base URL as one client reaches it. What it is made of is taken as the request
+/// arrives (clones of its header values: reference counts, not copies), and the URL is built
+/// on first use: a request relayed as it came reads it only if the answer is a redirect.
+#[derive(Clone)]
+pub struct PublicBase {
+    from: BaseFrom,
+    url: OnceLock<String>,
+}
+
+#[derive(Clone)]
+enum BaseFrom {
+    /// `--public-url`.
+    Configured(Arc<str>),
+    /// The names the request gives the proxy, checked when the URL is built.
+    Request(RequestNames),
+}
+
+#[derive(Clone)]
+struct RequestNames {
+    /// `X-Forwarded-Host` and `-Proto`, taken only with `--trust-forwarded`.
+    forwarded: Option<(Option<HeaderValue>, Option<HeaderValue>)>,
+    host: Option<HeaderValue>,
+    authority: Option<http::uri::Authority>,
+    /// Where links point when the request names no usable host: the upstream origin.
+    fallback: Arc<str>,
+}
+
+impl PublicBase {
+    pub fn as_str(&self) -> &str {
+        match &self.from {
+            BaseFrom::Configured(url) => url,
+            BaseFrom::Request(names) => self.url.get_or_init(|| names.url()),
+        }
+    }
+}
+
+impl RequestNames {
+    fn url(&self) -> String {
+        if let Some((forwarded_host, proto)) = &self.forwarded {
+            if let Some(host) = text(forwarded_host).filter(|h| valid_host(h)) {
+                let scheme = match text(proto) {
                     Some(p) if p.eq_ignore_ascii_case("https") => "https",
                     _ => "http",
                 };
                 return [scheme, "://", host].concat();
             }
         }
-        match headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or(authority)
+        match text(&self.host)
+            .or(self.authority.as_ref().map(http::uri::Authority::as_str))
             .filter(|h| valid_host(h))
         {
             Some(host) => ["http://", host].concat(),
-            None => self.fetcher.upstream.origin().url.clone(),
+            None => self.fallback.to_string(),
         }
     }
+}
+
+/// A header value as text, if it is.
+fn text(value: &Option<HeaderValue>) -> Option<&str> {
+    value.as_ref().and_then(|v| v.to_str().ok())
 }
 
 /// The secret of credential fingerprints: 256 bits, two SipHash-2-4 keys (SipHash is a keyed
@@ -660,7 +735,8 @@ pub fn valid_host(host: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_host;
+    use super::{valid_host, RequestNames};
+    use http::HeaderValue;
 
     #[test]
     fn hosts() {
@@ -698,5 +774,48 @@ mod tests {
         assert_eq!(long.len(), 254);
         assert!(!valid_host(&long), "a name of 254 bytes");
         assert!(valid_host(&long[1..]), "a name of 253 bytes");
+    }
+
+    #[test]
+    fn public_base_takes_the_first_usable_name() {
+        let v = |s: &'static str| Some(HeaderValue::from_static(s));
+        let names = |forwarded, host, authority: Option<&'static str>| RequestNames {
+            forwarded,
+            host,
+            authority: authority.map(|a| a.parse().expect("authority")),
+            fallback: "https://sub.kommo.com".into(),
+        };
+        let cases = [
+            (
+                names(None, v("proxy:8080"), Some("other")),
+                "http://proxy:8080",
+            ),
+            (names(None, None, Some("h2.internal")), "http://h2.internal"),
+            // A Host that is no host name is not replaced by another name: links go upstream.
+            (
+                names(None, v("a b"), Some("h2.internal")),
+                "https://sub.kommo.com",
+            ),
+            (names(None, None, None), "https://sub.kommo.com"),
+            (
+                names(Some((v("crm.example.com"), v("HTTPS"))), v("proxy"), None),
+                "https://crm.example.com",
+            ),
+            (
+                names(Some((v("crm.example.com"), None)), v("proxy"), None),
+                "http://crm.example.com",
+            ),
+            (
+                names(Some((v("evil.com/x"), v("https"))), v("proxy"), None),
+                "http://proxy",
+            ),
+            (
+                names(Some((None, v("https"))), v("proxy"), None),
+                "http://proxy",
+            ),
+        ];
+        for (names, want) in cases {
+            assert_eq!(names.url(), want);
+        }
     }
 }

@@ -127,6 +127,8 @@ pub async fn forward(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
+    // After the removals: the id usually takes a freed place instead of growing the map.
+    headers.insert(crate::server::REQUEST_ID, ctx.request_id.clone());
     *upstream_req.headers_mut() = headers;
 
     ctx.count_upstream_call();
@@ -147,7 +149,7 @@ pub async fn forward(
     {
         let origin = &gw.fetcher.upstream.origin().url;
         if let Some(rest) = location.strip_prefix(origin.as_str()) {
-            if let Ok(v) = HeaderValue::from_str(&format!("{}{rest}", ctx.public_base)) {
+            if let Ok(v) = HeaderValue::from_str(&format!("{}{rest}", ctx.public_base())) {
                 parts.headers.insert(header::LOCATION, v);
             }
         }
@@ -174,7 +176,7 @@ async fn cached_get(
             "cached GET without a credential".into(),
         ));
     };
-    let key = Cache::answer_key(credential, &ctx.public_base, target, "");
+    let key = Cache::answer_key(credential, ctx.public_base(), target, "");
     let fill = async {
         let generation = cache.generation();
         let (status, headers, body) = leads::relay(gw, ctx, UpstreamKind::Passthrough, target)

@@ -38,18 +38,16 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = std::time::Instant::now();
-    let (mut parts, incoming) = req.into_parts();
-    let client_id = parts
+    let (parts, incoming) = req.into_parts();
+    // Put on the upstream requests where they are built (see `RequestContext::request_id`), not
+    // into the client's headers here: a cached answer sends none.
+    let request_id = match parts
         .headers
         .get(REQUEST_ID)
-        .filter(|v| v.to_str().is_ok_and(valid_request_id));
-    let request_id = match client_id {
+        .filter(|v| v.to_str().is_ok_and(valid_request_id))
+    {
         Some(id) => id.clone(),
-        None => {
-            let id = gw.new_request_id();
-            parts.headers.insert(REQUEST_ID, id.clone());
-            id
-        }
+        None => gw.new_request_id(),
     };
     let is_leads = parts.method == Method::GET && parts.uri.path() == leads::plan::LEADS_PATH;
     let route = if is_leads { "leads" } else { "passthrough" };
@@ -86,7 +84,7 @@ pub async fn handle(
             &parts.method,
             parts.headers.contains_key(http::header::AUTHORIZATION),
         );
-    let ctx = gw.context(&parts, buffered);
+    let ctx = gw.context(&parts, buffered, request_id.clone());
     let work = Box::pin(async {
         gw.check_client_quota(&ctx, peer.ip())?;
         if is_leads {

@@ -53,7 +53,7 @@ pub async fn answer(
             .await
             .map(|e| respond(&e, None));
     };
-    let key = Cache::answer_key(credential, &ctx.public_base, plan::LEADS_PATH, raw_query);
+    let key = Cache::answer_key(credential, ctx.public_base(), plan::LEADS_PATH, raw_query);
     let fill = Box::pin(async {
         let query = parse().map_err(FillError::Failed)?;
         let ctx = &ctx.with_upstream_headers(client_headers);
@@ -95,13 +95,21 @@ fn refresh_in_background(
     });
 }
 
+/// Headers an answer adds to those stored with it.
+const ADDED_HEADERS: usize = 3;
+
 /// The client's response for a computed or stored answer.
 pub fn respond(entry: &Entry, outcome: Option<Outcome>) -> Response<ProxyBody> {
     let mut resp = Response::new(body::full(entry.body.clone()));
     *resp.status_mut() = entry.status;
-    *resp.headers_mut() = entry.headers.clone();
+    // Built with room for what is added to it (`Age`, `X-Cache`, the request id): a clone of
+    // the stored map has none, and growing it costs more than filling a new one.
+    let headers = resp.headers_mut();
+    headers.reserve(entry.headers.len() + ADDED_HEADERS);
+    for (name, value) in &entry.headers {
+        headers.append(name.clone(), value.clone());
+    }
     if let Some(outcome) = outcome {
-        let headers = resp.headers_mut();
         headers.insert(header::AGE, HeaderValue::from(entry.age()));
         headers.insert(
             HeaderName::from_static("x-cache"),
@@ -310,7 +318,7 @@ async fn merged_page(
     if leads.is_empty() {
         return Ok((StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new()));
     }
-    let base = format!("{}{}", ctx.public_base, plan::LEADS_PATH);
+    let base = format!("{}{}", ctx.public_base(), plan::LEADS_PATH);
     let links = PageLinks {
         base: &base,
         params: &query.link_params,
