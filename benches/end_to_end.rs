@@ -33,8 +33,9 @@
 //!    what the proxy would reach on its HTTP stack) and through a second nginx acting as a
 //!    plain keep-alive reverse proxy (1 worker, and one per CPU): 32 connections for
 //!    throughput, 1 connection for the latency a hop adds without queueing. Requests/s, p50,
-//!    p99, and the CPU time the measured hop's processes spent per request
-//!    (`/proc/PID/stat`). nginx is installed the same way;
+//!    p99, the CPU time the measured hop's processes spent per request
+//!    (`/proc/PID/stat`), and wrk's own CPU time as a share of its core, which shows when the
+//!    client rather than the target set the pace. nginx is installed the same way;
 //!    without it those rows read `n/a`. Each target is warmed up, then measured in a few short
 //!    rounds, the targets taking turns, so that a change in the machine's other load falls on
 //!    all of them alike; the rows give the rounds' medians and range, the throughput ratios
@@ -633,6 +634,9 @@ struct LoadStats {
     hits: usize,
     /// CPU time (user + system) the measured server spent per answer, when measured.
     cpu_per_request: Option<Duration>,
+    /// The load generator's CPU time over the run as a share of the one core its one thread
+    /// can use (wrk only): near 1, the client, not the target, set the requests/s.
+    client_busy: Option<f64>,
 }
 
 /// Connections of the unloaded latency runs: one request at a time, no queueing.
@@ -832,6 +836,7 @@ impl Rounds {
             errors: self.runs.iter().map(|s| s.errors).sum(),
             hits: self.runs.iter().map(|s| s.hits).sum(),
             cpu_per_request: cpu.filter(|_| requests > 0).map(|c| c / count(requests)),
+            client_busy: mean(self.runs.iter().map(|s| s.client_busy)),
         }
     }
 
@@ -867,6 +872,14 @@ fn paired_ratio(a: &Rounds, b: &Rounds) -> f64 {
     median_f(&mut ratios)
 }
 
+/// The mean of `values`, `None` when any is missing or there are none.
+fn mean(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let values: Option<Vec<f64>> = values.collect();
+    values
+        .filter(|v| !v.is_empty())
+        .map(|v| v.iter().sum::<f64>() / v.len() as f64)
+}
+
 /// The median of `values` (the mean of the middle two for an even count); 0 when empty.
 fn median_f(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -896,11 +909,24 @@ async fn run_wrk(wrk: &Path, url: &str, connections: usize, duration: Duration) 
         .arg(format!("-d{}s", duration.as_secs_f64().ceil().max(1.0)))
         .args(["--latency", "-H", &format!("Authorization: {AUTH}"), url])
         .stdin(Stdio::null());
+    // The bench waits for no other child while wrk runs: what its ended children used
+    // meanwhile is wrk's.
+    let (before, started) = (ended_children_cpu(), Instant::now());
     let out = cmd.output().await.expect("run wrk");
+    let (client, lived) = (
+        ended_children_cpu().saturating_sub(before),
+        started.elapsed(),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "wrk failed: {text}");
     let ran = Duration::from_secs_f64(duration.as_secs_f64().ceil().max(1.0));
-    parse_wrk(&text, ran).unwrap_or_else(|| panic!("unreadable wrk output:\n{text}"))
+    let stats = parse_wrk(&text, ran).unwrap_or_else(|| panic!("unreadable wrk output:\n{text}"));
+    LoadStats {
+        // Over the process's whole life (start-up and the report included), not the asked
+        // duration, so it is a share of a core.
+        client_busy: Some(client.as_secs_f64() / lived.as_secs_f64()),
+        ..stats
+    }
 }
 
 /// Reads wrk's report: requests, latency percentiles and max, non-2xx answers and socket
@@ -955,6 +981,7 @@ fn parse_wrk(text: &str, duration: Duration) -> Option<LoadStats> {
         errors: non_2xx + socket_errors,
         hits: 0,
         cpu_per_request: None,
+        client_busy: None,
     })
 }
 
@@ -969,18 +996,8 @@ fn cpu_time(pids: &[u32]) -> Duration {
             continue;
         }
         seen.push(pid);
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the command name (which may hold spaces): utime and stime are the
-        // 12th and 13th.
-        if let Some((_, rest)) = stat.rsplit_once(')') {
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            for i in [11, 12] {
-                ticks += fields
-                    .get(i)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
+        // utime and stime.
+        ticks += stat_ticks(&format!("/proc/{pid}/stat"), [11, 12]);
         let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
         todo.extend(
             children
@@ -990,6 +1007,27 @@ fn cpu_time(pids: &[u32]) -> Duration {
         );
     }
     Duration::from_secs_f64(ticks as f64 / tick)
+}
+
+/// CPU time (user + system) of the bench's child processes that have ended and been waited
+/// for (`cutime` and `cstime` of `/proc/self/stat`).
+fn ended_children_cpu() -> Duration {
+    let ticks = stat_ticks("/proc/self/stat", [13, 14]);
+    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second())
+}
+
+/// The sum of two clock-tick fields of a `/proc/.../stat` file, counted from the field after
+/// the command name (which may hold spaces); 0 for what cannot be read.
+fn stat_ticks(path: &str, fields: [usize; 2]) -> u64 {
+    let stat = fs::read_to_string(path).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let values: Vec<&str> = rest.split_whitespace().collect();
+    fields
+        .iter()
+        .filter_map(|&i| values.get(i)?.parse::<u64>().ok())
+        .sum()
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -1095,6 +1133,7 @@ async fn load(
         errors,
         hits,
         cpu_per_request: None,
+        client_busy: None,
     }
 }
 
@@ -2154,15 +2193,18 @@ impl Report {
              (one request at a time, nothing queued) for the latency rows. {} \
              **CPU us/request** is the user + system time of the measured hop's own processes \
              (`/proc/PID/stat`) over its runs divided by their answers: what one request costs \
-             it, whatever else the machine runs.\n\n\
-             | target | connections | requests/s | rounds' requests/s | p50 ms | p99 ms | CPU us/request | requests | errors |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             it, whatever else the machine runs. **client CPU** is wrk's user + system time over \
+             its runs as a share of the one core its one thread can use: at 95 % or more the \
+             client, not the target, sets the requests/s, and a ratio between two such rows \
+             says little about either target (the Targets table marks it client-bound).\n\n\
+             | target | connections | requests/s | rounds' requests/s | p50 ms | p99 ms | CPU us/request | client CPU | requests | errors |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             p.body_bytes,
             p.generator,
             self.rounds_text(),
         );
         let Some(r) = &p.rows else {
-            out.push_str("| n/a (nginx not available) | | | | | | | | |\n\n");
+            out.push_str("| n/a (nginx not available) | | | | | | | | | |\n\n");
             return;
         };
         let rows = [
@@ -2203,9 +2245,10 @@ impl Report {
         for (name, connections, rounds) in rows {
             let stats = rounds.summary();
             let cpu = cpu_cell(stats.cpu_per_request);
+            let client = busy_cell(stats.client_busy);
             let _ = writeln!(
                 out,
-                "| {name} | {connections} | {:.0} | {} | {:.3} | {:.3} | {cpu} | {} | {} |",
+                "| {name} | {connections} | {:.0} | {} | {:.3} | {:.3} | {cpu} | {client} | {} | {} |",
                 stats.rps,
                 rounds.range_cell(),
                 ms_f(stats.p50),
@@ -2324,14 +2367,14 @@ impl Report {
             "## 4. Cached answers\n\n\
              One leads page asked over and over by {CONNECTIONS} concurrent keep-alive connections \
              ({}), answered from a warm cache, with the CPU time of the cache's own processes per \
-             answer as in scenario 2. {} The \
+             answer and the client's share of its core as in scenario 2. {} The \
              page: `limit={CACHED_LIMIT}&order[created_at]=desc` of the account's largest stage \
              ({} leads), and for the merged page of its {CACHED_STAGES} largest ({} leads). Every \
              cache sits in front of one simulator set up as in scenario 1. Every measured answer \
              was a cache hit (asserted; the hit ratio is in the table) and the simulator saw {} \
              request(s) while the caches were measured.\n\n\
-             | target | body bytes | cache hits | requests/s | rounds' requests/s | p50 ms | p99 ms | CPU us/request | requests | errors |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             | target | body bytes | cache hits | requests/s | rounds' requests/s | p50 ms | p99 ms | CPU us/request | client CPU | requests | errors |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             c.generator,
             self.rounds_text(),
             leads(&c.stage_leads[..1.min(c.stage_leads.len())]),
@@ -2540,7 +2583,7 @@ impl Report {
                             "cached answers/s at least nginx `proxy_cache`'s: proxy ({proxy_row}) / \
                              nginx ({nginx_row})"
                         ),
-                        format!("{ratio:.2}"),
+                        format!("{ratio:.2}{}", client_bound_note(proxy, nginx)),
                         verdict(ratio >= 1.0),
                     ));
                 }
@@ -2575,8 +2618,9 @@ impl Report {
                              ({threads}) / nginx ({workers})"
                         ),
                         format!(
-                            "{ratio:.2} (the bare hyper relay, one thread / 1 worker: {:.2})",
-                            paired_ratio(&r.bare, &r.nginx)
+                            "{ratio:.2} (the bare hyper relay, one thread / 1 worker: {:.2}){}",
+                            paired_ratio(&r.bare, &r.nginx),
+                            client_bound_note(proxy, nginx)
                         ),
                         verdict(ratio >= 1.0),
                     ));
@@ -2632,17 +2676,18 @@ fn load_cells(rounds: Option<&Rounds>, missing: &str) -> String {
         Some(r) => {
             let s = r.summary();
             format!(
-                "{:.0} | {} | {:.2} | {:.2} | {} | {} | {}",
+                "{:.0} | {} | {:.2} | {:.2} | {} | {} | {} | {}",
                 s.rps,
                 r.range_cell(),
                 ms_f(s.p50),
                 ms_f(s.p99),
                 cpu_cell(s.cpu_per_request),
+                busy_cell(s.client_busy),
                 s.requests,
                 s.errors
             )
         }
-        None => format!("{missing} | | | | | |"),
+        None => format!("{missing} | | | | | | |"),
     }
 }
 
@@ -2651,6 +2696,27 @@ fn cpu_cell(cpu: Option<Duration>) -> String {
     cpu.map_or("n/a".to_string(), |d| {
         format!("{:.1}", d.as_secs_f64() * 1e6)
     })
+}
+
+/// At or above this share of its core, the load generator is what limits a run.
+const CLIENT_BOUND: f64 = 0.95;
+
+/// A note for a throughput ratio whose two sides both had their load generator at its limit:
+/// the ratio then says more about the client than about either target.
+fn client_bound_note(a: &Rounds, b: &Rounds) -> String {
+    match (a.summary().client_busy, b.summary().client_busy) {
+        (Some(x), Some(y)) if x >= CLIENT_BOUND && y >= CLIENT_BOUND => format!(
+            "; client-bound: wrk at {:.0}% and {:.0}% of its core",
+            x * 100.0,
+            y * 100.0
+        ),
+        _ => String::new(),
+    }
+}
+
+/// The load generator's share of its core, or `n/a`.
+fn busy_cell(busy: Option<f64>) -> String {
+    busy.map_or("n/a".to_string(), |b| format!("{:.0}%", b * 100.0))
 }
 
 /// `a`'s CPU time per request over `b`'s, or `n/a`.
