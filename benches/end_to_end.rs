@@ -45,9 +45,11 @@
 //!    answer cache for a single-stage page (`limit=250`, ~220 KB) and for a merged 5-stage page,
 //!    and nginx `proxy_cache` in front of the same simulator for the same single-stage page
 //!    (nginx cannot merge); the proxy on one thread per CPU and on one, nginx with one worker
-//!    per CPU and with one, measured in rounds as in scenario 2. Every measured answer must be
-//!    a cache hit (`X-Cache: HIT` from the proxy, `X-Cache-Status: HIT` from nginx) and the
-//!    simulator must see no request meanwhile.
+//!    per CPU and with one, measured in rounds as in scenario 2; and the proxy on one thread
+//!    against nginx with one worker for the same stage at the default `limit=50` (~45 KB),
+//!    where the client has less to read and the caches' own work weighs more. Every measured
+//!    answer must be a cache hit (`X-Cache: HIT` from the proxy, `X-Cache-Status: HIT` from
+//!    nginx) and the simulator must see no request meanwhile.
 //! 5. **Dashboard load.** 100 clients poll 5 multi-stage views (3 to 5 stages each) through the
 //!    proxy with its default cache TTL (30 s; 4 s under `--quick` so entries expire within the
 //!    run), in front of the simulator with its 7/s limit: upstream requests against the
@@ -106,6 +108,9 @@ const QUIET: (&str, &str) = ("RUST_LOG", "warn");
 const NO_NGINX: &str = "n/a (nginx not available)";
 /// The page size of the cached-answers scenario: Kommo's largest.
 const CACHED_LIMIT: usize = 250;
+/// The page size of its second single-stage page: the SDK's default. The largest page keeps
+/// wrk busy copying bytes; at this size the caches' own work weighs more.
+const DEFAULT_LIMIT: usize = 50;
 /// Stages of the merged page in the cached-answers scenario.
 const CACHED_STAGES: usize = 5;
 /// The stage count of each dashboard view.
@@ -1198,7 +1203,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Scenario 4's results.
 struct Cached {
     /// The proxy on one thread per CPU: single-stage page, merged page; the proxy on one
-    /// thread, nginx with 1 worker and with one per CPU: single-stage page.
+    /// thread, nginx with 1 worker and with one per CPU: single-stage page; the proxy on one
+    /// thread and nginx with 1 worker: the single-stage page at the default limit.
     rows: Vec<CachedRow>,
     /// Requests the simulator saw while the caches were measured (must be 0).
     upstream_during_load: usize,
@@ -1227,7 +1233,7 @@ impl CachedRow {
 /// The proxy with its cache on and nginx `proxy_cache`, both in front of the simulator, each
 /// warmed, then loaded with 32 connections asking the same page over and over.
 async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached {
-    const TARGETS: [(&str, &str); 5] = [
+    const TARGETS: [(&str, &str); 7] = [
         (
             "proxy single",
             "kommo-fanout (one thread per CPU): single-stage page from its answer cache",
@@ -1247,6 +1253,14 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         (
             "nginx cache 2w",
             "nginx `proxy_cache` (`worker_processes auto`): the same single-stage page",
+        ),
+        (
+            "proxy 1 thr 50",
+            "kommo-fanout (`--worker-threads 1`): the single-stage page, default limit",
+        ),
+        (
+            "nginx cache 50",
+            "nginx `proxy_cache` (1 worker): the same page, default limit",
         ),
     ];
     let sim = Sim::spawn(sim_config()).await.expect("simulator starts");
@@ -1305,8 +1319,9 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         &cache_server(auto_port, sim_port, &scratch.path, "cache-auto"),
         "auto",
     );
-    let single = cached_query(&stages[..1]);
-    let merged = cached_query(&stages);
+    let single = cached_query(&stages[..1], CACHED_LIMIT);
+    let merged = cached_query(&stages, CACHED_LIMIT);
+    let default_page = cached_query(&stages[..1], DEFAULT_LIMIT);
     let urls = [
         (format!("{}/api/v4/leads?{single}", proxy.base), "x-cache"),
         (format!("{}/api/v4/leads?{merged}", proxy.base), "x-cache"),
@@ -1322,6 +1337,14 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
             format!("http://127.0.0.1:{auto_port}/api/v4/leads?{single}"),
             "x-cache-status",
         ),
+        (
+            format!("{}/api/v4/leads?{default_page}", proxy_one.base),
+            "x-cache",
+        ),
+        (
+            format!("http://127.0.0.1:{nginx_port}/api/v4/leads?{default_page}"),
+            "x-cache-status",
+        ),
     ];
     let mut targets = Vec::new();
     for (url, header) in urls {
@@ -1335,8 +1358,16 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
     sim.clear_requests();
     let (proxy_pids, one_pids) = ([proxy.guard.pid()], [proxy_one.guard.pid()]);
     let (nginx_pids, auto_pids) = (nginx_cache.pids(), nginx_auto.pids());
-    let pids: [&[u32]; 5] = [&proxy_pids, &proxy_pids, &one_pids, &nginx_pids, &auto_pids];
-    let measured: [Measured; 5] = std::array::from_fn(|i| Measured {
+    let pids: [&[u32]; TARGETS.len()] = [
+        &proxy_pids,
+        &proxy_pids,
+        &one_pids,
+        &nginx_pids,
+        &auto_pids,
+        &one_pids,
+        &nginx_pids,
+    ];
+    let measured: [Measured; TARGETS.len()] = std::array::from_fn(|i| Measured {
         name: TARGETS[i].0,
         target: &targets[i],
         pids: pids[i],
@@ -1427,10 +1458,10 @@ async fn warm(url: &str, header: &str) -> usize {
 }
 
 /// The leads query of scenario 4: the stages, Kommo's largest page, newest first.
-fn cached_query(stages: &[(i64, i64)]) -> String {
+fn cached_query(stages: &[(i64, i64)], limit: usize) -> String {
     let pairs = leads_query(stages);
     let pairs = &pairs[..pairs.find("limit=").expect("limit")];
-    format!("{pairs}limit={CACHED_LIMIT}&order[created_at]=desc")
+    format!("{pairs}limit={limit}&order[created_at]=desc")
 }
 
 /// The stages with live leads, largest first, with their lead counts.
@@ -2369,7 +2400,10 @@ impl Report {
              ({}), answered from a warm cache, with the CPU time of the cache's own processes per \
              answer and the client's share of its core as in scenario 2. {} The \
              page: `limit={CACHED_LIMIT}&order[created_at]=desc` of the account's largest stage \
-             ({} leads), and for the merged page of its {CACHED_STAGES} largest ({} leads). Every \
+             ({} leads), and for the merged page of its {CACHED_STAGES} largest ({} leads); the \
+             **default-limit** rows ask the same stage with `limit={DEFAULT_LIMIT}`, the size a \
+             client gets when it names none, where wrk has fewer bytes to read and the caches' \
+             own work per answer weighs more. Every \
              cache sits in front of one simulator set up as in scenario 1. Every measured answer \
              was a cache hit (asserted; the hit ratio is in the table) and the simulator saw {} \
              request(s) while the caches were measured.\n\n\
@@ -2400,8 +2434,8 @@ impl Report {
                     let (p, n) = (proxy.summary(), nginx.summary());
                     let _ = writeln!(
                         out,
-                        "- proxy ({proxy_row}) / nginx `proxy_cache` ({nginx_row}), single-stage \
-                         page: throughput {:.2}, p50 {:+.2} ms, p99 {:+.2} ms, CPU per request {}",
+                        "- proxy ({proxy_row}) / nginx `proxy_cache` ({nginx_row}): throughput \
+                         {:.2}, p50 {:+.2} ms, p99 {:+.2} ms, CPU per request {}",
                         paired_ratio(proxy, nginx),
                         ms_f(p.p50) - ms_f(n.p50),
                         ms_f(p.p99) - ms_f(n.p99),
@@ -2435,9 +2469,12 @@ impl Report {
 
     /// Each proxy row of scenario 4 with the nginx row of as many processes as it has threads:
     /// (proxy row, its rounds, nginx row, its rounds); `None` without nginx.
-    fn cached_pairs(&self) -> Option<[(&'static str, &Rounds, &'static str, &Rounds); 3]> {
+    fn cached_pairs(&self) -> Option<[(&'static str, &Rounds, &'static str, &Rounds); 4]> {
         let rounds = |i: usize| self.cached.rows.get(i).and_then(|r| r.rounds.as_ref());
-        let (auto, one) = ("`worker_processes auto`", "1 worker");
+        let (auto, one) = (
+            "`worker_processes auto`, single-stage page",
+            "1 worker, single-stage page",
+        );
         Some([
             (
                 "one thread per CPU, single-stage page",
@@ -2456,6 +2493,12 @@ impl Report {
                 rounds(2)?,
                 one,
                 rounds(3)?,
+            ),
+            (
+                "`--worker-threads 1`, default-limit page",
+                rounds(5)?,
+                "1 worker, default-limit page",
+                rounds(6)?,
             ),
         ])
     }
