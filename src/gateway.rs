@@ -147,7 +147,7 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
-    /// The proxy's base URL as this client reaches it (see [`Gateway::public_base`]).
+    /// The proxy's base URL as this client reaches it (see `Gateway::public_base`).
     pub fn public_base(&self) -> &str {
         self.base.as_str()
     }
@@ -503,7 +503,7 @@ impl Gateway {
     /// `:authority`). The host is used only when it is a plain host name or address with an
     /// optional port (the server refuses other values with `400`), and it is part of the key of
     /// every cached answer, so one client's `Host` never appears in another's answer.
-    pub fn public_base(&self, parts: &Parts) -> PublicBase {
+    fn public_base(&self, parts: &Parts) -> PublicBase {
         let from = match &self.public_url {
             Some(url) => BaseFrom::Configured(url.clone()),
             None => BaseFrom::Request(RequestNames {
@@ -527,7 +527,7 @@ impl Gateway {
 /// arrives (clones of its header values: reference counts, not copies), and the URL is built
 /// on first use: a request relayed as it came reads it only if the answer is a redirect.
 #[derive(Clone)]
-pub struct PublicBase {
+struct PublicBase {
     from: BaseFrom,
     url: OnceLock<String>,
 }
@@ -551,7 +551,8 @@ struct RequestNames {
 }
 
 impl PublicBase {
-    pub fn as_str(&self) -> &str {
+    /// The URL, built the first time it is asked for.
+    fn as_str(&self) -> &str {
         match &self.from {
             BaseFrom::Configured(url) => url,
             BaseFrom::Request(names) => self.url.get_or_init(|| names.url()),
