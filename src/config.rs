@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
@@ -264,7 +265,7 @@ impl ServeArgs {
             .public_url
             .map(|u| {
                 Origin::parse(&u)
-                    .map(|o| o.url)
+                    .map(|o| Arc::from(o.url))
                     .map_err(|e| format!("--public-url: {e}"))
             })
             .transpose()?;

@@ -40,8 +40,9 @@ pub enum RateLimitKey {
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     /// The base URL clients reach the proxy at (`--public-url`), without a trailing slash.
-    /// When absent, links are built from the request's validated `Host`.
-    pub public_url: Option<String>,
+    /// When absent, links are built from the request's validated `Host`. Shared (not copied)
+    /// into each request context.
+    pub public_url: Option<Arc<str>>,
     /// At most this many distinct stages per leads request.
     pub max_pairs: usize,
     /// What the upstream budget is shared by.
@@ -107,8 +108,6 @@ pub struct Gateway {
     seen: AtomicU64,
     /// The upstream origin, shared into every request context.
     origin: Arc<str>,
-    /// `--public-url`, shared into every request context.
-    public_url: Option<Arc<str>>,
     /// Client requests being served, bounded by `--max-concurrent-requests`.
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The last upstream reachability probe and when it ran: readiness probes come often and
@@ -197,7 +196,6 @@ const UPSTREAM_GET_HEADERS: [HeaderName; 3] = [
 impl Gateway {
     pub fn new(fetcher: Fetcher, settings: GatewaySettings, cache: Option<Cache>) -> Self {
         let origin = Arc::from(fetcher.upstream.origin().url.as_str());
-        let public_url = settings.public_url.as_deref().map(Arc::from);
         let in_flight = Arc::new(tokio::sync::Semaphore::new(settings.bounds.max_concurrent));
         if let Some(cache) = &cache {
             cache.attach_metrics(fetcher.metrics.clone());
@@ -215,7 +213,6 @@ impl Gateway {
             client_quota,
             seen: AtomicU64::new(0),
             origin,
-            public_url,
             in_flight,
             probe: tokio::sync::Mutex::new(None),
         }
@@ -504,7 +501,7 @@ impl Gateway {
     /// optional port (the server refuses other values with `400`), and it is part of the key of
     /// every cached answer, so one client's `Host` never appears in another's answer.
     fn public_base(&self, parts: &Parts) -> PublicBase {
-        let from = match &self.public_url {
+        let from = match &self.settings.public_url {
             Some(url) => BaseFrom::Configured(url.clone()),
             None => BaseFrom::Request(RequestNames {
                 forwarded: self.settings.trust_forwarded.then(|| {

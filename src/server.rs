@@ -84,7 +84,7 @@ pub async fn handle(
             &parts.method,
             parts.headers.contains_key(http::header::AUTHORIZATION),
         );
-    let ctx = gw.context(&parts, buffered, request_id.clone());
+    let ctx = gw.context(&parts, buffered, request_id);
     let work = Box::pin(async {
         gw.check_client_quota(&ctx, peer.ip())?;
         if is_leads {
@@ -122,7 +122,8 @@ pub async fn handle(
             "answered"
         )
     });
-    resp.headers_mut().insert(REQUEST_ID, request_id);
+    resp.headers_mut()
+        .insert(REQUEST_ID, ctx.request_id.clone());
     resp
 }
 
