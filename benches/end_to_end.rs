@@ -908,10 +908,11 @@ impl LoadStats {
 
 /// `wrk -t1 -c{connections} -d{duration} --latency` against `url` with the demo token.
 async fn run_wrk(wrk: &Path, url: &str, connections: usize, duration: Duration) -> LoadStats {
+    // wrk takes whole seconds.
+    let ran = Duration::from_secs_f64(duration.as_secs_f64().ceil().max(1.0));
     let mut cmd = tokio::process::Command::new(wrk);
     cmd.args(["-t1", &format!("-c{connections}")])
-        // wrk takes whole seconds.
-        .arg(format!("-d{}s", duration.as_secs_f64().ceil().max(1.0)))
+        .arg(format!("-d{}s", ran.as_secs()))
         .args(["--latency", "-H", &format!("Authorization: {AUTH}"), url])
         .stdin(Stdio::null());
     // The bench waits for no other child while wrk runs: what its ended children used
@@ -924,7 +925,6 @@ async fn run_wrk(wrk: &Path, url: &str, connections: usize, duration: Duration) 
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "wrk failed: {text}");
-    let ran = Duration::from_secs_f64(duration.as_secs_f64().ceil().max(1.0));
     let stats = parse_wrk(&text, ran).unwrap_or_else(|| panic!("unreadable wrk output:\n{text}"));
     LoadStats {
         // Over the process's whole life (start-up and the report included), not the asked
@@ -1322,32 +1322,25 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
     let single = cached_query(&stages[..1], CACHED_LIMIT);
     let merged = cached_query(&stages, CACHED_LIMIT);
     let default_page = cached_query(&stages[..1], DEFAULT_LIMIT);
-    let urls = [
-        (format!("{}/api/v4/leads?{single}", proxy.base), "x-cache"),
-        (format!("{}/api/v4/leads?{merged}", proxy.base), "x-cache"),
-        (
-            format!("{}/api/v4/leads?{single}", proxy_one.base),
-            "x-cache",
-        ),
-        (
-            format!("http://127.0.0.1:{nginx_port}/api/v4/leads?{single}"),
-            "x-cache-status",
-        ),
-        (
-            format!("http://127.0.0.1:{auto_port}/api/v4/leads?{single}"),
-            "x-cache-status",
-        ),
-        (
-            format!("{}/api/v4/leads?{default_page}", proxy_one.base),
-            "x-cache",
-        ),
-        (
-            format!("http://127.0.0.1:{nginx_port}/api/v4/leads?{default_page}"),
-            "x-cache-status",
-        ),
+    let (proxy_pids, one_pids) = ([proxy.guard.pid()], [proxy_one.guard.pid()]);
+    let (nginx_pids, auto_pids) = (nginx_cache.pids(), nginx_auto.pids());
+    let nginx_base = format!("http://127.0.0.1:{nginx_port}");
+    let auto_base = format!("http://127.0.0.1:{auto_port}");
+    let (proxy_hit, nginx_hit) = ("x-cache", "x-cache-status");
+    // In the order of TARGETS: where each is asked, for which page, the header that says it
+    // was a hit, and whose CPU time counts.
+    let served: [(&str, &str, &str, &[u32]); TARGETS.len()] = [
+        (&proxy.base, &single, proxy_hit, &proxy_pids),
+        (&proxy.base, &merged, proxy_hit, &proxy_pids),
+        (&proxy_one.base, &single, proxy_hit, &one_pids),
+        (&nginx_base, &single, nginx_hit, &nginx_pids),
+        (&auto_base, &single, nginx_hit, &auto_pids),
+        (&proxy_one.base, &default_page, proxy_hit, &one_pids),
+        (&nginx_base, &default_page, nginx_hit, &nginx_pids),
     ];
     let mut targets = Vec::new();
-    for (url, header) in urls {
+    for (base, query, header, _) in served {
+        let url = format!("{base}/api/v4/leads?{query}");
         let body_len = warm(&url, header).await;
         targets.push(Target {
             urls: vec![url],
@@ -1356,21 +1349,10 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         });
     }
     sim.clear_requests();
-    let (proxy_pids, one_pids) = ([proxy.guard.pid()], [proxy_one.guard.pid()]);
-    let (nginx_pids, auto_pids) = (nginx_cache.pids(), nginx_auto.pids());
-    let pids: [&[u32]; TARGETS.len()] = [
-        &proxy_pids,
-        &proxy_pids,
-        &one_pids,
-        &nginx_pids,
-        &auto_pids,
-        &one_pids,
-        &nginx_pids,
-    ];
     let measured: [Measured; TARGETS.len()] = std::array::from_fn(|i| Measured {
         name: TARGETS[i].0,
         target: &targets[i],
-        pids: pids[i],
+        pids: served[i].3,
     });
     let measured = measure_rounds(
         wrk,
