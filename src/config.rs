@@ -135,6 +135,11 @@ pub struct ServeArgs {
     /// Also cache GETs of paths other than the leads list.
     #[arg(long, env = "KOMMO_FANOUT_CACHE_PASSTHROUGH")]
     pub cache_passthrough: bool,
+    /// Cached answers of at least this many bytes are also kept in a sealed in-memory file and
+    /// sent with sendfile(2), without copying them into the socket (Linux); such an answer
+    /// counts twice against --cache-max-bytes. 0 turns it off.
+    #[arg(long, env = "KOMMO_FANOUT_SENDFILE_MIN_BYTES", default_value_t = 16 * 1024)]
+    pub sendfile_min_bytes: usize,
     /// Shared secret of POST /webhooks/kommo on the admin listener (in `?secret=` or the
     /// X-Webhook-Secret header); the endpoint is off without it.
     #[arg(long, env = "KOMMO_FANOUT_WEBHOOK_SECRET", hide_env_values = true)]
@@ -364,6 +369,7 @@ impl ServeArgs {
                 max_bytes: self.cache_max_bytes,
                 stale_while_revalidate: self.stale_while_revalidate,
                 passthrough: self.cache_passthrough,
+                sendfile_min_bytes: self.sendfile_min_bytes,
             },
             webhook_secret: self.webhook_secret,
             redis: self.redis.map(|url| RedisSettings {
@@ -517,6 +523,10 @@ impl ServeConfig {
             ("cache_ttl", d(self.cache.ttl)),
             ("cache_max_bytes", self.cache.max_bytes.to_string()),
             (
+                "sendfile_min_bytes",
+                self.cache.sendfile_min_bytes.to_string(),
+            ),
+            (
                 "stale_while_revalidate",
                 d(self.cache.stale_while_revalidate),
             ),
@@ -622,6 +632,7 @@ mod tests {
         assert_eq!(c.gateway.rate_limit_key, RateLimitKey::Origin);
         assert_eq!(c.cache.ttl, Duration::from_secs(30));
         assert_eq!(c.cache.max_bytes, 256 * 1024 * 1024);
+        assert_eq!(c.cache.sendfile_min_bytes, 16 * 1024);
         assert!(!c.cache.passthrough && c.webhook_secret.is_none());
     }
 

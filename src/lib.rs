@@ -21,6 +21,7 @@
 //! - [`webhook`]: Kommo's lead webhooks, which drop cached entries.
 //! - [`redis`]: the limiter and cache replicas share through Redis.
 //! - [`workers`]: the serving threads, one runtime and upstream pool each.
+//! - [`sendfile`]: cached answers sent from sealed memfds, without copying them.
 #![forbid(unsafe_code)]
 
 pub mod body;
@@ -33,6 +34,7 @@ pub mod leads;
 pub mod metrics;
 pub mod passthrough;
 pub mod redis;
+pub mod sendfile;
 pub mod server;
 pub mod sim;
 pub mod upstream;

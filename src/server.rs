@@ -22,6 +22,7 @@ use crate::gateway::{valid_host, Bounds, Gateway};
 use crate::leads;
 use crate::metrics::RouteLabels;
 use crate::passthrough;
+use crate::sendfile;
 use crate::webhook;
 use crate::workers::{Accepted, Workers};
 
@@ -230,12 +231,19 @@ pub async fn run(
             + 8 * 1024)
             .max(8 * 1024),
     };
+    let sends = sendfile::Sends {
+        min: gateway
+            .cache
+            .as_ref()
+            .map_or(0, |c| c.config().sendfile_min_bytes),
+        bytes: gateway.fetcher.metrics.sendfile_bytes.clone(),
+    };
     let handler = move |peer, req| {
         let gw = gateway.clone();
         async move { handle(&gw, peer, req).await }
     };
     let mut workers = Workers::start(threads, move |queue| {
-        serve_handed(queue, grace, limits, handler.clone())
+        serve_handed(queue, grace, limits, sends.clone(), handler.clone())
     })?;
     accept(&listener, shutdown, |stream, peer| {
         match stream.into_std() {
@@ -255,9 +263,10 @@ async fn serve_handed(
     mut queue: mpsc::UnboundedReceiver<Accepted>,
     grace: Duration,
     limits: ConnLimits,
+    sends: sendfile::Sends,
     handler: impl Handler,
 ) {
-    let connections = Connections::new(limits);
+    let connections = Connections::new(limits, sends);
     while let Some(Accepted { stream, peer, open }) = queue.recv().await {
         match TcpStream::from_std(stream) {
             Ok(stream) => connections.serve(stream, peer, handler.clone(), open),
@@ -355,7 +364,8 @@ async fn serve(
     limits: ConnLimits,
     handler: impl Handler,
 ) {
-    let connections = Connections::new(limits);
+    // The admin endpoints send no cached bodies.
+    let connections = Connections::new(limits, sendfile::Sends::default());
     accept(&listener, shutdown, |stream, peer| {
         connections.serve(stream, peer, handler.clone(), ())
     })
@@ -410,10 +420,12 @@ where
 struct Connections {
     builder: auto::Builder<TokioExecutor>,
     graceful: GracefulShutdown,
+    /// How the connections' writes look for cached bodies to `sendfile`.
+    sends: sendfile::Sends,
 }
 
 impl Connections {
-    fn new(limits: ConnLimits) -> Connections {
+    fn new(limits: ConnLimits, sends: sendfile::Sends) -> Connections {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -423,6 +435,7 @@ impl Connections {
         Connections {
             builder,
             graceful: GracefulShutdown::new(),
+            sends,
         }
     }
 
@@ -438,6 +451,7 @@ impl Connections {
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(peer, req).await) }
         });
+        let stream = sendfile::Stream::new(stream, self.sends.clone());
         let conn = self.builder.serve_connection(TokioIo::new(stream), service);
         let conn = self.graceful.watch(conn.into_owned());
         tokio::spawn(async move {

@@ -307,3 +307,79 @@ async fn pass_through_gets_are_cached_only_when_asked() {
         "per credential"
     );
 }
+
+/// Cached answers of `--sendfile-min-bytes` or more leave from their memfd: over HTTP/1.1 and
+/// HTTP/2, a miss and a hit carry the same bytes as a proxy that copies them, and the
+/// counter of bytes sent that way moves only where it is on.
+#[tokio::test]
+async fn answers_sent_with_sendfile_are_the_bytes_a_copying_proxy_sends() {
+    let s = stack_with(sim_config(LEADS), |c| {
+        with_cache(c);
+        c.cache.sendfile_min_bytes = 4096;
+    })
+    .await;
+    let mut config = ServeConfig::for_upstream(&s.sim.base_url()).expect("valid config");
+    config.limiter.requests = 1_000_000;
+    config.cache.ttl = Duration::from_secs(300);
+    config.cache.sendfile_min_bytes = 0;
+    let copying = serve_proxy(config).await;
+
+    let q = format!("{}&limit=250", stages(&largest_stages(&s, 3)));
+    let url = |base: &str| format!("{base}/api/v4/leads?{q}");
+    let h1 = Client::default();
+    let h2 = Client(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http(),
+    );
+    let want = h1.get(&url(&copying.proxy), TOKEN).await;
+    assert_eq!(want.status, 200);
+    let want = String::from_utf8(want.body.to_vec())
+        .expect("utf-8")
+        .replace(&copying.proxy, "PROXY");
+    assert!(want.len() > 100_000, "a large page ({} bytes)", want.len());
+
+    let mut sent = [0u64; 2];
+    for (i, (client, outcome)) in [(&h1, "MISS"), (&h1, "HIT"), (&h2, "HIT"), (&h2, "HIT")]
+        .into_iter()
+        .enumerate()
+    {
+        let a = client.get(&url(&s.proxy), TOKEN).await;
+        assert_eq!(
+            (a.status.as_u16(), a.headers["x-cache"].to_str().ok()),
+            (200, Some(outcome))
+        );
+        let got = String::from_utf8(a.body.to_vec()).expect("utf-8");
+        assert!(
+            got.replace(&s.proxy, "PROXY") == want,
+            "answer {i} ({outcome}) differs from the copying proxy's"
+        );
+        sent[i / 2] += a.body.len() as u64;
+        if i == 1 {
+            // HTTP/1.1: each body in whole.
+            let from_memfd = sendfile_bytes(&s.gateway.scrape().await);
+            assert_eq!(from_memfd, sent[0], "both bodies left from the memfd");
+        }
+    }
+    // HTTP/2: in DATA frames, of which the parts cut short by flow control (under the
+    // minimum) are copied.
+    let from_memfd = sendfile_bytes(&s.gateway.scrape().await) - sent[0];
+    assert!(
+        from_memfd * 10 >= sent[1] * 9 && from_memfd <= sent[1],
+        "{from_memfd} of {} bytes over HTTP/2 left from the memfd",
+        sent[1]
+    );
+    assert_eq!(
+        sendfile_bytes(&copying.gateway.scrape().await),
+        0,
+        "off: none"
+    );
+}
+
+fn sendfile_bytes(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kommo_fanout_sendfile_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the sendfile counter")
+}
