@@ -1,6 +1,7 @@
 //! The `kommo-fanout` binary: parse the command line, bind, run.
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use kommo_fanout::config::{self, Command, LogFormat};
@@ -14,8 +15,10 @@ fn main() -> ExitCode {
     let cli = config::parse_args(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match cli.log_format {
+        // Colours only for a person at a terminal, not in a file or a log collector.
         LogFormat::Pretty => tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_env_filter(filter)
             .init(),
         LogFormat::Json => tracing_subscriber::fmt()
@@ -81,7 +84,12 @@ async fn serve(config: config::ServeConfig) -> ExitCode {
         (Err(e), _) => return fail(1, &format!("cannot listen on {}: {e}", config.listen)),
         (_, Err(e)) => return fail(1, &format!("cannot listen on {}: {e}", config.admin_listen)),
     };
-    tracing::info!(listen = %config.listen, admin = %config.admin_listen, upstream = %config.upstream.origin.url, "serving");
+    // The bound addresses: with port 0 the system picked the port.
+    let bound = |l: &TcpListener| {
+        l.local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string())
+    };
+    tracing::info!(listen = %bound(&listener), admin = %bound(&admin), upstream = %config.upstream.origin.url, "serving");
     match kommo_fanout::run(&config, listener, admin, kommo_fanout::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &e),
@@ -98,6 +106,7 @@ async fn sim(args: kommo_fanout::sim::SimArgs) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(1, &format!("cannot listen on {listen}: {e}")),
     };
+    let listen = listener.local_addr().unwrap_or(listen);
     tracing::info!(%listen, "simulated Kommo account serving");
     match kommo_fanout::sim::Sim::new(config)
         .run(listener, kommo_fanout::shutdown_signal())

@@ -102,3 +102,80 @@ fn worker_threads_sets_the_number_of_serving_threads() {
         assert_eq!(stealing, 0, "--worker-threads {n}");
     }
 }
+
+/// The first log line of `args` that contains `needle`, or what stderr said until it closed
+/// or 10 s passed. The process is killed after.
+fn log_line(args: &[&str], needle: &str) -> String {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kommo-fanout"))
+        .args(args)
+        .env_remove("KOMMO_FANOUT_UPSTREAM")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("binary runs");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let needle = needle.to_string();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(&needle) {
+                let _ = tx.send(line);
+                return;
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        let _ = tx.send(seen);
+    });
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| "no line within 10 s".into());
+    let _ = child.kill();
+    let _ = child.wait();
+    line
+}
+
+/// The port in `key=127.0.0.1:PORT` of a log line.
+fn port_of(line: &str, key: &str) -> u16 {
+    let at = line.find(&format!("{key}=127.0.0.1:")).expect(line) + key.len() + 11;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().expect(line)
+}
+
+#[test]
+fn start_lines_name_the_bound_ports_without_terminal_colours() {
+    let serve = log_line(
+        &[
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        "serving",
+    );
+    let sim = log_line(
+        &["sim", "--listen", "127.0.0.1:0"],
+        "simulated Kommo account",
+    );
+    for (line, keys) in [(&serve, &["listen", "admin"][..]), (&sim, &["listen"][..])] {
+        assert!(
+            !line.contains('\u{1b}'),
+            "no escape codes off a terminal: {line:?}"
+        );
+        for key in keys {
+            assert_ne!(port_of(line, key), 0, "{key} in {line:?}");
+        }
+    }
+}
