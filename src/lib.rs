@@ -175,6 +175,32 @@ pub async fn serve(
     served
 }
 
+/// Raises the soft limit on open files to the hard limit. A server holds a descriptor per
+/// connection, client and upstream, and one per cached answer it sends with `sendfile`; the
+/// usual soft limit of 1024 is below what `--max-concurrent-requests` lets in. Returns the old
+/// and new soft limits when it changed.
+#[cfg(target_os = "linux")]
+pub fn raise_open_files_limit() -> Result<Option<(u64, u64)>, String> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is unlimited.
+    let (Some(soft), hard) = (limit.current, limit.maximum) else {
+        return Ok(None);
+    };
+    if hard.is_some_and(|hard| hard <= soft) {
+        return Ok(None);
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: hard,
+            maximum: hard,
+        },
+    )
+    .map_err(|e| format!("cannot raise the open-files limit from {soft}: {e}"))?;
+    Ok(Some((soft, hard.unwrap_or(u64::MAX))))
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -29,6 +29,9 @@ fn main() -> ExitCode {
             .with_env_filter(filter)
             .init(),
     }
+    if matches!(cli.command, Command::Serve(_) | Command::Demo(_)) {
+        open_files();
+    }
     match cli.command {
         Command::Serve(args) => {
             // Validated before anything starts: `--check` prints it and exits.
@@ -64,6 +67,17 @@ fn main() -> ExitCode {
             }),
             Err(code) => code,
         },
+    }
+}
+
+/// Raises the soft limit on open files to the hard one (see
+/// [`kommo_fanout::raise_open_files_limit`]); a failure is only logged.
+fn open_files() {
+    #[cfg(target_os = "linux")]
+    match kommo_fanout::raise_open_files_limit() {
+        Ok(Some((from, to))) => tracing::info!(from, to, "raised the open-files limit"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "open-files limit unchanged"),
     }
 }
 

@@ -104,11 +104,17 @@ fn worker_threads_sets_the_number_of_serving_threads() {
 }
 
 /// The first log line of `args` that contains `needle`, or what stderr said until it closed
-/// or 10 s passed. The process is killed after.
-fn log_line(args: &[&str], needle: &str) -> String {
+/// or 10 s passed, and the process's `/proc/PID/limits` then. The process is killed after.
+fn log_line(args: &[&str], needle: &str) -> (String, String) {
+    log_line_of(
+        Command::new(env!("CARGO_BIN_EXE_kommo-fanout")).args(args),
+        needle,
+    )
+}
+
+fn log_line_of(command: &mut Command, needle: &str) -> (String, String) {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kommo-fanout"))
-        .args(args)
+    let mut child = command
         .env_remove("KOMMO_FANOUT_UPSTREAM")
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
@@ -136,9 +142,11 @@ fn log_line(args: &[&str], needle: &str) -> String {
     let line = rx
         .recv_timeout(std::time::Duration::from_secs(10))
         .unwrap_or_else(|_| "no line within 10 s".into());
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
-    line
+    (line, limits)
 }
 
 /// The port in `key=127.0.0.1:PORT` of a log line.
@@ -153,7 +161,7 @@ fn port_of(line: &str, key: &str) -> u16 {
 
 #[test]
 fn start_lines_name_the_bound_ports_without_terminal_colours() {
-    let serve = log_line(
+    let (serve, _) = log_line(
         &[
             "serve",
             "--upstream",
@@ -165,7 +173,7 @@ fn start_lines_name_the_bound_ports_without_terminal_colours() {
         ],
         "serving",
     );
-    let sim = log_line(
+    let (sim, _) = log_line(
         &["sim", "--listen", "127.0.0.1:0"],
         "simulated Kommo account",
     );
@@ -178,4 +186,36 @@ fn start_lines_name_the_bound_ports_without_terminal_colours() {
             assert_ne!(port_of(line, key), 0, "{key} in {line:?}");
         }
     }
+}
+
+/// Started under a soft limit of 256 open files, `serve` raises it to the hard limit.
+#[test]
+fn serve_raises_the_soft_open_files_limit_to_the_hard_one() {
+    let hard = {
+        let out = Command::new("sh")
+            .args(["-c", "ulimit -Hn"])
+            .output()
+            .expect("sh runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    if hard == "unlimited" || hard.parse::<u64>().is_ok_and(|h| h <= 256) {
+        // Nothing to raise to here.
+        return;
+    }
+    let (line, limits) = log_line_of(
+        Command::new("sh").args([
+            "-c",
+            "ulimit -Sn 256 && exec \"$0\" serve --upstream http://127.0.0.1:1 \
+             --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0",
+            env!("CARGO_BIN_EXE_kommo-fanout"),
+        ]),
+        "serving",
+    );
+    assert!(line.contains("serving"), "{line}");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a limits line");
+    let soft: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(soft, [hard.as_str(), hard.as_str()], "{open_files}");
 }
