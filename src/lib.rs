@@ -183,22 +183,23 @@ pub async fn serve(
 pub fn raise_open_files_limit() -> Result<Option<(u64, u64)>, String> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
-    // `None` is unlimited.
-    let (Some(soft), hard) = (limit.current, limit.maximum) else {
+    // `None` is unlimited: nothing to raise, or (for the hard limit, which Linux caps at
+    // `fs.nr_open` anyway) no number to raise to.
+    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
         return Ok(None);
     };
-    if hard.is_some_and(|hard| hard <= soft) {
+    if hard <= soft {
         return Ok(None);
     }
     setrlimit(
         Resource::Nofile,
         Rlimit {
-            current: hard,
-            maximum: hard,
+            current: Some(hard),
+            maximum: Some(hard),
         },
     )
     .map_err(|e| format!("cannot raise the open-files limit from {soft}: {e}"))?;
-    Ok(Some((soft, hard.unwrap_or(u64::MAX))))
+    Ok(Some((soft, hard)))
 }
 
 /// Completes on SIGINT or SIGTERM.
