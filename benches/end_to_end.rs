@@ -47,7 +47,9 @@
 //!    (nginx cannot merge); the proxy on one thread per CPU and on one, nginx with one worker
 //!    per CPU and with one, measured in rounds as in scenario 2; and the proxy on one thread
 //!    against nginx with one worker for the same stage at the default `limit=50` (~45 KB),
-//!    where the client has less to read and the caches' own work weighs more. Every measured
+//!    where the client has less to read and the caches' own work weighs more, beside the same
+//!    proxy copying its bodies into the socket instead of sending them with `sendfile`
+//!    (`--sendfile-min-bytes 0`), the baseline of that choice. Every measured
 //!    answer must be a cache hit (`X-Cache: HIT` from the proxy, `X-Cache-Status: HIT` from
 //!    nginx) and the simulator must see no request meanwhile.
 //! 5. **Dashboard load.** 100 clients poll 5 multi-stage views (3 to 5 stages each) through the
@@ -153,7 +155,7 @@ impl Mode {
                 quick: false,
                 ks: vec![1, 2, 4, 7, 14, 30],
                 runs: 3,
-                warmup: Duration::from_secs(1),
+                warmup: Duration::from_millis(500),
                 rounds: 3,
                 round: Duration::from_secs(2),
                 dashboard: Duration::from_secs(30),
@@ -1204,7 +1206,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 struct Cached {
     /// The proxy on one thread per CPU: single-stage page, merged page; the proxy on one
     /// thread, nginx with 1 worker and with one per CPU: single-stage page; the proxy on one
-    /// thread and nginx with 1 worker: the single-stage page at the default limit.
+    /// thread and nginx with 1 worker: the single-stage page at the default limit; the proxy on
+    /// one thread copying its bodies instead of `sendfile`: the same page.
     rows: Vec<CachedRow>,
     /// Requests the simulator saw while the caches were measured (must be 0).
     upstream_during_load: usize,
@@ -1233,7 +1236,7 @@ impl CachedRow {
 /// The proxy with its cache on and nginx `proxy_cache`, both in front of the simulator, each
 /// warmed, then loaded with 32 connections asking the same page over and over.
 async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached {
-    const TARGETS: [(&str, &str); 7] = [
+    const TARGETS: [(&str, &str); 8] = [
         (
             "proxy single",
             "kommo-fanout (one thread per CPU): single-stage page from its answer cache",
@@ -1262,6 +1265,11 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
             "nginx cache 50",
             "nginx `proxy_cache` (1 worker): the same page, default limit",
         ),
+        (
+            "proxy 1 thr 50 copying",
+            "kommo-fanout (`--worker-threads 1 --sendfile-min-bytes 0`): the same page, \
+             default limit, copied into the socket",
+        ),
     ];
     let sim = Sim::spawn(sim_config()).await.expect("simulator starts");
     let by_size = stages_by_size(&sim);
@@ -1284,25 +1292,20 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         };
     };
     let cache_on = ["--cache-ttl", "10m"];
-    let proxy = Proxy::start(
-        binary,
-        &sim.base_url(),
-        &cache_on,
-        &[QUIET],
-        scratch,
-        "proxy-cache",
-    )
-    .await;
     let one_thread = [&cache_on[..], &["--worker-threads", "1"]].concat();
-    let proxy_one = Proxy::start(
-        binary,
-        &sim.base_url(),
-        &one_thread,
-        &[QUIET],
-        scratch,
-        "proxy-cache-1t",
-    )
-    .await;
+    // The baseline of `sendfile`: the same proxy writing its cached bodies by copying.
+    let copying = [&one_thread[..], &["--sendfile-min-bytes", "0"]].concat();
+    let mut started = Vec::new();
+    for (flags, name) in [
+        (&cache_on[..], "proxy-cache"),
+        (&one_thread[..], "proxy-cache-1t"),
+        (&copying[..], "proxy-cache-1t-copying"),
+    ] {
+        started.push(Proxy::start(binary, &sim.base_url(), flags, &[QUIET], scratch, name).await);
+    }
+    let Ok([proxy, proxy_one, proxy_copying]) = <[Proxy; 3]>::try_from(started) else {
+        unreachable!("three proxies were started");
+    };
     let idle = proxy.rss();
     let sim_port = sim.addr().port();
     let (nginx_port, auto_port) = (free_port(), free_port());
@@ -1323,6 +1326,7 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
     let merged = cached_query(&stages, CACHED_LIMIT);
     let default_page = cached_query(&stages[..1], DEFAULT_LIMIT);
     let (proxy_pids, one_pids) = ([proxy.guard.pid()], [proxy_one.guard.pid()]);
+    let copying_pids = [proxy_copying.guard.pid()];
     let (nginx_pids, auto_pids) = (nginx_cache.pids(), nginx_auto.pids());
     let nginx_base = format!("http://127.0.0.1:{nginx_port}");
     let auto_base = format!("http://127.0.0.1:{auto_port}");
@@ -1337,6 +1341,7 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         (&auto_base, &single, nginx_hit, &auto_pids),
         (&proxy_one.base, &default_page, proxy_hit, &one_pids),
         (&nginx_base, &default_page, nginx_hit, &nginx_pids),
+        (&proxy_copying.base, &default_page, proxy_hit, &copying_pids),
     ];
     let mut targets = Vec::new();
     for (base, query, header, _) in served {
@@ -2427,12 +2432,27 @@ impl Report {
             }
             _ => out.push_str("Ratios: n/a (nginx not available)\n"),
         }
+        if let Some((sent, copied)) = self.sendfile_pair() {
+            let (s, c) = (sent.summary(), copied.summary());
+            let _ = writeln!(
+                out,
+                "- proxy sending its cached bodies with `sendfile` / the same proxy copying them \
+                 (`--worker-threads 1`, default-limit page): throughput {:.2}, p50 {:+.2} ms, \
+                 CPU per request {}",
+                paired_ratio(sent, copied),
+                ms_f(s.p50) - ms_f(c.p50),
+                cpu_ratio(&s, &c),
+            );
+        }
         out.push_str(
             "\n- **kommo-fanout**: the release proxy with `--cache-ttl 10m` and `RUST_LOG=warn`, \
              serving on one thread per CPU (the default) or on one (`--worker-threads 1`), the \
              simulator as its upstream; warmed until it answers \
              `X-Cache: HIT`. The single-stage page is relayed (hrefs moved to the proxy) and \
-             stored; the 5-stage page is the merged HAL page, stored ready.\n\
+             stored; the 5-stage page is the merged HAL page, stored ready. Cached bodies of \
+             16 KiB or more leave with `sendfile` from a sealed memfd (the default); the \
+             **copied into the socket** row is the same proxy with that turned off, the baseline \
+             of that choice.\n\
              - **nginx `proxy_cache`**: nginx (1 worker, or `worker_processes auto` = one per CPU \
              like the proxy's serving threads; `sendfile on`, `access_log off`) with \
              `proxy_pass` to the simulator, `proxy_cache_path` in the scratch directory, \
@@ -2447,6 +2467,12 @@ impl Report {
              or `X-Cache-Status: HIT` (nginx), an answer of another length than the warm one \
              counting as an error.\n\n",
         );
+    }
+
+    /// Scenario 4's one-thread proxy at the default limit, with `sendfile` and copying.
+    fn sendfile_pair(&self) -> Option<(&Rounds, &Rounds)> {
+        let rounds = |i: usize| self.cached.rows.get(i).and_then(|r| r.rounds.as_ref());
+        Some((rounds(5)?, rounds(7)?))
     }
 
     /// Each proxy row of scenario 4 with the nginx row of as many processes as it has threads:
