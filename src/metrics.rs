@@ -4,6 +4,7 @@
 //! fingerprint, no path or query ever becomes a label.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -25,6 +26,15 @@ pub enum UpstreamKind {
 }
 
 impl UpstreamKind {
+    /// Its place in per-kind tables.
+    fn index(self) -> usize {
+        match self {
+            UpstreamKind::Stream => 0,
+            UpstreamKind::Single => 1,
+            UpstreamKind::Passthrough => 2,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             UpstreamKind::Stream => "stream",
@@ -79,6 +89,22 @@ pub struct Metrics {
     pub cache_bytes: Gauge<u64, AtomicU64>,
     pub sendfile_bytes: Counter,
     pub redis_degraded: Gauge,
+    hot: Hot,
+}
+
+/// Handles of the series nearly every request touches, taken from their family on first use:
+/// a family lookup hashes the labels (SipHash) under a lock, twice or three times per request;
+/// a handle is an increment. A series appears in the exposition on its first use either way.
+#[derive(Default)]
+struct Hot {
+    /// `client_requests{route, status="200"}`: leads, passthrough.
+    answered_ok: [OnceLock<Counter>; 2],
+    /// `upstream_requests{kind, status="200"}`, by [`UpstreamKind::index`].
+    upstream_ok: [OnceLock<Counter>; 3],
+    /// `upstream_latency_seconds{kind}`, by [`UpstreamKind::index`].
+    upstream_seconds: [OnceLock<Histogram>; 3],
+    /// `cache_lookups{level, outcome}`: (page, answer, shared) × (hit, miss, coalesced).
+    cache: [OnceLock<Counter>; 9],
 }
 
 fn latency_histogram() -> Histogram {
@@ -209,29 +235,71 @@ impl Metrics {
             cache_bytes,
             sendfile_bytes,
             redis_degraded,
+            hot: Hot::default(),
         }
+    }
+
+    /// Records a client request answered on `route` with `status`.
+    pub fn answered(&self, route: &'static str, status: u16) {
+        let labels = || RouteLabels { route, status };
+        let slot = match (route, status) {
+            ("leads", 200) => Some(0),
+            ("passthrough", 200) => Some(1),
+            _ => None,
+        };
+        match slot {
+            Some(i) => self.hot.answered_ok[i]
+                .get_or_init(|| self.client_requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.client_requests.get_or_create(&labels()).inc(),
+        };
     }
 
     /// Records one upstream attempt.
     pub fn upstream(&self, kind: UpstreamKind, status: u16, took: Duration) {
-        self.upstream_requests
-            .get_or_create(&UpstreamLabels {
-                kind: kind.as_str(),
-                status,
-            })
-            .inc();
-        self.upstream_seconds
-            .get_or_create(&KindLabels {
-                kind: kind.as_str(),
+        let labels = || UpstreamLabels {
+            kind: kind.as_str(),
+            status,
+        };
+        if status == 200 {
+            self.hot.upstream_ok[kind.index()]
+                .get_or_init(|| self.upstream_requests.get_or_create(&labels()).clone())
+                .inc();
+        } else {
+            self.upstream_requests.get_or_create(&labels()).inc();
+        }
+        self.hot.upstream_seconds[kind.index()]
+            .get_or_init(|| {
+                self.upstream_seconds
+                    .get_or_create(&KindLabels {
+                        kind: kind.as_str(),
+                    })
+                    .clone()
             })
             .observe(took.as_secs_f64());
     }
 
     /// Records a cache lookup.
     pub fn cache(&self, level: &'static str, outcome: &'static str) {
-        self.cache_lookups
-            .get_or_create(&CacheLabels { level, outcome })
-            .inc();
+        let level_at = match level {
+            "page" => Some(0),
+            "answer" => Some(1),
+            "shared" => Some(2),
+            _ => None,
+        };
+        let outcome_at = match outcome {
+            "hit" => Some(0),
+            "miss" => Some(1),
+            "coalesced" => Some(2),
+            _ => None,
+        };
+        let labels = || CacheLabels { level, outcome };
+        match level_at.zip(outcome_at) {
+            Some((l, o)) => self.hot.cache[l * 3 + o]
+                .get_or_init(|| self.cache_lookups.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.cache_lookups.get_or_create(&labels()).inc(),
+        };
     }
 
     /// The text exposition (Prometheus / OpenMetrics text format).
@@ -266,5 +334,38 @@ mod tests {
         assert!(text.contains("kommo_fanout_cache_lookups_total{level=\"page\",outcome=\"hit\"} 1"));
         assert!(text.contains("# TYPE kommo_fanout_upstream_latency_seconds histogram"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// The handles taken on first use and the family lookups count into the same series,
+    /// and a series appears only once used.
+    #[test]
+    fn hot_handles_and_family_lookups_share_their_series() {
+        let m = Metrics::new();
+        for _ in 0..3 {
+            m.answered("leads", 200);
+        }
+        m.answered("leads", 404);
+        m.upstream(UpstreamKind::Passthrough, 200, Duration::from_millis(1));
+        m.upstream(UpstreamKind::Passthrough, 200, Duration::from_millis(1));
+        m.upstream(UpstreamKind::Passthrough, 502, Duration::from_millis(1));
+        m.cache("answer", "hit");
+        m.cache("answer", "hit");
+        m.cache("answer", "miss");
+        m.cache("elsewhere", "hit");
+        let text = m.encode();
+        for line in [
+            "kommo_fanout_client_requests_total{route=\"leads\",status=\"200\"} 3",
+            "kommo_fanout_client_requests_total{route=\"leads\",status=\"404\"} 1",
+            "kommo_fanout_upstream_requests_total{kind=\"passthrough\",status=\"200\"} 2",
+            "kommo_fanout_upstream_requests_total{kind=\"passthrough\",status=\"502\"} 1",
+            "kommo_fanout_upstream_latency_seconds_count{kind=\"passthrough\"} 3",
+            "kommo_fanout_cache_lookups_total{level=\"answer\",outcome=\"hit\"} 2",
+            "kommo_fanout_cache_lookups_total{level=\"answer\",outcome=\"miss\"} 1",
+            "kommo_fanout_cache_lookups_total{level=\"elsewhere\",outcome=\"hit\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("route=\"passthrough\""), "unused: not shown");
+        assert!(!text.contains("kind=\"stream\""), "unused: not shown");
     }
 }

@@ -20,7 +20,6 @@ use crate::body::{self, ProxyBody};
 use crate::error::{problem, ProxyError};
 use crate::gateway::{valid_host, Bounds, Gateway};
 use crate::leads;
-use crate::metrics::RouteLabels;
 use crate::passthrough;
 use crate::sendfile;
 use crate::webhook;
@@ -111,10 +110,7 @@ pub async fn handle(
         e.into_response()
     });
     let status = resp.status().as_u16();
-    metrics
-        .client_requests
-        .get_or_create(&RouteLabels { route, status })
-        .inc();
+    metrics.answered(route, status);
     span.in_scope(|| {
         info!(
             status,
