@@ -213,29 +213,50 @@ pub struct Sends {
 pub struct Stream {
     tcp: TcpStream,
     sends: Sends,
+    /// A mirrored body not sent in whole yet: its mirror, and the address of its next byte.
+    /// The next write that starts there goes on from the memfd even when what is left is
+    /// under the minimum.
+    resume: Option<(Arc<Mirror>, usize)>,
 }
 
 impl Stream {
     pub fn new(tcp: TcpStream, sends: Sends) -> Stream {
-        Stream { tcp, sends }
+        Stream {
+            tcp,
+            sends,
+            resume: None,
+        }
+    }
+
+    /// The mirror and offset of `first` when it goes on with the body left in `resume`.
+    fn resumed(&mut self, first: Option<&IoSlice<'_>>) -> Option<(Arc<Mirror>, usize)> {
+        let (mirror, at) = self.resume.take()?;
+        let first = first?;
+        let offset = at.checked_sub(mirror.start())?;
+        (first.as_ptr() as usize == at && offset + first.len() <= mirror.len())
+            .then_some((mirror, offset))
     }
 
     /// `head` then the mirrored `len` bytes at `offset` of `mirror`, as far as the socket
     /// takes them now.
     #[cfg(target_os = "linux")]
     fn poll_send_mirrored(
-        &self,
+        &mut self,
         cx: &mut Context<'_>,
         head: &[IoSlice<'_>],
-        mirror: &Mirror,
+        mirror: Arc<Mirror>,
         offset: usize,
         len: usize,
     ) -> Poll<io::Result<usize>> {
         use rustix::io::Errno;
         use rustix::net::{sendmsg, SendFlags};
         let head_len: usize = head.iter().map(|b| b.len()).sum();
+        let body_at = mirror.start() + offset;
         loop {
-            std::task::ready!(self.tcp.poll_write_ready(cx))?;
+            if self.tcp.poll_write_ready(cx)?.is_pending() {
+                self.resume = Some((mirror, body_at));
+                return Poll::Pending;
+            }
             let sent = self.tcp.try_io(tokio::io::Interest::WRITABLE, || {
                 let mut sent = 0;
                 if head_len > 0 {
@@ -255,8 +276,12 @@ impl Stream {
             });
             match sent {
                 Ok(n) => {
-                    if n > head_len {
-                        self.sends.bytes.inc_by((n - head_len) as u64);
+                    let body_sent = n.saturating_sub(head_len);
+                    if body_sent > 0 {
+                        self.sends.bytes.inc_by(body_sent as u64);
+                    }
+                    if body_sent < len {
+                        self.resume = Some((mirror, body_at + body_sent));
                     }
                     return Poll::Ready(Ok(n));
                 }
@@ -293,9 +318,13 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         #[cfg(target_os = "linux")]
         if self.sends.min > 0 {
-            if let Some(i) = bufs.iter().position(|b| b.len() >= self.sends.min) {
+            let this = &mut *self;
+            if let Some((mirror, offset)) = this.resumed(bufs.first()) {
+                return this.poll_send_mirrored(cx, &[], mirror, offset, bufs[0].len());
+            }
+            if let Some(i) = bufs.iter().position(|b| b.len() >= this.sends.min) {
                 if let Some((mirror, offset)) = Mirror::holding(&bufs[i]) {
-                    return self.poll_send_mirrored(cx, &bufs[..i], &mirror, offset, bufs[i].len());
+                    return this.poll_send_mirrored(cx, &bufs[..i], mirror, offset, bufs[i].len());
                 }
             }
         }
@@ -399,7 +428,7 @@ mod tests {
 
     /// Two answers (head, mirrored body, head, body not mirrored) written through a `Stream`
     /// to a reader slower than the socket: the reader gets exactly those bytes, and the
-    /// counter exactly the mirrored body.
+    /// counter exactly the mirrored body, its tail under the minimum included.
     #[tokio::test]
     async fn a_connection_sends_mirrored_bodies_from_the_memfd_and_others_by_copy() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -410,8 +439,10 @@ mod tests {
         let client = socket.connect(addr).await.expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
         rustix::net::sockopt::set_socket_send_buffer_size(&server, 16 * 1024).expect("sndbuf");
+        // A minimum above what the socket takes at once: the body's last parts are under it,
+        // and go on from the memfd because they continue a mirrored body.
         let sends = Sends {
-            min: 1024,
+            min: 64 * 1024,
             bytes: Counter::default(),
         };
         let mut stream = Stream::new(server, sends.clone());
