@@ -231,7 +231,8 @@ impl Stream {
     /// The mirror and offset of `first` when it goes on with the body left in `resume`.
     fn resumed(&mut self, first: Option<&IoSlice<'_>>) -> Option<(Arc<Mirror>, usize)> {
         let (mirror, at) = self.resume.take()?;
-        let first = first?;
+        // Not empty: a send of nothing would read as a closed socket.
+        let first = first.filter(|b| !b.is_empty())?;
         let offset = at.checked_sub(mirror.start())?;
         (first.as_ptr() as usize == at && offset + first.len() <= mirror.len())
             .then_some((mirror, offset))
