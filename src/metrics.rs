@@ -64,7 +64,7 @@ pub struct KindLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct CacheLabels {
-    /// `page` or `answer`.
+    /// `page`, `answer`, or `shared` (the Redis cache).
     pub level: &'static str,
     /// `hit`, `miss`, or `coalesced` (waited for another request's fill).
     pub outcome: &'static str,
@@ -188,7 +188,7 @@ impl Metrics {
         let cache_lookups = Family::<CacheLabels, Counter>::default();
         registry.register(
             "cache_lookups",
-            "Cache lookups by level (page, answer) and outcome (hit, miss, coalesced)",
+            "Cache lookups by level (page, answer, shared: the Redis cache) and outcome (hit, miss, coalesced)",
             cache_lookups.clone(),
         );
         let cache_evictions = Counter::default();
