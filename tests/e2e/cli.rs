@@ -112,6 +112,7 @@ fn log_line(args: &[&str], needle: &str) -> (String, String) {
     )
 }
 
+/// [`log_line`] of any command.
 fn log_line_of(command: &mut Command, needle: &str) -> (String, String) {
     use std::io::BufRead;
     let mut child = command
@@ -151,7 +152,8 @@ fn log_line_of(command: &mut Command, needle: &str) -> (String, String) {
 
 /// The port in `key=127.0.0.1:PORT` of a log line.
 fn port_of(line: &str, key: &str) -> u16 {
-    let at = line.find(&format!("{key}=127.0.0.1:")).expect(line) + key.len() + 11;
+    let prefix = format!("{key}=127.0.0.1:");
+    let at = line.find(&prefix).expect(line) + prefix.len();
     let digits: String = line[at..]
         .chars()
         .take_while(char::is_ascii_digit)
@@ -216,6 +218,11 @@ fn serve_raises_the_soft_open_files_limit_to_the_hard_one() {
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .expect("a limits line");
-    let soft: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
-    assert_eq!(soft, [hard.as_str(), hard.as_str()], "{open_files}");
+    // "Max open files  SOFT  HARD  files": the soft limit is now the hard one.
+    let soft_and_hard: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(
+        soft_and_hard,
+        [hard.as_str(), hard.as_str()],
+        "{open_files}"
+    );
 }
