@@ -391,9 +391,5 @@ async fn settled_sendfile_bytes(s: &Stack, at_least: u64) -> u64 {
 }
 
 fn sendfile_bytes(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("kommo_fanout_sendfile_bytes_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the sendfile counter")
+    sample(metrics, "kommo_fanout_sendfile_bytes_total") as u64
 }

@@ -7,13 +7,6 @@ use kommo_fanout::sim::{Fault, FaultRule, SimConfig, TokenSpec};
 
 use crate::support::*;
 
-/// The value of the sample `name` (with its labels, as exposed), or 0 when absent.
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Every line is a comment or `name[{labels}] value`.
 fn assert_exposition(text: &str) {
     assert!(text.ends_with("# EOF\n"));

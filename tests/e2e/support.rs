@@ -325,3 +325,10 @@ pub fn max_in_window(mut at: Vec<tokio::time::Instant>, window: std::time::Durat
     }
     best
 }
+
+/// The value of the metrics sample `name` (with its labels, as exposed), or 0 when absent.
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
