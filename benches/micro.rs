@@ -36,7 +36,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kommo_fanout::cache::{canonical_target, Cache, CacheConfig, Entry, FillError, Outcome};
-use kommo_fanout::leads::hal::{render_page, OriginRewrite, PageLinks};
+use kommo_fanout::leads::hal::{render_page, PageLinks};
+use kommo_fanout::links::LinkRewrite;
 use kommo_fanout::leads::merge::{LeadRef, Merger, Step};
 use kommo_fanout::leads::page::parse_page;
 use kommo_fanout::leads::plan;
@@ -275,7 +276,7 @@ fn bench_cached_answer(c: &mut Criterion) {
     .expect("a cache");
     let credential = "0123456789abcdef0123456789abcdef";
     let raw = &setup.raw;
-    let key = Cache::answer_key(credential, PUBLIC_URL, plan::LEADS_PATH, raw);
+    let key = Cache::answer_key(credential, "", PUBLIC_URL, plan::LEADS_PATH, raw);
     let mut headers = http::HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
@@ -288,7 +289,7 @@ fn bench_cached_answer(c: &mut Criterion) {
     runtime.block_on(cache.store_answer(key, entry));
     // What a request does on a hit; the fill (a miss) never runs.
     let hit = || async {
-        let key = Cache::answer_key(credential, PUBLIC_URL, plan::LEADS_PATH, black_box(raw));
+        let key = Cache::answer_key(credential, "", PUBLIC_URL, plan::LEADS_PATH, black_box(raw));
         let not_stored = async { Err(FillError::Failed("the bench's page is not stored")) };
         let (entry, outcome) = cache.answer(key, false, not_stored).await.expect("a hit");
         respond(&entry, Some(outcome))
@@ -429,7 +430,7 @@ struct RenderSetup {
     raw: String,
     parsed: LeadsQuery,
     base: String,
-    rewrite: OriginRewrite,
+    rewrite: LinkRewrite,
 }
 
 impl RenderSetup {
@@ -440,7 +441,7 @@ impl RenderSetup {
             raw,
             parsed,
             base: format!("{PUBLIC_URL}{}", plan::LEADS_PATH),
-            rewrite: OriginRewrite::new(&f.sim_base, PUBLIC_URL),
+            rewrite: LinkRewrite::new(&f.sim_base, PUBLIC_URL),
         }
     }
 
@@ -450,7 +451,7 @@ impl RenderSetup {
             base: &self.base,
             params: &self.parsed.link_params,
         };
-        render_page(self.parsed.page, links, true, leads, &self.rewrite)
+        render_page(self.parsed.page, links, true, leads, &self.rewrite, "")
     }
 
     /// The baseline of `render/*`: each lead parsed into a `serde_json::Value`, its hrefs

@@ -301,25 +301,33 @@ impl Cache {
         self.pages.weighted_size() + self.answers.weighted_size()
     }
 
-    /// The key of an upstream request.
-    pub fn page_key(credential: &str, target: &str, language: Option<&str>) -> CacheKey {
+    /// The key of an upstream request; `variant`: the client's headers that change an answer
+    /// (see `RequestContext::variant`).
+    pub fn page_key(credential: &str, target: &str, variant: &str) -> CacheKey {
         CacheKey(
             format!(
-                "p\u{1f}{credential}\u{1f}{}\u{1f}{}",
+                "p\u{1f}{credential}\u{1f}{}\u{1f}{variant}",
                 canonical_target(target),
-                language.unwrap_or("")
             )
             .into(),
         )
     }
 
     /// The key of a client answer.
-    pub fn answer_key(credential: &str, public_base: &str, path: &str, query: &str) -> CacheKey {
+    pub fn answer_key(
+        credential: &str,
+        variant: &str,
+        public_base: &str,
+        path: &str,
+        query: &str,
+    ) -> CacheKey {
         // Built on every request (a hit included): one allocation of the exact size.
         let parts = [
             "a",
             "\u{1f}",
             credential,
+            "\u{1f}",
+            variant,
             "\u{1f}",
             public_base,
             "\u{1f}",
@@ -583,7 +591,7 @@ mod tests {
     async fn concurrent_misses_fill_once_and_errors_are_not_stored() {
         let c = Arc::new(cache(60_000, 0, 1 << 20));
         let fills = Arc::new(AtomicU64::new(0));
-        let key = Cache::page_key("fp", "/x?a=1", None);
+        let key = Cache::page_key("fp", "/x?a=1", "");
         let tasks: Vec<_> = (0..20)
             .map(|_| {
                 let (c, fills, key) = (c.clone(), fills.clone(), key.clone());
@@ -604,7 +612,7 @@ mod tests {
         }
         assert_eq!(fills.load(Ordering::SeqCst), 1);
 
-        let other = Cache::page_key("fp", "/y", None);
+        let other = Cache::page_key("fp", "/y", "");
         let failed = c
             .page::<String, _>(other.clone(), false, async {
                 Err(FillError::Failed("boom".to_string()))
@@ -626,7 +634,7 @@ mod tests {
     #[tokio::test]
     async fn invalidation_discards_fills_started_before_it() {
         let c = cache(60_000, 0, 1 << 20);
-        let key = Cache::page_key("fp", "/x", None);
+        let key = Cache::page_key("fp", "/x", "");
         let stale = entry(&c, 200, "old");
         c.invalidate_all();
         // A fill that began in the old generation completes after the webhook: not stored.
@@ -672,13 +680,13 @@ mod tests {
             async move { Ok::<_, FillError<String>>(e) }
         };
         let (answer, _) = c
-            .answer(Cache::answer_key("fp", "b", "/p", "a"), false, fill(&large))
+            .answer(Cache::answer_key("fp", "", "b", "/p", "a"), false, fill(&large))
             .await
             .map_err(|_| ())
             .unwrap();
         let (small, _) = c
             .answer(
-                Cache::answer_key("fp", "b", "/p", "s"),
+                Cache::answer_key("fp", "", "b", "/p", "s"),
                 false,
                 fill("small"),
             )
@@ -686,7 +694,7 @@ mod tests {
             .map_err(|_| ())
             .unwrap();
         let (page, _) = c
-            .page(Cache::page_key("fp", "/x", None), false, fill(&large))
+            .page(Cache::page_key("fp", "/x", ""), false, fill(&large))
             .await
             .map_err(|_| ())
             .unwrap();
@@ -694,7 +702,7 @@ mod tests {
         assert_eq!(mirror.len(), large.len());
         assert!(small.mirror.get().is_none(), "below the minimum");
         assert!(page.mirror.get().is_none(), "pages are not sent as stored");
-        let key = Cache::answer_key("fp", "b", "/p", "a");
+        let key = Cache::answer_key("fp", "", "b", "/p", "a");
         assert!(
             answer.weight(&key) as usize > 2 * large.len(),
             "counted twice"

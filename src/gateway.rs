@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::cache::{decode, encode, Cache, Entry, FillError, Outcome, SharedCache};
 use crate::error::ProxyError;
-use crate::leads::hal::OriginRewrite;
+use crate::links::LinkRewrite;
 use crate::leads::merge::LeadRef;
 use crate::leads::query::QueryLimits;
 use crate::metrics::UpstreamKind;
@@ -128,7 +128,7 @@ pub struct RequestContext {
     /// The proxy's base URL as this client reaches it.
     base: PublicBase,
     /// Moves upstream hrefs to the public base; built on first use (pass-through never needs it).
-    rewrite: OnceLock<OriginRewrite>,
+    rewrite: OnceLock<LinkRewrite>,
     /// The upstream origin, for the rewrite.
     origin: Arc<str>,
     /// This request's share of the upstream budget, and its deadline.
@@ -138,6 +138,9 @@ pub struct RequestContext {
     pub credential: Option<String>,
     /// The client sent `Cache-Control: no-cache` (or `Pragma: no-cache`): refetch and refresh.
     pub no_cache: bool,
+    /// The client's headers that change Kommo's answer (see [`VARYING_HEADERS`]): cached
+    /// answers and pages are kept apart by them.
+    pub variant: String,
     /// The request's id (the client's, or a new one): every upstream request it causes carries
     /// it, and so does its answer.
     pub request_id: HeaderValue,
@@ -152,9 +155,9 @@ impl RequestContext {
     }
 
     /// The rewrite of upstream hrefs to this client's base URL.
-    pub fn rewrite(&self) -> &OriginRewrite {
+    pub fn rewrite(&self) -> &LinkRewrite {
         self.rewrite
-            .get_or_init(|| OriginRewrite::new(&self.origin, self.public_base()))
+            .get_or_init(|| LinkRewrite::new(&self.origin, self.public_base()))
     }
 
     /// Upstream fetches this request caused so far.
@@ -185,13 +188,39 @@ impl RequestContext {
 }
 
 /// Headers of the client's request that reach the upstream with the GETs the proxy makes on
-/// its behalf. A whitelist: conditional and encoding headers would change what the proxy has
-/// to parse, and nothing else of the client's request concerns Kommo.
-const UPSTREAM_GET_HEADERS: [HeaderName; 3] = [
+/// its behalf. A whitelist: encoding and range headers would change what the proxy has to
+/// parse, and nothing else of the client's request concerns Kommo. `If-Modified-Since` is
+/// Kommo's way to list "recently updated entities" (a filter on lists, which a merge of
+/// filtered streams keeps exact); `X-Context-User-ID` reads with another user's rights.
+const UPSTREAM_GET_HEADERS: [HeaderName; 6] = [
     header::AUTHORIZATION,
     header::ACCEPT_LANGUAGE,
     header::USER_AGENT,
+    header::IF_MODIFIED_SINCE,
+    X_CONTEXT_USER_ID,
+    HeaderName::from_static("x-client-uuid"),
 ];
+
+const X_CONTEXT_USER_ID: HeaderName = HeaderName::from_static("x-context-user-id");
+
+/// The forwarded headers that change what Kommo answers, so they are part of cache keys: the
+/// language of names, the rights read with, and the moment changes are listed from.
+const VARYING_HEADERS: [HeaderName; 3] = [
+    header::ACCEPT_LANGUAGE,
+    header::IF_MODIFIED_SINCE,
+    X_CONTEXT_USER_ID,
+];
+
+/// The values of [`VARYING_HEADERS`] in `headers`, as one cache key part (empty without any).
+fn variant(headers: &HeaderMap) -> String {
+    let mut out = String::new();
+    for (i, name) in VARYING_HEADERS.iter().enumerate() {
+        for v in headers.get_all(name) {
+            out.push_str(&format!("{i}={}\u{1f}", String::from_utf8_lossy(v.as_bytes())));
+        }
+    }
+    out
+}
 
 impl Gateway {
     pub fn new(fetcher: Fetcher, settings: GatewaySettings, cache: Option<Cache>) -> Self {
@@ -264,6 +293,7 @@ impl Gateway {
             flow: self.new_flow(key),
             credential,
             no_cache,
+            variant: variant(&parts.headers),
             request_id,
             upstream_calls: Arc::default(),
         }
@@ -369,13 +399,7 @@ impl Gateway {
     ) -> Result<(Arc<Entry>, Option<Outcome>), FetchError> {
         let generation = self.cache.as_ref().map_or(0, Cache::generation);
         let key = match (&self.cache, &ctx.credential) {
-            (Some(_), Some(credential)) => {
-                let language = ctx
-                    .upstream_headers
-                    .get(header::ACCEPT_LANGUAGE)
-                    .and_then(|v| v.to_str().ok());
-                Some(Cache::page_key(credential, target, language))
-            }
+            (Some(_), Some(credential)) => Some(Cache::page_key(credential, target, &ctx.variant)),
             _ => None,
         };
         let shared = self.shared.as_ref().zip(key.as_ref());

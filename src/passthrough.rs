@@ -1,6 +1,10 @@
 //! Everything that is not the leads list: relayed to the upstream as it came, bodies streamed.
 
+use bytes::Bytes;
+use futures::StreamExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body::Frame;
+use http_body_util::{BodyExt, BodyStream, StreamBody};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
@@ -11,6 +15,7 @@ use crate::cache::{Cache, Entry, FillError};
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, RequestContext};
 use crate::leads;
+use crate::links::ItemQuery;
 use crate::metrics::UpstreamKind;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1): never forwarded.
@@ -118,6 +123,7 @@ pub async fn forward(
         return Err(too_large(max_body));
     }
     let (parts, incoming) = req.into_parts();
+    let is_head = parts.method == Method::HEAD;
     let (incoming, exceeded) = CappedBody::new(incoming, max_body);
     // Only the path and query of the request are used, even of an absolute-form request
     // (`GET http://other.host/x`): `Upstream::send` puts them at the configured origin.
@@ -146,15 +152,83 @@ pub async fn forward(
         .headers
         .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())
+        .and_then(|v| ctx.rewrite().location(v))
+        .and_then(|v| HeaderValue::from_str(&v).ok())
     {
-        let origin = &gw.fetcher.upstream.origin().url;
-        if let Some(rest) = location.strip_prefix(origin.as_str()) {
-            if let Ok(v) = HeaderValue::from_str(&format!("{}{rest}", ctx.public_base())) {
-                parts.headers.insert(header::LOCATION, v);
+        parts.headers.insert(header::LOCATION, location);
+    }
+    if is_head || !crate::links::is_json(&parts.headers) {
+        return Ok(Response::from_parts(parts, body::boxed(incoming)));
+    }
+    let max = gw.fetcher.upstream.config().max_body;
+    let body = match read_up_to(incoming, max).await {
+        Read::Whole(bytes) => match ctx.rewrite().rewrite(&bytes, ItemQuery::Kept) {
+            std::borrow::Cow::Borrowed(_) => body::full(bytes),
+            std::borrow::Cow::Owned(edited) => {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                body::full(edited)
             }
+        },
+        Read::Partial(body) => body,
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// A pass-through body read whole to move its links, or, past the bound or on an error, what
+/// was read followed by the rest as it comes.
+enum Read {
+    Whole(Bytes),
+    Partial(ProxyBody),
+}
+
+/// Reads `incoming` whole if it is at most `max` bytes.
+async fn read_up_to(mut incoming: Incoming, max: usize) -> Read {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0;
+    loop {
+        match incoming.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    len += data.len();
+                    chunks.push(data);
+                    if len > max {
+                        break;
+                    }
+                }
+                // Trailers: whatever comes with them is relayed as it came.
+                Err(frame) => {
+                    let read = chunks.into_iter().map(|c| Ok(Frame::data(c)));
+                    let rest = std::iter::once(Ok(frame));
+                    let stream = futures::stream::iter(read.chain(rest));
+                    return Read::Partial(body::boxed(StreamBody::new(stream.chain(
+                        BodyStream::new(incoming).map(|f| f.map_err(body::BoxError::from)),
+                    ))));
+                }
+            },
+            Some(Err(e)) => {
+                let read = chunks.into_iter().map(|c| Ok(Frame::data(c)));
+                let failed = std::iter::once(Err(body::BoxError::from(e)));
+                return Read::Partial(body::boxed(StreamBody::new(futures::stream::iter(
+                    read.chain(failed),
+                ))));
+            }
+            None => return Read::Whole(concat(chunks, len)),
         }
     }
-    Ok(Response::from_parts(parts, body::boxed(incoming)))
+    let read = futures::stream::iter(chunks.into_iter().map(|c| Ok(Frame::data(c))));
+    let rest = BodyStream::new(incoming).map(|f| f.map_err(body::BoxError::from));
+    Read::Partial(body::boxed(StreamBody::new(read.chain(rest))))
+}
+
+fn concat(chunks: Vec<Bytes>, len: usize) -> Bytes {
+    match <[Bytes; 1]>::try_from(chunks) {
+        Ok([one]) => one,
+        Err(chunks) => {
+            let mut out = Vec::with_capacity(len);
+            chunks.iter().for_each(|c| out.extend_from_slice(c));
+            out.into()
+        }
+    }
 }
 
 fn too_large(max: u64) -> ProxyError {
@@ -176,10 +250,11 @@ async fn cached_get(
             "cached GET without a credential".into(),
         ));
     };
-    let key = Cache::answer_key(credential, ctx.public_base(), target, "");
+    let key = Cache::answer_key(credential, &ctx.variant, ctx.public_base(), target, "");
     let fill = async {
         let generation = cache.generation();
-        let (status, headers, body) = leads::relay(gw, ctx, UpstreamKind::Passthrough, target)
+        let kind = UpstreamKind::Passthrough;
+        let (status, headers, body) = leads::relay(gw, ctx, kind, target, ItemQuery::Kept)
             .await
             .map_err(FillError::Failed)?;
         Ok(Entry::new(generation, status, headers, body, None))

@@ -220,12 +220,7 @@ pub async fn run(
 ) -> Result<(), String> {
     let limits = ConnLimits {
         header_read_timeout: gateway.settings.bounds.header_read_timeout,
-        // hyper's own buffer limit is a backstop above ours, so our checks answer first with
-        // a problem+json body.
-        max_buf_size: (gateway.settings.bounds.max_header_bytes
-            + gateway.settings.bounds.max_uri_len
-            + 8 * 1024)
-            .max(8 * 1024),
+        max_buf_size: read_buffer(&gateway.settings.bounds),
     };
     let sends = sendfile::Sends {
         min: gateway
@@ -335,6 +330,14 @@ pub async fn run_admin(
     .await
 }
 
+/// hyper's read buffer for a request head: a backstop far above our own bounds, so our checks
+/// answer first, with a problem+json body that names the flag. A head that fills it is cut
+/// with a bare `431`; the room past `--max-uri-len` lets a target far past the bound still be
+/// read whole and answered `414` (by hyper itself past 64 KiB, the longest URI it parses).
+fn read_buffer(bounds: &Bounds) -> usize {
+    (bounds.max_header_bytes + bounds.max_uri_len + 8 * 1024).max(256 * 1024)
+}
+
 /// What a connection may cost before the request reaches the handler.
 #[derive(Debug, Clone, Copy)]
 struct ConnLimits {
@@ -425,6 +428,9 @@ impl Connections {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
+            // Header names as Kommo's nginx writes them (`Content-Type`): some clients compare
+            // them with their case.
+            .title_case_headers(true)
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(limits.max_buf_size);

@@ -10,7 +10,8 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 use kommo_fanout::cache::canonical_target;
-use kommo_fanout::leads::hal::{render_page, OriginRewrite, PageLinks};
+use kommo_fanout::leads::hal::{render_page, PageLinks};
+use kommo_fanout::links::LinkRewrite;
 use kommo_fanout::leads::merge::{LeadRef, Merger, Step};
 use kommo_fanout::leads::page::parse_page;
 use kommo_fanout::leads::plan::{plan, Plan, LEADS_PATH, STREAM_LIMIT};
@@ -301,14 +302,14 @@ fn tame(text: &str) -> String {
 
 /// `render_page` of `leads` is valid JSON with Kommo's shape and the same leads, in order.
 pub fn check_render(leads: &[LeadRef], page: u32, has_next: bool) {
-    let rewrite = OriginRewrite::new(UPSTREAM, PUBLIC);
+    let rewrite = LinkRewrite::new(UPSTREAM, PUBLIC);
     let params = vec!["limit=2".to_string(), "filter%5Bid%5D=1".to_string()];
     let base = format!("{PUBLIC}{LEADS_PATH}");
     let links = PageLinks {
         base: &base,
         params: &params,
     };
-    let out = render_page(page, links, has_next, leads, &rewrite);
+    let out = render_page(page, links, has_next, leads, &rewrite, "");
     let v = lead_value(&out).unwrap_or_else(|e| {
         panic!(
             "rendered page is not JSON ({e}): {:?}",

@@ -1,73 +1,12 @@
-//! Rendering the merged page as Kommo's HAL document, and moving upstream hrefs to the proxy.
+//! Rendering the merged page as Kommo's HAL document.
 //!
-//! Lead objects are copied into the answer as the upstream sent them; the only change is the
-//! upstream origin in their hrefs, replaced byte for byte while copying.
+//! Lead objects are copied into the answer as the upstream sent them; the only change is to
+//! their hrefs: moved to the proxy, and carrying the client's query as Kommo's item links carry
+//! the list request's.
 
-use memchr::memmem::Finder;
+use crate::links::{ItemQuery, LinkRewrite};
 
 use super::merge::LeadRef;
-
-/// Replaces the upstream origin with the proxy's public URL at the start of JSON `href` values,
-/// in both the plain (`https://a.kommo.com/`) and the slash-escaped (`https:\/\/a.kommo.com\/`,
-/// PHP's default) spellings. Only `"href":"<origin>/` is matched, so a lead's own data that
-/// happens to contain the upstream URL (a name, a custom field) is never altered.
-#[derive(Debug, Clone)]
-pub struct OriginRewrite {
-    /// (what to find, what to write instead) for each spelling.
-    rules: Vec<(Finder<'static>, Vec<u8>)>,
-}
-
-impl OriginRewrite {
-    /// A rewrite from `upstream` (e.g. `https://a.kommo.com`) to `public` (e.g.
-    /// `http://127.0.0.1:8080`), both without a trailing slash.
-    pub fn new(upstream: &str, public: &str) -> Self {
-        let plain = |s: &str| format!("\"href\":\"{s}/");
-        let escaped = |s: &str| plain(s).replace('/', "\\/");
-        let rules = if upstream == public {
-            Vec::new()
-        } else {
-            [
-                (plain(upstream), plain(public)),
-                (escaped(upstream), escaped(public)),
-            ]
-            .into_iter()
-            .map(|(from, to)| (Finder::new(from.as_bytes()).into_owned(), to.into_bytes()))
-            .collect()
-        };
-        OriginRewrite { rules }
-    }
-
-    /// Appends `src` to `out` with every occurrence of the upstream origin replaced.
-    pub fn write_into(&self, mut src: &[u8], out: &mut Vec<u8>) {
-        loop {
-            let next = self
-                .rules
-                .iter()
-                .filter_map(|(finder, to)| {
-                    finder.find(src).map(|at| (at, finder.needle().len(), to))
-                })
-                .min_by_key(|(at, _, _)| *at);
-            match next {
-                Some((at, len, to)) => {
-                    out.extend_from_slice(&src[..at]);
-                    out.extend_from_slice(to);
-                    src = &src[at + len..];
-                }
-                None => {
-                    out.extend_from_slice(src);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// `src` with the origin replaced.
-    pub fn apply(&self, src: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(src.len() + 64);
-        self.write_into(src, &mut out);
-        out
-    }
-}
 
 /// Where the page's own links point: the proxy's leads URL and the client's parameters.
 #[derive(Debug, Clone, Copy)]
@@ -101,7 +40,8 @@ pub fn render_page(
     links: PageLinks<'_>,
     has_next: bool,
     leads: &[LeadRef],
-    rewrite: &OriginRewrite,
+    rewrite: &LinkRewrite,
+    client_query: &str,
 ) -> Vec<u8> {
     let body_len: usize = leads.iter().map(|l| l.raw.len() + 1).sum();
     let mut out = Vec::with_capacity(body_len + 512);
@@ -132,7 +72,7 @@ pub fn render_page(
         if i > 0 {
             out.push(b',');
         }
-        rewrite.write_into(&lead.raw, &mut out);
+        out.extend_from_slice(&rewrite.rewrite(&lead.raw, ItemQuery::All(client_query)));
     }
     out.extend_from_slice(b"]}}");
     out
@@ -165,7 +105,7 @@ mod tests {
 
     #[test]
     fn renders_kommo_shape_with_rewritten_hrefs() {
-        let rw = OriginRewrite::new("https://a.kommo.com", "http://proxy:8080");
+        let rw = LinkRewrite::new("https://a.kommo.com", "http://proxy:8080");
         let params = vec!["limit=2".to_string(), "filter%5Bid%5D=1".to_string()];
         let links = PageLinks {
             base: "http://proxy:8080/api/v4/leads",
@@ -175,7 +115,7 @@ mod tests {
             lead(1, "https://a.kommo.com", false),
             lead(2, "https://a.kommo.com", true),
         ];
-        let body = render_page(2, links, true, &leads, &rw);
+        let body = render_page(2, links, true, &leads, &rw, "limit=2&filter%5Bid%5D=1&page=2");
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["_page"], 2);
         assert_eq!(
@@ -188,22 +128,22 @@ mod tests {
         );
         assert_eq!(
             v["_embedded"]["leads"][0]["_links"]["self"]["href"],
-            "http://proxy:8080/api/v4/leads/1?limit=250"
+            "http://proxy:8080/api/v4/leads/1?limit=2&filter%5Bid%5D=1&page=2"
         );
         assert_eq!(
             v["_embedded"]["leads"][1]["_links"]["self"]["href"],
-            "http://proxy:8080/api/v4/leads/2?limit=250"
+            "http://proxy:8080/api/v4/leads/2?limit=2&filter%5Bid%5D=1&page=2"
         );
     }
 
     #[test]
     fn first_and_last_pages() {
-        let rw = OriginRewrite::new("x", "x");
+        let rw = LinkRewrite::new("x", "x");
         let links = PageLinks {
             base: "/l",
             params: &[],
         };
-        let v: Value = serde_json::from_slice(&render_page(1, links, false, &[], &rw)).unwrap();
+        let v: Value = serde_json::from_slice(&render_page(1, links, false, &[], &rw, "")).unwrap();
         assert!(v["_links"].get("prev").is_none());
         assert!(v["_links"].get("next").is_none());
         assert_eq!(v["_links"]["self"]["href"], "/l?page=1");
@@ -214,29 +154,17 @@ mod tests {
     fn fuzz_last_possible_page_has_no_next_and_does_not_overflow() {
         // Found by fuzz/page_parse: `page + 1` overflowed (a panic with overflow checks, a
         // `page=0` link without) when the last possible page had a next one.
-        let rw = OriginRewrite::new("x", "x");
+        let rw = LinkRewrite::new("x", "x");
         let links = PageLinks {
             base: "/l",
             params: &[],
         };
-        let body = render_page(u32::MAX, links, true, &[], &rw);
+        let body = render_page(u32::MAX, links, true, &[], &rw, "");
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert!(v["_links"].get("next").is_none());
         assert_eq!(v["_links"]["prev"]["href"], "/l?page=4294967294");
         let v: Value =
-            serde_json::from_slice(&render_page(u32::MAX - 1, links, true, &[], &rw)).unwrap();
+            serde_json::from_slice(&render_page(u32::MAX - 1, links, true, &[], &rw, "")).unwrap();
         assert_eq!(v["_links"]["next"]["href"], "/l?page=4294967295");
-    }
-
-    #[test]
-    fn rewrite_handles_every_occurrence() {
-        let rw = OriginRewrite::new("http://up", "https://pub.example");
-        let out = rw.apply(
-            br#"{"href":"http://up/x","a":{"href":"http:\/\/up\/y"},"name":"http://up/z","b":{"href":"http://upz/"}}"#,
-        );
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            r#"{"href":"https://pub.example/x","a":{"href":"https:\/\/pub.example\/y"},"name":"http://up/z","b":{"href":"http://upz/"}}"#
-        );
     }
 }

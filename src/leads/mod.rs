@@ -10,6 +10,7 @@ pub mod page;
 pub mod plan;
 pub mod query;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use crate::body::{self, ProxyBody};
 use crate::cache::{Cache, Entry, FillError, Outcome};
 use crate::error::{ProxyError, StreamFailure};
 use crate::gateway::{Gateway, RequestContext};
+use crate::links::ItemQuery;
 use crate::metrics::UpstreamKind;
 use crate::passthrough::end_to_end;
 use crate::upstream::fetch::{FetchError, Verdict};
@@ -53,7 +55,8 @@ pub async fn answer(
             .await
             .map(|e| respond(&e, None));
     };
-    let key = Cache::answer_key(credential, ctx.public_base(), plan::LEADS_PATH, raw_query);
+    let (base, variant) = (ctx.public_base(), &ctx.variant);
+    let key = Cache::answer_key(credential, variant, base, plan::LEADS_PATH, raw_query);
     let fill = Box::pin(async {
         let query = parse().map_err(FillError::Failed)?;
         let ctx = &ctx.with_upstream_headers(client_headers);
@@ -128,8 +131,11 @@ async fn compute(
 ) -> Result<Arc<Entry>, ProxyError> {
     let generation = gw.cache.as_ref().map_or(0, Cache::generation);
     let (status, headers, body) = match plan::plan(query, raw_query) {
-        Plan::Relay { target } => relay(gw, ctx, UpstreamKind::Single, &target).await?,
-        Plan::FanOut(fan_out) => merged_page(gw, ctx, query, &fan_out).await?,
+        Plan::Relay { target } => {
+            let links = ItemQuery::Items(raw_query);
+            relay(gw, ctx, UpstreamKind::Single, &target, links).await?
+        }
+        Plan::FanOut(fan_out) => merged_page(gw, ctx, query, raw_query, &fan_out).await?,
     };
     Ok(Entry::new(generation, status, headers, body, None))
 }
@@ -137,12 +143,14 @@ async fn compute(
 /// What an answer is made of.
 pub(crate) type Answer = (StatusCode, HeaderMap, Bytes);
 
-/// One upstream request; its answer is relayed with hrefs moved to the proxy.
+/// One upstream request; its answer is relayed with hrefs moved to the proxy (JSON bodies
+/// only, and only their `href`s: see [`crate::links`]).
 pub(crate) async fn relay(
     gw: &Gateway,
     ctx: &RequestContext,
     kind: UpstreamKind,
     target: &str,
+    item_links: ItemQuery<'_>,
 ) -> Result<Answer, ProxyError> {
     let entry = match gw
         .fetch_entry(ctx, kind, target, |_| Verdict::Done(None))
@@ -153,13 +161,11 @@ pub(crate) async fn relay(
         Err(FetchError::Status(b)) => Entry::new(0, b.status, end_to_end(&b.headers), b.body, None),
         Err(e) => return Err(e.into()),
     };
-    let is_json = entry
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.contains("json"));
-    let body = if is_json {
-        ctx.rewrite().apply(&entry.body).into()
+    let body = if crate::links::is_json(&entry.headers) {
+        match ctx.rewrite().rewrite(&entry.body, item_links) {
+            Cow::Borrowed(_) => entry.body.clone(),
+            Cow::Owned(body) => body.into(),
+        }
     } else {
         entry.body.clone()
     };
@@ -225,7 +231,9 @@ async fn read_stream_page(
             last: leads.len() < STREAM_LIMIT as usize,
             leads: leads.clone(),
         },
-        (StatusCode::NO_CONTENT, _) => StreamRead::Page {
+        // 304: nothing of this stage changed since the client's `If-Modified-Since`, which on a
+        // list is a filter: the stream is empty.
+        (StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED, _) => StreamRead::Page {
             leads: Vec::new(),
             last: true,
         },
@@ -252,6 +260,7 @@ async fn merged_page(
     gw: &Gateway,
     ctx: &RequestContext,
     query: &LeadsQuery,
+    raw_query: &str,
     fan_out: &FanOutPlan,
 ) -> Result<Answer, ProxyError> {
     gw.fetcher
@@ -323,7 +332,14 @@ async fn merged_page(
         base: &base,
         params: &query.link_params,
     };
-    let bytes = render_page(query.page, links, has_next, &leads, ctx.rewrite());
+    let bytes = render_page(
+        query.page,
+        links,
+        has_next,
+        &leads,
+        ctx.rewrite(),
+        raw_query,
+    );
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(HAL_JSON));
     Ok((StatusCode::OK, headers, bytes.into()))

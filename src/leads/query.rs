@@ -270,7 +270,7 @@ pub fn parse(query: &str, limits: QueryLimits) -> Result<LeadsQuery, Vec<Invalid
                     param.value
                 ))),
             },
-            ("limit", []) => match parse_bounded(&param.value, 1, MAX_LIMIT) {
+            ("limit", []) => match parse_limit(&param.value) {
                 Ok(v) => limit = Some(v),
                 Err(_) => invalid.push(bad(format!(
                     "must be a whole number from 1 to {MAX_LIMIT} (got {:?})",
@@ -449,6 +449,20 @@ fn parse_int(s: &str) -> Result<i64, String> {
     s.trim().parse::<i64>().map_err(|_| s.to_string())
 }
 
+/// `limit` as Kommo reads it: above the maximum it quietly answers its default page
+/// (amocrm/amocrm-api-php#210), so an integration that asks for 500 gets pages of 50.
+fn parse_limit(s: &str) -> Result<u32, ()> {
+    let digits = s.trim().strip_prefix('+').unwrap_or(s.trim());
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
+    }
+    match digits.parse::<u32>() {
+        Ok(0) => Err(()),
+        Ok(v) if v <= MAX_LIMIT => Ok(v),
+        _ => Ok(DEFAULT_LIMIT),
+    }
+}
+
 fn parse_bounded(s: &str, min: u32, max: u32) -> Result<u32, ()> {
     match s.trim().parse::<u32>() {
         Ok(v) if (min..=max).contains(&v) => Ok(v),
@@ -567,7 +581,12 @@ mod tests {
     fn paging_bounds() {
         assert_eq!(ok("limit=250&page=3").limit, 250);
         assert_eq!(ok("limit=1").limit, 1);
-        for q in ["limit=0", "limit=251", "limit=abc", "limit=-1"] {
+        // Above the maximum, Kommo's default page.
+        for q in ["limit=251", "limit=500", "limit=99999999999999"] {
+            assert_eq!(ok(q).limit, 50, "{q}");
+        }
+        assert_eq!(ok("limit=%2B7").limit, 7);
+        for q in ["limit=0", "limit=000", "limit=abc", "limit=-1", "limit=", "limit=1.5"] {
             assert_eq!(names(q), vec!["limit"], "{q}");
         }
         for q in ["page=0", "page=-2", "page=x", "page="] {

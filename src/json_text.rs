@@ -1,0 +1,581 @@
+//! Editing the string values of a JSON text without re-serializing it.
+//!
+//! Kommo may spell its JSON any valid way: escaped slashes (`https:\/\/...`), `\u0026`-style
+//! escapes, `\uXXXX` for non-ASCII, whitespace anywhere, any key order. A caller looks at each
+//! string value by meaning (its decoded text and where it sits) and may replace it. Every other
+//! byte of the text stays as written, and a replacement is written in the spelling of the value
+//! it replaces (slashes escaped if they were, and so on).
+
+use std::borrow::Cow;
+
+/// Deepest nesting accepted (serde_json's default recursion limit).
+const MAX_DEPTH: usize = 128;
+
+/// One step of the way from the top of the document to a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seg {
+    /// A member of an object, by its decoded name.
+    Key(String),
+    /// An element of an array.
+    Index(usize),
+}
+
+/// One string value, as a visitor sees it.
+pub struct StringValue<'a> {
+    /// The decoded text.
+    pub text: &'a str,
+    /// Where it sits; the last step is its member name or array index.
+    pub path: &'a [Seg],
+    /// The token as written, quotes included.
+    raw: &'a str,
+}
+
+impl StringValue<'_> {
+    /// The member name this value belongs to, if it is a member's value.
+    pub fn key(&self) -> Option<&str> {
+        match self.path.last() {
+            Some(Seg::Key(k)) => Some(k),
+            _ => None,
+        }
+    }
+}
+
+/// What to do with one string value.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Edit {
+    Keep,
+    /// Replace the whole value.
+    Replace(String),
+    /// Replace the first `len` bytes of the decoded text, keeping the rest as written.
+    ReplacePrefix { len: usize, with: String },
+}
+
+/// The text is not valid JSON; says where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotJson(pub String);
+
+impl std::fmt::Display for NotJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Visits every string value of `src` (member names are not values) and applies the edits;
+/// borrowed when nothing changed. Fails on anything that is not one valid JSON value.
+pub fn edit_strings<'a>(
+    src: &'a [u8],
+    visit: impl FnMut(&StringValue<'_>) -> Edit,
+) -> Result<Cow<'a, [u8]>, NotJson> {
+    let text = std::str::from_utf8(src)
+        .map_err(|e| NotJson(format!("not UTF-8 at byte {}", e.valid_up_to())))?;
+    let mut scanner = Scanner {
+        src: text,
+        b: src,
+        pos: 0,
+        out: None,
+        copied: 0,
+        path: Vec::new(),
+        visit,
+    };
+    scanner.value(0)?;
+    scanner.ws();
+    if scanner.pos != src.len() {
+        return Err(scanner.error("text after the JSON value"));
+    }
+    Ok(match scanner.out {
+        None => Cow::Borrowed(src),
+        Some(mut out) => {
+            out.extend_from_slice(&src[scanner.copied..]);
+            Cow::Owned(out)
+        }
+    })
+}
+
+struct Scanner<'a, F> {
+    src: &'a str,
+    b: &'a [u8],
+    pos: usize,
+    /// The edited text, once something changed.
+    out: Option<Vec<u8>>,
+    /// How much of `src` is already in `out`.
+    copied: usize,
+    path: Vec<Seg>,
+    visit: F,
+}
+
+impl<F: FnMut(&StringValue<'_>) -> Edit> Scanner<'_, F> {
+    fn error(&self, what: &str) -> NotJson {
+        NotJson(format!("{what} at byte {}", self.pos))
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.b.get(self.pos), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.pos += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<(), NotJson> {
+        self.ws();
+        if self.b.get(self.pos) == Some(&byte) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            Err(self.error(&format!("expected `{}`", byte as char)))
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<(), NotJson> {
+        self.ws();
+        match self.b.get(self.pos) {
+            Some(b'{' | b'[') if depth >= MAX_DEPTH => Err(self.error("nesting too deep")),
+            Some(b'{') => self.object(depth),
+            Some(b'[') => self.array(depth),
+            Some(b'"') => {
+                let start = self.pos;
+                let text = self.string()?;
+                self.visit_string(start, &text);
+                Ok(())
+            }
+            Some(b't') => self.literal("true"),
+            Some(b'f') => self.literal("false"),
+            Some(b'n') => self.literal("null"),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            _ => Err(self.error("expected a value")),
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> Result<(), NotJson> {
+        self.pos += 1;
+        self.ws();
+        if self.b.get(self.pos) == Some(&b'}') {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            if self.b.get(self.pos) != Some(&b'"') {
+                return Err(self.error("expected a member name"));
+            }
+            let key = self.string()?;
+            self.expect(b':')?;
+            self.path.push(Seg::Key(key));
+            self.value(depth + 1)?;
+            self.path.pop();
+            self.ws();
+            match self.b.get(self.pos) {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.error("expected `,` or `}`")),
+            }
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> Result<(), NotJson> {
+        self.pos += 1;
+        self.ws();
+        if self.b.get(self.pos) == Some(&b']') {
+            self.pos += 1;
+            return Ok(());
+        }
+        let mut index = 0;
+        loop {
+            self.path.push(Seg::Index(index));
+            self.value(depth + 1)?;
+            self.path.pop();
+            index += 1;
+            self.ws();
+            match self.b.get(self.pos) {
+                Some(b',') => self.pos += 1,
+                Some(b']') => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.error("expected `,` or `]`")),
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &str) -> Result<(), NotJson> {
+        if self.b[self.pos..].starts_with(word.as_bytes()) {
+            self.pos += word.len();
+            Ok(())
+        } else {
+            Err(self.error("expected a value"))
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.pos;
+        while self.b.get(self.pos).is_some_and(u8::is_ascii_digit) {
+            self.pos += 1;
+        }
+        self.pos - start
+    }
+
+    fn number(&mut self) -> Result<(), NotJson> {
+        if self.b[self.pos] == b'-' {
+            self.pos += 1;
+        }
+        match self.b.get(self.pos) {
+            Some(b'0') => self.pos += 1,
+            Some(b'1'..=b'9') => {
+                self.digits();
+            }
+            _ => return Err(self.error("invalid number")),
+        }
+        if self.b.get(self.pos) == Some(&b'.') {
+            self.pos += 1;
+            if self.digits() == 0 {
+                return Err(self.error("invalid number"));
+            }
+        }
+        if matches!(self.b.get(self.pos), Some(b'e' | b'E')) {
+            self.pos += 1;
+            if matches!(self.b.get(self.pos), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            if self.digits() == 0 {
+                return Err(self.error("invalid number"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the string token at `pos` (its opening quote) and returns its decoded text.
+    fn string(&mut self) -> Result<String, NotJson> {
+        let (text, len) = decode(&self.src[self.pos..]).map_err(|what| self.error(what))?;
+        self.pos += len;
+        Ok(text)
+    }
+
+    fn visit_string(&mut self, start: usize, text: &str) {
+        let raw = &self.src[start..self.pos];
+        let value = StringValue {
+            text,
+            path: &self.path,
+            raw,
+        };
+        let replacement = match (self.visit)(&value) {
+            Edit::Keep => return,
+            Edit::Replace(with) => encode(&with, Spelling::of(raw, text), ""),
+            Edit::ReplacePrefix { len, with } => match raw_offset_after(raw, len) {
+                Some(at) => encode(&with, Spelling::of(raw, text), &raw[at..raw.len() - 1]),
+                None => {
+                    let whole = format!("{with}{}", text.get(len..).unwrap_or(""));
+                    encode(&whole, Spelling::of(raw, text), "")
+                }
+            },
+        };
+        let out = self
+            .out
+            .get_or_insert_with(|| Vec::with_capacity(self.b.len() + 256));
+        out.extend_from_slice(&self.b[self.copied..start]);
+        out.extend_from_slice(replacement.as_bytes());
+        self.copied = self.pos;
+    }
+}
+
+/// Decodes the string token at the start of `s`: its text and the token's length in bytes.
+fn decode(s: &str) -> Result<(String, usize), &'static str> {
+    let b = s.as_bytes();
+    let mut text = String::new();
+    let mut i = 1;
+    let mut run = 1;
+    loop {
+        match b.get(i) {
+            None => return Err("unterminated string"),
+            Some(b'"') => {
+                text.push_str(&s[run..i]);
+                return Ok((text, i + 1));
+            }
+            Some(b'\\') => {
+                text.push_str(&s[run..i]);
+                let (c, len) = unescape(&s[i..])?;
+                text.push(c);
+                i += len;
+                run = i;
+            }
+            Some(c) if *c < 0x20 => return Err("control character in a string"),
+            Some(_) => i += 1,
+        }
+    }
+}
+
+/// The character an escape at the start of `s` stands for, and the escape's length.
+fn unescape(s: &str) -> Result<(char, usize), &'static str> {
+    let b = s.as_bytes();
+    let c = match b.get(1) {
+        Some(b'"') => '"',
+        Some(b'\\') => '\\',
+        Some(b'/') => '/',
+        Some(b'b') => '\u{8}',
+        Some(b'f') => '\u{c}',
+        Some(b'n') => '\n',
+        Some(b'r') => '\r',
+        Some(b't') => '\t',
+        Some(b'u') => {
+            let unit = hex4(s.get(2..6))?;
+            if (0xD800..0xDC00).contains(&unit) {
+                // A high surrogate: its low half must follow as a second escape.
+                if s.get(6..8) != Some("\\u") {
+                    return Err("lone surrogate in a string");
+                }
+                let low = hex4(s.get(8..12))?;
+                if !(0xDC00..0xE000).contains(&low) {
+                    return Err("lone surrogate in a string");
+                }
+                let code = 0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00);
+                return char::from_u32(code)
+                    .map(|c| (c, 12))
+                    .ok_or("invalid escape");
+            }
+            return char::from_u32(unit)
+                .map(|c| (c, 6))
+                .ok_or("lone surrogate in a string");
+        }
+        _ => return Err("invalid escape"),
+    };
+    Ok((c, 2))
+}
+
+fn hex4(s: Option<&str>) -> Result<u32, &'static str> {
+    s.filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or("invalid \\u escape")
+}
+
+/// Where in `raw` (a token, quotes included) the first `len` decoded bytes end, if that is
+/// between two characters as written.
+fn raw_offset_after(raw: &str, len: usize) -> Option<usize> {
+    let mut decoded = 0;
+    let mut i = 1;
+    while decoded < len {
+        let rest = raw.get(i..raw.len().checked_sub(1)?)?;
+        let (c, width) = if rest.starts_with('\\') {
+            unescape(rest).ok()?
+        } else {
+            let c = rest.chars().next()?;
+            (c, c.len_utf8())
+        };
+        decoded += c.len_utf8();
+        i += width;
+    }
+    (decoded == len).then_some(i)
+}
+
+/// How a value was spelled, so its replacement is spelled alike.
+#[derive(Debug, Clone, Copy)]
+struct Spelling {
+    /// `/` written `\/` (PHP's default).
+    slash: bool,
+    /// `& < > ' "` written as `\u0026`-style escapes (PHP with `JSON_HEX_*`).
+    html: bool,
+    /// Non-ASCII characters written as `\uXXXX`.
+    ascii: bool,
+}
+
+impl Spelling {
+    fn of(raw: &str, text: &str) -> Self {
+        let lower = raw.to_ascii_lowercase();
+        Spelling {
+            slash: raw.contains("\\/"),
+            html: ["\\u0026", "\\u003c", "\\u003e", "\\u0027", "\\u0022"]
+                .iter()
+                .any(|e| lower.contains(e)),
+            ascii: raw.is_ascii() && !text.is_ascii(),
+        }
+    }
+}
+
+/// `text` as a JSON string token in `spelling`, with `raw_tail` (already spelled) before the
+/// closing quote.
+fn encode(text: &str, spelling: Spelling, raw_tail: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(text.len() + raw_tail.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' if spelling.html => out.push_str("\\u0022"),
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '/' if spelling.slash => out.push_str("\\/"),
+            '&' | '<' | '>' | '\'' if spelling.html => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c if !c.is_ascii() && spelling.ascii => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push_str(raw_tail);
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn upper_hrefs(src: &str) -> String {
+        let out = edit_strings(src.as_bytes(), |v| match v.key() {
+            Some("href") => Edit::Replace(v.text.to_uppercase()),
+            _ => Edit::Keep,
+        })
+        .unwrap();
+        String::from_utf8(out.into_owned()).unwrap()
+    }
+
+    #[test]
+    fn only_href_values_change_and_every_other_byte_stays() {
+        let src = "{ \"a\" : [1, -2.5e3, true, null, \"href\"],\n  \"href\" : \"x/y\" ,\"b\":{\"href\":\"z\"}}";
+        assert_eq!(
+            upper_hrefs(src),
+            "{ \"a\" : [1, -2.5e3, true, null, \"href\"],\n  \"href\" : \"X/Y\" ,\"b\":{\"href\":\"Z\"}}"
+        );
+    }
+
+    #[test]
+    fn member_names_are_decoded() {
+        assert_eq!(upper_hrefs(r#"{"hr\u0065f":"a"}"#), r#"{"hr\u0065f":"A"}"#);
+    }
+
+    #[test]
+    fn replacements_keep_the_spelling_of_what_they_replace() {
+        let src = r#"{"href":"https:\/\/a.kommo.com\/x?a=1\u0026b=\u0027c\u0027","n":"\u041f"}"#;
+        let out = edit_strings(src.as_bytes(), |v| match v.key() {
+            Some("href") => Edit::ReplacePrefix {
+                len: "https://a.kommo.com".len(),
+                with: "http://p/q".into(),
+            },
+            Some("n") => Edit::Replace("Пé/&".into()),
+            _ => Edit::Keep,
+        })
+        .unwrap();
+        let out = std::str::from_utf8(&out).unwrap();
+        assert_eq!(
+            out,
+            r#"{"href":"http:\/\/p\/q\/x?a=1\u0026b=\u0027c\u0027","n":"\u041f\u00e9/&"}"#
+        );
+        let v: Value = serde_json::from_str(out).unwrap();
+        assert_eq!(v["href"], "http://p/q/x?a=1&b='c'");
+        assert_eq!(v["n"], "Пé/&");
+    }
+
+    #[test]
+    fn a_prefix_may_end_after_an_escape_and_never_panics_inside_one() {
+        let src = r#"["\u00e9t\u00e9"]"#;
+        let edit = |len| {
+            let out = edit_strings(src.as_bytes(), |_| Edit::ReplacePrefix {
+                len,
+                with: "E".into(),
+            })
+            .unwrap();
+            String::from_utf8(out.into_owned()).unwrap()
+        };
+        assert_eq!(edit(2), r#"["Et\u00e9"]"#);
+        // Inside a character: a caller's mistake, answered with the prefix alone.
+        assert_eq!(edit(1), r#"["E"]"#);
+    }
+
+    #[test]
+    fn paths_name_where_a_value_sits() {
+        let mut seen = Vec::new();
+        edit_strings(br#"{"a":[{"b":"x"},"y"]}"#, |v| {
+            seen.push((v.path.to_vec(), v.text.to_string()));
+            Edit::Keep
+        })
+        .unwrap();
+        let key = |k: &str| Seg::Key(k.into());
+        assert_eq!(
+            seen,
+            vec![
+                (vec![key("a"), Seg::Index(0), key("b")], "x".to_string()),
+                (vec![key("a"), Seg::Index(1)], "y".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn unchanged_text_is_borrowed() {
+        let src = br#"{"href":"a"}"#;
+        assert!(matches!(
+            edit_strings(src, |_| Edit::Keep).unwrap(),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn invalid_json_is_an_error() {
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        for bad in [
+            &b""[..],
+            b"{",
+            b"{\"a\"}",
+            b"{\"a\":1,}",
+            b"[1 2]",
+            b"\"a",
+            b"\"\\x\"",
+            b"\"\\ud800\"",
+            b"\"\x01\"",
+            b"01",
+            b"1.",
+            b"-",
+            b"tru",
+            b"{} {}",
+            b"\"\xff\"",
+            b"<html>blocked</html>",
+            deep.as_bytes(),
+        ] {
+            assert!(
+                edit_strings(bad, |_| Edit::Keep).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn valid_json_of_every_kind_scans() {
+        for good in [
+            &b" {} "[..],
+            b"[]",
+            b"0",
+            b"-0.5E+10",
+            b"\"\\ud83d\\ude00 \\\" \\\\ \\/ \\b\\f\\n\\r\\t\"",
+            b"{\"a\":{\"b\":[[],{}]}}",
+        ] {
+            assert!(
+                edit_strings(good, |_| Edit::Keep).is_ok(),
+                "{}",
+                String::from_utf8_lossy(good)
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever serde_json can write, in any of its spellings, scans, and replacing every
+        /// string with itself (as decoded) yields a text that decodes to the same value.
+        #[test]
+        fn replacing_strings_with_themselves_keeps_the_value(s in "\\PC{0,20}", n in -1000i64..1000, pretty in proptest::bool::ANY) {
+            let v = serde_json::json!({"href": s, "n": n, "list": [s, {"k": s}]});
+            let text = if pretty { serde_json::to_vec_pretty(&v).unwrap() } else { serde_json::to_vec(&v).unwrap() };
+            let out = edit_strings(&text, |v| Edit::Replace(v.text.to_string())).unwrap();
+            let back: Value = serde_json::from_slice(&out).unwrap();
+            proptest::prop_assert_eq!(back, v);
+        }
+    }
+}
