@@ -657,7 +657,7 @@ mod tests {
     async fn the_byte_bound_holds() {
         let c = cache(60_000, 0, 200_000);
         for i in 0..500 {
-            let key = Cache::page_key("fp", &format!("/x?i={i}"), None);
+            let key = Cache::page_key("fp", &format!("/x?i={i}"), "");
             let body = "x".repeat(2_000);
             let _ = c
                 .page::<String, _>(key, false, async { Ok(entry(&c, 200, &body)) })

@@ -26,8 +26,6 @@ pub struct StringValue<'a> {
     pub text: &'a str,
     /// Where it sits; the last step is its member name or array index.
     pub path: &'a [Seg],
-    /// The token as written, quotes included.
-    raw: &'a str,
 }
 
 impl StringValue<'_> {
@@ -256,7 +254,6 @@ impl<F: FnMut(&StringValue<'_>) -> Edit> Scanner<'_, F> {
         let value = StringValue {
             text,
             path: &self.path,
-            raw,
         };
         let replacement = match (self.visit)(&value) {
             Edit::Keep => return,

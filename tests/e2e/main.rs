@@ -5,6 +5,7 @@ mod support;
 mod cache;
 mod cli;
 mod fanout;
+mod fidelity;
 mod hardening;
 mod limits;
 mod ops;

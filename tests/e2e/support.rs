@@ -29,10 +29,17 @@ pub struct Stack {
 }
 
 /// A simulated account of `leads` leads with the demo token and a token limited to users 1001
-/// and 1002 (`"limited"`).
+/// and 1002 (`"limited"`), writing its JSON in the style `KOMMO_FANOUT_TEST_JSON_STYLE` names
+/// (compact by default): `scripts/test.sh` runs the fan-out, relay and pass-through tests
+/// again under each other style.
 pub fn sim_config(leads: usize) -> SimConfig {
+    let json_style = std::env::var("KOMMO_FANOUT_TEST_JSON_STYLE")
+        .ok()
+        .map(|s| s.parse().expect("KOMMO_FANOUT_TEST_JSON_STYLE: compact, php or pretty"))
+        .unwrap_or_default();
     SimConfig {
         leads,
+        json_style,
         tokens: vec![
             TokenSpec::full(TOKEN),
             TokenSpec {
