@@ -339,3 +339,12 @@ pub fn sample(text: &str, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// `body` with the origin `from` moved to `to` as the proxy moves links: in each spelling the
+/// upstream may use (slashes plain or escaped), so the rest must match byte for byte.
+pub fn moved(body: &[u8], from: &str, to: &str) -> String {
+    let escaped = |s: &str| s.replace('/', "\\/");
+    String::from_utf8_lossy(body)
+        .replace(from, to)
+        .replace(&escaped(from), &escaped(to))
+}
