@@ -44,5 +44,10 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --doc 2>&1 | tee "$log"
 cargo test --all-targets 2>&1 | tee -a "$log"
+# The fan-out, relay and pass-through tests again against a simulator that spells its JSON as
+# PHP does (escaped slashes, `\u0026`-style escapes) and as a pretty-printer does.
+for style in php pretty; do
+  KOMMO_FANOUT_TEST_JSON_STYLE=$style cargo test --test e2e -- fanout:: passthrough:: 2>&1 | tee -a "$log"
+done
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

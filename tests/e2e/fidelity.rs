@@ -261,4 +261,25 @@ async fn if_modified_since_lists_recent_changes_and_keys_the_cache() {
     let again = s.leads(&query).await;
     assert_eq!(again.ids(), all.ids());
     assert_eq!(again.headers["x-cache"], "HIT");
+    // Read with another user's rights: never the stored answer of the credential alone.
+    let as_user = s
+        .request_with(http::Method::GET, &url, Some(TOKEN), "", &[("x-context-user-id", "1002")])
+        .await;
+    assert_eq!(as_user.headers["x-cache"], "MISS");
+}
+
+#[tokio::test]
+async fn a_pass_through_body_past_the_buffering_bound_streams_unchanged() {
+    let s = stack_with(sim_config(3000), |c| c.upstream.max_body = 4096).await;
+    let a = s.get("/api/v4/contacts?limit=100", TOKEN).await;
+    let direct = Client::default()
+        .get(&format!("{}/api/v4/contacts?limit=100", s.sim.base_url()), TOKEN)
+        .await;
+    assert_eq!(a.status, 200);
+    assert!(direct.body.len() > 4096);
+    assert_eq!(a.body, direct.body);
+    // Under the bound, its links are moved.
+    let small = s.get("/api/v4/contacts?limit=1", TOKEN).await;
+    assert!(small.body.len() < 4096);
+    assert_all_links_at_proxy(&s, &small.json());
 }
