@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{FaultRule, SimConfig, SimRateLimit, TokenSpec};
+use super::{FaultRule, JsonStyle, SimConfig, SimRateLimit, TokenSpec};
 
 /// Most leads the sim will generate (about 1 GB of memory); more is surely a typo.
 const MAX_LEADS: usize = 2_000_000;
@@ -52,10 +52,16 @@ pub struct SimArgs {
     #[arg(long, env = "KOMMO_FANOUT_BLOCK_FOR", default_value = "60s", value_parser = humantime::parse_duration)]
     pub block_for: Duration,
 
-    /// Inject a fault, `KIND[@PROBABILITY]` with KIND one of 500, 429, html403, reset, truncate
-    /// (e.g. `500@0.05`). Repeatable; in the environment separate faults with `,`.
+    /// Inject a fault, `KIND[@PROBABILITY]` with KIND one of 500, 429, html403, reset, truncate,
+    /// drop (a leads page loses a lead) or misplace (a one-stage leads page lists a lead of another
+    /// stage), e.g. `500@0.05`. Repeatable; in the environment separate faults with `,`.
     #[arg(long = "fault", env = "KOMMO_FANOUT_FAULT", value_delimiter = ',')]
     pub faults: Vec<FaultRule>,
+
+    /// How JSON bodies are spelled: compact, php (`\/`, `\u00e9`, `\u0026`... as PHP's
+    /// json_encode writes them) or pretty (indented). Kommo's own spelling is not known for sure.
+    #[arg(long, env = "KOMMO_FANOUT_JSON_STYLE", default_value_t = JsonStyle::Compact)]
+    pub json_style: JsonStyle,
 }
 
 impl SimArgs {
@@ -106,6 +112,7 @@ impl SimArgs {
             tokens: self.tokens,
             rate_limit,
             faults: self.faults,
+            json_style: self.json_style,
         })
     }
 }
@@ -136,6 +143,7 @@ mod tests {
         assert_eq!(cfg.latency, Duration::from_millis(80));
         assert_eq!(cfg.jitter, Duration::ZERO);
         assert!(cfg.tokens.is_empty() && cfg.faults.is_empty() && cfg.rate_limit.is_none());
+        assert_eq!(cfg.json_style, JsonStyle::Compact);
     }
 
     #[test]
@@ -150,6 +158,10 @@ mod tests {
             "--block-after=3",
             "--fault=500@0.25",
             "--fault=reset",
+            "--fault=drop",
+            "--fault",
+            "misplace@0.5",
+            "--json-style=php",
         ])
         .unwrap()
         .into_config()
@@ -166,11 +178,32 @@ mod tests {
         assert_eq!(cfg.faults[0].fault, Fault::Status500);
         assert_eq!(cfg.faults[0].probability, 0.25);
         assert_eq!(cfg.faults[1].fault, Fault::ConnectionReset);
+        assert_eq!(
+            (cfg.faults[2].fault.clone(), cfg.faults[2].probability),
+            (Fault::DropLead, 1.0)
+        );
+        assert_eq!(
+            (cfg.faults[3].fault.clone(), cfg.faults[3].probability),
+            (Fault::MisplaceLead, 0.5)
+        );
+        assert_eq!(cfg.json_style, JsonStyle::Php);
+        for (flag, style) in [
+            ("compact", JsonStyle::Compact),
+            ("PHP", JsonStyle::Php),
+            ("pretty", JsonStyle::Pretty),
+        ] {
+            let cfg = parse(&["--json-style", flag])
+                .unwrap()
+                .into_config()
+                .unwrap();
+            assert_eq!(cfg.json_style, style);
+        }
     }
 
     #[test]
     fn bad_flags_are_named() {
         assert!(parse(&["--fault=teapot"]).is_err());
+        assert!(parse(&["--json-style=yaml"]).is_err());
         assert!(parse(&["--fault=500@2"]).is_err());
         assert!(parse(&["--token=a:users=x"]).is_err());
         assert!(parse(&["--latency=soon"]).is_err());

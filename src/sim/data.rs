@@ -1,10 +1,10 @@
 //! The simulated account's data: seeded generation of pipelines and leads, and the [`Store`] that keeps
 //! them indexed by stage so a one-stage list touches only that stage's leads.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use super::rng::SplitMix64;
-use super::{SimLead, SimPipeline, SimStatus, SimTag};
+use super::{SimCompany, SimContact, SimLead, SimPipeline, SimStatus, SimTag, TokenSpec};
 
 /// The dataset's "now": 2024-06-01T00:00:00Z. Generated timestamps lie before it; changes made while
 /// the sim runs are stamped after it.
@@ -145,6 +145,36 @@ const COMPANIES: [&str; 9] = [
     "Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Wonka", "Müller",
 ];
 const DEAL_KINDS: [&str; 6] = ["order", "renewal", "pilot", "upgrade", "license", "support"];
+/// Names that put every character JSON styles spell differently into lead names: `&`, `'`, `<`, `>`,
+/// `/`, `"`, non-ASCII letters and a character above the BMP.
+const SPECIAL_NAMES: [&str; 6] = [
+    "Café & Co's",
+    "Ромашка",
+    "O'Brien <Partners>",
+    "Zürich/Genève",
+    "東京 \"Trading\"",
+    "Rocket 🚀",
+];
+/// Every `SPECIAL_EVERY`-th lead (from the `SPECIAL_FROM`-th on) gets a [`SPECIAL_NAMES`] name.
+const SPECIAL_EVERY: usize = 13;
+/// The first lead keeps its plain name: tests search by its first word in a URL.
+const SPECIAL_FROM: usize = 7;
+/// Contacts' first and last names; some non-ASCII, some with `'`.
+const FIRST_NAMES: [&str; 8] = [
+    "Anna", "José", "Zoë", "Иван", "Liam", "Søren", "Mei", "Seán",
+];
+const LAST_NAMES: [&str; 8] = [
+    "Smith",
+    "García",
+    "O'Neil",
+    "Смирнов",
+    "Müller",
+    "Ng",
+    "D'Angelo",
+    "Kowalski",
+];
+/// Company name suffixes.
+const COMPANY_FORMS: [&str; 5] = ["Ltd", "GmbH", "& Sons", "S.A.", "LLC"];
 
 /// How many leads a stage gets in the generated dataset.
 #[derive(Debug, Clone, Copy)]
@@ -196,6 +226,16 @@ pub(crate) fn generate(n: usize, seed: u64) -> (Vec<SimPipeline>, Vec<SimLead>) 
     for (pipeline_id, status_id) in stage_of {
         id += rng.range(1, 4);
         leads.push(generate_lead(&mut rng, id, pipeline_id, status_id));
+    }
+
+    // Names with escapable characters, placed without drawing from `rng` so the rest of the dataset
+    // is the same as without them.
+    for (i, lead) in leads.iter_mut().enumerate().skip(SPECIAL_FROM) {
+        if (i - SPECIAL_FROM) % SPECIAL_EVERY == 0 {
+            let special = SPECIAL_NAMES[(i / SPECIAL_EVERY) % SPECIAL_NAMES.len()];
+            let rest = lead.name.split_once(' ').map_or("", |(_, rest)| rest);
+            lead.name = format!("{special} {rest}");
+        }
     }
 
     // A few deleted-but-restorable leads.
@@ -401,6 +441,54 @@ fn generate_lead(rng: &mut SplitMix64, id: i64, pipeline_id: i64, status_id: i64
     }
 }
 
+/// A per-id stream of draws, independent of the dataset's rng: a contact's or company's fields depend
+/// on its id alone.
+fn id_rng(kind: u64, id: i64) -> SplitMix64 {
+    SplitMix64::derived(id as u64, kind)
+}
+
+/// Creation and update times of a contact or company: before [`NOW`], hour-aligned.
+fn card_times(rng: &mut SplitMix64) -> (i64, i64) {
+    const DAY: i64 = 86_400;
+    let created_at = NOW - rng.range(120, 720) * DAY + rng.range(9, 18) * 3600;
+    let updated_at = (created_at + rng.range(0, 200) * DAY).min(NOW);
+    (created_at, updated_at)
+}
+
+/// The contact with this id.
+fn contact(id: i64) -> SimContact {
+    let mut rng = id_rng(3, id);
+    let name = format!("{} {}", rng.pick(&FIRST_NAMES), rng.pick(&LAST_NAMES));
+    let responsible_user_id = *rng.pick(&USERS);
+    let (created_at, updated_at) = card_times(&mut rng);
+    SimContact {
+        id,
+        name,
+        responsible_user_id,
+        created_at,
+        updated_at,
+    }
+}
+
+/// The company with this id.
+fn company(id: i64) -> SimCompany {
+    let mut rng = id_rng(4, id);
+    let name = if rng.chance(0.2) {
+        rng.pick(&SPECIAL_NAMES).to_string()
+    } else {
+        format!("{} {}", rng.pick(&COMPANIES), rng.pick(&COMPANY_FORMS))
+    };
+    let responsible_user_id = *rng.pick(&USERS);
+    let (created_at, updated_at) = card_times(&mut rng);
+    SimCompany {
+        id,
+        name,
+        responsible_user_id,
+        created_at,
+        updated_at,
+    }
+}
+
 /// The user group a responsible user belongs to.
 pub(crate) fn group_of(user_id: i64) -> i64 {
     if user_id <= 1004 {
@@ -441,6 +529,10 @@ pub(crate) struct Store {
     pub(crate) pipelines: Vec<SimPipeline>,
     /// Every lead, sorted by id (new leads get larger ids, so pushing keeps it sorted).
     pub(crate) leads: Vec<SimLead>,
+    /// The contacts the leads link to, sorted by id.
+    pub(crate) contacts: Vec<SimContact>,
+    /// The companies the leads link to, sorted by id.
+    pub(crate) companies: Vec<SimCompany>,
     /// Lead id → position in `leads`.
     by_id: HashMap<i64, u32>,
     /// Stage → positions in `leads` of the leads listed under it (its own and ghosts), ascending.
@@ -448,12 +540,19 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    /// Index `leads` (which must be sorted by id).
+    /// Index `leads`, and make the contacts and companies they link to.
     pub(crate) fn new(pipelines: Vec<SimPipeline>, mut leads: Vec<SimLead>) -> Self {
         leads.sort_by_key(|l| l.id);
+        let contact_ids: BTreeSet<i64> = leads
+            .iter()
+            .flat_map(|l| l.contact_ids.iter().copied())
+            .collect();
+        let company_ids: BTreeSet<i64> = leads.iter().filter_map(|l| l.company_id).collect();
         let mut store = Self {
             pipelines,
             leads,
+            contacts: contact_ids.into_iter().map(contact).collect(),
+            companies: company_ids.into_iter().map(company).collect(),
             by_id: HashMap::new(),
             by_stage: HashMap::new(),
         };
@@ -496,6 +595,38 @@ impl Store {
     /// Position of a lead by id.
     pub(crate) fn position(&self, id: i64) -> Option<u32> {
         self.by_id.get(&id).copied()
+    }
+
+    /// Ids of the contacts linked to leads `token` sees (deleted leads aside), ascending.
+    pub(crate) fn visible_contact_ids(&self, token: &TokenSpec) -> BTreeSet<i64> {
+        self.visible_leads(token)
+            .flat_map(|l| l.contact_ids.iter().copied())
+            .collect()
+    }
+
+    /// Ids of the companies linked to leads `token` sees (deleted leads aside), ascending.
+    pub(crate) fn visible_company_ids(&self, token: &TokenSpec) -> BTreeSet<i64> {
+        self.visible_leads(token)
+            .filter_map(|l| l.company_id)
+            .collect()
+    }
+
+    fn visible_leads<'a>(&'a self, token: &'a TokenSpec) -> impl Iterator<Item = &'a SimLead> {
+        self.leads
+            .iter()
+            .filter(move |l| !l.is_deleted && token.sees(l.responsible_user_id))
+    }
+
+    /// A contact by id.
+    pub(crate) fn contact(&self, id: i64) -> Option<&SimContact> {
+        let at = self.contacts.binary_search_by_key(&id, |c| c.id).ok()?;
+        self.contacts.get(at)
+    }
+
+    /// A company by id.
+    pub(crate) fn company(&self, id: i64) -> Option<&SimCompany> {
+        let at = self.companies.binary_search_by_key(&id, |c| c.id).ok()?;
+        self.companies.get(at)
     }
 
     /// A pipeline by id.

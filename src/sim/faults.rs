@@ -107,8 +107,32 @@ impl FaultSet {
         self.rules.clear();
     }
 
-    /// The fault for this request, if a rule fires (first match wins; its `times` is used up).
+    /// The fault that replaces this request's answer, if a rule fires (first match wins; its `times`
+    /// is used up). Body faults are skipped: [`FaultSet::pick_body`] decides those.
     pub(crate) fn pick(&mut self, path: &str, raw_query: &str) -> Option<Fault> {
+        self.pick_where(path, raw_query, |fault| !is_body_fault(fault))
+    }
+
+    /// The body fault for a `200` leads list, if a rule fires: only rules whose fault `applies` to
+    /// this page are considered, so the others keep their `times` and draw no dice.
+    pub(crate) fn pick_body(
+        &mut self,
+        path: &str,
+        raw_query: &str,
+        mut applies: impl FnMut(&Fault) -> bool,
+    ) -> Option<Fault> {
+        self.pick_where(path, raw_query, |fault| {
+            is_body_fault(fault) && applies(fault)
+        })
+    }
+
+    /// The first rule that matches the request, passes `eligible` and wins its dice.
+    fn pick_where(
+        &mut self,
+        path: &str,
+        raw_query: &str,
+        mut eligible: impl FnMut(&Fault) -> bool,
+    ) -> Option<Fault> {
         let mut decoded: Option<String> = None;
         for rule in &mut self.rules {
             if rule.times == Some(0) {
@@ -125,6 +149,9 @@ impl FaultSet {
                     continue;
                 }
             }
+            if !eligible(&rule.fault) {
+                continue;
+            }
             // Draw only for a real gamble, so adding an always-rule does not shift other dice.
             if rule.probability < 1.0 && !self.rng.chance(rule.probability) {
                 continue;
@@ -136,6 +163,11 @@ impl FaultSet {
         }
         None
     }
+}
+
+/// Whether a fault changes a `200` leads list's body rather than replacing the answer.
+fn is_body_fault(fault: &Fault) -> bool {
+    matches!(fault, Fault::MisplaceLead | Fault::DropLead)
 }
 
 /// The query string percent-decoded (`+` as space), pairs joined back with `&`.
@@ -227,6 +259,36 @@ mod tests {
         );
         set.clear();
         assert_eq!(set.pick("/api/v4/leads", "filter[id]=1"), None);
+    }
+
+    #[test]
+    fn body_faults_wait_for_a_page_that_suits_them() {
+        let mut set = FaultSet::new(
+            vec![
+                FaultRule::always(Fault::DropLead).times(1),
+                FaultRule::always(Fault::MisplaceLead).on_query("filter[statuses]"),
+                FaultRule::always(Fault::Status500).on_path("/api/v4/account"),
+            ],
+            SplitMix64::new(1),
+        );
+        // On arrival, body faults never fire and keep their count.
+        assert_eq!(set.pick("/api/v4/leads", ""), None);
+        assert_eq!(set.pick("/api/v4/account", ""), Some(Fault::Status500));
+        // A page the drop does not suit leaves it armed; then it fires once.
+        assert_eq!(set.pick_body("/api/v4/leads", "", |_| false), None);
+        assert_eq!(
+            set.pick_body("/api/v4/leads", "", |_| true),
+            Some(Fault::DropLead)
+        );
+        assert_eq!(set.pick_body("/api/v4/leads", "", |_| true), None);
+        assert_eq!(
+            set.pick_body(
+                "/api/v4/leads",
+                "filter%5Bstatuses%5D%5B0%5D%5Bstatus_id%5D=1",
+                |f| { *f == Fault::MisplaceLead }
+            ),
+            Some(Fault::MisplaceLead)
+        );
     }
 
     #[test]

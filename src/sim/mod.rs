@@ -3,9 +3,11 @@
 //! It is the upstream for the integration tests, the benchmarks and the demo (`kommo-fanout sim`), so
 //! it behaves the way `shared/kommo-api-notes.md` describes Kommo: HAL pages of leads, `204` for an
 //! empty page or any page past the end, a `next` link that is always present, at most ONE stage pair
-//! per request (more is a `400`: the limitation this project works around), `limit` at most 250, bearer
-//! tokens that see different leads, a rate limit that ends in an IP block answering HTML, and faults
-//! injected on demand. Everything random is drawn from [`SimConfig::seed`].
+//! per request (more is a `400`: the limitation this project works around), `limit` at most 250 (more
+//! reads a page of 50), `If-Modified-Since` on leads lists, contacts and companies lists, bearer
+//! tokens that see different leads, a rate limit that ends in an IP block answering HTML, faults
+//! injected on demand, and JSON in any of several spellings ([`JsonStyle`]). Everything random is
+//! drawn from [`SimConfig::seed`].
 //!
 //! # Layout
 //! - `rng`: SplitMix64, the seeded PRNG behind the dataset, jitter and fault dice.
@@ -61,6 +63,8 @@ pub struct SimConfig {
     pub rate_limit: Option<SimRateLimit>,
     /// Fault rules active from the start (more can be added with [`Sim::inject`]).
     pub faults: Vec<FaultRule>,
+    /// How every JSON body is spelled (the same values either way).
+    pub json_style: JsonStyle,
 }
 
 impl Default for SimConfig {
@@ -73,6 +77,59 @@ impl Default for SimConfig {
             tokens: Vec::new(),
             rate_limit: None,
             faults: Vec::new(),
+            json_style: JsonStyle::Compact,
+        }
+    }
+}
+
+/// How the sim spells its JSON bodies; every spelling decodes to the same values.
+///
+/// `kommo-api-notes.md`: recorded answers show compact JSON, but "whether the live API escapes `/`
+/// as `\/` (PHP's default) is not known: accept both, and any other valid spelling". The other
+/// styles let tests prove a client does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum JsonStyle {
+    /// What `serde_json::to_vec` writes: no whitespace, UTF-8 as is, only quotes, backslashes and
+    /// control characters escaped.
+    #[default]
+    Compact,
+    /// PHP's `json_encode` with Symfony's `JsonResponse` flags (Kommo runs PHP): `/` as `\/`, `"`,
+    /// `&`, `'`, `<`, `>` as `\u0022`, `\u0026`, `\u0027`, `\u003C`, `\u003E`, and every
+    /// non-ASCII character as `\uXXXX` (surrogate pairs above the BMP).
+    Php,
+    /// Indented by 4 spaces, `": "` after keys.
+    Pretty,
+}
+
+impl JsonStyle {
+    /// The flag spelling: `compact`, `php` or `pretty`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JsonStyle::Compact => "compact",
+            JsonStyle::Php => "php",
+            JsonStyle::Pretty => "pretty",
+        }
+    }
+}
+
+impl std::fmt::Display for JsonStyle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JsonStyle {
+    type Err = String;
+
+    /// `compact`, `php` or `pretty` (any case).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "compact" => Ok(JsonStyle::Compact),
+            "php" => Ok(JsonStyle::Php),
+            "pretty" => Ok(JsonStyle::Pretty),
+            other => Err(format!(
+                "unknown JSON style {other:?}: expected compact, php or pretty"
+            )),
         }
     }
 }
@@ -175,6 +232,13 @@ pub enum Fault {
     ConnectionReset,
     /// `200 application/hal+json` declaring the full `Content-Length`, then ending the body half-way.
     TruncatedBody,
+    /// A leads list answered `200` for one stage (`filter[statuses]`) lists, in place of its last
+    /// lead, a lead of another stage: what a proxy that mixes up its upstream answers would send.
+    /// Fires only on such answers (any other request neither fires it nor uses up its `times`).
+    MisplaceLead,
+    /// A leads list answered `200` lacks one of its leads (the first): what a proxy that loses a lead
+    /// while merging would send. Fires only on `200` leads lists (others do not use up its `times`).
+    DropLead,
     /// Any status with any body.
     Status {
         /// The HTTP status code (an invalid one is answered as 500).
@@ -187,6 +251,10 @@ pub enum Fault {
 }
 
 /// When a [`Fault`] applies: rules are checked in order for each request, the first that fires wins.
+///
+/// Faults that replace the answer ([`Fault::Status500`] and the like) are decided on arrival; those
+/// that change a leads list's body ([`Fault::MisplaceLead`], [`Fault::DropLead`]) once its `200`
+/// page is known, among themselves in the same order. An answer replaced on arrival is not changed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FaultRule {
     /// What to answer.
@@ -241,7 +309,8 @@ impl FaultRule {
 impl FromStr for FaultRule {
     type Err = String;
 
-    /// `KIND[@PROBABILITY]` with KIND one of `500`, `429`, `html403`, `reset`, `truncate`.
+    /// `KIND[@PROBABILITY]` with KIND one of `500`, `429`, `html403`, `reset`, `truncate`, `drop`,
+    /// `misplace`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (kind, probability) = match s.split_once('@') {
             Some((kind, p)) => {
@@ -265,9 +334,11 @@ impl FromStr for FaultRule {
             "html403" => Fault::HtmlForbidden,
             "reset" => Fault::ConnectionReset,
             "truncate" => Fault::TruncatedBody,
+            "drop" => Fault::DropLead,
+            "misplace" => Fault::MisplaceLead,
             other => {
                 return Err(format!(
-                    "unknown fault kind {other:?}: expected 500, 429, html403, reset or truncate"
+                    "unknown fault kind {other:?}: expected 500, 429, html403, reset, truncate, drop or misplace"
                 ))
             }
         };
@@ -316,6 +387,36 @@ pub struct SimTag {
     pub name: String,
     /// Colour, often unset.
     pub color: Option<String>,
+}
+
+/// A contact of the account: one a lead links to (`SimLead::contact_ids`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimContact {
+    /// Contact id.
+    pub id: i64,
+    /// Full name (some non-ASCII, some with `'`).
+    pub name: String,
+    /// Responsible user (1001..=1008).
+    pub responsible_user_id: i64,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+    /// Last update, Unix seconds, `>= created_at`.
+    pub updated_at: i64,
+}
+
+/// A company of the account: one a lead links to (`SimLead::company_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimCompany {
+    /// Company id.
+    pub id: i64,
+    /// Company name (some non-ASCII, some with `&` or `'`).
+    pub name: String,
+    /// Responsible user (1001..=1008).
+    pub responsible_user_id: i64,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+    /// Last update, Unix seconds, `>= created_at`.
+    pub updated_at: i64,
 }
 
 /// The ground truth of one lead.
@@ -412,6 +513,8 @@ struct Inner {
     limiter: Option<Mutex<Limiter>>,
     /// Fault rules with their remaining counts and their own dice.
     faults: Mutex<FaultSet>,
+    /// How JSON bodies are spelled.
+    json_style: JsonStyle,
     /// Every request, in arrival order.
     log: Mutex<RequestLog>,
     /// When the sim was built: the clock behind timestamps of changes made while it runs.
@@ -458,6 +561,7 @@ impl Sim {
             jitter_rng: Mutex::new(SplitMix64::derived(cfg.seed, 1)),
             limiter: cfg.rate_limit.map(|rl| Mutex::new(Limiter::new(rl))),
             faults: Mutex::new(FaultSet::new(cfg.faults, SplitMix64::derived(cfg.seed, 2))),
+            json_style: cfg.json_style,
             log: Mutex::new(RequestLog::default()),
             started: tokio::time::Instant::now(),
             connections: AtomicU64::new(0),
@@ -505,6 +609,21 @@ impl Sim {
     /// The account's pipelines with their stages.
     pub fn pipelines(&self) -> Vec<SimPipeline> {
         self.store().pipelines.clone()
+    }
+
+    /// Ground truth: every contact the leads link to, in id order.
+    pub fn contacts(&self) -> Vec<SimContact> {
+        self.store().contacts.clone()
+    }
+
+    /// Ground truth: every company the leads link to, in id order.
+    pub fn companies(&self) -> Vec<SimCompany> {
+        self.store().companies.clone()
+    }
+
+    /// How this sim spells its JSON bodies.
+    pub fn json_style(&self) -> JsonStyle {
+        self.0.json_style
     }
 
     /// The accepted tokens (one [`DEMO_TOKEN`] when none were configured).

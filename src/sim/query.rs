@@ -1,6 +1,9 @@
 //! The sim's own reading of Kommo's `GET /api/v4/leads` query language (written apart from the
 //! proxy's parser on purpose, so each checks the other), and the selection of matching leads.
 //!
+//! The contacts and companies lists take only paging and `order[id]` ([`ListQuery`]); a leads list
+//! may also carry `If-Modified-Since` ([`parse_http_date`]).
+//!
 //! Keys are percent-decoded first, so `filter%5Bid%5D%5B%5D` is `filter[id][]`. Lists accept the three
 //! spellings in use: repeated keys, `[]`, and PHP indices `[0]`. Unknown parameters are ignored.
 
@@ -9,7 +12,7 @@ use std::collections::BTreeSet;
 use super::data::{self, FieldKind, Store};
 use super::{SimLead, TokenSpec};
 
-/// Kommo's hard maximum of `limit`.
+/// Kommo's maximum of `limit`: more on a write is a `422`, more on a read gives [`DEFAULT_LIMIT`].
 pub(crate) const MAX_LIMIT: u32 = 250;
 /// `limit` when none is given (the SDK's default).
 pub(crate) const DEFAULT_LIMIT: u32 = 50;
@@ -29,6 +32,8 @@ pub(crate) struct LeadsQuery {
     pub(crate) search: Option<String>,
     /// The filters.
     pub(crate) filter: Filter,
+    /// `If-Modified-Since` as Unix seconds: only leads with `updated_at` at or after it.
+    pub(crate) modified_since: Option<i64>,
 }
 
 /// Every `filter[...]` of a request; each `Some`/non-empty part must match (AND), values within a
@@ -166,6 +171,7 @@ impl Default for LeadsQuery {
             order: Order::default(),
             search: None,
             filter: Filter::default(),
+            modified_since: None,
         }
     }
 }
@@ -181,18 +187,7 @@ pub(crate) fn parse(raw: &str) -> Result<LeadsQuery, QueryError> {
             continue;
         };
         match (base, segs.as_slice()) {
-            ("page", []) => {
-                q.page = match value.trim().parse::<u32>() {
-                    Ok(p) if p >= 1 => p,
-                    _ => {
-                        return Err(QueryError::new(
-                            "page",
-                            "InvalidValue",
-                            format!("page must be an integer from 1, got {value:?}."),
-                        ))
-                    }
-                }
-            }
+            ("page", []) => q.page = parse_page(&value)?,
             ("limit", []) => q.limit = parse_limit(&value)?,
             ("query", []) => {
                 let needle = value.trim();
@@ -275,18 +270,30 @@ pub(crate) fn parse(raw: &str) -> Result<LeadsQuery, QueryError> {
     Ok(q)
 }
 
+fn parse_page(value: &str) -> Result<u32, QueryError> {
+    match value.trim().parse::<u32>() {
+        Ok(p) if p >= 1 => Ok(p),
+        _ => Err(QueryError::new(
+            "page",
+            "InvalidValue",
+            format!("page must be an integer from 1, got {value:?}."),
+        )),
+    }
+}
+
+/// `limit` of a read. Above [`MAX_LIMIT`] it quietly falls back to [`DEFAULT_LIMIT`], no error: so
+/// SDK users report the live API (amocrm/amocrm-api-php#210; the events list alike,
+/// Krukov/amocrm_api#76; `kommo-api-notes.md`). Not a number, or below 1: `400`.
 fn parse_limit(value: &str) -> Result<u32, QueryError> {
-    let limit: i64 = value
-        .trim()
-        .parse()
-        .map_err(|_| QueryError::not_int("limit", value))?;
+    let digits = value.trim();
+    let limit: i64 = match digits.parse() {
+        Ok(limit) => limit,
+        // A number too long for i64 is still a number above the maximum.
+        Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => i64::MAX,
+        Err(_) => return Err(QueryError::not_int("limit", value)),
+    };
     if limit > i64::from(MAX_LIMIT) {
-        return Err(QueryError {
-            detail: "Limit 250 per page".to_string(),
-            path: "limit".to_string(),
-            code: "InvalidValue",
-            message: "Limit 250 per page".to_string(),
-        });
+        return Ok(DEFAULT_LIMIT);
     }
     if limit < 1 {
         return Err(QueryError::new(
@@ -296,6 +303,123 @@ fn parse_limit(value: &str) -> Result<u32, QueryError> {
         ));
     }
     Ok(limit as u32)
+}
+
+/// A parsed `GET /api/v4/contacts` or `GET /api/v4/companies` request: paging and `order[id]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ListQuery {
+    /// Page number, from 1.
+    pub(crate) page: u32,
+    /// Page size, 1..=250 (more falls back to 50, as for leads).
+    pub(crate) limit: u32,
+    /// `order[id]=desc`.
+    pub(crate) desc: bool,
+}
+
+impl Default for ListQuery {
+    fn default() -> Self {
+        Self {
+            page: 1,
+            limit: DEFAULT_LIMIT,
+            desc: false,
+        }
+    }
+}
+
+/// Parse the query of a contacts or companies list; other parameters are ignored.
+pub(crate) fn parse_list(raw: &str) -> Result<ListQuery, QueryError> {
+    let mut q = ListQuery::default();
+    for (key, value) in form_urlencoded::parse(raw.as_bytes()) {
+        let Some((base, segs)) = split_key(&key) else {
+            continue;
+        };
+        match (base, segs.as_slice()) {
+            ("page", []) => q.page = parse_page(&value)?,
+            ("limit", []) => q.limit = parse_limit(&value)?,
+            ("order", ["id"]) => {
+                q.desc = match value.trim().to_ascii_lowercase().as_str() {
+                    "asc" => false,
+                    "desc" => true,
+                    _ => {
+                        return Err(QueryError::new(
+                            "order.id",
+                            "NotSupportedChoice",
+                            format!("Sort direction must be asc or desc, got {value:?}."),
+                        ))
+                    }
+                }
+            }
+            ("order", [other]) => {
+                return Err(QueryError::new(
+                    format!("order.{other}"),
+                    "NotSupportedChoice",
+                    "The value you selected is not a valid choice.",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+/// An `If-Modified-Since` value in RFC 9110's IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) as Unix
+/// seconds; `None` for anything else, which the caller ignores (RFC 9110 §13.1.3).
+///
+/// Kommo's API recommendations advise the header to fetch "recently updated entities"
+/// (amocrm/amocrm-api-php#162; `kommo-api-notes.md`: "Kommo recommends `If-Modified-Since`").
+pub(crate) fn parse_http_date(value: &str) -> Option<i64> {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let b = value.trim().as_bytes();
+    // "Sun, 06 Nov 1994 08:49:37 GMT": fixed positions, 29 bytes.
+    if b.len() != 29 || &b[3..5] != b", " || b[7] != b' ' || b[11] != b' ' || b[16] != b' ' {
+        return None;
+    }
+    if b[19] != b':' || b[22] != b':' || &b[25..] != b" GMT" {
+        return None;
+    }
+    let text = |range: std::ops::Range<usize>| std::str::from_utf8(&b[range]).ok();
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = &b[range];
+        if !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    };
+    if !DAYS.iter().any(|d| Some(*d) == text(0..3)) {
+        return None;
+    }
+    let day = number(5..7)?;
+    let month = MONTHS.iter().position(|m| Some(*m) == text(8..11))? as i64 + 1;
+    let year = number(12..16)?;
+    let (hour, minute, second) = (number(17..19)?, number(20..22)?, number(23..25)?);
+    let days_in_month = match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    // 60 seconds allows a leap second's spelling.
+    if !(1..=days_in_month).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    // The day name is redundant (RFC 9110 §5.6.7): one that does not fit the date is a client's
+    // slip, not another moment, so only its spelling is checked.
+    let days = days_from_civil(year, month, day);
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// `filter[a][b][]` → `("filter", ["a", "b", ""])`; `None` for a malformed bracket.
@@ -469,6 +593,7 @@ impl LeadsQuery {
         let f = &self.filter;
         lead.is_deleted == self.with.only_deleted
             && token.sees(lead.responsible_user_id)
+            && self.modified_since.is_none_or(|t| lead.updated_at >= t)
             && in_list(&f.ids, &lead.id)
             && in_list(&f.names, &lead.name)
             && in_list(&f.pipeline_ids, &lead.pipeline_id)
@@ -650,8 +775,13 @@ mod tests {
                 desc: true
             }
         );
-        assert_eq!(parse("limit=251").unwrap_err().detail, "Limit 250 per page");
+        // Over the maximum, a read quietly gets the default page size.
+        assert_eq!(parse("limit=251").unwrap().limit, DEFAULT_LIMIT);
+        assert_eq!(parse("limit=500&page=2").unwrap().limit, DEFAULT_LIMIT);
+        assert_eq!(parse("limit=99999999999999999999999").unwrap().limit, 50);
         assert!(parse("limit=0").is_err());
+        assert!(parse("limit=-5").is_err());
+        assert!(parse("limit=1.5").is_err());
         assert!(parse("limit=abc").is_err());
         assert!(parse("page=0").is_err());
         assert!(parse("order[price]=asc").is_err());
@@ -697,5 +827,69 @@ mod tests {
         assert!(contains_ci("GLOBEX", "globex"));
         assert!(contains_ci("Müller order 5", "müller"));
         assert!(!contains_ci("Acme", "acmee"));
+    }
+
+    #[test]
+    fn contacts_list_query() {
+        assert_eq!(parse_list("").unwrap(), ListQuery::default());
+        let q = parse_list("page=2&limit=10&order[id]=DESC&filter[id]=3&with=leads").unwrap();
+        assert_eq!(
+            q,
+            ListQuery {
+                page: 2,
+                limit: 10,
+                desc: true
+            }
+        );
+        assert_eq!(parse_list("limit=300").unwrap().limit, DEFAULT_LIMIT);
+        assert!(parse_list("order%5Bid%5D=desc").unwrap().desc);
+        for bad in [
+            "limit=x",
+            "limit=0",
+            "page=0",
+            "order[id]=up",
+            "order[name]=asc",
+        ] {
+            assert!(parse_list(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn http_dates() {
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777)
+        );
+        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        // A day name that does not fit the date is forgiven (2100-01-01 is a Friday).
+        assert_eq!(
+            parse_http_date("Wed, 01 Jan 2100 00:00:00 GMT"),
+            Some(4_102_444_800)
+        );
+        // The dataset's "now".
+        assert_eq!(
+            parse_http_date(" Sat, 01 Jun 2024 00:00:00 GMT "),
+            Some(data::NOW)
+        );
+        assert_eq!(
+            parse_http_date("Thu, 29 Feb 2024 23:59:59 GMT"),
+            Some(1_709_251_199)
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "Xyz, 06 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 31 Nov 1994 08:49:37 GMT",
+            "Fri, 29 Feb 2023 08:49:37 GMT",
+            "Sun, 06 Nov 1994 24:00:00 GMT",
+            "Sun, 0x Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 08:49:37 GMT!",
+            "Sun, 06 Növ 1994 08:49:37GMT",
+        ] {
+            assert_eq!(parse_http_date(bad), None, "{bad:?}");
+        }
     }
 }

@@ -1,12 +1,17 @@
-//! Response bodies in Kommo's shapes: HAL pages of leads, single leads, pipelines, the account, write
-//! results and problem+json errors. Pure: bytes in, bytes out.
+//! Response bodies in Kommo's shapes: HAL pages of leads, contacts and companies, single leads and
+//! contacts, pipelines, the account, write results and problem+json errors. Pure: bytes in, bytes out.
+//!
+//! Every body is written by [`to_vec`] in the sim's [`JsonStyle`]; nothing serializes on its own.
+
+use std::io;
 
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
+use serde_json::ser::{CharEscape, CompactFormatter, Formatter, PrettyFormatter};
 
 use super::data::{self, FieldKind, ACCOUNT_ID, CATALOG_ID, LOSS_REASONS, SOURCES};
-use super::query::{LeadsQuery, QueryError, WithSet};
-use super::{SimLead, SimPipeline};
+use super::query::{LeadsQuery, ListQuery, QueryError, WithSet};
+use super::{JsonStyle, SimCompany, SimContact, SimLead, SimPipeline};
 
 /// `{"href": ...}`.
 #[derive(Serialize)]
@@ -198,6 +203,9 @@ struct SourceJson {
 impl Serialize for LeadEmbedded<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let (l, base, with) = (self.lead, self.ctx.base, self.ctx.with);
+        // Kommo repeats the request's query in the links of embedded contacts and companies too
+        // (`kommo-api-notes.md`, "Links"), as in the lead's own.
+        let suffix = &self.ctx.query_suffix;
         let mut m = s.serialize_map(None)?;
         let none = !self.full;
         let tags: Vec<TagJson<'_>> = if none {
@@ -219,7 +227,7 @@ impl Serialize for LeadEmbedded<'_> {
             .map(|id| LinkedJson {
                 id,
                 is_main: None,
-                _links: SelfLink::new(format!("{base}/api/v4/companies/{id}")),
+                _links: SelfLink::new(format!("{base}/api/v4/companies/{id}{suffix}")),
             })
             .into_iter()
             .collect();
@@ -232,7 +240,7 @@ impl Serialize for LeadEmbedded<'_> {
                 .map(|(i, &id)| LinkedJson {
                     id,
                     is_main: Some(i == 0),
-                    _links: SelfLink::new(format!("{base}/api/v4/contacts/{id}")),
+                    _links: SelfLink::new(format!("{base}/api/v4/contacts/{id}{suffix}")),
                 })
                 .collect();
             m.serialize_entry("contacts", &contacts)?;
@@ -381,8 +389,28 @@ struct PageJson<'a> {
     _embedded: LeadsEmbedded<'a>,
 }
 
+impl PageLinks {
+    /// The links of page `page` of the list at `{base}/api/v4/{path}`, each repeating the request's
+    /// raw query with `page` changed.
+    fn new(base: &str, path: &str, raw_query: &str, page: u32) -> Self {
+        let link = |page: u32| {
+            Href::new(format!(
+                "{base}/api/v4/{path}?{}",
+                with_page(raw_query, page)
+            ))
+        };
+        Self {
+            this: link(page),
+            next: link(page.saturating_add(1)),
+            first: link(1),
+            prev: (page > 1).then(|| link(page - 1)),
+        }
+    }
+}
+
 /// One page of `GET /api/v4/leads`.
 pub(crate) fn leads_page(
+    style: JsonStyle,
     leads: &[SimLead],
     positions: &[u32],
     q: &LeadsQuery,
@@ -390,20 +418,9 @@ pub(crate) fn leads_page(
     raw_query: &str,
 ) -> Vec<u8> {
     let ctx = LeadCtx::new(base, raw_query, q.with);
-    let link = |page: u32| {
-        Href::new(format!(
-            "{base}/api/v4/leads?{}",
-            with_page(raw_query, page)
-        ))
-    };
     let page = PageJson {
         _page: q.page,
-        _links: PageLinks {
-            this: link(q.page),
-            next: link(q.page.saturating_add(1)),
-            first: link(1),
-            prev: (q.page > 1).then(|| link(q.page - 1)),
-        },
+        _links: PageLinks::new(base, "leads", raw_query, q.page),
         _embedded: LeadsEmbedded {
             leads: LeadList {
                 leads,
@@ -412,12 +429,130 @@ pub(crate) fn leads_page(
             },
         },
     };
-    to_vec(&page)
+    to_vec(style, &page)
 }
 
 /// `GET /api/v4/leads/{id}`: the lead object itself.
-pub(crate) fn lead(lead: &SimLead, ctx: &LeadCtx<'_>) -> Vec<u8> {
-    to_vec(&LeadJson { lead, ctx })
+pub(crate) fn lead(style: JsonStyle, lead: &SimLead, ctx: &LeadCtx<'_>) -> Vec<u8> {
+    to_vec(style, &LeadJson { lead, ctx })
+}
+
+/// A contact or company as Kommo lists it (the fields this sim keeps).
+#[derive(Serialize)]
+pub(crate) struct CardJson<'a> {
+    id: i64,
+    name: &'a str,
+    responsible_user_id: i64,
+    created_at: i64,
+    updated_at: i64,
+    account_id: i64,
+    _links: SelfLink,
+}
+
+/// The shared shape of [`SimContact`] and [`SimCompany`] for rendering.
+pub(crate) trait Card {
+    /// The list's path under `/api/v4/` and its `_embedded` key: `contacts` or `companies`.
+    const PATH: &'static str;
+    /// Its id.
+    fn id(&self) -> i64;
+    /// The fields rendered.
+    fn json(&self, self_href: String) -> CardJson<'_>;
+}
+
+impl Card for SimContact {
+    const PATH: &'static str = "contacts";
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
+    fn json(&self, self_href: String) -> CardJson<'_> {
+        CardJson {
+            id: self.id,
+            name: &self.name,
+            responsible_user_id: self.responsible_user_id,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            account_id: ACCOUNT_ID,
+            _links: SelfLink::new(self_href),
+        }
+    }
+}
+
+impl Card for SimCompany {
+    const PATH: &'static str = "companies";
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
+    fn json(&self, self_href: String) -> CardJson<'_> {
+        CardJson {
+            id: self.id,
+            name: &self.name,
+            responsible_user_id: self.responsible_user_id,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            account_id: ACCOUNT_ID,
+            _links: SelfLink::new(self_href),
+        }
+    }
+}
+
+/// A card's self link: `{base}/api/v4/{contacts|companies}/{id}`, plus `?` and the request's raw
+/// query when there is one (Kommo repeats a list request's query in its items' links).
+fn card_href<C: Card>(base: &str, id: i64, raw_query: &str) -> String {
+    let mut href = format!("{base}/api/v4/{}/{id}", C::PATH);
+    if !raw_query.is_empty() {
+        href.push('?');
+        href.push_str(raw_query);
+    }
+    href
+}
+
+/// One page of `GET /api/v4/contacts` or `GET /api/v4/companies`.
+pub(crate) fn cards_page<C: Card>(
+    style: JsonStyle,
+    cards: &[&C],
+    q: &ListQuery,
+    base: &str,
+    raw_query: &str,
+) -> Vec<u8> {
+    struct Items<'a, C>(Vec<CardJson<'a>>, std::marker::PhantomData<C>);
+    impl<C: Card> Serialize for Items<'_, C> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut m = s.serialize_map(Some(1))?;
+            m.serialize_entry(C::PATH, &self.0)?;
+            m.end()
+        }
+    }
+    #[derive(Serialize)]
+    #[serde(bound = "")]
+    struct CardsPage<'a, C: Card> {
+        _page: u32,
+        _links: PageLinks,
+        _embedded: Items<'a, C>,
+    }
+    let items = cards
+        .iter()
+        .map(|c| c.json(card_href::<C>(base, c.id(), raw_query)))
+        .collect();
+    to_vec(
+        style,
+        &CardsPage::<C> {
+            _page: q.page,
+            _links: PageLinks::new(base, C::PATH, raw_query, q.page),
+            _embedded: Items(items, std::marker::PhantomData),
+        },
+    )
+}
+
+/// `GET /api/v4/contacts/{id}` or `GET /api/v4/companies/{id}`: the object itself.
+pub(crate) fn card<C: Card>(style: JsonStyle, card: &C, base: &str, raw_query: &str) -> Vec<u8> {
+    to_vec(
+        style,
+        &card.json(card_href::<C>(base, card.id(), raw_query)),
+    )
 }
 
 #[derive(Serialize)]
@@ -498,19 +633,22 @@ fn pipeline_json<'a>(p: &'a SimPipeline, base: &str) -> PipelineJson<'a> {
 }
 
 /// `GET /api/v4/leads/pipelines`.
-pub(crate) fn pipelines(pipelines: &[SimPipeline], base: &str) -> Vec<u8> {
-    to_vec(&PipelinesJson {
-        _total_items: pipelines.len(),
-        _links: SelfLink::new(format!("{base}/api/v4/leads/pipelines")),
-        _embedded: PipelinesEmbedded {
-            pipelines: pipelines.iter().map(|p| pipeline_json(p, base)).collect(),
+pub(crate) fn pipelines(style: JsonStyle, pipelines: &[SimPipeline], base: &str) -> Vec<u8> {
+    to_vec(
+        style,
+        &PipelinesJson {
+            _total_items: pipelines.len(),
+            _links: SelfLink::new(format!("{base}/api/v4/leads/pipelines")),
+            _embedded: PipelinesEmbedded {
+                pipelines: pipelines.iter().map(|p| pipeline_json(p, base)).collect(),
+            },
         },
-    })
+    )
 }
 
 /// `GET /api/v4/leads/pipelines/{id}`.
-pub(crate) fn pipeline(p: &SimPipeline, base: &str) -> Vec<u8> {
-    to_vec(&pipeline_json(p, base))
+pub(crate) fn pipeline(style: JsonStyle, p: &SimPipeline, base: &str) -> Vec<u8> {
+    to_vec(style, &pipeline_json(p, base))
 }
 
 #[derive(Serialize)]
@@ -536,27 +674,30 @@ struct AccountJson {
 }
 
 /// `GET /api/v4/account`; `current_user_id` is the token's first user.
-pub(crate) fn account(base: &str, current_user_id: i64) -> Vec<u8> {
-    to_vec(&AccountJson {
-        id: ACCOUNT_ID,
-        name: "Simulated account",
-        subdomain: "sim",
-        created_at: data::NOW - 3 * 365 * 86_400,
-        created_by: data::USERS[0],
-        updated_at: data::NOW - 30 * 86_400,
-        updated_by: data::USERS[0],
-        current_user_id,
-        country: "US",
-        currency: "USD",
-        currency_symbol: "$",
-        customers_mode: "disabled",
-        is_unsorted_on: true,
-        is_loss_reason_enabled: true,
-        is_helpbot_enabled: false,
-        is_technical_account: false,
-        contact_name_display_order: 1,
-        _links: SelfLink::new(format!("{base}/api/v4/account")),
-    })
+pub(crate) fn account(style: JsonStyle, base: &str, current_user_id: i64) -> Vec<u8> {
+    to_vec(
+        style,
+        &AccountJson {
+            id: ACCOUNT_ID,
+            name: "Simulated account",
+            subdomain: "sim",
+            created_at: data::NOW - 3 * 365 * 86_400,
+            created_by: data::USERS[0],
+            updated_at: data::NOW - 30 * 86_400,
+            updated_by: data::USERS[0],
+            current_user_id,
+            country: "US",
+            currency: "USD",
+            currency_symbol: "$",
+            customers_mode: "disabled",
+            is_unsorted_on: true,
+            is_loss_reason_enabled: true,
+            is_helpbot_enabled: false,
+            is_technical_account: false,
+            contact_name_display_order: 1,
+            _links: SelfLink::new(format!("{base}/api/v4/account")),
+        },
+    )
 }
 
 #[derive(Serialize)]
@@ -581,39 +722,45 @@ struct WrittenJson {
 }
 
 /// The answer to `POST /api/v4/leads`: `(id, request_id)` per created lead.
-pub(crate) fn created(base: &str, leads: &[(i64, String)]) -> Vec<u8> {
-    to_vec(&WrittenJson {
-        _links: SelfLink::new(format!("{base}/api/v4/leads")),
-        _embedded: WrittenEmbedded {
-            leads: leads
-                .iter()
-                .map(|(id, request_id)| WrittenLead {
-                    id: *id,
-                    request_id: Some(request_id.clone()),
-                    updated_at: None,
-                    _links: SelfLink::new(format!("{base}/api/v4/leads/{id}")),
-                })
-                .collect(),
+pub(crate) fn created(style: JsonStyle, base: &str, leads: &[(i64, String)]) -> Vec<u8> {
+    to_vec(
+        style,
+        &WrittenJson {
+            _links: SelfLink::new(format!("{base}/api/v4/leads")),
+            _embedded: WrittenEmbedded {
+                leads: leads
+                    .iter()
+                    .map(|(id, request_id)| WrittenLead {
+                        id: *id,
+                        request_id: Some(request_id.clone()),
+                        updated_at: None,
+                        _links: SelfLink::new(format!("{base}/api/v4/leads/{id}")),
+                    })
+                    .collect(),
+            },
         },
-    })
+    )
 }
 
 /// The answer to `PATCH /api/v4/leads` (a list): `(id, updated_at)` per lead.
-pub(crate) fn updated_many(base: &str, leads: &[(i64, i64)]) -> Vec<u8> {
-    to_vec(&WrittenJson {
-        _links: SelfLink::new(format!("{base}/api/v4/leads")),
-        _embedded: WrittenEmbedded {
-            leads: leads
-                .iter()
-                .map(|&(id, at)| updated_json(base, id, at))
-                .collect(),
+pub(crate) fn updated_many(style: JsonStyle, base: &str, leads: &[(i64, i64)]) -> Vec<u8> {
+    to_vec(
+        style,
+        &WrittenJson {
+            _links: SelfLink::new(format!("{base}/api/v4/leads")),
+            _embedded: WrittenEmbedded {
+                leads: leads
+                    .iter()
+                    .map(|&(id, at)| updated_json(base, id, at))
+                    .collect(),
+            },
         },
-    })
+    )
 }
 
 /// The answer to `PATCH /api/v4/leads/{id}`.
-pub(crate) fn updated_one(base: &str, id: i64, updated_at: i64) -> Vec<u8> {
-    to_vec(&updated_json(base, id, updated_at))
+pub(crate) fn updated_one(style: JsonStyle, base: &str, id: i64, updated_at: i64) -> Vec<u8> {
+    to_vec(style, &updated_json(base, id, updated_at))
 }
 
 fn updated_json(base: &str, id: i64, updated_at: i64) -> WrittenLead {
@@ -669,12 +816,12 @@ impl<'a> ProblemJson<'a> {
 }
 
 /// `{"title", "type", "status", "detail"}`.
-pub(crate) fn problem(status: u16, title: &str, detail: &str) -> Vec<u8> {
-    to_vec(&ProblemJson::new(status, title, detail))
+pub(crate) fn problem(style: JsonStyle, status: u16, title: &str, detail: &str) -> Vec<u8> {
+    to_vec(style, &ProblemJson::new(status, title, detail))
 }
 
 /// Kommo's `400` for a bad query.
-pub(crate) fn query_problem(e: &QueryError) -> Vec<u8> {
+pub(crate) fn query_problem(style: JsonStyle, e: &QueryError) -> Vec<u8> {
     let mut p = ProblemJson::new(400, "Bad Request", &e.detail);
     p.validation_errors = Some(vec![ValidationJson {
         request_id: "0".to_string(),
@@ -684,11 +831,16 @@ pub(crate) fn query_problem(e: &QueryError) -> Vec<u8> {
             detail: &e.message,
         }],
     }]);
-    to_vec(&p)
+    to_vec(style, &p)
 }
 
 /// Kommo's `400` for a refused write of element `request_id`.
-pub(crate) fn write_problem(request_id: &str, path: &str, detail: &str) -> Vec<u8> {
+pub(crate) fn write_problem(
+    style: JsonStyle,
+    request_id: &str,
+    path: &str,
+    detail: &str,
+) -> Vec<u8> {
     let mut p = ProblemJson::new(400, "Bad Request", "Request validation failed");
     p.validation_errors = Some(vec![ValidationJson {
         request_id: request_id.to_string(),
@@ -698,22 +850,22 @@ pub(crate) fn write_problem(request_id: &str, path: &str, detail: &str) -> Vec<u
             detail,
         }],
     }]);
-    to_vec(&p)
+    to_vec(style, &p)
 }
 
 /// Kommo's `429` body.
-pub(crate) fn too_many_requests(retry_after: Option<u64>) -> Vec<u8> {
+pub(crate) fn too_many_requests(style: JsonStyle, retry_after: Option<u64>) -> Vec<u8> {
     let mut p = ProblemJson::new(
         429,
         "Too Many Requests",
         "You have sent too many requests in a given amount of time. Please try again later.",
     );
     p.retry_after = retry_after;
-    to_vec(&p)
+    to_vec(style, &p)
 }
 
 /// Kommo's `500` body (no `type`, a `trace_id`).
-pub(crate) fn internal_error(trace_id: u64) -> Vec<u8> {
+pub(crate) fn internal_error(style: JsonStyle, trace_id: u64) -> Vec<u8> {
     let mut p = ProblemJson::new(
         500,
         "ErrInternalServer",
@@ -721,15 +873,107 @@ pub(crate) fn internal_error(trace_id: u64) -> Vec<u8> {
     );
     p.type_ = None;
     p.trace_id = Some(format!("{trace_id:016x}"));
-    to_vec(&p)
+    to_vec(style, &p)
 }
 
 /// The HTML page a blocked account or IP gets.
 pub(crate) const FORBIDDEN_HTML: &str = "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>403 Forbidden</title></head>\n<body><h1>403 Forbidden</h1><p>Access to this account has been temporarily restricted because of too many requests. Please try again later.</p></body></html>\n";
 
-fn to_vec<T: Serialize>(value: &T) -> Vec<u8> {
+/// The body of a truncated answer that had no `200` body to cut: an empty leads page.
+pub(crate) fn empty_leads_page(style: JsonStyle) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Empty {
+        _page: u32,
+        _links: SelfLink,
+        _embedded: EmptyLeads,
+    }
+    #[derive(Serialize)]
+    struct EmptyLeads {
+        leads: [(); 0],
+    }
+    to_vec(
+        style,
+        &Empty {
+            _page: 1,
+            _links: SelfLink::new("/api/v4/leads".to_string()),
+            _embedded: EmptyLeads { leads: [] },
+        },
+    )
+}
+
+/// The one place a body is serialized: `value` spelled in `style`.
+pub(crate) fn to_vec<T: Serialize>(style: JsonStyle, value: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    let written = match style {
+        JsonStyle::Compact => value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            CompactFormatter,
+        )),
+        JsonStyle::Php => value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PhpFormatter,
+        )),
+        JsonStyle::Pretty => value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out,
+            PrettyFormatter::with_indent(b"    "),
+        )),
+    };
     // Our own types with string keys cannot fail to serialize; an empty body would show up at once.
-    serde_json::to_vec(value).unwrap_or_default()
+    match written {
+        Ok(()) => out,
+        Err(_) => Vec::new(),
+    }
+}
+
+/// PHP's `json_encode` with the flags of Symfony's `JsonResponse` (`JSON_HEX_TAG | JSON_HEX_APOS |
+/// JSON_HEX_AMP | JSON_HEX_QUOT`, without `JSON_UNESCAPED_SLASHES` or `JSON_UNESCAPED_UNICODE`):
+/// compact, `/` as `\/`, `<` `>` `&` `'` `"` as `\u003C` `\u003E` `\u0026` `\u0027` `\u0022`,
+/// and every non-ASCII character as lower-case `\uXXXX` UTF-16 units, as PHP writes them.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PhpFormatter;
+
+impl Formatter for PhpFormatter {
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        // Plain runs go out whole; only the characters PHP escapes are written one by one.
+        let mut plain_from = 0;
+        for (at, c) in fragment.char_indices() {
+            if c.is_ascii() && !matches!(c, '/' | '<' | '>' | '&' | '\'') {
+                continue;
+            }
+            writer.write_all(&fragment.as_bytes()[plain_from..at])?;
+            plain_from = at + c.len_utf8();
+            match c {
+                '/' => writer.write_all(b"\\/")?,
+                '<' => writer.write_all(b"\\u003C")?,
+                '>' => writer.write_all(b"\\u003E")?,
+                '&' => writer.write_all(b"\\u0026")?,
+                '\'' => writer.write_all(b"\\u0027")?,
+                _ => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        write!(writer, "\\u{unit:04x}")?;
+                    }
+                }
+            }
+        }
+        writer.write_all(&fragment.as_bytes()[plain_from..])
+    }
+
+    fn write_char_escape<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        char_escape: CharEscape,
+    ) -> io::Result<()> {
+        match char_escape {
+            // JSON_HEX_QUOT.
+            CharEscape::Quote => writer.write_all(b"\\u0022"),
+            other => CompactFormatter.write_char_escape(writer, other),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -746,11 +990,37 @@ mod tests {
 
     #[test]
     fn problem_shapes() {
-        let v: serde_json::Value = serde_json::from_slice(&too_many_requests(Some(1))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&too_many_requests(JsonStyle::Compact, Some(1))).unwrap();
         assert_eq!(v["retry_after"], 1);
         assert_eq!(v["type"], "https://httpstatus.es/429");
-        let v: serde_json::Value = serde_json::from_slice(&internal_error(7)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&internal_error(JsonStyle::Compact, 7)).unwrap();
         assert_eq!(v["title"], "ErrInternalServer");
         assert!(v.get("type").is_none());
+    }
+
+    #[test]
+    fn php_spelling_is_json_encodes() {
+        let value = serde_json::json!({
+            "href": "http://h/api/v4/leads?a=1&b=<2>",
+            "name": "Café 'Ромашка' \"q\" \\ 🚀\n\u{1}",
+        });
+        let php = String::from_utf8(to_vec(JsonStyle::Php, &value)).unwrap();
+        assert_eq!(
+            php,
+            r#"{"href":"http:\/\/h\/api\/v4\/leads?a=1\u0026b=\u003C2\u003E","name":"Caf\u00e9 \u0027\u0420\u043e\u043c\u0430\u0448\u043a\u0430\u0027 \u0022q\u0022 \\ \ud83d\ude80\n\u0001"}"#
+        );
+        let back: serde_json::Value = serde_json::from_str(&php).unwrap();
+        assert_eq!(back, value);
+        let pretty = String::from_utf8(to_vec(JsonStyle::Pretty, &value)).unwrap();
+        assert!(
+            pretty.starts_with("{\n    \"href\": \"http://h/"),
+            "{pretty}"
+        );
+        assert_eq!(
+            to_vec(JsonStyle::Compact, &value),
+            serde_json::to_vec(&value).unwrap()
+        );
     }
 }

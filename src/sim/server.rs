@@ -8,7 +8,7 @@ use std::sync::PoisonError;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, IF_MODIFIED_SINCE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
@@ -22,11 +22,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::data::{LeadPatch, USERS};
+use super::data::{LeadPatch, Store, USERS};
 use super::faults::LimitDecision;
-use super::query::{self, MAX_LIMIT};
-use super::render::{self, LeadCtx};
-use super::{Fault, RecordedRequest, Sim, TokenSpec};
+use super::query::{self, LeadsQuery, MAX_LIMIT};
+use super::render::{self, Card, LeadCtx};
+use super::{Fault, JsonStyle, RecordedRequest, Sim, TokenSpec};
 
 /// The response body type: whole bodies, or a stream that fails half-way (truncation fault).
 pub(crate) type Body = BoxBody<Bytes, io::Error>;
@@ -88,8 +88,8 @@ impl Reply {
         Self::new(status, PROBLEM_JSON, body)
     }
 
-    fn simple_problem(status: u16, title: &str, detail: &str) -> Self {
-        Self::problem(status, render::problem(status, title, detail))
+    fn simple_problem(style: JsonStyle, status: u16, title: &str, detail: &str) -> Self {
+        Self::problem(status, render::problem(style, status, title, detail))
     }
 
     fn no_content() -> Self {
@@ -105,16 +105,17 @@ impl Reply {
         Self::new(403, TEXT_HTML, render::FORBIDDEN_HTML)
     }
 
-    fn unauthorized() -> Self {
-        Self::simple_problem(401, "Unauthorized", "Invalid user name or password")
+    fn unauthorized(style: JsonStyle) -> Self {
+        Self::simple_problem(style, 401, "Unauthorized", "Invalid user name or password")
     }
 
-    fn not_found() -> Self {
-        Self::simple_problem(404, "Not Found", "Not Found")
+    fn not_found(style: JsonStyle) -> Self {
+        Self::simple_problem(style, 404, "Not Found", "Not Found")
     }
 
-    fn method_not_allowed(allow: &'static str) -> Self {
-        let mut reply = Self::simple_problem(405, "Method Not Allowed", "Method Not Allowed");
+    fn method_not_allowed(style: JsonStyle, allow: &'static str) -> Self {
+        let mut reply =
+            Self::simple_problem(style, 405, "Method Not Allowed", "Method Not Allowed");
         reply.headers.push(("allow", allow.to_string()));
         reply
     }
@@ -139,13 +140,11 @@ impl Reply {
 
     /// `200` hal+json declaring the full `Content-Length`, then failing after half the body: the
     /// client sees a message cut short.
-    fn into_truncated(self) -> Response<Body> {
+    fn into_truncated(self, style: JsonStyle) -> Response<Body> {
         let whole = if self.status == 200 && self.body.len() >= 2 {
             self.body
         } else {
-            Bytes::from_static(
-                b"{\"_page\":1,\"_links\":{\"self\":{\"href\":\"/api/v4/leads\"}},\"_embedded\":{\"leads\":[]}}",
-            )
+            Bytes::from(render::empty_leads_page(style))
         };
         let half = whole.slice(..whole.len() / 2);
         let frames: Vec<Result<Frame<Bytes>, io::Error>> = vec![
@@ -273,6 +272,7 @@ impl Sim {
         });
         // Limits and faults are decided on arrival, in arrival order; the answer waits for latency.
         let gate = self.gate(arrived, &path, &raw_query, slot);
+        let style = self.0.json_style;
         let delay = self.delay();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -287,7 +287,7 @@ impl Sim {
             Gate::Truncate => self
                 .route(req, &base, &path, &raw_query, token.as_deref())
                 .await
-                .into_truncated(),
+                .into_truncated(style),
             Gate::Reset => {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionReset,
@@ -316,6 +316,7 @@ impl Sim {
 
     /// Rate limit first (Kommo's edge counts every arrival), then the fault rules.
     fn gate(&self, now: Instant, path: &str, raw_query: &str, slot: LogSlot) -> Gate {
+        let style = self.0.json_style;
         if let Some(limiter) = &self.0.limiter {
             let decision = limiter
                 .lock()
@@ -326,7 +327,7 @@ impl Sim {
                 LimitDecision::TooMany { retry_after } => {
                     return Gate::Reply(Reply::problem(
                         429,
-                        render::too_many_requests(Some(retry_after)),
+                        render::too_many_requests(style, Some(retry_after)),
                     ))
                 }
                 LimitDecision::Blocked => return Gate::Reply(Reply::html_forbidden()),
@@ -342,13 +343,13 @@ impl Sim {
             None => Gate::Pass,
             Some(Fault::Status500) => {
                 let trace = slot.0.wrapping_mul(0x9E37_79B9) ^ slot.1 as u64;
-                Gate::Reply(Reply::problem(500, render::internal_error(trace)))
+                Gate::Reply(Reply::problem(500, render::internal_error(style, trace)))
             }
             Some(Fault::TooManyRequests {
                 retry_after,
                 header,
             }) => {
-                let mut reply = Reply::problem(429, render::too_many_requests(retry_after));
+                let mut reply = Reply::problem(429, render::too_many_requests(style, retry_after));
                 if let (true, Some(seconds)) = (header, retry_after) {
                     reply.headers.push(("retry-after", seconds.to_string()));
                 }
@@ -362,6 +363,8 @@ impl Sim {
                 body,
                 content_type,
             }) => Gate::Reply(Reply::new(status, &content_type, body)),
+            // Body faults are picked by the leads list handler, never on arrival.
+            Some(Fault::MisplaceLead | Fault::DropLead) => Gate::Pass,
         }
     }
 
@@ -391,59 +394,110 @@ impl Sim {
         raw_query: &str,
         token: Option<&str>,
     ) -> Reply {
+        let style = self.0.json_style;
         let Some(spec) = token.and_then(|t| self.0.tokens.iter().find(|s| s.token == t)) else {
-            return Reply::unauthorized();
+            return Reply::unauthorized(style);
         };
         let trimmed = path.trim_end_matches('/');
         let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
         let method = req.method().clone();
         match segments.as_slice() {
             ["api", "v4", "leads"] => match method {
-                Method::GET => self.list_leads(raw_query, base, spec),
+                Method::GET => {
+                    let since = req
+                        .headers()
+                        .get(IF_MODIFIED_SINCE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(query::parse_http_date);
+                    self.list_leads(path, raw_query, since, base, spec)
+                }
                 Method::POST => self.create_leads(req, base, spec).await,
                 Method::PATCH => self.patch_leads(req, base, spec).await,
-                _ => Reply::method_not_allowed("GET, POST, PATCH"),
+                _ => Reply::method_not_allowed(style, "GET, POST, PATCH"),
             },
             ["api", "v4", "leads", "pipelines"] => match method {
-                Method::GET => Reply::hal(render::pipelines(&self.store().pipelines, base)),
-                _ => Reply::method_not_allowed("GET"),
+                Method::GET => Reply::hal(render::pipelines(style, &self.store().pipelines, base)),
+                _ => Reply::method_not_allowed(style, "GET"),
             },
             ["api", "v4", "leads", "pipelines", id] => {
                 let store = self.store();
                 let Some(pipeline) = id.parse().ok().and_then(|id| store.pipeline(id)) else {
-                    return Reply::not_found();
+                    return Reply::not_found(style);
                 };
                 match method {
-                    Method::GET => Reply::hal(render::pipeline(pipeline, base)),
-                    _ => Reply::method_not_allowed("GET"),
+                    Method::GET => Reply::hal(render::pipeline(style, pipeline, base)),
+                    _ => Reply::method_not_allowed(style, "GET"),
                 }
             }
             ["api", "v4", "leads", id] => {
                 let Ok(id) = id.parse::<i64>() else {
-                    return Reply::not_found();
+                    return Reply::not_found(style);
                 };
                 match method {
                     Method::GET => self.get_lead(id, raw_query, base, spec),
                     Method::PATCH => self.patch_lead(id, req, base, spec).await,
-                    _ => Reply::method_not_allowed("GET, PATCH"),
+                    _ => Reply::method_not_allowed(style, "GET, PATCH"),
                 }
             }
-            ["api", "v4", "account"] => match method {
-                Method::GET => Reply::hal(render::account(base, acting_user(spec))),
-                _ => Reply::method_not_allowed("GET"),
+            ["api", "v4", "contacts"] => match method {
+                Method::GET => self.list_cards(raw_query, base, |store| {
+                    let ids = store.visible_contact_ids(spec);
+                    ids.iter().filter_map(|&id| store.contact(id)).collect()
+                }),
+                _ => Reply::method_not_allowed(style, "GET"),
             },
-            _ => Reply::not_found(),
+            ["api", "v4", "companies"] => match method {
+                Method::GET => self.list_cards(raw_query, base, |store| {
+                    let ids = store.visible_company_ids(spec);
+                    ids.iter().filter_map(|&id| store.company(id)).collect()
+                }),
+                _ => Reply::method_not_allowed(style, "GET"),
+            },
+            ["api", "v4", "contacts", id] => match (method, id.parse::<i64>()) {
+                (Method::GET, Ok(id)) => self.get_card(raw_query, base, |store| {
+                    store
+                        .contact(id)
+                        .filter(|_| store.visible_contact_ids(spec).contains(&id))
+                }),
+                (Method::GET, Err(_)) => Reply::not_found(style),
+                _ => Reply::method_not_allowed(style, "GET"),
+            },
+            ["api", "v4", "companies", id] => match (method, id.parse::<i64>()) {
+                (Method::GET, Ok(id)) => self.get_card(raw_query, base, |store| {
+                    store
+                        .company(id)
+                        .filter(|_| store.visible_company_ids(spec).contains(&id))
+                }),
+                (Method::GET, Err(_)) => Reply::not_found(style),
+                _ => Reply::method_not_allowed(style, "GET"),
+            },
+            ["api", "v4", "account"] => match method {
+                Method::GET => Reply::hal(render::account(style, base, acting_user(spec))),
+                _ => Reply::method_not_allowed(style, "GET"),
+            },
+            _ => Reply::not_found(style),
         }
     }
 
     // === handlers ===
 
-    /// `GET /api/v4/leads`.
-    fn list_leads(&self, raw_query: &str, base: &str, token: &TokenSpec) -> Reply {
-        let q = match query::parse(raw_query) {
+    /// `GET /api/v4/leads`; `since` is a parsed `If-Modified-Since` (Kommo recommends the header
+    /// for "recently updated entities": amocrm/amocrm-api-php#162): only leads updated at or after
+    /// it are listed.
+    fn list_leads(
+        &self,
+        path: &str,
+        raw_query: &str,
+        since: Option<i64>,
+        base: &str,
+        token: &TokenSpec,
+    ) -> Reply {
+        let style = self.0.json_style;
+        let mut q = match query::parse(raw_query) {
             Ok(q) => q,
-            Err(error) => return Reply::problem(400, render::query_problem(&error)),
+            Err(error) => return Reply::problem(400, render::query_problem(style, &error)),
         };
+        q.modified_since = since;
         let store = self.store();
         let hits = q.select(&store, token);
         let start = (q.page as usize - 1).saturating_mul(q.limit as usize);
@@ -451,27 +505,123 @@ impl Sim {
             return Reply::no_content();
         }
         let end = start.saturating_add(q.limit as usize).min(hits.len());
+        let mut page = hits[start..end].to_vec();
+        self.mutate_page(&store, &q, token, path, raw_query, &mut page);
         Reply::hal(render::leads_page(
+            style,
             &store.leads,
-            &hits[start..end],
+            &page,
             &q,
             base,
             raw_query,
         ))
     }
 
+    /// Apply the first body fault that fires on this `200` page, if any.
+    fn mutate_page(
+        &self,
+        store: &Store,
+        q: &LeadsQuery,
+        token: &TokenSpec,
+        path: &str,
+        raw_query: &str,
+        page: &mut Vec<u32>,
+    ) {
+        // The stand-in for a misplaced lead, found only if a misplace rule matches this request.
+        let mut stranger: Option<u32> = None;
+        let fired = self
+            .0
+            .faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pick_body(path, raw_query, |fault| match fault {
+                Fault::DropLead => !page.is_empty(),
+                Fault::MisplaceLead => {
+                    stranger = q
+                        .filter
+                        .stage
+                        .and_then(|stage| lead_of_another_stage(store, stage, q, token));
+                    stranger.is_some() && !page.is_empty()
+                }
+                _ => false,
+            });
+        match (fired, stranger) {
+            (Some(Fault::DropLead), _) => {
+                page.remove(0);
+            }
+            (Some(Fault::MisplaceLead), Some(stranger)) => {
+                if let Some(last) = page.last_mut() {
+                    *last = stranger;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `GET /api/v4/contacts` or `GET /api/v4/companies`: `visible` lists what the token sees,
+    /// ascending by id.
+    fn list_cards<C: Card>(
+        &self,
+        raw_query: &str,
+        base: &str,
+        visible: impl FnOnce(&Store) -> Vec<&C>,
+    ) -> Reply {
+        let style = self.0.json_style;
+        let q = match query::parse_list(raw_query) {
+            Ok(q) => q,
+            Err(error) => return Reply::problem(400, render::query_problem(style, &error)),
+        };
+        let store = self.store();
+        let mut cards = visible(&store);
+        if q.desc {
+            cards.reverse();
+        }
+        let start = (q.page as usize - 1).saturating_mul(q.limit as usize);
+        if start >= cards.len() {
+            return Reply::no_content();
+        }
+        let end = start.saturating_add(q.limit as usize).min(cards.len());
+        Reply::hal(render::cards_page(
+            style,
+            &cards[start..end],
+            &q,
+            base,
+            raw_query,
+        ))
+    }
+
+    /// `GET /api/v4/contacts/{id}` or `GET /api/v4/companies/{id}`: `204` when the token does not
+    /// see it, as for a lead.
+    fn get_card<C: Card>(
+        &self,
+        raw_query: &str,
+        base: &str,
+        find: impl FnOnce(&Store) -> Option<&C>,
+    ) -> Reply {
+        let store = self.store();
+        match find(&store) {
+            Some(card) => Reply::hal(render::card(self.0.json_style, card, base, raw_query)),
+            None => Reply::no_content(),
+        }
+    }
+
     /// `GET /api/v4/leads/{id}`: `204` when there is no such lead for this token.
     fn get_lead(&self, id: i64, raw_query: &str, base: &str, token: &TokenSpec) -> Reply {
+        let style = self.0.json_style;
         let q = match query::parse(raw_query) {
             Ok(q) => q,
-            Err(error) => return Reply::problem(400, render::query_problem(&error)),
+            Err(error) => return Reply::problem(400, render::query_problem(style, &error)),
         };
         let store = self.store();
         match store.position(id).map(|pos| &store.leads[pos as usize]) {
             Some(lead) if !lead.is_deleted && token.sees(lead.responsible_user_id) => {
                 let mut with = q.with;
                 with.only_deleted = false;
-                Reply::hal(render::lead(lead, &LeadCtx::new(base, raw_query, with)))
+                Reply::hal(render::lead(
+                    style,
+                    lead,
+                    &LeadCtx::new(base, raw_query, with),
+                ))
             }
             _ => Reply::no_content(),
         }
@@ -479,7 +629,8 @@ impl Sim {
 
     /// `POST /api/v4/leads`: a JSON array of leads, all or nothing.
     async fn create_leads(&self, req: Request<Incoming>, base: &str, token: &TokenSpec) -> Reply {
-        let items = match read_json_array(req).await {
+        let style = self.0.json_style;
+        let items = match read_json_array(style, req).await {
             Ok(items) => items,
             Err(reply) => return reply,
         };
@@ -489,7 +640,7 @@ impl Sim {
                 Some(Value::String(s)) => s.clone(),
                 _ => i.to_string(),
             };
-            match lead_patch(item, &request_id) {
+            match lead_patch(style, item, &request_id) {
                 Ok(patch) => patches.push((request_id, patch)),
                 Err(reply) => return reply,
             }
@@ -507,7 +658,12 @@ impl Sim {
             if !stage_ok {
                 return Reply::problem(
                     400,
-                    render::write_problem(request_id, "status_id", "Unknown pipeline or status"),
+                    render::write_problem(
+                        style,
+                        request_id,
+                        "status_id",
+                        "Unknown pipeline or status",
+                    ),
                 );
             }
         }
@@ -518,12 +674,12 @@ impl Sim {
                 Err(error) => {
                     return Reply::problem(
                         400,
-                        render::write_problem(&request_id, error.path, &error.detail),
+                        render::write_problem(style, &request_id, error.path, &error.detail),
                     )
                 }
             }
         }
-        Reply::hal(render::created(base, &created))
+        Reply::hal(render::created(style, base, &created))
     }
 
     /// `PATCH /api/v4/leads/{id}`.
@@ -534,23 +690,25 @@ impl Sim {
         base: &str,
         token: &TokenSpec,
     ) -> Reply {
-        let body = match read_json(req).await {
+        let style = self.0.json_style;
+        let body = match read_json(style, req).await {
             Ok(body) => body,
             Err(reply) => return reply,
         };
-        let patch = match lead_patch(&body, "0") {
+        let patch = match lead_patch(style, &body, "0") {
             Ok(patch) => patch,
             Err(reply) => return reply,
         };
         match self.apply_patch(id, patch, token, "0") {
-            Ok(updated_at) => Reply::hal(render::updated_one(base, id, updated_at)),
+            Ok(updated_at) => Reply::hal(render::updated_one(style, base, id, updated_at)),
             Err(reply) => reply,
         }
     }
 
     /// `PATCH /api/v4/leads`: a JSON array of changes, each with its `id`.
     async fn patch_leads(&self, req: Request<Incoming>, base: &str, token: &TokenSpec) -> Reply {
-        let items = match read_json_array(req).await {
+        let style = self.0.json_style;
+        let items = match read_json_array(style, req).await {
             Ok(items) => items,
             Err(reply) => return reply,
         };
@@ -560,10 +718,15 @@ impl Sim {
             let Some(id) = item.get("id").and_then(Value::as_i64) else {
                 return Reply::problem(
                     400,
-                    render::write_problem(&request_id, "id", "This value should not be blank."),
+                    render::write_problem(
+                        style,
+                        &request_id,
+                        "id",
+                        "This value should not be blank.",
+                    ),
                 );
             };
-            let patch = match lead_patch(item, &request_id) {
+            let patch = match lead_patch(style, item, &request_id) {
                 Ok(patch) => patch,
                 Err(reply) => return reply,
             };
@@ -572,7 +735,7 @@ impl Sim {
                 Err(reply) => return reply,
             }
         }
-        Reply::hal(render::updated_many(base, &done))
+        Reply::hal(render::updated_many(style, base, &done))
     }
 
     fn apply_patch(
@@ -582,6 +745,7 @@ impl Sim {
         token: &TokenSpec,
         request_id: &str,
     ) -> Result<i64, Reply> {
+        let style = self.0.json_style;
         let now = self.now_ts();
         let mut store = self.store_mut();
         let pos = store
@@ -590,11 +754,40 @@ impl Sim {
                 let lead = &store.leads[pos as usize];
                 !lead.is_deleted && token.sees(lead.responsible_user_id)
             })
-            .ok_or_else(Reply::not_found)?;
+            .ok_or_else(|| Reply::not_found(style))?;
         store
             .update(pos, patch, acting_user(token), now)
-            .map_err(|e| Reply::problem(400, render::write_problem(request_id, e.path, &e.detail)))
+            .map_err(|e| {
+                Reply::problem(
+                    400,
+                    render::write_problem(style, request_id, e.path, &e.detail),
+                )
+            })
     }
+}
+
+/// The lead [`Fault::MisplaceLead`] puts on a page of `stage`: the first live lead the token sees
+/// that is not listed under `stage`, from another pipeline when there is one (so that a check
+/// against any stage of `stage`'s pipeline catches it too).
+fn lead_of_another_stage(
+    store: &Store,
+    stage: (i64, i64),
+    q: &LeadsQuery,
+    token: &TokenSpec,
+) -> Option<u32> {
+    let listed = store.stage_positions(stage);
+    let candidates = || {
+        (0..store.leads.len() as u32).filter(|&pos| {
+            let lead = &store.leads[pos as usize];
+            lead.is_deleted == q.with.only_deleted
+                && token.sees(lead.responsible_user_id)
+                && (lead.pipeline_id, lead.status_id) != stage
+                && listed.binary_search(&pos).is_err()
+        })
+    };
+    candidates()
+        .find(|&pos| store.leads[pos as usize].pipeline_id != stage.0)
+        .or_else(|| candidates().next())
 }
 
 /// The user a token acts as: its first responsible user, or the account owner.
@@ -626,20 +819,22 @@ fn base_url<B>(req: &Request<B>, local: SocketAddr) -> String {
     }
 }
 
-async fn read_json(req: Request<Incoming>) -> Result<Value, Reply> {
+async fn read_json(style: JsonStyle, req: Request<Incoming>) -> Result<Value, Reply> {
     let bytes = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|_| Reply::simple_problem(400, "Bad Request", "Request body is too large"))?
+        .map_err(|_| Reply::simple_problem(style, 400, "Bad Request", "Request body is too large"))?
         .to_bytes();
-    serde_json::from_slice(&bytes)
-        .map_err(|_| Reply::simple_problem(400, "Bad Request", "Request body is not valid JSON"))
+    serde_json::from_slice(&bytes).map_err(|_| {
+        Reply::simple_problem(style, 400, "Bad Request", "Request body is not valid JSON")
+    })
 }
 
 /// A JSON array of at most 250 items, as Kommo's batch writes take; otherwise the reply to give.
-async fn read_json_array(req: Request<Incoming>) -> Result<Vec<Value>, Reply> {
-    let Value::Array(items) = read_json(req).await? else {
+async fn read_json_array(style: JsonStyle, req: Request<Incoming>) -> Result<Vec<Value>, Reply> {
+    let Value::Array(items) = read_json(style, req).await? else {
         return Err(Reply::simple_problem(
+            style,
             400,
             "Bad Request",
             "Request body must be a JSON array",
@@ -647,6 +842,7 @@ async fn read_json_array(req: Request<Incoming>) -> Result<Vec<Value>, Reply> {
     };
     if items.len() > MAX_LIMIT as usize {
         return Err(Reply::simple_problem(
+            style,
             422,
             "Unprocessable Entity",
             "Limit 250 per page",
@@ -656,11 +852,11 @@ async fn read_json_array(req: Request<Incoming>) -> Result<Vec<Value>, Reply> {
 }
 
 /// The writable fields of one lead object.
-fn lead_patch(item: &Value, request_id: &str) -> Result<LeadPatch, Reply> {
+fn lead_patch(style: JsonStyle, item: &Value, request_id: &str) -> Result<LeadPatch, Reply> {
     let Value::Object(fields) = item else {
         return Err(Reply::problem(
             400,
-            render::write_problem(request_id, "", "Each lead must be a JSON object."),
+            render::write_problem(style, request_id, "", "Each lead must be a JSON object."),
         ));
     };
     let int = |name: &'static str| -> Result<Option<i64>, Reply> {
@@ -669,7 +865,12 @@ fn lead_patch(item: &Value, request_id: &str) -> Result<LeadPatch, Reply> {
             Some(v) => v.as_i64().map(Some).ok_or_else(|| {
                 Reply::problem(
                     400,
-                    render::write_problem(request_id, name, "This value should be of type int."),
+                    render::write_problem(
+                        style,
+                        request_id,
+                        name,
+                        "This value should be of type int.",
+                    ),
                 )
             }),
         }
@@ -680,7 +881,12 @@ fn lead_patch(item: &Value, request_id: &str) -> Result<LeadPatch, Reply> {
         Some(_) => {
             return Err(Reply::problem(
                 400,
-                render::write_problem(request_id, "name", "This value should be of type string."),
+                render::write_problem(
+                    style,
+                    request_id,
+                    "name",
+                    "This value should be of type string.",
+                ),
             ))
         }
     };

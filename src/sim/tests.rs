@@ -78,11 +78,26 @@ impl Harness {
         token: Option<&str>,
         body: &str,
     ) -> Result<Answer, String> {
+        self.try_request_with(method, path_and_query, token, &[], body)
+            .await
+    }
+
+    async fn try_request_with(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Answer, String> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path_and_query}", self.sim.base_url()));
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
         let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
@@ -179,6 +194,14 @@ fn token_and_fault_syntax() {
         (Fault::TruncatedBody, 0.5, None)
     );
     assert!("html403@-1".parse::<FaultRule>().is_err());
+    let f: FaultRule = "misplace@0.5".parse().unwrap();
+    assert_eq!((f.fault, f.probability), (Fault::MisplaceLead, 0.5));
+    let f: FaultRule = "drop".parse().unwrap();
+    assert_eq!((f.fault, f.probability), (Fault::DropLead, 1.0));
+    assert_eq!(FaultRule::always(Fault::DropLead).times(1).times, Some(1));
+    assert_eq!("php".parse::<JsonStyle>(), Ok(JsonStyle::Php));
+    assert!("xml".parse::<JsonStyle>().is_err());
+    assert_eq!(JsonStyle::default(), JsonStyle::Compact);
 }
 
 #[tokio::test]
@@ -242,7 +265,7 @@ async fn validation_errors_are_400_problems() {
     );
     for (query, needle) in [
         (two.as_str(), "filter.statuses"),
-        ("limit=251", "Limit 250 per page"),
+        ("limit=many", "limit"),
         ("limit=0", "limit"),
         ("filter[id]=abc", "filter.id"),
         ("order[price]=asc", "order"),
@@ -662,7 +685,7 @@ async fn moves_ghosts_and_writes() {
     assert_eq!(h.get("/api/v4/account").await.json()["subdomain"], "sim");
     assert_eq!(h.get(&format!("/api/v4/leads/{id}")).await.json()["id"], id);
     assert_eq!(h.get("/api/v4/leads/1").await.status, 204);
-    assert_eq!(h.get("/api/v4/contacts").await.status, 404);
+    assert_eq!(h.get("/api/v4/tasks").await.status, 404);
     let a = h
         .try_request(Method::DELETE, "/api/v4/leads", Some(TOKEN), "")
         .await
@@ -686,4 +709,564 @@ async fn handle_drop_stops_the_server() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(refused);
+}
+
+/// The requests whose bodies the style tests compare: every kind of JSON body the sim writes.
+const STYLED_GETS: [&str; 12] = [
+    "/api/v4/leads?limit=60",
+    "/api/v4/leads?limit=60&page=2&with=contacts",
+    "/api/v4/leads/pipelines",
+    "/api/v4/leads/pipelines/1000",
+    "/api/v4/account",
+    "/api/v4/contacts?limit=100",
+    "/api/v4/companies?limit=100&order[id]=desc",
+    "/api/v4/leads?limit=x",
+    "/api/v4/leads?order[price]=asc",
+    "/api/v4/contacts?order[name]=asc",
+    "/api/v4/nowhere",
+    "/api/v4/leads?filter[id]=BAD",
+];
+
+/// Every JSON answer of a sim in `style` for the same requests, and its base URL.
+async fn styled_bodies(style: JsonStyle) -> (String, Vec<(String, Bytes)>) {
+    let mut cfg = config(300);
+    cfg.json_style = style;
+    let h = Harness::new(cfg).await;
+    let leads = h.sim.leads();
+    let lead = leads.iter().find(|l| !l.is_deleted).unwrap();
+    let contact = h.sim.contacts()[0].id;
+    let mut out = Vec::new();
+    let mut gets: Vec<String> = STYLED_GETS.iter().map(|s| s.to_string()).collect();
+    gets.push(format!("/api/v4/leads/{}?with=contacts", lead.id));
+    gets.push(format!("/api/v4/contacts/{contact}"));
+    for path in gets {
+        let a = h.get(&path).await;
+        assert!(!a.body.is_empty(), "{path}: {}", a.status);
+        out.push((path, a.body));
+    }
+    for (name, method, path, token, body) in [
+        (
+            "post",
+            Method::POST,
+            "/api/v4/leads",
+            Some(TOKEN),
+            r#"[{"name":"Crème & <Brûlée> 'x' \"y\" 🚀","pipeline_id":2000}]"#.to_string(),
+        ),
+        (
+            "patch one",
+            Method::PATCH,
+            &format!("/api/v4/leads/{}", lead.id),
+            Some(TOKEN),
+            r#"{"price":7}"#.to_string(),
+        ),
+        (
+            "patch many",
+            Method::PATCH,
+            "/api/v4/leads",
+            Some(TOKEN),
+            format!(r#"[{{"id":{},"price":8}}]"#, lead.id),
+        ),
+        (
+            "bad write",
+            Method::POST,
+            "/api/v4/leads",
+            Some(TOKEN),
+            r#"[{"status_id":1}]"#.to_string(),
+        ),
+        (
+            "not json",
+            Method::POST,
+            "/api/v4/leads",
+            Some(TOKEN),
+            "{".to_string(),
+        ),
+        (
+            "no token",
+            Method::GET,
+            "/api/v4/leads",
+            None,
+            String::new(),
+        ),
+        (
+            "405",
+            Method::DELETE,
+            "/api/v4/contacts",
+            Some(TOKEN),
+            String::new(),
+        ),
+    ] {
+        let a = h.try_request(method, path, token, &body).await.unwrap();
+        out.push((name.to_string(), a.body));
+    }
+    // Fault bodies: 500 and 429.
+    h.sim.inject(FaultRule::always(Fault::Status500).times(1));
+    h.sim.inject(
+        FaultRule::always(Fault::TooManyRequests {
+            retry_after: Some(2),
+            header: false,
+        })
+        .times(1),
+    );
+    for name in ["500", "429"] {
+        out.push((name.to_string(), h.get("/api/v4/account").await.body));
+    }
+    (h.sim.base_url(), out)
+}
+
+/// A body decoded, with the sim's base URL (its port differs between sims) made neutral.
+fn decoded(base: &str, body: &[u8]) -> Value {
+    let value: Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    let text = value.to_string().replace(base, "BASE");
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test]
+async fn json_styles_spell_the_same_values() {
+    let (compact_base, compact) = styled_bodies(JsonStyle::Compact).await;
+    let compact_text: String = compact
+        .iter()
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    // The data gives every escape something to do.
+    for needle in [
+        "Café & Co's",
+        "Ромашка",
+        "<Partners>",
+        "Zürich/Genève",
+        "\\\"Trading\\\"",
+        "🚀",
+        "José",
+    ] {
+        assert!(
+            compact_text.contains(needle),
+            "compact bodies lack {needle:?}"
+        );
+    }
+    assert!(!compact_text.contains("\\/") && !compact_text.contains("\\u"));
+
+    for style in [JsonStyle::Php, JsonStyle::Pretty] {
+        let (base, bodies) = styled_bodies(style).await;
+        assert_eq!(bodies.len(), compact.len());
+        for ((name, body), (_, want)) in bodies.iter().zip(&compact) {
+            assert_eq!(
+                decoded(&base, body),
+                decoded(&compact_base, want),
+                "{style}: {name}"
+            );
+            let text = String::from_utf8_lossy(body);
+            match style {
+                JsonStyle::Php => {
+                    assert!(body.is_ascii(), "{name}: a non-ASCII byte");
+                    // Outside strings JSON has no `/`, so any left after `\/` is a raw one.
+                    let unescaped = text.replace("\\/", "");
+                    for raw in ['/', '&', '<', '>', '\''] {
+                        assert!(!unescaped.contains(raw), "{name}: a raw {raw:?}");
+                    }
+                    assert!(!text.contains(": ") && !text.contains('\n'), "{name}");
+                    assert!(!text.contains("\\\""), "{name}: quotes are \\u0022");
+                }
+                _ => {
+                    assert!(text.contains('\n') && text.contains("\": "), "{name}");
+                    assert!(text.contains("\n    \""), "{name}: indented by 4");
+                }
+            }
+        }
+        let all: String = bodies
+            .iter()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        if style == JsonStyle::Php {
+            for escape in [
+                "\\/api\\/v4\\/leads",
+                "Caf\\u00e9 \\u0026 Co\\u0027s",
+                "\\u0420\\u043e\\u043c\\u0430\\u0448\\u043a\\u0430",
+                "\\u003CPartners\\u003E",
+                "\\u0022Trading\\u0022",
+                "\\ud83d\\ude80",
+            ] {
+                assert!(all.contains(escape), "php bodies lack {escape:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn contacts_and_companies_lists() {
+    let h = Harness::new(config(2000)).await;
+    let base = h.sim.base_url();
+    let leads = h.sim.leads();
+    let live = || leads.iter().filter(|l| !l.is_deleted);
+    let contact_ids: std::collections::BTreeSet<i64> =
+        live().flat_map(|l| l.contact_ids.clone()).collect();
+    let company_ids: std::collections::BTreeSet<i64> =
+        live().filter_map(|l| l.company_id).collect();
+    assert!(contact_ids.len() > 500 && company_ids.len() > 300);
+    for (path, want, truth) in [
+        (
+            "contacts",
+            contact_ids.clone(),
+            h.sim
+                .contacts()
+                .iter()
+                .map(|c| (c.id, c.name.clone()))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "companies",
+            company_ids.clone(),
+            h.sim
+                .companies()
+                .iter()
+                .map(|c| (c.id, c.name.clone()))
+                .collect(),
+        ),
+    ] {
+        // Page by page to the 204, in ascending id order.
+        let mut got = Vec::new();
+        for page in 1.. {
+            let a = h
+                .get(&format!("/api/v4/{path}?limit=250&page={page}"))
+                .await;
+            if a.status == StatusCode::NO_CONTENT {
+                assert!(a.body.is_empty());
+                break;
+            }
+            assert_eq!(a.status, StatusCode::OK);
+            assert_eq!(a.content_type(), "application/hal+json");
+            let v = a.json();
+            assert_eq!(v["_page"], page);
+            assert_eq!(
+                v["_links"]["next"]["href"],
+                format!("{base}/api/v4/{path}?limit=250&page={}", page + 1)
+            );
+            let items = v["_embedded"][path].as_array().unwrap().clone();
+            for item in &items {
+                let id = item["id"].as_i64().unwrap();
+                assert_eq!(
+                    item["_links"]["self"]["href"],
+                    format!("{base}/api/v4/{path}/{id}?limit=250&page={page}")
+                );
+                let name = &truth.iter().find(|(t, _)| *t == id).unwrap().1;
+                assert_eq!(item["name"], name.as_str());
+                for key in [
+                    "responsible_user_id",
+                    "created_at",
+                    "updated_at",
+                    "account_id",
+                ] {
+                    assert!(item[key].is_i64(), "{key}");
+                }
+                got.push(id);
+            }
+        }
+        assert_eq!(got, want.iter().copied().collect::<Vec<_>>(), "{path}");
+
+        // Descending, a quiet 50 for a limit over 250, the query kept in links as sent.
+        let a = h
+            .get(&format!("/api/v4/{path}?order[id]=desc&limit=500&page=2"))
+            .await;
+        let v = a.json();
+        let ids: Vec<i64> = v["_embedded"][path]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_i64().unwrap())
+            .collect();
+        let desc: Vec<i64> = want.iter().rev().skip(50).take(50).copied().collect();
+        assert_eq!(ids, desc);
+        assert_eq!(
+            v["_links"]["next"]["href"],
+            format!("{base}/api/v4/{path}?order[id]=desc&limit=500&page=3")
+        );
+        assert_eq!(
+            v["_links"]["prev"]["href"],
+            format!("{base}/api/v4/{path}?order[id]=desc&limit=500&page=1")
+        );
+        // No query: a bare self link.
+        let first = h.get(&format!("/api/v4/{path}")).await.json();
+        assert_eq!(
+            first["_embedded"][path][0]["_links"]["self"]["href"],
+            format!("{base}/api/v4/{path}/{}", want.iter().next().unwrap())
+        );
+        assert_eq!(h.get(&format!("/api/v4/{path}?limit=x")).await.status, 400);
+        assert_eq!(h.get(&format!("/api/v4/{path}?limit=0")).await.status, 400);
+    }
+
+    // A limited token sees the contacts of its leads only.
+    let mine: std::collections::BTreeSet<i64> = live()
+        .filter(|l| [1001, 1002].contains(&l.responsible_user_id))
+        .flat_map(|l| l.contact_ids.clone())
+        .collect();
+    let mut got = Vec::new();
+    for page in 1.. {
+        let a = h
+            .get_as(
+                &format!("/api/v4/contacts?limit=250&page={page}"),
+                Some(LIMITED),
+            )
+            .await;
+        if a.status == StatusCode::NO_CONTENT {
+            break;
+        }
+        got.extend(
+            a.json()["_embedded"]["contacts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["id"].as_i64().unwrap()),
+        );
+    }
+    assert_eq!(got, mine.iter().copied().collect::<Vec<_>>());
+    let hidden = contact_ids.difference(&mine).next().copied().unwrap();
+    let shown = *mine.iter().next().unwrap();
+    assert_eq!(
+        h.get_as(&format!("/api/v4/contacts/{hidden}"), Some(LIMITED))
+            .await
+            .status,
+        204
+    );
+    let a = h
+        .get_as(
+            &format!("/api/v4/contacts/{shown}?with=leads"),
+            Some(LIMITED),
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["id"], shown);
+    assert_eq!(
+        a.json()["_links"]["self"]["href"],
+        format!("{base}/api/v4/contacts/{shown}?with=leads")
+    );
+    let company = *company_ids.iter().next().unwrap();
+    assert_eq!(
+        h.get(&format!("/api/v4/companies/{company}")).await.json()["id"],
+        company
+    );
+    assert_eq!(h.get("/api/v4/contacts/1").await.status, 204);
+    assert_eq!(h.get("/api/v4/contacts/abc").await.status, 404);
+
+    // A lead's embedded contacts and companies link with the request's query, as the lead does.
+    let lead = live()
+        .find(|l| !l.contact_ids.is_empty() && l.company_id.is_some())
+        .unwrap();
+    let q = format!("filter[id]={}&with=contacts", lead.id);
+    let v = h.get(&format!("/api/v4/leads?{q}")).await.json();
+    let embedded = &v["_embedded"]["leads"][0]["_embedded"];
+    assert_eq!(
+        embedded["contacts"][0]["_links"]["self"]["href"],
+        format!("{base}/api/v4/contacts/{}?{q}", lead.contact_ids[0])
+    );
+    assert_eq!(
+        embedded["companies"][0]["_links"]["self"]["href"],
+        format!("{base}/api/v4/companies/{}?{q}", lead.company_id.unwrap())
+    );
+}
+
+#[tokio::test]
+async fn limit_over_the_maximum_reads_a_default_page() {
+    let h = Harness::new(config(3000)).await;
+    let base = h.sim.base_url();
+    let ((p, s), expected) = largest_stage(&h.sim);
+    let q = stage_query(p, s);
+    for limit in ["251", "500", "100000000000000000000000"] {
+        let a = h
+            .get(&format!("/api/v4/leads?{q}&limit={limit}&page=2"))
+            .await;
+        assert_eq!(a.status, 200, "{limit}");
+        assert_eq!(a.ids(), expected[50..100].to_vec(), "{limit}");
+        assert_eq!(
+            a.json()["_links"]["next"]["href"],
+            format!("{base}/api/v4/leads?{q}&limit={limit}&page=3")
+        );
+    }
+    for bad in ["abc", "0", "-3"] {
+        assert_eq!(
+            h.get(&format!("/api/v4/leads?limit={bad}")).await.status,
+            400,
+            "{bad}"
+        );
+    }
+    // Writes keep their hard maximum.
+    let many = format!("[{}]", vec!["{}"; 251].join(","));
+    let a = h
+        .try_request(Method::POST, "/api/v4/leads", Some(TOKEN), &many)
+        .await
+        .unwrap();
+    assert_eq!(a.status, 422);
+}
+
+#[tokio::test]
+async fn if_modified_since_lists_recent_leads() {
+    let h = Harness::new(config(2000)).await;
+    let leads = h.sim.leads();
+    let mut stamps: Vec<i64> = leads.iter().map(|l| l.updated_at).collect();
+    stamps.sort_unstable();
+    let t = stamps[stamps.len() * 9 / 10];
+    let expected: Vec<i64> = leads
+        .iter()
+        .filter(|l| !l.is_deleted && l.updated_at >= t)
+        .map(|l| l.id)
+        .collect();
+    assert!(!expected.is_empty() && expected.len() < leads.len() / 5);
+    let date = http_date(t);
+    let list = |header: String| {
+        let h = &h;
+        async move {
+            let mut ids = Vec::new();
+            for page in 1.. {
+                let a = h
+                    .try_request_with(
+                        Method::GET,
+                        &format!("/api/v4/leads?limit=250&page={page}"),
+                        Some(TOKEN),
+                        &[("if-modified-since", header.as_str())],
+                        "",
+                    )
+                    .await
+                    .unwrap();
+                if a.status == StatusCode::NO_CONTENT {
+                    break;
+                }
+                ids.extend(a.ids());
+            }
+            ids
+        }
+    };
+    assert_eq!(list(date).await, expected);
+    // Unparsable: ignored.
+    let all = h.all_ids("", TOKEN).await;
+    assert_eq!(list("last tuesday".into()).await, all);
+    // After everything: 204.
+    let a = h
+        .try_request_with(
+            Method::GET,
+            "/api/v4/leads",
+            Some(TOKEN),
+            &[("if-modified-since", &http_date(data::NOW + 86_400))],
+            "",
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, StatusCode::NO_CONTENT);
+}
+
+/// Unix seconds as an IMF-fixdate, written independently of the parser under test.
+fn http_date(t: i64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    // Walk the calendar from 1970: slow but plainly right.
+    let (mut year, mut left) = (1970, days);
+    loop {
+        let len = if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) {
+            366
+        } else {
+            365
+        };
+        if left < len {
+            break;
+        }
+        left -= len;
+        year += 1;
+    }
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let lengths = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let mut month = 0;
+    while left >= lengths[month] {
+        left -= lengths[month];
+        month += 1;
+    }
+    format!(
+        "{}, {:02} {} {year} {:02}:{:02}:{:02} GMT",
+        DAYS[days.rem_euclid(7) as usize],
+        left + 1,
+        MONTHS[month],
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[test]
+fn http_date_helper_agrees_with_known_dates() {
+    assert_eq!(http_date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+    assert_eq!(http_date(data::NOW), "Sat, 01 Jun 2024 00:00:00 GMT");
+}
+
+#[tokio::test]
+async fn drop_and_misplace_faults_change_only_leads_pages() {
+    let h = Harness::new(config(2000)).await;
+    let ((p, s), expected) = largest_stage(&h.sim);
+    let q = format!("{}&limit=20", stage_query(p, s));
+    let page = format!("/api/v4/leads?{q}");
+
+    // Drop: other answers neither fire it nor use it up.
+    h.sim.inject(FaultRule::always(Fault::DropLead).times(1));
+    assert_eq!(h.get("/api/v4/account").await.status, 200);
+    assert_eq!(h.get("/api/v4/contacts?limit=5").await.status, 200);
+    assert_eq!(h.get(&format!("{page}&page=1000")).await.status, 204);
+    assert_eq!(h.get("/api/v4/leads?limit=x").await.status, 400);
+    let a = h.get(&page).await;
+    assert_eq!(a.ids(), expected[1..20].to_vec(), "the first lead dropped");
+    assert_eq!(
+        h.get(&page).await.ids(),
+        expected[..20].to_vec(),
+        "once only"
+    );
+
+    // Misplace: only on a one-stage list.
+    h.sim
+        .inject(FaultRule::always(Fault::MisplaceLead).times(1));
+    let all = h.get("/api/v4/leads?limit=20").await;
+    assert_eq!(all.status, 200);
+    let a = h.get(&page).await;
+    let ids = a.ids();
+    assert_eq!(ids[..19], expected[..19]);
+    assert!(!expected.contains(&ids[19]), "the last lead is a stranger");
+    let stranger = &a.json()["_embedded"]["leads"][19];
+    assert_ne!(stranger["pipeline_id"], p);
+    assert_eq!(
+        h.get(&page).await.ids(),
+        expected[..20].to_vec(),
+        "once only"
+    );
+
+    // With a limited token the stranger is one it may see; the rule's order and dice still hold.
+    h.sim.inject(
+        FaultRule::always(Fault::MisplaceLead)
+            .on_query("status_id")
+            .times(1),
+    );
+    let a = h.get_as(&page, Some(LIMITED)).await;
+    let last = a.json()["_embedded"]["leads"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert!([1001, 1002].contains(&last["responsible_user_id"].as_i64().unwrap()));
+    assert_ne!(last["pipeline_id"], p);
+
+    // A replacing fault checked earlier wins on arrival; the body fault stays armed.
+    h.sim.clear_faults();
+    h.sim.inject(FaultRule::always(Fault::Status500).times(1));
+    h.sim.inject(FaultRule::always(Fault::DropLead).times(1));
+    assert_eq!(h.get(&page).await.status, 500);
+    assert_eq!(h.get(&page).await.ids(), expected[1..20].to_vec());
 }
