@@ -51,6 +51,8 @@ pub enum Command {
     Sim(SimArgs),
     /// Run the simulator and the proxy in front of it, and print requests to try.
     Demo(DemoArgs),
+    /// Compare the proxy's merged views with direct one-stage reads of a real account.
+    Verify(VerifyArgs),
 }
 
 /// Flags of `serve`.
@@ -221,6 +223,27 @@ pub struct DemoArgs {
     /// Simulated upstream latency per request.
     #[arg(long, env = "KOMMO_FANOUT_LATENCY", default_value = "80ms", value_parser = humantime::parse_duration)]
     pub latency: Duration,
+}
+
+/// Flags of `verify`.
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// The Kommo account origin, e.g. https://example.kommo.com.
+    #[arg(long, env = "KOMMO_FANOUT_UPSTREAM")]
+    pub upstream: String,
+    /// A file holding the account's bearer token (surrounding whitespace ignored).
+    #[arg(long, env = "KOMMO_FANOUT_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// The most upstream requests the run sends, the in-process proxy's included.
+    #[arg(long, default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(crate::verify::MIN_REQUESTS..))]
+    pub max_requests: u64,
+    /// Print the report as one JSON document.
+    #[arg(long)]
+    pub json: bool,
+    /// Save the upstream answers read directly, redacted, as fixtures in this directory.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 /// Where replicas meet.

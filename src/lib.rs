@@ -22,6 +22,7 @@
 //! - [`redis`]: the limiter and cache replicas share through Redis.
 //! - [`workers`]: the serving threads, one runtime and upstream pool each.
 //! - [`sendfile`]: cached answers sent from sealed memfds, without copying them.
+//! - [`verify`]: the proxy's merged views compared with direct reads of a real account.
 #![forbid(unsafe_code)]
 
 pub mod body;
@@ -40,6 +41,7 @@ pub mod sendfile;
 pub mod server;
 pub mod sim;
 pub mod upstream;
+pub mod verify;
 pub mod webhook;
 pub mod workers;
 

@@ -13,7 +13,13 @@ const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = config::parse_args(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // `verify` prints a report: the in-process proxy's request lines would bury it.
+    let default_level = match cli.command {
+        Command::Verify(_) => "warn",
+        _ => "info",
+    };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     match cli.log_format {
         // Colours only for a person at a terminal, not in a file or a log collector.
         LogFormat::Pretty => tracing_subscriber::fmt()
@@ -67,6 +73,24 @@ fn main() -> ExitCode {
             }),
             Err(code) => code,
         },
+        Command::Verify(args) => {
+            let opts = match kommo_fanout::verify::Options::from_args(&args) {
+                Ok(o) => o,
+                Err(e) => return fail(USAGE, &e),
+            };
+            match runtime() {
+                Ok(rt) => {
+                    let report = rt.block_on(kommo_fanout::verify::run(&opts));
+                    if args.json {
+                        println!("{}", report.json());
+                    } else {
+                        print!("{}", report.text());
+                    }
+                    ExitCode::from(report.exit_code())
+                }
+                Err(code) => code,
+            }
+        }
     }
 }
 

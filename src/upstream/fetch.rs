@@ -125,6 +125,10 @@ pub struct Fetcher {
     recent_429: Mutex<HashMap<String, Instant>>,
     /// Jitter source; quality does not matter, only spread.
     jitter: AtomicU64,
+    /// Upstream attempts sent, and the most that may be (`verify --max-requests`; unlimited
+    /// unless [`Fetcher::cap_requests`] set it): past it an attempt is refused, not sent.
+    sent: AtomicU64,
+    cap: AtomicU64,
 }
 
 /// How long after a `429` a `403` counts as Kommo's block rather than a permission error.
@@ -145,19 +149,48 @@ impl Fetcher {
             metrics: Arc::new(Metrics::new()),
             recent_429: Mutex::new(HashMap::new()),
             jitter: AtomicU64::new(seed | 1),
+            sent: AtomicU64::new(0),
+            cap: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Refuses every upstream attempt past the first `max` (sent ones included): a hard budget.
+    pub fn cap_requests(&self, max: u64) {
+        self.cap.store(max, Ordering::SeqCst);
+    }
+
+    /// Upstream attempts sent so far (each retry counts).
+    pub fn requests_sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
     }
 
     /// Waits for a permit for one attempt of `flow`; the permit's slot is released when the
     /// returned guard drops, after the attempt completed (or was abandoned).
     async fn permit<'a>(&'a self, flow: &'a Flow) -> Result<Permit<'a>, FetchError> {
+        // Counted before the wait, so concurrent attempts cannot pass the cap together; given
+        // back when no permit comes (a wait withdrawn midway stays counted: the count errs high).
+        let cap = self.cap.load(Ordering::SeqCst);
+        if self
+            .sent
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(FetchError::Limited(LimitError::Timeout {
+                retry_after: Duration::ZERO,
+            }));
+        }
         let start = Instant::now();
         let deadline = flow.deadline.min(start + self.policy.max_wait);
         let grant = self.limiter.acquire(&flow.key, flow.id, deadline).await;
         self.metrics
             .limiter_wait_seconds
             .observe(start.elapsed().as_secs_f64());
-        let grant = grant.map_err(FetchError::Limited)?;
+        let grant = grant.map_err(|e| {
+            self.sent.fetch_sub(1, Ordering::SeqCst);
+            FetchError::Limited(e)
+        })?;
         Ok(Permit {
             limiter: self.limiter.as_ref(),
             key: &flow.key,
