@@ -1278,6 +1278,7 @@ async fn run(args: Args, binary: PathBuf) -> ExitCode {
         ],
         rate_limit: None,
         faults,
+        json_style: Default::default(),
     })
     .await
     .expect("the simulator starts");

@@ -99,6 +99,9 @@ pub struct Gateway {
     /// Keys credential fingerprints: generated at start, so a fingerprint means nothing
     /// outside this process and cannot be reversed to the token.
     fingerprint_keys: FingerprintKey,
+    /// Keys request ids: this process's own, never shared (replicas share the fingerprint key,
+    /// and ids drawn from it would repeat across them).
+    request_id_key: FingerprintKey,
     /// Hands out flow ids: each client request shares upstream permits fairly with the others.
     next_flow: AtomicU64,
     /// The inbound per-client quota. governor's GCRA fits here: a client's burst refilling
@@ -238,6 +241,7 @@ impl Gateway {
             cache,
             shared: None,
             fingerprint_keys: FingerprintKey::random(),
+            request_id_key: FingerprintKey::random(),
             next_flow: AtomicU64::new(1),
             client_quota,
             seen: AtomicU64::new(0),
@@ -362,7 +366,7 @@ impl Gateway {
         let mut input = [0u8; 16];
         input[..8].copy_from_slice(&n.to_le_bytes());
         input[8..].copy_from_slice(b"request!");
-        let hex = self.fingerprint_keys.hash_hex_digits(&input);
+        let hex = self.request_id_key.hash_hex_digits(&input);
         // Hex digits are always a valid header value. One allocation, shared by the request's
         // copy and the answer's (clones of `Bytes` made from a `String` allocate once more).
         HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
@@ -757,8 +761,31 @@ pub fn valid_host(host: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{valid_host, RequestNames};
+    use super::{valid_host, FingerprintKey, Gateway, RequestNames};
     use http::HeaderValue;
+
+    #[tokio::test]
+    async fn request_ids_differ_across_replicas_that_share_a_fingerprint_key() {
+        let config = crate::config::ServeConfig::for_upstream("http://127.0.0.1:9").unwrap();
+        let replica = || {
+            let upstream = crate::upstream::Upstream::new(config.upstream.clone(), 1).unwrap();
+            let limiter = std::sync::Arc::new(crate::upstream::limiter::LocalLimiter::new(
+                config.limiter,
+            ));
+            let fetcher = crate::upstream::fetch::Fetcher::new(upstream, limiter, config.fetch.clone());
+            Gateway::new(fetcher, config.gateway.clone(), None)
+                .with_fingerprint_key(FingerprintKey::from_bytes([7; 32]))
+        };
+        let (a, b) = (replica(), replica());
+        let ids: std::collections::HashSet<_> = (0..100)
+            .flat_map(|_| [a.new_request_id(), b.new_request_id()])
+            .collect();
+        assert_eq!(ids.len(), 200);
+        // The shared key still fingerprints a credential alike in both.
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        assert_eq!(a.fingerprint(&headers), b.fingerprint(&headers));
+    }
 
     #[test]
     fn hosts() {
