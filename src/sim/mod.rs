@@ -489,6 +489,8 @@ pub struct RecordedRequest {
     pub token: Option<String>,
     /// The `X-Request-Id` header, if one was sent.
     pub request_id: Option<String>,
+    /// Every header as sent (to check what a client forwards).
+    pub headers: http::HeaderMap,
     /// Status answered; 0 while in flight, for a reset connection, or if the client went away.
     pub status: u16,
 }

@@ -268,6 +268,7 @@ impl Sim {
                 .get(crate::server::REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
+            headers: req.headers().clone(),
             status: 0,
         });
         // Limits and faults are decided on arrival, in arrival order; the answer waits for latency.

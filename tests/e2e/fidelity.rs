@@ -257,6 +257,23 @@ async fn if_modified_since_lists_recent_changes_and_keys_the_cache() {
         .request_with(http::Method::GET, &url, Some(TOKEN), "", &[("if-modified-since", future)])
         .await;
     assert_eq!(recent.status, 204, "the header reached every stream");
+    let forwarded = [
+        ("if-modified-since", future),
+        ("x-context-user-id", "1002"),
+        ("x-client-uuid", "5f0e2b2c-0000-4000-8000-000000000001"),
+    ];
+    s.sim.clear_requests();
+    let a = s
+        .request_with(http::Method::GET, &url, Some(TOKEN), "", &forwarded)
+        .await;
+    assert_eq!(a.status, 204);
+    let seen = s.sim.requests();
+    assert_eq!(seen.len(), pairs.len(), "one upstream request per stage");
+    for r in seen {
+        for (name, value) in forwarded {
+            assert_eq!(r.headers[name], value, "{name} on {}", r.query);
+        }
+    }
     // The stored answer without the header is still the one without it.
     let again = s.leads(&query).await;
     assert_eq!(again.ids(), all.ids());
