@@ -37,7 +37,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kommo_fanout::cache::{canonical_target, Cache, CacheConfig, Entry, FillError, Outcome};
 use kommo_fanout::leads::hal::{render_page, PageLinks};
-use kommo_fanout::links::LinkRewrite;
 use kommo_fanout::leads::merge::{LeadRef, Merger, Step};
 use kommo_fanout::leads::page::parse_page;
 use kommo_fanout::leads::plan;
@@ -45,6 +44,7 @@ use kommo_fanout::leads::query::{
     self, Direction, LeadsQuery, Order, OrderField, QueryLimits, MAX_LIMIT,
 };
 use kommo_fanout::leads::respond;
+use kommo_fanout::links::LinkRewrite;
 use kommo_fanout::sim::{Sim, SimConfig, DEMO_TOKEN};
 use serde_json::{json, Value};
 

@@ -680,7 +680,11 @@ mod tests {
             async move { Ok::<_, FillError<String>>(e) }
         };
         let (answer, _) = c
-            .answer(Cache::answer_key("fp", "", "b", "/p", "a"), false, fill(&large))
+            .answer(
+                Cache::answer_key("fp", "", "b", "/p", "a"),
+                false,
+                fill(&large),
+            )
             .await
             .map_err(|_| ())
             .unwrap();

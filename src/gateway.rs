@@ -17,9 +17,9 @@ use std::sync::{Arc, OnceLock};
 
 use crate::cache::{decode, encode, Cache, Entry, FillError, Outcome, SharedCache};
 use crate::error::ProxyError;
-use crate::links::LinkRewrite;
 use crate::leads::merge::LeadRef;
 use crate::leads::query::QueryLimits;
+use crate::links::LinkRewrite;
 use crate::metrics::UpstreamKind;
 use crate::passthrough::end_to_end;
 use crate::redis::{RedisCache, RedisLimiter};
@@ -219,7 +219,10 @@ fn variant(headers: &HeaderMap) -> String {
     let mut out = String::new();
     for (i, name) in VARYING_HEADERS.iter().enumerate() {
         for v in headers.get_all(name) {
-            out.push_str(&format!("{i}={}\u{1f}", String::from_utf8_lossy(v.as_bytes())));
+            out.push_str(&format!(
+                "{i}={}\u{1f}",
+                String::from_utf8_lossy(v.as_bytes())
+            ));
         }
     }
     out
@@ -769,10 +772,10 @@ mod tests {
         let config = crate::config::ServeConfig::for_upstream("http://127.0.0.1:9").unwrap();
         let replica = || {
             let upstream = crate::upstream::Upstream::new(config.upstream.clone(), 1).unwrap();
-            let limiter = std::sync::Arc::new(crate::upstream::limiter::LocalLimiter::new(
-                config.limiter,
-            ));
-            let fetcher = crate::upstream::fetch::Fetcher::new(upstream, limiter, config.fetch.clone());
+            let limiter =
+                std::sync::Arc::new(crate::upstream::limiter::LocalLimiter::new(config.limiter));
+            let fetcher =
+                crate::upstream::fetch::Fetcher::new(upstream, limiter, config.fetch.clone());
             Gateway::new(fetcher, config.gateway.clone(), None)
                 .with_fingerprint_key(FingerprintKey::from_bytes([7; 32]))
         };
@@ -783,7 +786,10 @@ mod tests {
         assert_eq!(ids.len(), 200);
         // The shared key still fingerprints a credential alike in both.
         let mut headers = http::HeaderMap::new();
-        headers.insert(http::header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        headers.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer t"),
+        );
         assert_eq!(a.fingerprint(&headers), b.fingerprint(&headers));
     }
 

@@ -45,7 +45,10 @@ pub enum Edit {
     /// Replace the whole value.
     Replace(String),
     /// Replace the first `len` bytes of the decoded text, keeping the rest as written.
-    ReplacePrefix { len: usize, with: String },
+    ReplacePrefix {
+        len: usize,
+        with: String,
+    },
 }
 
 /// The text is not valid JSON; says where and why.

@@ -93,7 +93,13 @@ pub fn is_json(headers: &http::HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .is_some_and(|media| media == "application/json" || media.ends_with("+json"))
 }
 
@@ -212,8 +218,7 @@ mod tests {
             let out = rw().rewrite(body.as_bytes(), ItemQuery::Kept);
             let v: Value = serde_json::from_slice(&out).unwrap();
             assert_eq!(
-                v["_links"]["next"]["href"],
-                "http://proxy:8080/api/v4/contacts?page=2",
+                v["_links"]["next"]["href"], "http://proxy:8080/api/v4/contacts?page=2",
                 "{body}"
             );
             // Data that merely holds the URL is not a link.

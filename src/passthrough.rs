@@ -3,9 +3,9 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
-use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use std::sync::atomic::Ordering;

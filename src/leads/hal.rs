@@ -115,7 +115,14 @@ mod tests {
             lead(1, "https://a.kommo.com", false),
             lead(2, "https://a.kommo.com", true),
         ];
-        let body = render_page(2, links, true, &leads, &rw, "limit=2&filter%5Bid%5D=1&page=2");
+        let body = render_page(
+            2,
+            links,
+            true,
+            &leads,
+            &rw,
+            "limit=2&filter%5Bid%5D=1&page=2",
+        );
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["_page"], 2);
         assert_eq!(

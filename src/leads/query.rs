@@ -586,7 +586,14 @@ mod tests {
             assert_eq!(ok(q).limit, 50, "{q}");
         }
         assert_eq!(ok("limit=%2B7").limit, 7);
-        for q in ["limit=0", "limit=000", "limit=abc", "limit=-1", "limit=", "limit=1.5"] {
+        for q in [
+            "limit=0",
+            "limit=000",
+            "limit=abc",
+            "limit=-1",
+            "limit=",
+            "limit=1.5",
+        ] {
             assert_eq!(names(q), vec!["limit"], "{q}");
         }
         for q in ["page=0", "page=-2", "page=x", "page="] {

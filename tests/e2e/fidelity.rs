@@ -35,10 +35,16 @@ fn assert_all_links_at_proxy(s: &Stack, v: &Value) -> usize {
     let upstream = s.sim.base_url();
     let mut hrefs = 0;
     for (key, text) in all {
-        assert!(!text.starts_with(&upstream), "{key}: {text} leaks the upstream");
+        assert!(
+            !text.starts_with(&upstream),
+            "{key}: {text} leaks the upstream"
+        );
         if key == "href" {
             hrefs += 1;
-            assert!(text.starts_with(&s.proxy), "href {text} is not at the proxy");
+            assert!(
+                text.starts_with(&s.proxy),
+                "href {text} is not at the proxy"
+            );
         }
     }
     hrefs
@@ -88,7 +94,11 @@ fn assert_leads_as_upstream(s: &Stack, a: &Answer, query: &str, upstream: &HashM
         assert_eq!(without_links(lead), without_links(theirs), "lead {id}");
         let own = format!("{}/api/v4/leads/{id}?{query}", s.proxy);
         assert_eq!(lead["_links"]["self"]["href"], own.as_str());
-        for contact in lead["_embedded"]["contacts"].as_array().into_iter().flatten() {
+        for contact in lead["_embedded"]["contacts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let href = contact["_links"]["self"]["href"].as_str().unwrap();
             assert!(href.ends_with(&format!("?{query}")), "{href}");
         }
@@ -110,9 +120,17 @@ async fn a_relayed_stage_keeps_the_client_at_the_proxy_in_every_style() {
         // Apart from links, the page is the upstream's; the page's links keep their page.
         assert_eq!(without_links(&a.json()), without_links(&direct.json()));
         assert!(assert_all_links_at_proxy(&s, &a.json()) > 5);
-        let next = a.json()["_links"]["next"]["href"].as_str().unwrap().to_string();
+        let next = a.json()["_links"]["next"]["href"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert!(next.contains("page=3"), "{next}");
-        assert_leads_as_upstream(&s, &a, &query, &upstream_leads(&s, &[pair], "with=contacts").await);
+        assert_leads_as_upstream(
+            &s,
+            &a,
+            &query,
+            &upstream_leads(&s, &[pair], "with=contacts").await,
+        );
         if style == JsonStyle::Php {
             // Relayed as written, not re-serialized: the upstream's escapes are still there.
             let text = String::from_utf8_lossy(&a.body);
@@ -127,7 +145,10 @@ async fn a_merged_page_keeps_the_client_at_the_proxy_in_every_style() {
         let s = styled(style).await;
         let pairs = largest_stages(&s, 3);
         for with in ["", "&with=contacts"] {
-            let query = format!("{}&order[created_at]=desc&limit=7&page=2{with}", stages(&pairs));
+            let query = format!(
+                "{}&order[created_at]=desc&limit=7&page=2{with}",
+                stages(&pairs)
+            );
             let a = s.leads(&query).await;
             assert_eq!(a.status, 200, "{style:?} {query}");
             assert_eq!(a.content_type(), "application/hal+json");
@@ -147,16 +168,26 @@ async fn a_passed_through_list_links_back_to_the_proxy_in_every_style() {
         assert_eq!(a.status, 200, "{style:?}");
         assert!(assert_all_links_at_proxy(&s, &a.json()) > 5);
         let direct = Client::default()
-            .get(&format!("{}/api/v4/contacts?limit=5", s.sim.base_url()), TOKEN)
+            .get(
+                &format!("{}/api/v4/contacts?limit=5", s.sim.base_url()),
+                TOKEN,
+            )
             .await;
         assert_eq!(without_links(&a.json()), without_links(&direct.json()));
         // An SDK that follows `next` stays on the proxy.
-        let next = a.json()["_links"]["next"]["href"].as_str().unwrap().to_string();
+        let next = a.json()["_links"]["next"]["href"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let before = s.sim.request_count();
         let b = Client::default().get(&next, TOKEN).await;
         assert_eq!(b.status, 200);
         assert_eq!(b.json()["_page"], 2);
-        assert_eq!(s.sim.request_count(), before + 1, "followed through the proxy");
+        assert_eq!(
+            s.sim.request_count(),
+            before + 1,
+            "followed through the proxy"
+        );
     }
 }
 
@@ -175,19 +206,31 @@ async fn limit_above_the_maximum_pages_as_kommo_does() {
     let pairs = largest_stages(&s, 3);
     let truth = truth(&s.sim.leads(), &pairs, BY_ID, |_| true);
     for page in 1..=2 {
-        let a = s.leads(&format!("{}&limit=500&page={page}", stages(&pairs))).await;
+        let a = s
+            .leads(&format!("{}&limit=500&page={page}", stages(&pairs)))
+            .await;
         assert_eq!(a.status, 200);
         assert_eq!(a.ids(), truth[(page - 1) * kommo_page..page * kommo_page]);
-        let next = a.json()["_links"]["next"]["href"].as_str().unwrap().to_string();
+        let next = a.json()["_links"]["next"]["href"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert!(next.contains("limit=500"), "{next}");
     }
     // Not a number: still refused.
-    assert_eq!(s.leads(&format!("{}&limit=many", stages(&pairs))).await.status, 400);
+    assert_eq!(
+        s.leads(&format!("{}&limit=many", stages(&pairs)))
+            .await
+            .status,
+        400
+    );
 }
 
 /// Sends `head` on a new connection and reads the answer's head.
 async fn raw_answer_head(addr: &str, head: &[u8]) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connects");
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
     // A server may answer and close before it has read everything: a failed write is fine.
     let _ = conn.write_all(head).await;
     let mut answer = Vec::new();
@@ -215,7 +258,8 @@ async fn long_targets_and_heads_are_answered_by_their_status() {
     let answer = raw_answer_head(&addr, head.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 414"), "{answer}");
     let padding = "y".repeat(200 * 1024);
-    let head = format!("GET /api/v4/account HTTP/1.1\r\nHost: {addr}\r\nX-Padding: {padding}\r\n\r\n");
+    let head =
+        format!("GET /api/v4/account HTTP/1.1\r\nHost: {addr}\r\nX-Padding: {padding}\r\n\r\n");
     let answer = raw_answer_head(&addr, head.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 }
@@ -228,13 +272,20 @@ async fn header_names_and_content_types_are_written_as_kommo_writes_them() {
     for (query, status, content_type) in [
         (stages(&pairs), "200", "application/hal+json"),
         (stages(&pairs[..1]), "200", "application/hal+json"),
-        (format!("{}&limit=x", stages(&pairs)), "400", "application/problem+json"),
+        (
+            format!("{}&limit=x", stages(&pairs)),
+            "400",
+            "application/problem+json",
+        ),
     ] {
         let head = format!(
             "GET /api/v4/leads?{query} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"
         );
         let answer = raw_answer_head(&addr, head.as_bytes()).await;
-        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{answer}");
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
         assert!(
             answer.contains(&format!("\r\nContent-Type: {content_type}\r\n")),
             "{answer}"
@@ -254,7 +305,13 @@ async fn if_modified_since_lists_recent_changes_and_keys_the_cache() {
     let future = "Wed, 01 Jan 2100 00:00:00 GMT";
     let url = format!("{}/api/v4/leads?{query}", s.proxy);
     let recent = s
-        .request_with(http::Method::GET, &url, Some(TOKEN), "", &[("if-modified-since", future)])
+        .request_with(
+            http::Method::GET,
+            &url,
+            Some(TOKEN),
+            "",
+            &[("if-modified-since", future)],
+        )
         .await;
     assert_eq!(recent.status, 204, "the header reached every stream");
     let forwarded = [
@@ -280,7 +337,13 @@ async fn if_modified_since_lists_recent_changes_and_keys_the_cache() {
     assert_eq!(again.headers["x-cache"], "HIT");
     // Read with another user's rights: never the stored answer of the credential alone.
     let as_user = s
-        .request_with(http::Method::GET, &url, Some(TOKEN), "", &[("x-context-user-id", "1002")])
+        .request_with(
+            http::Method::GET,
+            &url,
+            Some(TOKEN),
+            "",
+            &[("x-context-user-id", "1002")],
+        )
         .await;
     assert_eq!(as_user.headers["x-cache"], "MISS");
 }
@@ -290,7 +353,10 @@ async fn a_pass_through_body_past_the_buffering_bound_streams_unchanged() {
     let s = stack_with(sim_config(3000), |c| c.upstream.max_body = 4096).await;
     let a = s.get("/api/v4/contacts?limit=100", TOKEN).await;
     let direct = Client::default()
-        .get(&format!("{}/api/v4/contacts?limit=100", s.sim.base_url()), TOKEN)
+        .get(
+            &format!("{}/api/v4/contacts?limit=100", s.sim.base_url()),
+            TOKEN,
+        )
         .await;
     assert_eq!(a.status, 200);
     assert!(direct.body.len() > 4096);

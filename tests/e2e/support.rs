@@ -35,7 +35,10 @@ pub struct Stack {
 pub fn sim_config(leads: usize) -> SimConfig {
     let json_style = std::env::var("KOMMO_FANOUT_TEST_JSON_STYLE")
         .ok()
-        .map(|s| s.parse().expect("KOMMO_FANOUT_TEST_JSON_STYLE: compact, php or pretty"))
+        .map(|s| {
+            s.parse()
+                .expect("KOMMO_FANOUT_TEST_JSON_STYLE: compact, php or pretty")
+        })
         .unwrap_or_default();
     SimConfig {
         leads,
