@@ -721,13 +721,19 @@ impl Verifier {
             None => Check {
                 ok: true,
                 name: view.name(),
-                detail: format!(
-                    "pages {} ({} leads{}){}",
-                    ranges(&pages),
-                    expect.len(),
-                    if complete { ", all" } else { " certain" },
-                    if complete { ", then 204" } else { "" }
-                ),
+                detail: match (complete, pages.split_last()) {
+                    (true, Some((end, rest))) if !rest.is_empty() => format!(
+                        "pages {} (all {} leads), page {end}: 204",
+                        ranges(rest),
+                        expect.len()
+                    ),
+                    (true, _) => "page 1: 204 (no leads)".into(),
+                    _ => format!(
+                        "pages {} (of {} leads certain)",
+                        ranges(&pages),
+                        expect.len()
+                    ),
+                },
             },
             Some(first) => Check {
                 ok: false,
@@ -950,21 +956,6 @@ fn check(name: String, diffs: Vec<String>, ok_detail: String) -> Check {
 /// read whole in two orders the same leads both times.
 fn direct_check(reads: &[StageRead], order: ViewOrder, before: Option<&[StageRead]>) -> Check {
     let mut diffs = Vec::new();
-    for (r, b) in reads.iter().zip(before.unwrap_or_default()) {
-        if !(r.complete && b.complete) {
-            continue;
-        }
-        let ids = |r: &StageRead| r.leads.iter().map(|l| l.id).collect::<HashSet<_>>();
-        let (now, then) = (ids(r), ids(b));
-        if let Some(id) = now.symmetric_difference(&then).next() {
-            diffs.push(format!(
-                "stage {} read whole in both orders lists lead {id} in one of them only ({} and {} leads)",
-                stage_name(r.stage),
-                now.len(),
-                then.len()
-            ));
-        }
-    }
     for r in reads {
         let mut ids = HashSet::new();
         for (i, lead) in r.leads.iter().enumerate() {
@@ -992,13 +983,28 @@ fn direct_check(reads: &[StageRead], order: ViewOrder, before: Option<&[StageRea
             }
         }
     }
+    for (r, b) in reads.iter().zip(before.unwrap_or_default()) {
+        if !(r.complete && b.complete) {
+            continue;
+        }
+        let ids = |r: &StageRead| r.leads.iter().map(|l| l.id).collect::<HashSet<_>>();
+        let (now, then) = (ids(r), ids(b));
+        if let Some(id) = now.symmetric_difference(&then).min() {
+            diffs.push(format!(
+                "stage {} read whole in both orders lists lead {id} in one of them only ({} and {} leads)",
+                stage_name(r.stage),
+                now.len(),
+                then.len()
+            ));
+        }
+    }
     let leads: usize = reads.iter().map(|r| r.leads.len()).sum();
     let whole = reads.iter().filter(|r| r.complete).count();
     check(
         format!("direct reads {}", order.name()),
         diffs,
         format!(
-            "{} stages, {leads} leads, {whole} stages read whole, each lead under its own stage",
+            "{} stages ({whole} read whole), {leads} leads, each under its own stage",
             reads.len()
         ),
     )

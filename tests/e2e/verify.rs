@@ -53,7 +53,11 @@ async fn passes_in_every_json_style_within_the_budget() {
             "{}",
             report.plan
         );
-        assert!(report.text().contains("then 204"), "{}", report.text());
+        assert!(
+            report.text().contains("(all ") && report.text().contains(": 204"),
+            "{}",
+            report.text()
+        );
     }
 }
 
