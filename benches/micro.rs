@@ -451,26 +451,34 @@ impl RenderSetup {
             base: &self.base,
             params: &self.parsed.link_params,
         };
-        render_page(self.parsed.page, links, true, leads, &self.rewrite, "")
+        render_page(
+            self.parsed.page,
+            links,
+            true,
+            leads,
+            &self.rewrite,
+            &self.raw,
+        )
     }
 
     /// The baseline of `render/*`: each lead parsed into a `serde_json::Value`, its hrefs
-    /// moved from `upstream` to the public URL, and the page built as a `Value` and written
-    /// out.
+    /// moved from `upstream` to the public URL with the client's query, and the page built as a
+    /// `Value` and written out.
     fn render_value(&self, leads: &[LeadRef], upstream: &str) -> Vec<u8> {
-        fn rehome(v: &mut Value, from: &str) {
+        fn rehome(v: &mut Value, from: &str, query: &str) {
             match v {
                 Value::Object(map) => {
                     for (k, v) in map.iter_mut() {
                         match v {
                             Value::String(href) if k == "href" && href.starts_with(from) => {
-                                *href = format!("{PUBLIC_URL}{}", &href[from.len()..]);
+                                let path = href[from.len()..].split('?').next().unwrap_or("");
+                                *href = format!("{PUBLIC_URL}{path}?{query}");
                             }
-                            _ => rehome(v, from),
+                            _ => rehome(v, from, query),
                         }
                     }
                 }
-                Value::Array(items) => items.iter_mut().for_each(|v| rehome(v, from)),
+                Value::Array(items) => items.iter_mut().for_each(|v| rehome(v, from, query)),
                 _ => {}
             }
         }
@@ -483,7 +491,7 @@ impl RenderSetup {
             .iter()
             .map(|l| {
                 let mut lead: Value = serde_json::from_slice(&l.raw).unwrap();
-                rehome(&mut lead, upstream);
+                rehome(&mut lead, upstream, &self.raw);
                 lead
             })
             .collect();
