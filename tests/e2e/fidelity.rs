@@ -50,20 +50,6 @@ fn assert_all_links_at_proxy(s: &Stack, v: &Value) -> usize {
     hrefs
 }
 
-/// `v` without any `_links` member: what the proxy must pass through unchanged.
-fn without_links(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .filter(|(k, _)| *k != "_links")
-                .map(|(k, v)| (k.clone(), without_links(v)))
-                .collect(),
-        ),
-        Value::Array(a) => Value::Array(a.iter().map(without_links).collect()),
-        v => v.clone(),
-    }
-}
-
 /// The leads of the sim's own single-stage pages for `pairs` (with `extra` parameters), by id.
 async fn upstream_leads(s: &Stack, pairs: &[(i64, i64)], extra: &str) -> HashMap<i64, Value> {
     let mut out = HashMap::new();

@@ -351,3 +351,17 @@ pub fn moved(body: &[u8], from: &str, to: &str) -> String {
         .replace(from, to)
         .replace(&escaped(from), &escaped(to))
 }
+
+/// `v` without any `_links` member, at any depth: what the proxy passes through unchanged.
+pub fn without_links(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| *k != "_links")
+                .map(|(k, v)| (k.clone(), without_links(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_links).collect()),
+        v => v.clone(),
+    }
+}
