@@ -85,6 +85,11 @@ pub struct ServeArgs {
     #[arg(long, env = "KOMMO_FANOUT_MAX_PAIRS", default_value_t = 100,
           value_parser = clap::value_parser!(u16).range(1..=5000))]
     pub max_pairs: u16,
+    /// Most upstream requests one client request may cause (cache misses sent upstream); a
+    /// merged page that would take more is refused with 400 before they are sent.
+    #[arg(long, env = "KOMMO_FANOUT_MAX_UPSTREAM_PER_REQUEST", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_upstream_per_request: u32,
     /// Time limit of one upstream attempt (connect, answer and body).
     #[arg(long, env = "KOMMO_FANOUT_UPSTREAM_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Duration,
@@ -373,6 +378,7 @@ impl ServeArgs {
             gateway: GatewaySettings {
                 public_url,
                 max_pairs: usize::from(self.max_pairs),
+                max_upstream_per_request: self.max_upstream_per_request,
                 rate_limit_key: self.rate_limit_key,
                 request_timeout: self.request_timeout,
                 client_rate_limit: self.client_rate_limit,
@@ -521,6 +527,10 @@ impl ServeConfig {
                 ),
             ),
             ("max_pairs", self.gateway.max_pairs.to_string()),
+            (
+                "max_upstream_per_request",
+                self.gateway.max_upstream_per_request.to_string(),
+            ),
             ("rate_limit", self.limiter.requests.to_string()),
             ("rate_window", d(self.limiter.window)),
             ("rate_margin", d(self.limiter.margin)),
@@ -642,6 +652,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.gateway.max_pairs, 100);
+        assert_eq!(c.gateway.max_upstream_per_request, 200);
         assert_eq!(c.upstream.timeout, Duration::from_secs(15));
         assert_eq!(c.upstream.origin.url, "https://a.kommo.com");
         assert_eq!(
@@ -756,6 +767,7 @@ mod tests {
             .unwrap_err()
             .contains("--public-url"));
         assert!(serve(&["--upstream", "http://x", "--max-pairs", "0"]).is_err());
+        assert!(serve(&["--upstream", "http://x", "--max-upstream-per-request", "0"]).is_err());
         assert!(
             serve(&["--upstream", "http://x", "--upstream-timeout", "soon"])
                 .unwrap_err()

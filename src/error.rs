@@ -8,6 +8,7 @@ use http::{Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::body::{self, ProxyBody};
+use crate::leads::plan::OverBudget;
 use crate::leads::query::{InvalidParam, StagePair};
 use crate::upstream::fetch::FetchError;
 use crate::upstream::limiter::LimitError;
@@ -32,6 +33,15 @@ pub struct StreamFailure {
 pub enum ProxyError {
     /// The client's query is invalid: `400` naming every bad parameter.
     InvalidQuery(Vec<InvalidParam>),
+    /// The page would take more upstream requests than one request may cause
+    /// (`--max-upstream-per-request`): `400` naming `page`, with what it would take and how
+    /// to ask for it cheaply. `cache`: whether pages read are cached (walking pages in order
+    /// then costs little).
+    OverBudget {
+        page: u32,
+        cache: bool,
+        over: OverBudget,
+    },
     /// One or more fan-out streams failed: `502` naming each; never a partial `200`.
     StreamsFailed(Vec<StreamFailure>),
     /// A single upstream request failed without an HTTP answer: `502`.
@@ -61,7 +71,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            ProxyError::InvalidQuery(_) | ProxyError::OverBudget { .. } => StatusCode::BAD_REQUEST,
             ProxyError::StreamsFailed(_)
             | ProxyError::Upstream(_)
             | ProxyError::BadUpstreamAnswer(_) => StatusCode::BAD_GATEWAY,
@@ -98,6 +108,7 @@ impl ProxyError {
                 };
                 (detail, Some(("invalid-params", Value::Array(list))))
             }
+            ProxyError::OverBudget { page, cache, over } => over_budget(page, cache, &over),
             ProxyError::StreamsFailed(failures) => {
                 let list: Vec<Value> = failures
                     .iter()
@@ -185,6 +196,37 @@ impl From<FetchError> for ProxyError {
     }
 }
 
+/// The `detail` and `invalid-params` of a page refused for its upstream cost.
+fn over_budget(
+    page: u32,
+    cache: bool,
+    over: &OverBudget,
+) -> (String, Option<(&'static str, Value)>) {
+    let at = &over.at;
+    let cost = match over.estimate {
+        Some(estimate) => format!(
+            "about {estimate} upstream requests if the view holds that many leads (going by the {} leads the merge passed in {} upstream pages on its way to lead {}), more than",
+            at.passed, at.pages_read, at.target
+        ),
+        None => "more upstream requests than".into(),
+    };
+    let walk = if cache {
+        "walk the pages in order (pages already read are cached, so page N+1 after page N costs little)"
+    } else {
+        "walk the pages in order with the page cache on (it is off: --cache-ttl 0)"
+    };
+    let detail = format!(
+        "page {page} of this view would take {cost} one request may cause (--max-upstream-per-request {}): {} were sent, and the next reads, up to {} more, were not. Narrow the view with filters, {walk}, or ask for fewer stages.",
+        over.limit, at.spent, at.batch
+    );
+    let reason = format!(
+        "reaching this page takes more than {} upstream requests (--max-upstream-per-request)",
+        over.limit
+    );
+    let params = json!([{"name": "page", "reason": reason}]);
+    (detail, Some(("invalid-params", params)))
+}
+
 /// A `problem+json` response with `detail` and an optional extension member.
 pub fn problem(
     status: StatusCode,
@@ -256,6 +298,60 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("pipeline_id=3 status_id=142"));
+    }
+
+    #[tokio::test]
+    async fn over_budget_names_page_the_cost_and_the_advice() {
+        use crate::leads::plan::MergeProgress;
+        let over = OverBudget {
+            limit: 10,
+            at: MergeProgress {
+                spent: 9,
+                batch: 2,
+                pages_read: 9,
+                passed: 2_000,
+                target: 500_000,
+            },
+            estimate: Some(2_250),
+        };
+        let e = ProxyError::OverBudget {
+            page: 10_000,
+            cache: true,
+            over,
+        };
+        let resp = e.into_response();
+        assert_eq!(resp.status(), 400);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        let v = body_json(resp).await;
+        assert_eq!(v["invalid-params"][0]["name"], "page");
+        let detail = v["detail"].as_str().unwrap();
+        for needle in [
+            "page 10000",
+            "about 2250 upstream requests",
+            "--max-upstream-per-request 10",
+            "9 were sent",
+            "up to 2 more",
+            "filters",
+            "in order",
+            "fewer stages",
+        ] {
+            assert!(detail.contains(needle), "{needle}: {detail}");
+        }
+        let e = ProxyError::OverBudget {
+            page: 1,
+            cache: false,
+            over: OverBudget {
+                estimate: None,
+                ..over
+            },
+        };
+        let v = body_json(e.into_response()).await;
+        let detail = v["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("would take more upstream requests than"),
+            "{detail}"
+        );
+        assert!(detail.contains("--cache-ttl 0"), "{detail}");
     }
 
     #[tokio::test]

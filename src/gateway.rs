@@ -45,6 +45,10 @@ pub struct GatewaySettings {
     pub public_url: Option<Arc<str>>,
     /// At most this many distinct stages per leads request.
     pub max_pairs: usize,
+    /// At most this many upstream requests per client request (`--max-upstream-per-request`):
+    /// the account's budget is shared with every integration, and one deep page must not spend
+    /// seconds of it. See `leads::plan::UpstreamBudget` for what counts.
+    pub max_upstream_per_request: u32,
     /// What the upstream budget is shared by.
     pub rate_limit_key: RateLimitKey,
     /// The longest a client request may take (`--request-timeout`).

@@ -29,7 +29,7 @@ use crate::upstream::fetch::{FetchError, Verdict};
 use crate::upstream::Buffered;
 use hal::{render_page, PageLinks};
 use merge::{LeadRef, Merger, Step};
-use plan::{FanOutPlan, Plan, StreamPlan, STREAM_LIMIT};
+use plan::{FanOutPlan, MergeProgress, Plan, StreamPlan, UpstreamBudget, STREAM_LIMIT};
 use query::LeadsQuery;
 
 /// The content type of a successful leads page.
@@ -256,6 +256,10 @@ fn error_detail(body: &[u8]) -> String {
 }
 
 /// Fans out, merges, and cuts the client's page out of the merged stream.
+///
+/// Each batch of stream reads is first checked against `--max-upstream-per-request` (see
+/// [`UpstreamBudget`]): a batch that could take the request past it is not sent, and the
+/// request ends with a `400` saying what the page would take.
 async fn merged_page(
     gw: &Gateway,
     ctx: &RequestContext,
@@ -277,6 +281,12 @@ async fn merged_page(
     // also emits the leads it skips, and the set grows for those.
     merger.reserve(want + 1);
     let mut has_next = false;
+    let budget = UpstreamBudget {
+        limit: gw.settings.max_upstream_per_request,
+    };
+    // Upstream pages fed to the merge, from the cache or not: what the cost estimate of a
+    // refused page extrapolates from.
+    let mut pages_read = 0u64;
     loop {
         match merger.next_step() {
             Step::Lead(lead) if skipped < skip => {
@@ -290,6 +300,21 @@ async fn merged_page(
             }
             Step::Done => break,
             Step::Need(streams) => {
+                let progress = MergeProgress {
+                    spent: ctx.upstream_calls(),
+                    batch: streams.len(),
+                    pages_read,
+                    passed: skipped + leads.len() as u64,
+                    target: skip + want as u64,
+                };
+                budget
+                    .check(progress)
+                    .map_err(|over| ProxyError::OverBudget {
+                        page: query.page,
+                        cache: gw.cache.is_some() && ctx.credential.is_some(),
+                        over,
+                    })?;
+                pages_read += streams.len() as u64;
                 // Every stream that could hold the next lead is read at once: at the start
                 // that is all of them, so the first page costs one round trip, not K.
                 let reads = join_all(streams.iter().map(|&i| {

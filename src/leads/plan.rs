@@ -86,6 +86,76 @@ pub fn plan(query: &LeadsQuery, raw_query: &str) -> Plan {
     }
 }
 
+/// The most upstream requests one client request may cause (`--max-upstream-per-request`).
+///
+/// A merge reads every upstream page of every stage up to the client's page, so a deep page
+/// over many stages costs many requests of the account's budget, which every integration
+/// shares, where Kommo itself answers with one. Before each batch of stream reads the merge
+/// asks [`UpstreamBudget::check`]; a batch that could pass the bound is not sent, and the
+/// client gets a `400` saying what the page would take and how to ask for it cheaply.
+///
+/// What counts is what `RequestContext::count_upstream_call` counts: one per page read that
+/// went upstream (a cache miss); a page served from the page cache, the shared cache or
+/// another request's fill in flight costs nothing. Retries are not counted: they happen inside
+/// `Fetcher::get`, out of this request's sight, only after a failed attempt (a `5xx`, a lost
+/// connection, a truncated body, a `429` waited out), each through the limiter and at most
+/// `--retries` per read. The page cache cannot be asked cheaply whether a page is there, so
+/// each read of a batch is counted as a miss until it is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamBudget {
+    /// The bound, at least 1.
+    pub limit: u32,
+}
+
+/// Where a merge stands when it wants its next batch of stream reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeProgress {
+    /// Upstream requests the client request has caused so far.
+    pub spent: u32,
+    /// Stream reads in the next batch.
+    pub batch: usize,
+    /// Upstream pages the merge has been fed so far, from the cache or not.
+    pub pages_read: u64,
+    /// Leads the merge has passed so far: skipped on the way to the page, or kept for it.
+    pub passed: u64,
+    /// Leads it passes to answer: the page's offset plus its limit.
+    pub target: u64,
+}
+
+/// A batch of stream reads that could take a request past its [`UpstreamBudget`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBudget {
+    /// The bound.
+    pub limit: u32,
+    /// Where the merge stopped.
+    pub at: MergeProgress,
+    /// About how many upstream requests the page would take in all (more than `spent + batch`),
+    /// extrapolated from the leads passed per page read so far; `None` before the first lead.
+    pub estimate: Option<u64>,
+}
+
+impl UpstreamBudget {
+    /// `Ok` when the next batch fits the bound even if every read of it is a miss.
+    pub fn check(self, at: MergeProgress) -> Result<(), OverBudget> {
+        let batch = u64::try_from(at.batch).unwrap_or(u64::MAX);
+        let next = u64::from(at.spent).saturating_add(batch);
+        if next <= u64::from(self.limit) {
+            return Ok(());
+        }
+        let estimate = (at.passed > 0).then(|| {
+            let left = u128::from(at.target.saturating_sub(at.passed));
+            let more = (left * u128::from(at.pages_read)).div_ceil(u128::from(at.passed));
+            let more = u64::try_from(more).unwrap_or(u64::MAX).max(batch);
+            u64::from(at.spent).saturating_add(more)
+        });
+        Err(OverBudget {
+            limit: self.limit,
+            at,
+            estimate: estimate.filter(|&e| e > next),
+        })
+    }
+}
+
 fn target(query: &str) -> String {
     if query.is_empty() {
         LEADS_PATH.to_string()
@@ -169,5 +239,43 @@ mod tests {
                 "page=4"
             ]
         );
+    }
+
+    fn at(spent: u32, batch: usize, pages_read: u64, passed: u64, target: u64) -> MergeProgress {
+        MergeProgress {
+            spent,
+            batch,
+            pages_read,
+            passed,
+            target,
+        }
+    }
+
+    #[test]
+    fn a_batch_that_reaches_the_bound_exactly_fits() {
+        let budget = UpstreamBudget { limit: 10 };
+        assert_eq!(budget.check(at(0, 10, 0, 0, 50)), Ok(()));
+        assert_eq!(budget.check(at(7, 3, 40, 9000, 9050)), Ok(()));
+        assert!(budget.check(at(8, 3, 40, 9000, 9050)).is_err());
+        assert!(budget.check(at(0, 11, 0, 0, 50)).is_err());
+    }
+
+    #[test]
+    fn the_estimate_extrapolates_leads_per_page_read() {
+        let budget = UpstreamBudget { limit: 10 };
+        // 10 pages gave 2500 leads; 250 000 more to pass: about 1000 more pages.
+        let over = budget.check(at(10, 1, 10, 2_500, 252_500)).unwrap_err();
+        assert_eq!(over.limit, 10);
+        assert_eq!(over.estimate, Some(1_010));
+        // Nothing passed yet (more stages than the bound): no estimate, only the batch.
+        let over = budget.check(at(0, 32, 0, 0, 50)).unwrap_err();
+        assert_eq!(over.estimate, None);
+        // A page just past what was read: no estimate above spent + batch.
+        let over = budget.check(at(10, 2, 10, 2_500, 2_510)).unwrap_err();
+        assert_eq!(over.estimate, None);
+        // The largest page of the largest offset does not overflow.
+        let far = u64::from(u32::MAX) * 250;
+        let over = budget.check(at(10, 1, u64::MAX, 1, far)).unwrap_err();
+        assert_eq!(over.estimate, Some(u64::MAX));
     }
 }
