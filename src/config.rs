@@ -192,6 +192,10 @@ pub struct ServeArgs {
     /// How long a client may take to send its request headers before the connection is closed.
     #[arg(long, env = "KOMMO_FANOUT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+    /// Most client connections open at once; past it the proxy accepts the next one only when
+    /// another closes (each holds a file descriptor).
+    #[arg(long, env = "KOMMO_FANOUT_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
     /// How long requests in flight may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "KOMMO_FANOUT_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -338,6 +342,7 @@ impl ServeArgs {
             (self.max_header_bytes, "--max-header-bytes", 4096),
             (self.max_query_params, "--max-query-params", 16),
             (self.max_concurrent_requests, "--max-concurrent-requests", 1),
+            (self.max_connections, "--max-connections", 1),
         ] {
             if value < least {
                 return Err(format!("{flag} must be at least {least}"));
@@ -390,6 +395,7 @@ impl ServeArgs {
                     max_query_params: self.max_query_params,
                     max_concurrent: self.max_concurrent_requests,
                     header_read_timeout: self.header_read_timeout,
+                    max_connections: self.max_connections,
                 },
             },
             limiter,
@@ -596,6 +602,10 @@ impl ServeConfig {
                 d(self.gateway.bounds.header_read_timeout),
             ),
             (
+                "max_connections",
+                self.gateway.bounds.max_connections.to_string(),
+            ),
+            (
                 "redis",
                 if self.redis.is_some() {
                     "\"(set)\""
@@ -783,6 +793,9 @@ mod tests {
         ])
         .is_err());
         assert!(serve(&["--upstream", "http://x", "--rate-limit", "0"]).is_err());
+        assert!(serve(&["--upstream", "http://x", "--max-connections", "0"])
+            .unwrap_err()
+            .contains("--max-connections"));
         assert!(serve(&["--upstream", "http://x", "--rate-window", "0s"])
             .unwrap_err()
             .contains("rate"));

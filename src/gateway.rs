@@ -76,6 +76,8 @@ pub struct Bounds {
     pub max_concurrent: usize,
     /// How long a client may take to send its request headers (slow clients are dropped).
     pub header_read_timeout: Duration,
+    /// Most client connections open at once; the acceptor waits for one to close past it.
+    pub max_connections: usize,
 }
 
 /// The Redis backends replicas share, kept concrete for readiness and metrics.

@@ -75,6 +75,8 @@ pub struct Metrics {
     registry: Registry,
     pub client_requests: Family<RouteLabels, Counter>,
     pub in_flight: Gauge,
+    /// Client connections of the proxy listener open now (at most `--max-connections`).
+    pub open_connections: Gauge,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub upstream_seconds: Family<KindLabels, Histogram>,
     pub fanout_width: Histogram,
@@ -126,6 +128,12 @@ impl Metrics {
             "in_flight_requests",
             "Client requests being served",
             in_flight.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Client connections open on the proxy listener",
+            open_connections.clone(),
         );
         let upstream_requests = Family::<UpstreamLabels, Counter>::default();
         registry.register(
@@ -221,6 +229,7 @@ impl Metrics {
             registry,
             client_requests,
             in_flight,
+            open_connections,
             upstream_requests,
             upstream_seconds,
             fanout_width,

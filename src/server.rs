@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +13,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::body::{self, ProxyBody};
@@ -221,7 +224,11 @@ pub async fn run(
     let limits = ConnLimits {
         header_read_timeout: gateway.settings.bounds.header_read_timeout,
         max_buf_size: read_buffer(&gateway.settings.bounds),
+        max_connections: gateway.settings.bounds.max_connections,
     };
+    #[cfg(target_os = "linux")]
+    check_open_files(limits.max_connections);
+    let open_connections = gateway.fetcher.metrics.open_connections.clone();
     let sends = sendfile::Sends {
         min: gateway
             .cache
@@ -236,12 +243,18 @@ pub async fn run(
     let mut workers = Workers::start(threads, move |queue| {
         serve_handed(queue, grace, limits, sends.clone(), handler.clone())
     })?;
-    accept(&listener, shutdown, |stream, peer| {
-        match stream.into_std() {
-            Ok(stream) => workers.hand(stream, peer),
-            Err(e) => warn!(%peer, error = %e, "cannot hand a connection to a serving thread"),
-        }
-    })
+    accept(
+        &listener,
+        limits.max_connections,
+        shutdown,
+        |stream, peer, permit| {
+            let slot = Slot::take(permit, &open_connections);
+            match stream.into_std() {
+                Ok(stream) => workers.hand(stream, peer, slot),
+                Err(e) => warn!(%peer, error = %e, "cannot hand a connection to a serving thread"),
+            }
+        },
+    )
     .await;
     drop(listener);
     workers.finish().await;
@@ -251,16 +264,22 @@ pub async fn run(
 /// A serving thread's loop: serves each connection it is handed until the acceptor stops,
 /// then drains them.
 async fn serve_handed(
-    mut queue: mpsc::UnboundedReceiver<Accepted>,
+    mut queue: mpsc::UnboundedReceiver<Accepted<Slot>>,
     grace: Duration,
     limits: ConnLimits,
     sends: sendfile::Sends,
     handler: impl Handler,
 ) {
     let connections = Connections::new(limits, sends);
-    while let Some(Accepted { stream, peer, open }) = queue.recv().await {
+    while let Some(Accepted {
+        stream,
+        peer,
+        open,
+        slot,
+    }) = queue.recv().await
+    {
         match TcpStream::from_std(stream) {
-            Ok(stream) => connections.serve(stream, peer, handler.clone(), open),
+            Ok(stream) => connections.serve(stream, peer, handler.clone(), (open, slot)),
             Err(e) => warn!(%peer, error = %e, "cannot serve a handed connection"),
         }
     }
@@ -341,17 +360,69 @@ fn read_buffer(bounds: &Bounds) -> usize {
 /// What a connection may cost before the request reaches the handler.
 #[derive(Debug, Clone, Copy)]
 struct ConnLimits {
-    /// Slow clients (slowloris) are dropped after this without complete request headers.
+    /// A connection without a complete request head this long after it was accepted, or after
+    /// its previous answer, is closed: silent and slow clients (slowloris) alike.
     header_read_timeout: Duration,
     /// hyper's read buffer for a request head.
     max_buf_size: usize,
+    /// Connections open at once; past it the acceptor waits for one to close.
+    max_connections: usize,
 }
 
 impl ConnLimits {
+    /// Its own bound, so `/healthz` and `/metrics` answer while the proxy listener is full.
     const ADMIN: ConnLimits = ConnLimits {
         header_read_timeout: Duration::from_secs(10),
         max_buf_size: 64 * 1024,
+        max_connections: 64,
     };
+}
+
+/// Warns when `--max-connections` leaves too little room under the soft limit on open files:
+/// past it, accepts and upstream connects fail with "Too many open files".
+#[cfg(target_os = "linux")]
+fn check_open_files(max_connections: usize) {
+    // Descriptors besides client connections: upstream connections, cached answers' files, the
+    // listeners, the admin connections, the runtimes' own.
+    const SPARE: u64 = 1024;
+    let Some(soft) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current else {
+        return;
+    };
+    let wanted = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(SPARE);
+    if wanted > soft {
+        warn!(
+            max_connections,
+            open_files_limit = soft,
+            spare = SPARE,
+            "--max-connections plus a spare for upstream connections and cached files is above \
+             the open-files limit: lower --max-connections or raise the limit"
+        );
+    }
+}
+
+/// A proxy connection's place among `--max-connections`, counted in
+/// `kommo_fanout_open_connections`; both are given back when the connection closes.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Slot {
+    fn take(permit: OwnedSemaphorePermit, open: &Gauge) -> Slot {
+        open.inc();
+        Slot {
+            _permit: permit,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 /// Serves `listener` on this thread's runtime until `shutdown` completes, then drains its
@@ -365,37 +436,140 @@ async fn serve(
 ) {
     // The admin endpoints send no cached bodies.
     let connections = Connections::new(limits, sendfile::Sends::default());
-    accept(&listener, shutdown, |stream, peer| {
-        connections.serve(stream, peer, handler.clone(), ())
-    })
+    accept(
+        &listener,
+        limits.max_connections,
+        shutdown,
+        |stream, peer, permit| connections.serve(stream, peer, handler.clone(), permit),
+    )
     .await;
     drop(listener);
     connections.drain(grace).await;
 }
 
-/// Accepts connections until `shutdown` completes; each goes to `accepted` with `TCP_NODELAY`
-/// set.
+/// Accepts connections until `shutdown` completes, at most `max_connections` open at once;
+/// each goes to `accepted` with `TCP_NODELAY` set and the permit it holds until it closes.
 async fn accept(
     listener: &TcpListener,
+    max_connections: usize,
     shutdown: impl Future<Output = ()>,
-    mut accepted: impl FnMut(TcpStream, SocketAddr),
+    mut accepted: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
 ) {
+    // Past the bound the loop waits for a connection to close, and new clients wait in the
+    // listen backlog, instead of each accept failing for want of a descriptor.
+    // (A bound past the semaphore's range is no bound at all: clamped rather than a panic.)
+    let slots = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
+    let mut errors = AcceptErrors::default();
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of descriptors and the like: pause instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // Only a closed semaphore fails, and this one is never closed.
+                Err(_) => break,
             },
             () = &mut shutdown => break,
         };
+        let (stream, peer) = tokio::select! {
+            conn = next_connection(listener, &mut errors) => conn,
+            () = &mut shutdown => break,
+        };
         let _ = stream.set_nodelay(true);
-        accepted(stream, peer);
+        accepted(stream, peer, permit);
+    }
+}
+
+/// The listener's next connection; failures are paused on and logged as `errors` says.
+async fn next_connection(
+    listener: &TcpListener,
+    errors: &mut AcceptErrors,
+) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => {
+                errors.succeeded();
+                return conn;
+            }
+            // A client that reset before it was accepted: its own failure, not the listener's.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                debug!(error = %e, "a connection closed before it was accepted");
+            }
+            Err(e) => {
+                let failure = errors.failed(Instant::now());
+                if let Some(suppressed) = failure.log {
+                    warn!(
+                        error = %e,
+                        suppressed,
+                        pause_ms = failure.pause.as_millis() as u64,
+                        "accept failed; pausing before the next attempt"
+                    );
+                }
+                tokio::time::sleep(failure.pause).await;
+            }
+        }
+    }
+}
+
+/// Failed accepts (out of descriptors and the like): paused on for longer each time, so the
+/// loop does not spin, and logged at most once a second, so the log does not fill.
+#[derive(Debug)]
+struct AcceptErrors {
+    /// The pause after the next failure; back to the shortest after a success.
+    backoff: Duration,
+    /// When a failure was last logged.
+    logged: Option<Instant>,
+    /// Failures since then, not logged.
+    suppressed: u64,
+}
+
+/// What to do about one failed accept.
+#[derive(Debug, PartialEq, Eq)]
+struct AcceptFailure {
+    pause: Duration,
+    /// `Some(failures not logged since the last line)` when this one is to be logged.
+    log: Option<u64>,
+}
+
+impl AcceptErrors {
+    const FIRST_PAUSE: Duration = Duration::from_millis(50);
+    const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(1);
+
+    fn failed(&mut self, now: Instant) -> AcceptFailure {
+        let due = self
+            .logged
+            .is_none_or(|at| now.duration_since(at) >= Self::LOG_EVERY);
+        let log = if due {
+            self.logged = Some(now);
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        };
+        let pause = self.backoff;
+        self.backoff = (self.backoff * 2).min(Self::LONGEST_PAUSE);
+        AcceptFailure { pause, log }
+    }
+
+    /// The failures are over: the next one pauses briefly again. The log stays rate-limited,
+    /// so a failure that alternates with successes still logs once a second.
+    fn succeeded(&mut self) {
+        self.backoff = Self::FIRST_PAUSE;
+    }
+}
+
+impl Default for AcceptErrors {
+    fn default() -> Self {
+        AcceptErrors {
+            backoff: Self::FIRST_PAUSE,
+            logged: None,
+            suppressed: 0,
+        }
     }
 }
 
@@ -418,6 +592,9 @@ where
 /// it.
 struct Connections {
     builder: auto::Builder<TokioExecutor>,
+    /// How long a new connection may go without a complete request head (see
+    /// [`Connections::serve`]).
+    first_request: Duration,
     graceful: GracefulShutdown,
     /// How the connections' writes look for cached bodies to `sendfile`.
     sends: sendfile::Sends,
@@ -436,12 +613,20 @@ impl Connections {
             .max_buf_size(limits.max_buf_size);
         Connections {
             builder,
+            first_request: limits.header_read_timeout,
             graceful: GracefulShutdown::new(),
             sends,
         }
     }
 
     /// Serves `stream` on a task of the current runtime; `guard` is dropped when it closes.
+    ///
+    /// A connection without a first request head within the header read timeout of being
+    /// accepted is closed here: hyper's own timeout starts only once its HTTP/1 parser runs,
+    /// after the auto builder has read the first bytes to tell HTTP/1.1 from HTTP/2, which it
+    /// waits for without a limit. After the first request, hyper's timeout covers the wait for
+    /// each next head of an HTTP/1 connection, from the moment the previous answer is written;
+    /// an HTTP/2 connection keeps its own keep-alive rules.
     fn serve(
         &self,
         stream: TcpStream,
@@ -449,18 +634,36 @@ impl Connections {
         handler: impl Handler,
         guard: impl Send + 'static,
     ) {
-        let service = service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(peer, req).await) }
+        // Set when hyper hands over a first request, that is once a complete head is in.
+        let requested = Arc::new(AtomicBool::new(false));
+        let service = service_fn({
+            let requested = requested.clone();
+            move |req| {
+                requested.store(true, Ordering::Relaxed);
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(peer, req).await) }
+            }
         });
         let stream = sendfile::Stream::new(stream, self.sends.clone());
         let conn = self.builder.serve_connection(TokioIo::new(stream), service);
         let conn = self.graceful.watch(conn.into_owned());
+        let first_request = self.first_request;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // Declared before the connection, so it is dropped after the socket is closed and
+            // the acceptor never holds more descriptors than its bound.
+            let _guard = guard;
+            tokio::pin!(conn);
+            let ended = match tokio::time::timeout(first_request, conn.as_mut()).await {
+                Ok(ended) => ended,
+                Err(_) if !requested.load(Ordering::Relaxed) => {
+                    debug!(%peer, "no request head within the header read timeout; closing");
+                    return;
+                }
+                Err(_) => conn.await,
+            };
+            if let Err(e) = ended {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
-            drop(guard);
         });
     }
 
@@ -489,7 +692,36 @@ impl Connections {
 
 #[cfg(test)]
 mod tests {
-    use super::count_params;
+    use super::{count_params, AcceptErrors, AcceptFailure};
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[test]
+    fn failed_accepts_back_off_to_a_second_and_log_once_a_second() {
+        let mut errors = AcceptErrors::default();
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        // Failures 10 ms apart: the first is logged, the next ones within the second are counted.
+        let seen: Vec<AcceptFailure> = (0..8).map(|i| errors.failed(start + ms(10 * i))).collect();
+        let pauses: Vec<u64> = seen.iter().map(|f| f.pause.as_millis() as u64).collect();
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(seen[0].log, Some(0));
+        assert!(seen[1..].iter().all(|f| f.log.is_none()));
+        // A second after the last line: logged, with the seven held back.
+        assert_eq!(errors.failed(start + ms(1000)).log, Some(7));
+        assert_eq!(errors.failed(start + ms(1500)).log, None);
+        // A success resets the pause but not the log's rate.
+        errors.succeeded();
+        let next = errors.failed(start + ms(1600));
+        assert_eq!(
+            next,
+            AcceptFailure {
+                pause: ms(50),
+                log: None
+            }
+        );
+        assert_eq!(errors.failed(start + ms(2000)).log, Some(2));
+    }
 
     #[test]
     fn params_are_the_non_empty_ampersand_separated_parts() {

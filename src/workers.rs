@@ -34,11 +34,14 @@ pub fn default_count() -> usize {
 }
 
 /// A client connection on its way to a serving thread.
-pub struct Accepted {
+pub struct Accepted<S = ()> {
     pub stream: std::net::TcpStream,
     pub peer: SocketAddr,
     /// Counts the connection as open on its thread until dropped with the connection.
     pub open: Open,
+    /// What the acceptor ties to the connection's life (its place among the connections the
+    /// listener allows), dropped with the connection.
+    pub slot: S,
 }
 
 /// One open connection of a serving thread; dropping it counts the connection closed.
@@ -51,27 +54,27 @@ impl Drop for Open {
 }
 
 /// The serving threads, fed by the acceptor.
-pub struct Workers {
-    threads: Vec<Thread>,
+pub struct Workers<S = ()> {
+    threads: Vec<Thread<S>>,
     /// Where the search for the least loaded thread starts, so ties rotate.
     next: usize,
 }
 
-struct Thread {
+struct Thread<S> {
     /// Unbounded: the acceptor never waits on a serving thread, and the queue holds at most
     /// the connections accepted while the thread was busy.
-    tx: mpsc::UnboundedSender<Accepted>,
+    tx: mpsc::UnboundedSender<Accepted<S>>,
     open: Arc<AtomicUsize>,
     /// Completes when the thread's serving loop has returned and its runtime is gone.
     done: oneshot::Receiver<()>,
 }
 
-impl Workers {
+impl<S: Send + 'static> Workers<S> {
     /// Starts `count` threads, each running `serve(connections)` on a runtime of its own until
     /// the connections end (see [`Workers::finish`]).
-    pub fn start<F, Fut>(count: usize, serve: F) -> Result<Workers, String>
+    pub fn start<F, Fut>(count: usize, serve: F) -> Result<Workers<S>, String>
     where
-        F: Fn(mpsc::UnboundedReceiver<Accepted>) -> Fut + Send + Clone + 'static,
+        F: Fn(mpsc::UnboundedReceiver<Accepted<S>>) -> Fut + Send + Clone + 'static,
         Fut: std::future::Future<Output = ()>,
     {
         let count = count.max(1);
@@ -103,8 +106,8 @@ impl Workers {
         Ok(Workers { threads, next: 0 })
     }
 
-    /// Hands a connection to the thread with the fewest open connections.
-    pub fn hand(&mut self, stream: std::net::TcpStream, peer: SocketAddr) {
+    /// Hands a connection to the thread with the fewest open connections, with its `slot`.
+    pub fn hand(&mut self, stream: std::net::TcpStream, peer: SocketAddr, slot: S) {
         let n = self.threads.len();
         let pick = (0..n)
             .map(|i| (self.next + i) % n)
@@ -117,6 +120,7 @@ impl Workers {
             stream,
             peer,
             open: Open(thread.open.clone()),
+            slot,
         };
         if thread.tx.send(accepted).is_err() {
             // Only a serving loop that panicked drops its receiver; the connection closes.
@@ -144,7 +148,7 @@ mod tests {
     use super::*;
 
     /// Each thread's count of open connections.
-    fn open_counts(workers: &Workers) -> Vec<usize> {
+    fn open_counts<S: Send + 'static>(workers: &Workers<S>) -> Vec<usize> {
         workers
             .threads
             .iter()
@@ -189,7 +193,7 @@ mod tests {
         let mut workers = workers.unwrap();
         let (_listener, conns) = sockets(7);
         for (s, peer) in conns {
-            workers.hand(s, peer);
+            workers.hand(s, peer, ());
         }
         assert_eq!(open_counts(&workers), [3, 2, 2]);
         workers.finish().await;
@@ -213,7 +217,7 @@ mod tests {
             })
             .unwrap();
         for (s, peer) in conns {
-            workers.hand(s, peer);
+            workers.hand(s, peer, ());
         }
         // Both threads drop what they get; once they have, every count is back to zero.
         for _ in 0..1000 {

@@ -5,6 +5,7 @@ mod support;
 mod budget;
 mod cache;
 mod cli;
+mod connections;
 mod fanout;
 mod fidelity;
 mod fixtures;
