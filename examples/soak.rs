@@ -1099,7 +1099,7 @@ async fn client_task(shared: Arc<Shared>, seed: u64) {
                 .fetch_add(1, Ordering::Relaxed);
                 let verify = plan.check.is_some() && {
                     verify_counter += 1;
-                    verify_counter % VERIFY_EVERY == 0
+                    verify_counter.is_multiple_of(VERIFY_EVERY)
                 };
                 match classify(&plan, status, &body, verify, &shared.traffic.ghosts) {
                     Outcome::Ok(verified) => {

@@ -106,6 +106,11 @@ pub struct ServeArgs {
     /// Extra time a slot stays taken after its request completed (clock drift, abandoned requests).
     #[arg(long, env = "KOMMO_FANOUT_RATE_MARGIN", default_value = "25ms", value_parser = humantime::parse_duration)]
     pub rate_margin: Duration,
+    /// Where processes of one account on this host take turns sending (a lock file per
+    /// account), so a restarted proxy never adds to its predecessor's window; `off` to skip.
+    /// Default: `kommo-fanout` in the system's temporary directory.
+    #[arg(long, env = "KOMMO_FANOUT_LIMITER_LOCK_DIR")]
+    pub limiter_lock_dir: Option<PathBuf>,
     /// What the upstream budget is shared by: the account origin, or each credential.
     #[arg(
         long,
@@ -279,6 +284,9 @@ pub struct ServeConfig {
     pub redis: Option<RedisSettings>,
     pub fetch: FetchPolicy,
     pub shutdown_grace: Duration,
+    /// The lock file this process takes its turn through (see [`crate::upstream::handover`]);
+    /// `None`: `--limiter-lock-dir off`.
+    pub limiter_lock: Option<PathBuf>,
     /// Serving threads; `None`: one per CPU.
     pub worker_threads: Option<usize>,
 }
@@ -372,6 +380,13 @@ impl ServeArgs {
                 self.listen
             ));
         }
+        let limiter_lock = match self.limiter_lock_dir {
+            Some(dir) if dir.as_os_str() == "off" => None,
+            dir => Some(crate::upstream::handover::lock_path(
+                &dir.unwrap_or_else(|| std::env::temp_dir().join("kommo-fanout")),
+                &origin.url,
+            )),
+        };
         Ok(ServeConfig {
             listen: self.listen,
             admin_listen: self.admin_listen,
@@ -421,6 +436,7 @@ impl ServeArgs {
                 max_wait: self.max_wait,
             },
             shutdown_grace: self.shutdown_grace,
+            limiter_lock,
             worker_threads: self.worker_threads.map(usize::from),
         })
     }
@@ -540,6 +556,12 @@ impl ServeConfig {
             ("rate_limit", self.limiter.requests.to_string()),
             ("rate_window", d(self.limiter.window)),
             ("rate_margin", d(self.limiter.margin)),
+            (
+                "limiter_lock",
+                self.limiter_lock
+                    .as_ref()
+                    .map_or("off".into(), |p| p.display().to_string()),
+            ),
             (
                 "rate_limit_key",
                 format!(

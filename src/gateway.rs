@@ -332,7 +332,9 @@ impl Gateway {
                 }
             }
         };
-        let ready = reachable.is_ok() && blocked.is_none();
+        // A proxy waiting for the previous process of its account sends nothing yet: not ready,
+        // and the report says why.
+        let ready = reachable.is_ok() && blocked.is_none() && !snapshot.waiting_for_predecessor;
         let redis = self.shared.as_ref().map(|s| {
             if s.degraded() {
                 "degraded: Redis unreachable, running on the local fallback (limit / replicas, local cache)"
@@ -346,7 +348,11 @@ impl Gateway {
             "upstream": match &reachable { Ok(()) => "reachable".to_string(), Err(e) => e.clone() },
             "block_cooldown_remaining_s": blocked,
             "paused_for_429": snapshot.paused_until.is_some(),
-            "limiter": {"queued": snapshot.queued, "slots_taken": snapshot.in_window},
+            "limiter": {
+                "queued": snapshot.queued,
+                "slots_taken": snapshot.in_window,
+                "waiting_for_previous_process": snapshot.waiting_for_predecessor,
+            },
         });
         (ready, report)
     }

@@ -56,7 +56,8 @@ use gateway::Gateway;
 use gateway::{FingerprintKey, Shared};
 use redis::{RedisCache, RedisCacheConfig, RedisLimiter, RedisLimiterConfig};
 use upstream::fetch::Fetcher;
-use upstream::limiter::LocalLimiter;
+use upstream::handover::Handover;
+use upstream::limiter::{LocalLimiter, UpstreamLimiter};
 use upstream::Upstream;
 
 /// Builds the gateway of a validated configuration: with Redis, the shared limiter and cache
@@ -64,7 +65,14 @@ use upstream::Upstream;
 pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
     let upstream = Upstream::new(config.upstream.clone(), config.serving_threads())?;
     let Some(redis) = &config.redis else {
-        let limiter = Arc::new(LocalLimiter::new(config.limiter));
+        let local = LocalLimiter::new(config.limiter);
+        let limiter: Arc<dyn UpstreamLimiter> = match &config.limiter_lock {
+            Some(path) => {
+                let span = config.limiter.window + config.limiter.margin;
+                Arc::new(Handover::start(local, path.clone(), span))
+            }
+            None => Arc::new(local),
+        };
         let fetcher = Fetcher::new(upstream, limiter, config.fetch.clone());
         let cache = Cache::new(config.cache.clone());
         return Ok(Arc::new(Gateway::new(

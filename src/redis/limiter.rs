@@ -48,6 +48,12 @@
 //!   reserve is in force before it sends.
 //! - A replica that reaches Redis again takes Redis slots as a non-member at once (its fallback
 //!   use is covered by the reserve), and registers only once its fallback slots have all freed.
+//! - A stalled Redis (a paused process, a frozen host) runs the commands queued meanwhile when it
+//!   resumes, long after the replica gave up on them. Late takes, releases and pauses only hold
+//!   slots longer. A late registration would count a replica that grants from its fallback as a
+//!   member again, handing its reserve to the others: so each registration carries a deadline
+//!   on Redis's clock (measured with `TIME`), [`REGISTER_VALID`] after it was sent, and the
+//!   script refuses it past that. The fallback's wait counts registrations still on their way.
 //!
 //! What remains unguarded is another replica's request that was granted by Redis just before
 //! the outage and reaches Kommo more than `M` after it: the same margin the single-process
@@ -84,6 +90,11 @@ const MEMBER_TTL: Duration = Duration::from_millis(1000);
 const HEARTBEAT: Duration = Duration::from_millis(200);
 /// While a pause is in force the head still looks at Redis this often, to see a block.
 const PAUSE_POLL: Duration = Duration::from_millis(1000);
+/// How long after it was sent a registration may still take effect. A heartbeat queued behind
+/// a stalled Redis runs when the server resumes, maybe long after this replica gave up on it
+/// and began granting from its fallback; counted as a member again, it would hand its reserve
+/// to the others. Past this, measured on Redis's clock, the script refuses it.
+const REGISTER_VALID: Duration = Duration::from_millis(250);
 
 /// Settings of the shared limiter.
 #[derive(Debug, Clone)]
@@ -157,8 +168,12 @@ struct State {
     mode: Mode,
     /// When the current (or last) fallback period began.
     degraded_since: Option<Instant>,
-    /// A bound on when this replica's membership in Redis expires.
+    /// A bound on when this replica's membership in Redis expires, counting registrations
+    /// still on their way (they take effect within [`REGISTER_VALID`] of being sent, or never).
     member_until: Option<Instant>,
+    /// Redis's clock against this host's (Unix ms, Redis minus local) and the error of that
+    /// estimate, from the last `TIME`: what a registration's deadline is written in.
+    clock: Option<(i64, u64)>,
     /// Fallback acquires in progress plus fallback grants not yet released.
     fallback_active: usize,
     /// When the last fallback grant was released.
@@ -285,12 +300,17 @@ return 1
     )
 });
 
-/// Registers this replica as a member for `ARGV[2]` ms. KEYS: members. ARGV: id, ttl ms.
+/// Registers this replica as a member for `ARGV[2]` ms, unless Redis's clock is past
+/// `ARGV[3]` (then -1: a registration that waited behind a stall is refused). KEYS: members.
+/// ARGV: id, ttl ms, deadline (Unix ms).
 static HEARTBEAT_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > tonumber(ARGV[3]) then
+  return -1
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
@@ -301,6 +321,13 @@ return redis.call('ZCARD', KEYS[1])
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// This host's clock, Unix ms.
+fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 // === impl RedisLimiter ===
@@ -340,6 +367,7 @@ impl RedisLimiter {
                 mode: Mode::Fallback,
                 degraded_since: Some(now),
                 member_until: None,
+                clock: None,
                 fallback_active: 0,
                 fallback_last_release: None,
                 held: HashMap::new(),
@@ -431,6 +459,7 @@ impl UpstreamLimiter for RedisLimiter {
             },
             paused_until: local.paused_until,
             blocked_until: local.blocked_until,
+            waiting_for_predecessor: false,
         }
     }
 }
@@ -832,25 +861,48 @@ impl Shared {
         });
     }
 
-    /// Renews (or takes) this replica's membership.
+    /// Renews (or takes) this replica's membership, valid only if it reaches Redis within
+    /// [`REGISTER_VALID`].
     async fn register(&self) -> Result<(), String> {
+        if self.lock().clock.is_none() {
+            self.read_clock().await?;
+        }
+        let deadline = {
+            let mut st = self.lock();
+            let (offset, error) = st.clock.unwrap_or_default();
+            // Before it is sent: from now on the membership may last this long, answered or not.
+            let bound = Instant::now() + REGISTER_VALID + MEMBER_TTL + Duration::from_millis(error);
+            st.member_until = Some(st.member_until.map_or(bound, |m| m.max(bound)));
+            unix_millis() + offset + i64::try_from(millis(REGISTER_VALID)).unwrap_or(i64::MAX)
+        };
         let mut conn = self.conn.clone();
-        let _: i64 = timed(
+        let members: i64 = timed(
             HEARTBEAT_SCRIPT
                 .key(self.members_key())
                 .arg(&self.replica)
                 .arg(millis(MEMBER_TTL))
+                .arg(deadline)
                 .invoke_async(&mut conn),
         )
         .await?;
-        // An upper bound on the expiry Redis recorded: the script ran before this instant.
-        self.lock().member_until = Some(Instant::now() + MEMBER_TTL);
+        if members < 0 {
+            // Slow, or the clocks moved: measure again before the next try.
+            self.lock().clock = None;
+            return Err("a registration reached Redis past its deadline".into());
+        }
         Ok(())
     }
 
-    async fn ping(&self) -> Result<(), String> {
+    /// Reads Redis's `TIME`: proves Redis answers, and measures its clock against this host's.
+    async fn read_clock(&self) -> Result<(), String> {
         let mut conn = self.conn.clone();
-        let _: String = timed(::redis::cmd("PING").query_async(&mut conn)).await?;
+        let sent = unix_millis();
+        let (secs, micros): (i64, i64) = timed(::redis::cmd("TIME").query_async(&mut conn)).await?;
+        let received = unix_millis();
+        let redis_ms = secs * 1000 + micros / 1000;
+        let offset = redis_ms - (sent + received) / 2;
+        let error = u64::try_from((received - sent) / 2 + 1).unwrap_or(u64::MAX);
+        self.lock().clock = Some((offset, error));
         Ok(())
     }
 
@@ -893,7 +945,7 @@ impl Shared {
         };
         match mode {
             Mode::Fallback => {
-                if self.ping().await.is_ok() {
+                if self.read_clock().await.is_ok() {
                     let mut st = self.lock();
                     if st.mode == Mode::Fallback {
                         st.mode = Mode::Recovering;
@@ -903,7 +955,7 @@ impl Shared {
                 }
             }
             Mode::Recovering if !drained => {
-                if let Err(e) = self.ping().await {
+                if let Err(e) = self.read_clock().await {
                     self.degrade(&e);
                 }
             }

@@ -231,7 +231,7 @@ pub(crate) fn generate(n: usize, seed: u64) -> (Vec<SimPipeline>, Vec<SimLead>) 
     // Names with escapable characters, placed without drawing from `rng` so the rest of the dataset
     // is the same as without them.
     for (i, lead) in leads.iter_mut().enumerate().skip(SPECIAL_FROM) {
-        if (i - SPECIAL_FROM) % SPECIAL_EVERY == 0 {
+        if (i - SPECIAL_FROM).is_multiple_of(SPECIAL_EVERY) {
             let special = SPECIAL_NAMES[(i / SPECIAL_EVERY) % SPECIAL_NAMES.len()];
             let rest = lead.name.split_once(' ').map_or("", |(_, rest)| rest);
             lead.name = format!("{special} {rest}");

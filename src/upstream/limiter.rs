@@ -115,6 +115,9 @@ pub struct LimiterSnapshot {
     pub paused_until: Option<Instant>,
     /// The end of a block cool-down (after a `403`), if one is in force.
     pub blocked_until: Option<Instant>,
+    /// Nothing is sent yet: another process of this account sends, or sent within the last
+    /// window (see [`super::handover`]).
+    pub waiting_for_predecessor: bool,
 }
 
 /// Decides when an upstream request may be sent. Object-safe, so the server holds an
@@ -469,6 +472,7 @@ impl UpstreamLimiter for LocalLimiter {
                     .count(),
             paused_until: st.paused_at(now),
             blocked_until: st.blocked_at(now),
+            waiting_for_predecessor: false,
         }
     }
 }

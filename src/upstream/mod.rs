@@ -5,6 +5,7 @@
 
 pub mod fair;
 pub mod fetch;
+pub mod handover;
 pub mod limiter;
 mod pool;
 

@@ -14,4 +14,5 @@ mod limits;
 mod ops;
 mod passthrough;
 mod redis;
+mod restart;
 mod verify;

@@ -9,6 +9,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -474,6 +475,90 @@ async fn redis_stopped_mid_run_falls_back_at_n_over_replicas_and_recovers() {
         )
         .await;
     assert_eq!(members, 3, "replicas registered with the restarted Redis");
+}
+
+impl RedisServer {
+    /// Stops (`true`) or resumes the server's process, as a stalled host or a long pause of
+    /// the process looks to the replicas: connections stay open, commands wait, and whatever
+    /// was sent meanwhile runs when it resumes.
+    fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("a running server").id();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stalled_and_resumed_under_load_never_lets_a_late_command_exceed_the_window() {
+    let redis = RedisServer::start();
+    let sim = Sim::spawn(sim_limited()).await.expect("simulator starts");
+    let replicas = three_replicas(&sim, &redis, "stall:").await;
+    let all = largest(&sim, 24);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Clients asking distinct 4-stage views through every replica for the whole run.
+    let load: Vec<_> = (0..9)
+        .map(|c| {
+            let proxy = replicas[c % replicas.len()].proxy.clone();
+            let (all, stop) = (all.clone(), stop.clone());
+            tokio::spawn(async move {
+                let client = Client::default();
+                let mut n = c;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 9;
+                    let set: Vec<(i64, i64)> =
+                        (0..4).map(|k| all[(n + k * 5) % all.len()]).collect();
+                    let url = format!(
+                        "{proxy}/api/v4/leads?{}&limit=50&filter[id][]={n}",
+                        stages(&set)
+                    );
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(30), client.try_get(&url, TOKEN))
+                            .await;
+                }
+            })
+        })
+        .collect();
+    for round in 0..3 {
+        let seen = sim.request_count();
+        eventually("traffic before the stall", Duration::from_secs(10), || {
+            sim.request_count() >= seen + 10
+        })
+        .await;
+        redis.freeze(true);
+        eventually("every replica noticed", Duration::from_secs(10), || {
+            replicas.iter().all(|r| r.limiter.degraded())
+        })
+        .await;
+        let seen = sim.request_count();
+        eventually("traffic on the fallbacks", Duration::from_secs(10), || {
+            sim.request_count() >= seen + 10
+        })
+        .await;
+        redis.freeze(false);
+        eventually(
+            "every replica shares again",
+            Duration::from_secs(10),
+            || replicas.iter().all(|r| !r.limiter.degraded()),
+        )
+        .await;
+        let _ = round;
+    }
+    let seen = sim.request_count();
+    eventually(
+        "traffic after the last stall",
+        Duration::from_secs(10),
+        || sim.request_count() >= seen + 14,
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.abort();
+    }
+    assert_within_budget(&sim);
 }
 
 #[tokio::test]

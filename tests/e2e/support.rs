@@ -200,6 +200,22 @@ impl Default for Client {
 }
 
 impl Client {
+    /// `GET url` with a bearer token, its status read and its body dropped, or why it failed
+    /// (a server that went away).
+    pub async fn try_get(&self, url: &str, token: &str) -> Result<StatusCode, String> {
+        let req = Request::get(url)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = self.0.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        resp.into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(status)
+    }
+
     /// `GET url` with a bearer token.
     pub async fn get(&self, url: &str, token: &str) -> Answer {
         self.request_with(Method::GET, url, Some(token), "", &[])
