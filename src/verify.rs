@@ -41,6 +41,8 @@ pub const MIN_REQUESTS: u64 = 12;
 const FULL_PAGE: usize = 250;
 /// Most pages of one view walked from the first (then the last one and the one past it).
 const MAX_WALK: usize = 20;
+/// How long verify waits for a previous process of the account to finish its window.
+const PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
 /// Where recorded hrefs point instead of the account's origin.
 pub const RECORDED_ORIGIN: &str = "https://example.kommo.com";
 const HAL_JSON: &str = "application/hal+json";
@@ -444,6 +446,20 @@ impl Verifier {
         config.cache.ttl = Duration::from_secs(600);
         let gw = crate::gateway(&config).await?;
         gw.fetcher.cap_requests(opts.max_requests);
+        // A proxy of this account on this host holds its turn to send: verify alongside it
+        // would add to its window, so it waits for it, briefly, and otherwise says why.
+        let origin = gw.fetcher.upstream.origin().url.clone();
+        let waited = Instant::now() + PREDECESSOR_WAIT;
+        while gw.fetcher.limiter.snapshot(&origin).waiting_for_predecessor {
+            if Instant::now() >= waited {
+                return Err(format!(
+                    "another kommo-fanout process sends to {origin} from this host (it holds {}): \
+                     verify would spend the account's budget alongside it; stop it and run verify again",
+                    config.limiter_lock.as_ref().map_or(String::new(), |p| p.display().to_string())
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let bind = || TcpListener::bind("127.0.0.1:0");
         let (listener, admin) = (bind().await, bind().await);
         let (listener, admin) = listener

@@ -210,3 +210,23 @@ async fn the_command_reports_and_exits_by_outcome() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--token-file"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A proxy of the same account runs in this process (as it would on this host): verify does not
+/// spend the budget alongside it, and says why, without sending anything.
+#[tokio::test]
+async fn waits_its_turn_behind_a_running_proxy_of_the_account_and_says_so() {
+    let sim = sim(JsonStyle::Compact, Vec::new()).await;
+    let config =
+        kommo_fanout::config::ServeConfig::for_upstream(&sim.base_url()).expect("valid config");
+    let _running = crate::support::serve_proxy(config).await;
+    let report = run(&options(&sim, 40)).await;
+    assert_eq!(report.exit_code(), 3, "{}", report.text());
+    assert!(
+        report
+            .text()
+            .contains("another kommo-fanout process sends to"),
+        "{}",
+        report.text()
+    );
+    assert_eq!(sim.request_count(), 0);
+}
