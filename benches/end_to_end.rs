@@ -1661,6 +1661,9 @@ impl Proxy {
             .args(["--listen", &format!("127.0.0.1:{listen}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(["--shutdown-grace", "1s"])
+            // Proxies measured side by side in front of one upstream each keep their own
+            // budget, as the bench's targets assume: no turn-taking between them.
+            .args(["--limiter-lock-dir", "off"])
             .args(extra);
         let mut guard = Guard::spawn(name, command, &log);
         let health = format!("http://127.0.0.1:{admin}/healthz");
