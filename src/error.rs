@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use crate::body::{self, ProxyBody};
 use crate::leads::plan::OverBudget;
 use crate::leads::query::{InvalidParam, StagePair};
+use crate::upstream::admission::Refusal;
 use crate::upstream::fetch::FetchError;
 use crate::upstream::limiter::LimitError;
 use crate::upstream::UpstreamError;
@@ -166,6 +167,19 @@ impl ProxyError {
 impl From<UpstreamError> for ProxyError {
     fn from(e: UpstreamError) -> Self {
         ProxyError::Upstream(e)
+    }
+}
+
+impl From<Refusal> for ProxyError {
+    fn from(r: Refusal) -> Self {
+        let secs = r.busy_for.as_secs_f64().ceil();
+        ProxyError::Unavailable {
+            detail: format!(
+                "the Kommo account's upstream budget (--rate-limit per --rate-window) is fully booked for about {secs}s by requests admitted before this one, so this request's {} upstream request(s) could not all start within --max-wait (or --request-timeout); nothing was sent, try again then",
+                r.cost
+            ),
+            retry_after: Some(r.busy_for),
+        }
     }
 }
 
@@ -363,5 +377,22 @@ mod tests {
         let resp = e.into_response();
         assert_eq!(resp.status(), 503);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[tokio::test]
+    async fn a_refused_admission_says_how_long_the_budget_is_booked() {
+        let e = ProxyError::from(Refusal {
+            cost: 6,
+            busy_for: Duration::from_millis(12_300),
+        });
+        let resp = e.into_response();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "13");
+        let detail = body_json(resp).await["detail"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(detail.contains("fully booked for about 13s"), "{detail}");
+        assert!(detail.contains("6 upstream request(s)"), "{detail}");
     }
 }

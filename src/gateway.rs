@@ -312,8 +312,10 @@ impl Gateway {
         }
     }
 
-    /// Whether the proxy can serve: the upstream answers TCP connections and no block
-    /// cool-down is in force. The report says why not, and what is degraded.
+    /// Whether the proxy can serve: the upstream answers TCP connections, no block cool-down is
+    /// in force, and the budget is not booked past `--max-wait` (new requests would be refused
+    /// at once: a load balancer should send them elsewhere). The report says why not, and what
+    /// is degraded.
     pub async fn readiness(&self) -> (bool, serde_json::Value) {
         let origin = self.fetcher.upstream.origin();
         let snapshot = self.fetcher.limiter.snapshot(&origin.url);
@@ -334,7 +336,13 @@ impl Gateway {
         };
         // A proxy waiting for the previous process of its account sends nothing yet: not ready,
         // and the report says why.
-        let ready = reachable.is_ok() && blocked.is_none() && !snapshot.waiting_for_predecessor;
+        // With Redis, this replica's bookings only (see `upstream::admission`).
+        let outlook = self.fetcher.admission_outlook(&origin.url);
+        let booked_up = outlook.wait > self.fetcher.policy.max_wait;
+        let ready = reachable.is_ok()
+            && blocked.is_none()
+            && !snapshot.waiting_for_predecessor
+            && !booked_up;
         let redis = self.shared.as_ref().map(|s| {
             if s.degraded() {
                 "degraded: Redis unreachable, running on the local fallback (limit / replicas, local cache)"
@@ -352,6 +360,9 @@ impl Gateway {
                 "queued": snapshot.queued,
                 "slots_taken": snapshot.in_window,
                 "waiting_for_previous_process": snapshot.waiting_for_predecessor,
+                "backlog": outlook.backlog,
+                "estimated_wait_s": outlook.wait.as_secs_f64(),
+                "booked_past_max_wait": booked_up,
             },
         });
         (ready, report)
@@ -366,6 +377,15 @@ impl Gateway {
             .snapshot(&self.fetcher.upstream.origin().url);
         metrics.limiter_queued.set(snapshot.queued as i64);
         metrics.limiter_in_window.set(snapshot.in_window as i64);
+        let outlook = self
+            .fetcher
+            .admission_outlook(&self.fetcher.upstream.origin().url);
+        metrics
+            .admission_backlog
+            .set(i64::try_from(outlook.backlog).unwrap_or(i64::MAX));
+        metrics
+            .admission_estimated_wait
+            .set(outlook.wait.as_secs_f64());
         if let Some(cache) = &self.cache {
             metrics.cache_bytes.set(cache.weighted_bytes().await);
         }

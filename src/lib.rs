@@ -73,7 +73,8 @@ pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
             }
             None => Arc::new(local),
         };
-        let fetcher = Fetcher::new(upstream, limiter, config.fetch.clone());
+        let fetcher =
+            Fetcher::new(upstream, limiter, config.fetch.clone()).with_admission(config.limiter);
         let cache = Cache::new(config.cache.clone());
         return Ok(Arc::new(Gateway::new(
             fetcher,
@@ -99,7 +100,8 @@ pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
         })
         .await?,
     );
-    let fetcher = Fetcher::new(upstream, limiter.clone(), config.fetch.clone());
+    let fetcher = Fetcher::new(upstream, limiter.clone(), config.fetch.clone())
+        .with_admission(config.limiter);
     let cache = Cache::new(config.cache.clone());
     let mut gw = Gateway::new(fetcher, config.gateway.clone(), cache).with_shared(Shared {
         limiter,

@@ -91,6 +91,12 @@ pub struct Metrics {
     pub cache_bytes: Gauge<u64, AtomicU64>,
     pub sendfile_bytes: Counter,
     pub redis_degraded: Gauge,
+    /// Upstream calls booked by admitted requests and not yet granted (or queued, if more).
+    pub admission_backlog: Gauge,
+    /// When the budget could start a new request's first call.
+    pub admission_estimated_wait: Gauge<f64, AtomicU64>,
+    /// Client requests refused at once because the budget is booked past their deadline.
+    pub admission_refused: Counter,
     hot: Hot,
 }
 
@@ -225,6 +231,25 @@ impl Metrics {
             "1 while Redis is configured but unreachable (local fallback in use)",
             redis_degraded.clone(),
         );
+        let admission_backlog = Gauge::default();
+        registry.register(
+            "admission_backlog",
+            "Upstream calls booked by admitted client requests and not yet sent",
+            admission_backlog.clone(),
+        );
+        let admission_estimated_wait = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "admission_estimated_wait",
+            "Estimated time until the upstream budget could start a new request",
+            Unit::Seconds,
+            admission_estimated_wait.clone(),
+        );
+        let admission_refused = Counter::default();
+        registry.register(
+            "admission_refused",
+            "Client requests refused at once: the upstream budget is booked past their deadline",
+            admission_refused.clone(),
+        );
         Metrics {
             registry,
             client_requests,
@@ -244,6 +269,9 @@ impl Metrics {
             cache_bytes,
             sendfile_bytes,
             redis_degraded,
+            admission_backlog,
+            admission_estimated_wait,
+            admission_refused,
             hot: Hot::default(),
         }
     }

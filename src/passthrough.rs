@@ -137,6 +137,7 @@ pub async fn forward(
     headers.insert(crate::server::REQUEST_ID, ctx.request_id.clone());
     *upstream_req.headers_mut() = headers;
 
+    let _admitted = gw.fetcher.admit(&ctx.flow, 1)?;
     ctx.count_upstream_call();
     let resp = match gw.fetcher.send(&ctx.flow, upstream_req).await {
         Ok(resp) => resp,

@@ -152,6 +152,7 @@ pub(crate) async fn relay(
     target: &str,
     item_links: ItemQuery<'_>,
 ) -> Result<Answer, ProxyError> {
+    let _admitted = gw.fetcher.admit(&ctx.flow, 1)?;
     let entry = match gw
         .fetch_entry(ctx, kind, target, |_| Verdict::Done(None))
         .await
@@ -287,6 +288,9 @@ async fn merged_page(
     // Upstream pages fed to the merge, from the cache or not: what the cost estimate of a
     // refused page extrapolates from.
     let mut pages_read = 0u64;
+    // The first pages of every stream, booked before the first batch (after the budget check,
+    // so a page over `--max-upstream-per-request` is still a `400`); held to the end.
+    let mut admitted = None;
     loop {
         match merger.next_step() {
             Step::Lead(lead) if skipped < skip => {
@@ -314,6 +318,10 @@ async fn merged_page(
                         cache: gw.cache.is_some() && ctx.credential.is_some(),
                         over,
                     })?;
+                if admitted.is_none() {
+                    let cost = u32::try_from(fan_out.streams.len()).unwrap_or(u32::MAX);
+                    admitted = Some(gw.fetcher.admit(&ctx.flow, cost)?);
+                }
                 pages_read += streams.len() as u64;
                 // Every stream that could hold the next lead is read at once: at the start
                 // that is all of them, so the first page costs one round trip, not K.

@@ -16,7 +16,8 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::{error, warn};
 
-use super::limiter::{FlowId, GrantId, LimitError, UpstreamLimiter};
+use super::admission::{Admission, Outlook, Refusal, Ticket};
+use super::limiter::{FlowId, GrantId, LimitError, LimiterConfig, UpstreamLimiter};
 use super::{Buffered, Upstream, UpstreamError};
 use crate::body::{self, ProxyBody};
 use crate::metrics::{KindLabels, Metrics, UpstreamKind};
@@ -129,6 +130,9 @@ pub struct Fetcher {
     /// unless [`Fetcher::cap_requests`] set it): past it an attempt is refused, not sent.
     sent: AtomicU64,
     cap: AtomicU64,
+    /// Which client requests may start their upstream work now (see [`Admission`]); admits
+    /// everything until [`Fetcher::with_admission`] names the limiter's settings.
+    pub admission: Arc<Admission>,
 }
 
 /// How long after a `429` a `403` counts as Kommo's block rather than a permission error.
@@ -151,7 +155,40 @@ impl Fetcher {
             jitter: AtomicU64::new(seed | 1),
             sent: AtomicU64::new(0),
             cap: AtomicU64::new(u64::MAX),
+            admission: Arc::new(Admission::unlimited()),
         }
+    }
+
+    /// Admits client requests by what the limiter of `limits` can serve before their deadlines.
+    pub fn with_admission(mut self, limits: LimiterConfig) -> Self {
+        self.admission = Arc::new(Admission::new(limits));
+        self
+    }
+
+    /// Books `cost` upstream calls for `flow` if the budget can start them all before the
+    /// earlier of its deadline and `--max-wait` from now; refused at once otherwise. The
+    /// booking is given back when the ticket drops.
+    pub fn admit(&self, flow: &Flow, cost: u32) -> Result<Ticket, Refusal> {
+        let deadline = flow.deadline.min(Instant::now() + self.policy.max_wait);
+        let limiter = self.limiter.snapshot(&flow.key);
+        self.admission
+            .admit(&flow.key, flow.id, cost, deadline, limiter)
+            .inspect_err(|_| {
+                self.metrics.admission_refused.inc();
+            })
+    }
+
+    /// The booked work of the busiest key (`origin` or one with bookings) and when the budget
+    /// could start more: what readiness and the gauges report.
+    pub fn admission_outlook(&self, origin: &str) -> Outlook {
+        let mut keys = self.admission.keys();
+        if !keys.iter().any(|k| &**k == origin) {
+            keys.push(Arc::from(origin));
+        }
+        keys.iter()
+            .map(|key| self.admission.outlook(key, self.limiter.snapshot(key)))
+            .max_by_key(|o| o.wait)
+            .unwrap_or_default()
     }
 
     /// Refuses every upstream attempt past the first `max` (sent ones included): a hard budget.
@@ -191,6 +228,7 @@ impl Fetcher {
             self.sent.fetch_sub(1, Ordering::SeqCst);
             FetchError::Limited(e)
         })?;
+        self.admission.consume(&flow.key, flow.id);
         Ok(Permit {
             limiter: self.limiter.as_ref(),
             key: &flow.key,
@@ -215,6 +253,7 @@ impl Fetcher {
             let answer = self.upstream.get(target, headers.clone()).await;
             drop(permit);
             let status = answer.as_ref().map_or(0, |b| b.status.as_u16());
+            self.admission.observe(sent.elapsed());
             self.metrics.upstream(kind, status, sent.elapsed());
             let failure = match answer {
                 Err(e) => FetchError::Transport(e),
@@ -284,6 +323,7 @@ impl Fetcher {
             };
             // The answer's head has arrived: the upstream has counted the request.
             drop(permit);
+            self.admission.observe(sent.elapsed());
             let status = result.as_ref().map_or(0, |r| r.status().as_u16());
             self.metrics
                 .upstream(UpstreamKind::Passthrough, status, sent.elapsed());

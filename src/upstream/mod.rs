@@ -3,6 +3,7 @@
 //! Every upstream request, fan-out stream and pass-through alike, goes through [`Upstream`],
 //! so the origin can never be chosen by a client and the limits apply to all traffic.
 
+pub mod admission;
 pub mod fair;
 pub mod fetch;
 pub mod handover;

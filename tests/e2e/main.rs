@@ -12,6 +12,7 @@ mod fixtures;
 mod hardening;
 mod limits;
 mod ops;
+mod overload;
 mod passthrough;
 mod redis;
 mod restart;
