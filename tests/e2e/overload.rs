@@ -15,7 +15,7 @@ use crate::support::*;
 const LEADS: usize = 3000;
 const CLIENTS: usize = 80;
 /// How long clients keep sending; the requests admitted by then are waited for.
-const RUN: Duration = Duration::from_secs(28);
+const RUN: Duration = Duration::from_secs(40);
 /// The proxy's `--max-wait` here: what is admitted drains within it after the run.
 const MAX_WAIT: Duration = Duration::from_secs(10);
 
