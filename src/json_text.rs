@@ -13,9 +13,10 @@ const MAX_DEPTH: usize = 128;
 
 /// One step of the way from the top of the document to a value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Seg {
-    /// A member of an object, by its decoded name.
-    Key(String),
+pub enum Seg<'a> {
+    /// A member of an object, by its decoded name (borrowed from the text when it has no
+    /// escapes).
+    Key(Cow<'a, str>),
     /// An element of an array.
     Index(usize),
 }
@@ -25,7 +26,7 @@ pub struct StringValue<'a> {
     /// The decoded text.
     pub text: &'a str,
     /// Where it sits; the last step is its member name or array index.
-    pub path: &'a [Seg],
+    pub path: &'a [Seg<'a>],
 }
 
 impl StringValue<'_> {
@@ -100,11 +101,11 @@ struct Scanner<'a, F> {
     out: Option<Vec<u8>>,
     /// How much of `src` is already in `out`.
     copied: usize,
-    path: Vec<Seg>,
+    path: Vec<Seg<'a>>,
     visit: F,
 }
 
-impl<F: FnMut(&StringValue<'_>) -> Edit> Scanner<'_, F> {
+impl<'a, F: FnMut(&StringValue<'_>) -> Edit> Scanner<'a, F> {
     fn error(&self, what: &str) -> NotJson {
         NotJson(format!("{what} at byte {}", self.pos))
     }
@@ -245,11 +246,21 @@ impl<F: FnMut(&StringValue<'_>) -> Edit> Scanner<'_, F> {
         Ok(())
     }
 
-    /// Reads the string token at `pos` (its opening quote) and returns its decoded text.
-    fn string(&mut self) -> Result<String, NotJson> {
-        let (text, len) = decode(&self.src[self.pos..]).map_err(|what| self.error(what))?;
+    /// Reads the string token at `pos` (its opening quote) and returns its decoded text:
+    /// borrowed when it has no escapes, as nearly every member name and most values.
+    fn string(&mut self) -> Result<Cow<'a, str>, NotJson> {
+        let src: &'a str = self.src;
+        let start = self.pos + 1;
+        let plain = src.as_bytes()[start..]
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+        if let Some(len) = plain.filter(|&len| src.as_bytes()[start + len] == b'"') {
+            self.pos = start + len + 1;
+            return Ok(Cow::Borrowed(&src[start..start + len]));
+        }
+        let (text, len) = decode(&src[self.pos..]).map_err(|what| self.error(what))?;
         self.pos += len;
-        Ok(text)
+        Ok(Cow::Owned(text))
     }
 
     fn visit_string(&mut self, start: usize, text: &str) {
@@ -394,32 +405,51 @@ impl Spelling {
 /// closing quote.
 fn encode(text: &str, spelling: Spelling, raw_tail: &str) -> String {
     use std::fmt::Write;
-    let mut out = String::with_capacity(text.len() + raw_tail.len() + 2);
+    let mut out = String::with_capacity(text.len() + raw_tail.len() + 16);
     out.push('"');
-    for c in text.chars() {
+    // Bytes that need no escape are copied in runs: a link may carry a long query.
+    let bytes = text.as_bytes();
+    let (mut run, mut i) = (0, 0);
+    while i < bytes.len() {
+        let special = match bytes[i] {
+            b'"' | b'\\' | 0..=0x1f => true,
+            b'/' => spelling.slash,
+            b'&' | b'<' | b'>' | b'\'' => spelling.html,
+            0x80.. => spelling.ascii,
+            _ => false,
+        };
+        if !special {
+            i += 1;
+            continue;
+        }
+        out.push_str(&text[run..i]);
+        // `i` is at a character's first byte: runs stop only there.
+        let Some(c) = text[i..].chars().next() else {
+            break;
+        };
+        i += c.len_utf8();
+        run = i;
         match c {
             '"' if spelling.html => out.push_str("\\u0022"),
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            '/' if spelling.slash => out.push_str("\\/"),
-            '&' | '<' | '>' | '\'' if spelling.html => {
-                let _ = write!(out, "\\u{:04X}", c as u32);
-            }
+            '/' => out.push_str("\\/"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
+            // PHP writes these in upper-case hex (`\u0026`), the spelling kept here.
+            '&' | '<' | '>' | '\'' => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
             }
-            c if !c.is_ascii() && spelling.ascii => {
+            c => {
                 let mut units = [0u16; 2];
                 for unit in c.encode_utf16(&mut units) {
                     let _ = write!(out, "\\u{unit:04x}");
                 }
             }
-            c => out.push(c),
         }
     }
+    out.push_str(&text[run..]);
     out.push_str(raw_tail);
     out.push('"');
     out
@@ -495,11 +525,19 @@ mod tests {
     fn paths_name_where_a_value_sits() {
         let mut seen = Vec::new();
         edit_strings(br#"{"a":[{"b":"x"},"y"]}"#, |v| {
-            seen.push((v.path.to_vec(), v.text.to_string()));
+            let path: Vec<Seg<'static>> = v
+                .path
+                .iter()
+                .map(|s| match s {
+                    Seg::Key(k) => Seg::Key(Cow::Owned(k.to_string())),
+                    Seg::Index(i) => Seg::Index(*i),
+                })
+                .collect();
+            seen.push((path, v.text.to_string()));
             Edit::Keep
         })
         .unwrap();
-        let key = |k: &str| Seg::Key(k.into());
+        let key = |k: &str| Seg::Key(Cow::Owned(k.to_string()));
         assert_eq!(
             seen,
             vec![

@@ -1173,7 +1173,7 @@ impl Recorder {
 /// JSON is kept as it is (it holds no lead).
 pub fn redact(body: &[u8], origin: &str) -> Vec<u8> {
     let personal = |path: &[Seg]| match path {
-        [.., Seg::Key(k)] if matches!(k.as_str(), "name" | "phone" | "email") => true,
+        [.., Seg::Key(k)] if matches!(&**k, "name" | "phone" | "email") => true,
         [.., Seg::Key(c), Seg::Index(_), Seg::Key(v), Seg::Index(_), Seg::Key(x)] => {
             c == "custom_fields_values" && v == "values" && x == "value"
         }
