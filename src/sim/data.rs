@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::rng::SplitMix64;
-use super::{SimCompany, SimContact, SimLead, SimPipeline, SimStatus, SimTag, TokenSpec};
+use super::{SimCard, SimCompany, SimContact, SimLead, SimPipeline, SimStatus, SimTag, TokenSpec};
 
 /// The dataset's "now": 2024-06-01T00:00:00Z. Generated timestamps lie before it; changes made while
 /// the sim runs are stamped after it.
@@ -522,6 +522,22 @@ pub(crate) struct WriteError {
     pub(crate) detail: String,
 }
 
+/// Which of the two card lists: its path under `/api/v4/` and its `_embedded` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CardKind {
+    Contacts,
+    Companies,
+}
+
+impl CardKind {
+    pub(crate) fn path(self) -> &'static str {
+        match self {
+            CardKind::Contacts => "contacts",
+            CardKind::Companies => "companies",
+        }
+    }
+}
+
 /// Leads and pipelines, indexed.
 #[derive(Debug)]
 pub(crate) struct Store {
@@ -597,17 +613,27 @@ impl Store {
         self.by_id.get(&id).copied()
     }
 
-    /// Ids of the contacts linked to leads `token` sees (deleted leads aside), ascending.
-    pub(crate) fn visible_contact_ids(&self, token: &TokenSpec) -> BTreeSet<i64> {
-        self.visible_leads(token)
-            .flat_map(|l| l.contact_ids.iter().copied())
-            .collect()
-    }
-
-    /// Ids of the companies linked to leads `token` sees (deleted leads aside), ascending.
-    pub(crate) fn visible_company_ids(&self, token: &TokenSpec) -> BTreeSet<i64> {
-        self.visible_leads(token)
-            .filter_map(|l| l.company_id)
+    /// The contacts or companies leads `token` sees (deleted leads aside) link to, ascending.
+    pub(crate) fn visible_cards(&self, kind: CardKind, token: &TokenSpec) -> Vec<&SimCard> {
+        let ids: BTreeSet<i64> = match kind {
+            CardKind::Contacts => self
+                .visible_leads(token)
+                .flat_map(|l| l.contact_ids.iter().copied())
+                .collect(),
+            CardKind::Companies => self
+                .visible_leads(token)
+                .filter_map(|l| l.company_id)
+                .collect(),
+        };
+        let all = match kind {
+            CardKind::Contacts => &self.contacts,
+            CardKind::Companies => &self.companies,
+        };
+        ids.into_iter()
+            .filter_map(|id| {
+                let at = all.binary_search_by_key(&id, |c| c.id).ok()?;
+                all.get(at)
+            })
             .collect()
     }
 
@@ -615,18 +641,6 @@ impl Store {
         self.leads
             .iter()
             .filter(move |l| !l.is_deleted && token.sees(l.responsible_user_id))
-    }
-
-    /// A contact by id.
-    pub(crate) fn contact(&self, id: i64) -> Option<&SimContact> {
-        let at = self.contacts.binary_search_by_key(&id, |c| c.id).ok()?;
-        self.contacts.get(at)
-    }
-
-    /// A company by id.
-    pub(crate) fn company(&self, id: i64) -> Option<&SimCompany> {
-        let at = self.companies.binary_search_by_key(&id, |c| c.id).ok()?;
-        self.companies.get(at)
     }
 
     /// A pipeline by id.

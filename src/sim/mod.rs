@@ -389,12 +389,13 @@ pub struct SimTag {
     pub color: Option<String>,
 }
 
-/// A contact of the account: one a lead links to (`SimLead::contact_ids`).
+/// A contact or a company of the account: one a lead links to (`SimLead::contact_ids`,
+/// `SimLead::company_id`). Kommo lists both with the same fields this sim keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SimContact {
-    /// Contact id.
+pub struct SimCard {
+    /// Contact or company id.
     pub id: i64,
-    /// Full name (some non-ASCII, some with `'`).
+    /// Full name, or company name (some non-ASCII, some with `&` or `'`).
     pub name: String,
     /// Responsible user (1001..=1008).
     pub responsible_user_id: i64,
@@ -404,20 +405,10 @@ pub struct SimContact {
     pub updated_at: i64,
 }
 
-/// A company of the account: one a lead links to (`SimLead::company_id`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SimCompany {
-    /// Company id.
-    pub id: i64,
-    /// Company name (some non-ASCII, some with `&` or `'`).
-    pub name: String,
-    /// Responsible user (1001..=1008).
-    pub responsible_user_id: i64,
-    /// Creation time, Unix seconds.
-    pub created_at: i64,
-    /// Last update, Unix seconds, `>= created_at`.
-    pub updated_at: i64,
-}
+/// A contact of the account.
+pub type SimContact = SimCard;
+/// A company of the account.
+pub type SimCompany = SimCard;
 
 /// The ground truth of one lead.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,9 +9,9 @@ use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 use serde_json::ser::{CharEscape, CompactFormatter, Formatter, PrettyFormatter};
 
-use super::data::{self, FieldKind, ACCOUNT_ID, CATALOG_ID, LOSS_REASONS, SOURCES};
+use super::data::{self, CardKind, FieldKind, ACCOUNT_ID, CATALOG_ID, LOSS_REASONS, SOURCES};
 use super::query::{LeadsQuery, ListQuery, QueryError, WithSet};
-use super::{JsonStyle, SimCompany, SimContact, SimLead, SimPipeline};
+use super::{JsonStyle, SimCard, SimLead, SimPipeline};
 
 /// `{"href": ...}`.
 #[derive(Serialize)]
@@ -449,110 +449,73 @@ pub(crate) struct CardJson<'a> {
     _links: SelfLink,
 }
 
-/// The shared shape of [`SimContact`] and [`SimCompany`] for rendering.
-pub(crate) trait Card {
-    /// The list's path under `/api/v4/` and its `_embedded` key: `contacts` or `companies`.
-    const PATH: &'static str;
-    /// Its id.
-    fn id(&self) -> i64;
-    /// The fields rendered.
-    fn json(&self, self_href: String) -> CardJson<'_>;
-}
-
-impl Card for SimContact {
-    const PATH: &'static str = "contacts";
-
-    fn id(&self) -> i64 {
-        self.id
-    }
-
-    fn json(&self, self_href: String) -> CardJson<'_> {
+impl<'a> CardJson<'a> {
+    /// `card` as listed under `kind` by a request with `raw_query`: its self link repeats the
+    /// query, as Kommo repeats a list request's query in its items' links.
+    fn new(card: &'a SimCard, kind: CardKind, base: &str, raw_query: &str) -> Self {
+        let mut href = format!("{base}/api/v4/{}/{}", kind.path(), card.id);
+        if !raw_query.is_empty() {
+            href.push('?');
+            href.push_str(raw_query);
+        }
         CardJson {
-            id: self.id,
-            name: &self.name,
-            responsible_user_id: self.responsible_user_id,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
+            id: card.id,
+            name: &card.name,
+            responsible_user_id: card.responsible_user_id,
+            created_at: card.created_at,
+            updated_at: card.updated_at,
             account_id: ACCOUNT_ID,
-            _links: SelfLink::new(self_href),
+            _links: SelfLink::new(href),
         }
     }
-}
-
-impl Card for SimCompany {
-    const PATH: &'static str = "companies";
-
-    fn id(&self) -> i64 {
-        self.id
-    }
-
-    fn json(&self, self_href: String) -> CardJson<'_> {
-        CardJson {
-            id: self.id,
-            name: &self.name,
-            responsible_user_id: self.responsible_user_id,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            account_id: ACCOUNT_ID,
-            _links: SelfLink::new(self_href),
-        }
-    }
-}
-
-/// A card's self link: `{base}/api/v4/{contacts|companies}/{id}`, plus `?` and the request's raw
-/// query when there is one (Kommo repeats a list request's query in its items' links).
-fn card_href<C: Card>(base: &str, id: i64, raw_query: &str) -> String {
-    let mut href = format!("{base}/api/v4/{}/{id}", C::PATH);
-    if !raw_query.is_empty() {
-        href.push('?');
-        href.push_str(raw_query);
-    }
-    href
 }
 
 /// One page of `GET /api/v4/contacts` or `GET /api/v4/companies`.
-pub(crate) fn cards_page<C: Card>(
+pub(crate) fn cards_page(
     style: JsonStyle,
-    cards: &[&C],
+    kind: CardKind,
+    cards: &[&SimCard],
     q: &ListQuery,
     base: &str,
     raw_query: &str,
 ) -> Vec<u8> {
-    struct Items<'a, C>(Vec<CardJson<'a>>, std::marker::PhantomData<C>);
-    impl<C: Card> Serialize for Items<'_, C> {
+    struct Items<'a>(CardKind, Vec<CardJson<'a>>);
+    impl Serialize for Items<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             let mut m = s.serialize_map(Some(1))?;
-            m.serialize_entry(C::PATH, &self.0)?;
+            m.serialize_entry(self.0.path(), &self.1)?;
             m.end()
         }
     }
     #[derive(Serialize)]
-    #[serde(bound = "")]
-    struct CardsPage<'a, C: Card> {
+    struct CardsPage<'a> {
         _page: u32,
         _links: PageLinks,
-        _embedded: Items<'a, C>,
+        _embedded: Items<'a>,
     }
     let items = cards
         .iter()
-        .map(|c| c.json(card_href::<C>(base, c.id(), raw_query)))
+        .map(|c| CardJson::new(c, kind, base, raw_query))
         .collect();
     to_vec(
         style,
-        &CardsPage::<C> {
+        &CardsPage {
             _page: q.page,
-            _links: PageLinks::new(base, C::PATH, raw_query, q.page),
-            _embedded: Items(items, std::marker::PhantomData),
+            _links: PageLinks::new(base, kind.path(), raw_query, q.page),
+            _embedded: Items(kind, items),
         },
     )
 }
 
 /// `GET /api/v4/contacts/{id}` or `GET /api/v4/companies/{id}`: the object itself.
-pub(crate) fn card<C: Card>(style: JsonStyle, card: &C, base: &str, raw_query: &str) -> Vec<u8> {
-    to_vec(
-        style,
-        &card.json(card_href::<C>(base, card.id(), raw_query)),
-    )
+pub(crate) fn card(
+    style: JsonStyle,
+    kind: CardKind,
+    card: &SimCard,
+    base: &str,
+    raw_query: &str,
+) -> Vec<u8> {
+    to_vec(style, &CardJson::new(card, kind, base, raw_query))
 }
 
 #[derive(Serialize)]

@@ -22,10 +22,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::data::CardKind;
 use super::data::{LeadPatch, Store, USERS};
 use super::faults::LimitDecision;
 use super::query::{self, LeadsQuery, MAX_LIMIT};
-use super::render::{self, Card, LeadCtx};
+use super::render::{self, LeadCtx};
 use super::{Fault, JsonStyle, RecordedRequest, Sim, TokenSpec};
 
 /// The response body type: whole bodies, or a stream that fails half-way (truncation fault).
@@ -440,38 +441,19 @@ impl Sim {
                     _ => Reply::method_not_allowed(style, "GET, PATCH"),
                 }
             }
-            ["api", "v4", "contacts"] => match method {
-                Method::GET => self.list_cards(raw_query, base, |store| {
-                    let ids = store.visible_contact_ids(spec);
-                    ids.iter().filter_map(|&id| store.contact(id)).collect()
-                }),
+            ["api", "v4", list @ ("contacts" | "companies")] => match method {
+                Method::GET => self.list_cards(card_kind(list), raw_query, base, spec),
                 _ => Reply::method_not_allowed(style, "GET"),
             },
-            ["api", "v4", "companies"] => match method {
-                Method::GET => self.list_cards(raw_query, base, |store| {
-                    let ids = store.visible_company_ids(spec);
-                    ids.iter().filter_map(|&id| store.company(id)).collect()
-                }),
-                _ => Reply::method_not_allowed(style, "GET"),
-            },
-            ["api", "v4", "contacts", id] => match (method, id.parse::<i64>()) {
-                (Method::GET, Ok(id)) => self.get_card(raw_query, base, |store| {
-                    store
-                        .contact(id)
-                        .filter(|_| store.visible_contact_ids(spec).contains(&id))
-                }),
-                (Method::GET, Err(_)) => Reply::not_found(style),
-                _ => Reply::method_not_allowed(style, "GET"),
-            },
-            ["api", "v4", "companies", id] => match (method, id.parse::<i64>()) {
-                (Method::GET, Ok(id)) => self.get_card(raw_query, base, |store| {
-                    store
-                        .company(id)
-                        .filter(|_| store.visible_company_ids(spec).contains(&id))
-                }),
-                (Method::GET, Err(_)) => Reply::not_found(style),
-                _ => Reply::method_not_allowed(style, "GET"),
-            },
+            ["api", "v4", list @ ("contacts" | "companies"), id] => {
+                match (method, id.parse::<i64>()) {
+                    (Method::GET, Ok(id)) => {
+                        self.get_card(card_kind(list), id, raw_query, base, spec)
+                    }
+                    (Method::GET, Err(_)) => Reply::not_found(style),
+                    _ => Reply::method_not_allowed(style, "GET"),
+                }
+            }
             ["api", "v4", "account"] => match method {
                 Method::GET => Reply::hal(render::account(style, base, acting_user(spec))),
                 _ => Reply::method_not_allowed(style, "GET"),
@@ -559,21 +541,15 @@ impl Sim {
         }
     }
 
-    /// `GET /api/v4/contacts` or `GET /api/v4/companies`: `visible` lists what the token sees,
-    /// ascending by id.
-    fn list_cards<C: Card>(
-        &self,
-        raw_query: &str,
-        base: &str,
-        visible: impl FnOnce(&Store) -> Vec<&C>,
-    ) -> Reply {
+    /// `GET /api/v4/contacts` or `GET /api/v4/companies`: what the token sees, by id.
+    fn list_cards(&self, kind: CardKind, raw_query: &str, base: &str, token: &TokenSpec) -> Reply {
         let style = self.0.json_style;
         let q = match query::parse_list(raw_query) {
             Ok(q) => q,
             Err(error) => return Reply::problem(400, render::query_problem(style, &error)),
         };
         let store = self.store();
-        let mut cards = visible(&store);
+        let mut cards = store.visible_cards(kind, token);
         if q.desc {
             cards.reverse();
         }
@@ -582,26 +558,24 @@ impl Sim {
             return Reply::no_content();
         }
         let end = start.saturating_add(q.limit as usize).min(cards.len());
-        Reply::hal(render::cards_page(
-            style,
-            &cards[start..end],
-            &q,
-            base,
-            raw_query,
-        ))
+        let page = &cards[start..end];
+        Reply::hal(render::cards_page(style, kind, page, &q, base, raw_query))
     }
 
     /// `GET /api/v4/contacts/{id}` or `GET /api/v4/companies/{id}`: `204` when the token does not
     /// see it, as for a lead.
-    fn get_card<C: Card>(
+    fn get_card(
         &self,
+        kind: CardKind,
+        id: i64,
         raw_query: &str,
         base: &str,
-        find: impl FnOnce(&Store) -> Option<&C>,
+        token: &TokenSpec,
     ) -> Reply {
         let store = self.store();
-        match find(&store) {
-            Some(card) => Reply::hal(render::card(self.0.json_style, card, base, raw_query)),
+        let visible = store.visible_cards(kind, token);
+        match visible.iter().find(|c| c.id == id) {
+            Some(card) => Reply::hal(render::card(self.0.json_style, kind, card, base, raw_query)),
             None => Reply::no_content(),
         }
     }
@@ -898,4 +872,13 @@ fn lead_patch(style: JsonStyle, item: &Value, request_id: &str) -> Result<LeadPa
         status_id: int("status_id")?,
         responsible_user_id: int("responsible_user_id")?,
     })
+}
+
+/// The card list a path segment names (`contacts` or `companies`).
+fn card_kind(list: &str) -> CardKind {
+    if list == "contacts" {
+        CardKind::Contacts
+    } else {
+        CardKind::Companies
+    }
 }
