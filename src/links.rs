@@ -12,8 +12,8 @@ use crate::json_text::{edit_strings, Edit, Seg};
 /// Moves links from the upstream's origin to the proxy's base URL.
 #[derive(Debug, Clone)]
 pub struct LinkRewrite {
-    /// The upstream's origin, to recognise its URLs.
-    upstream: Origin,
+    /// The upstream's origin URL, to recognise its URLs (see [`Origin`]).
+    upstream: String,
     /// The proxy's base URL as the client reaches it, without a trailing slash.
     public: String,
 }
@@ -36,7 +36,7 @@ impl LinkRewrite {
     /// `http://127.0.0.1:8080`).
     pub fn new(upstream: &str, public: &str) -> Self {
         LinkRewrite {
-            upstream: Origin::parse(upstream).unwrap_or_default(),
+            upstream: upstream.to_string(),
             public: public.trim_end_matches('/').to_string(),
         }
     }
@@ -48,7 +48,7 @@ impl LinkRewrite {
             if v.key() != Some("href") {
                 return Edit::Keep;
             }
-            let Some(len) = self.upstream.prefix_len(v.text) else {
+            let Some(len) = self.prefix_len(v.text) else {
                 return Edit::Keep;
             };
             let item_query = match query {
@@ -80,9 +80,17 @@ impl LinkRewrite {
         edited.unwrap_or(Cow::Borrowed(json))
     }
 
+    /// How many leading bytes of `url` spell the upstream's origin, if `url` is at it.
+    fn prefix_len(&self, url: &str) -> Option<usize> {
+        let (upstream, _) = Origin::split(&self.upstream)?;
+        Origin::split(url)
+            .filter(|(o, _)| o.same(&upstream))
+            .map(|(_, len)| len)
+    }
+
     /// A `Location` value at the upstream's origin, moved to the proxy.
     pub fn location(&self, value: &str) -> Option<String> {
-        let len = self.upstream.prefix_len(value)?;
+        let len = self.prefix_len(value)?;
         Some(format!("{}{}", self.public, &value[len..]))
     }
 }
@@ -108,20 +116,20 @@ fn split_at_any(s: &str, c: char) -> (&str, &str) {
     s.find(c).map_or((s, ""), |at| s.split_at(at))
 }
 
-/// Scheme, host and port of a URL, compared by meaning.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Origin {
-    /// Lowercase.
-    scheme: String,
-    /// Lowercase.
-    host: String,
+/// Scheme, host and port of a URL, compared by meaning: scheme and host in any case, the
+/// scheme's default port written or not.
+#[derive(Debug, Clone, Copy)]
+struct Origin<'a> {
+    scheme: &'a str,
+    host: &'a str,
     /// Explicit, or the scheme's default.
     port: Option<u16>,
 }
 
-impl Origin {
-    /// The origin of `url` and the length of the part of `url` that spells it.
-    fn split(url: &str) -> Option<(Origin, usize)> {
+impl<'a> Origin<'a> {
+    /// The origin of `url` and the length of the part of `url` that spells it. Borrows: every
+    /// href of every answer passes here.
+    fn split(url: &'a str) -> Option<(Origin<'a>, usize)> {
         let (scheme, rest) = url.split_once("://")?;
         if scheme.is_empty()
             || !scheme
@@ -135,7 +143,6 @@ impl Origin {
         if authority.is_empty() || authority.contains('@') {
             return None;
         }
-        let scheme = scheme.to_ascii_lowercase();
         let (host, port) = match authority.rsplit_once(':') {
             Some((host, port)) if !port.contains(']') => {
                 let port = if port.is_empty() {
@@ -147,31 +154,25 @@ impl Origin {
             }
             _ => (authority, None),
         };
-        let default = match scheme.as_str() {
-            "http" => Some(80),
-            "https" => Some(443),
-            _ => None,
+        let default = if scheme.eq_ignore_ascii_case("http") {
+            Some(80)
+        } else if scheme.eq_ignore_ascii_case("https") {
+            Some(443)
+        } else {
+            None
         };
         let origin = Origin {
             scheme,
-            host: host.to_ascii_lowercase(),
+            host,
             port: port.or(default),
         };
         Some((origin, url.len() - rest.len() + end))
     }
 
-    fn parse(url: &str) -> Option<Origin> {
-        Origin::split(url).map(|(o, _)| o)
-    }
-
-    /// How many leading bytes of `url` spell this origin, if `url` is at this origin.
-    fn prefix_len(&self, url: &str) -> Option<usize> {
-        if self.host.is_empty() {
-            return None;
-        }
-        Origin::split(url)
-            .filter(|(o, _)| o == self)
-            .map(|(_, len)| len)
+    fn same(&self, other: &Origin<'_>) -> bool {
+        self.scheme.eq_ignore_ascii_case(other.scheme)
+            && self.host.eq_ignore_ascii_case(other.host)
+            && self.port == other.port
     }
 }
 

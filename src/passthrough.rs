@@ -186,39 +186,28 @@ enum Read {
 async fn read_up_to(mut incoming: Incoming, max: usize) -> Read {
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut len = 0;
-    loop {
+    // Past the bound, at trailers or at an error: what was read, then the rest as it comes.
+    let stop = loop {
         match incoming.frame().await {
+            None => return Read::Whole(concat(chunks, len)),
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     len += data.len();
                     chunks.push(data);
                     if len > max {
-                        break;
+                        break None;
                     }
                 }
-                // Trailers: whatever comes with them is relayed as it came.
-                Err(frame) => {
-                    let read = chunks.into_iter().map(|c| Ok(Frame::data(c)));
-                    let rest = std::iter::once(Ok(frame));
-                    let stream = futures::stream::iter(read.chain(rest));
-                    return Read::Partial(body::boxed(StreamBody::new(stream.chain(
-                        BodyStream::new(incoming).map(|f| f.map_err(body::BoxError::from)),
-                    ))));
-                }
+                Err(trailers) => break Some(Ok(trailers)),
             },
-            Some(Err(e)) => {
-                let read = chunks.into_iter().map(|c| Ok(Frame::data(c)));
-                let failed = std::iter::once(Err(body::BoxError::from(e)));
-                return Read::Partial(body::boxed(StreamBody::new(futures::stream::iter(
-                    read.chain(failed),
-                ))));
-            }
-            None => return Read::Whole(concat(chunks, len)),
+            Some(Err(e)) => break Some(Err(body::BoxError::from(e))),
         }
-    }
-    let read = futures::stream::iter(chunks.into_iter().map(|c| Ok(Frame::data(c))));
+    };
+    let read = chunks.into_iter().map(|c| Ok(Frame::data(c))).chain(stop);
     let rest = BodyStream::new(incoming).map(|f| f.map_err(body::BoxError::from));
-    Read::Partial(body::boxed(StreamBody::new(read.chain(rest))))
+    Read::Partial(body::boxed(StreamBody::new(
+        futures::stream::iter(read).chain(rest),
+    )))
 }
 
 fn concat(chunks: Vec<Bytes>, len: usize) -> Bytes {

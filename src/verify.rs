@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::config::{ServeConfig, VerifyArgs};
 use crate::gateway::Gateway;
 use crate::json_text::{edit_strings, Edit, Seg};
+use crate::leads::query::{pair_params, StagePair};
 use crate::links::{ItemQuery, LinkRewrite};
 use crate::metrics::UpstreamKind;
 use crate::upstream::fetch::{FetchError, Flow, Verdict};
@@ -655,10 +656,13 @@ impl Verifier {
     ) -> Result<Vec<StageRead>, String> {
         let targets: Vec<String> = stages
             .iter()
-            .map(|(p, s)| {
+            .map(|&(pipeline_id, status_id)| {
+                let [pipeline, status] = pair_params(StagePair {
+                    pipeline_id,
+                    status_id,
+                });
                 format!(
-                    "/api/v4/leads?filter%5Bstatuses%5D%5B0%5D%5Bpipeline_id%5D={p}\
-                     &filter%5Bstatuses%5D%5B0%5D%5Bstatus_id%5D={s}&{}&limit={FULL_PAGE}",
+                    "/api/v4/leads?{pipeline}&{status}&{}&limit={FULL_PAGE}",
                     order.param()
                 )
             })
