@@ -78,17 +78,6 @@ fn open_connections(s: &Stack) -> i64 {
     s.gateway.fetcher.metrics.open_connections.get()
 }
 
-/// Polls `done` until it holds or `deadline` passes; returns whether it held.
-async fn eventually(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
-    while !done() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
 async fn healthz(s: &Stack) -> StatusCode {
     s.request(Method::GET, &format!("{}/healthz", s.admin), None, "")
         .await
@@ -118,13 +107,10 @@ async fn silent_connections_are_closed_within_the_header_read_timeout_of_their_a
         "every silent connection is closed by the proxy"
     );
     // The test client's keep-alive connection idles out the same way: none is left open.
-    assert!(
-        eventually(Instant::now() + timeout + SLACK, || open_connections(&s)
-            == 0)
-        .await,
-        "open connections: {}",
-        open_connections(&s)
-    );
+    eventually("no open connection is left", timeout + SLACK, || {
+        open_connections(&s) == 0
+    })
+    .await;
     assert_eq!(healthz(&s).await, StatusCode::OK);
     assert_eq!(s.get("/api/v4/account", TOKEN).await.status, StatusCode::OK);
 }
@@ -243,16 +229,14 @@ async fn past_max_connections_new_clients_wait_and_descriptors_stay_bounded() {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| tokio::spawn(TcpStream::connect(proxy.clone())))
         .collect();
-    let deadline = Instant::now() + SLACK;
-    assert!(
-        eventually(deadline, || open_connections(&s) == MAX as i64).await,
-        "the proxy takes connections up to its bound: {}",
-        open_connections(&s)
-    );
-    assert!(
-        eventually(deadline, || open_descriptors() >= before + CLIENTS).await,
-        "every client has its socket"
-    );
+    eventually("the proxy takes connections up to its bound", SLACK, || {
+        open_connections(&s) == MAX as i64
+    })
+    .await;
+    eventually("every client has its socket", SLACK, || {
+        open_descriptors() >= before + CLIENTS
+    })
+    .await;
     assert_eq!(accepted_sockets(port), MAX, "no more are accepted");
     // Each client holds a descriptor; the server at most MAX more, not one per client. The
     // slack is for what other tests of this binary open meanwhile.
@@ -277,9 +261,8 @@ async fn past_max_connections_new_clients_wait_and_descriptors_stay_bounded() {
         drop(client.await);
     }
     assert_eq!(s.get("/api/v4/account", TOKEN).await.status, StatusCode::OK);
-    assert!(
-        eventually(Instant::now() + SLACK, || open_connections(&s) <= 1).await,
-        "open connections: {}",
-        open_connections(&s)
-    );
+    eventually("the silent connections are closed", SLACK, || {
+        open_connections(&s) <= 1
+    })
+    .await;
 }

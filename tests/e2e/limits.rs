@@ -248,12 +248,12 @@ async fn an_html_403_stops_upstream_traffic_for_the_cool_down() {
         sent,
         "nothing sent during the cool-down"
     );
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    assert_eq!(
-        s.leads(&stages(&set)).await.status,
-        200,
-        "traffic resumes after the cool-down"
-    );
+    eventually_async(
+        "traffic resumes after the cool-down",
+        Duration::from_secs(5),
+        || async { s.leads(&stages(&set)).await.status == 200 },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -90,8 +90,12 @@ async fn readiness_follows_a_block_cool_down() {
             .unwrap()
             > 0.0
     );
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(ready().await.status, 200);
+    eventually_async(
+        "ready again after the cool-down",
+        Duration::from_secs(5),
+        || async { ready().await.status == 200 },
+    )
+    .await;
 }
 
 fn free_port() -> u16 {
@@ -253,14 +257,17 @@ async fn sigterm_lets_the_requests_in_flight_finish_and_refuses_new_ones() {
     }
     let pid = proxy.child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let port: u16 = proxy.url.rsplit(':').next().unwrap().parse().unwrap();
-    assert!(
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err(),
-        "new connections are refused while draining"
-    );
+    eventually_async(
+        "new connections are refused while draining",
+        Duration::from_secs(5),
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+        },
+    )
+    .await;
     for request in in_flight {
         let answer = request.await.unwrap();
         assert_eq!(answer.status, 200, "every request in flight completed");

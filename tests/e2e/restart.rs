@@ -115,20 +115,20 @@ async fn restart_under_load(stop_proxy: impl Fn(&Child)) {
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(port, pairs, stop.clone());
     // Saturated: the limit is reached in every window before the restart.
-    let saturated = Instant::now() + Duration::from_secs(20);
-    while sim.request_count() < 3 * LIMIT as usize {
-        assert!(Instant::now() < saturated, "no load reached the simulator");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "load reaches the simulator",
+        Duration::from_secs(20),
+        || sim.request_count() >= 3 * LIMIT as usize,
+    )
+    .await;
     stop_proxy(&first);
     let mut second = start_proxy(&sim.base_url(), port, lock_dir.path()).await;
     // The new process serves: upstream requests after its start reach the simulator.
     let before = sim.request_count();
-    let served = Instant::now() + Duration::from_secs(30);
-    while sim.request_count() < before + 3 * LIMIT as usize {
-        assert!(Instant::now() < served, "the restarted proxy sent nothing");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the restarted proxy sends", Duration::from_secs(30), || {
+        sim.request_count() >= before + 3 * LIMIT as usize
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let _ = first.kill();
     let _ = second.kill();

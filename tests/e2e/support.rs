@@ -381,3 +381,24 @@ pub fn without_links(v: &Value) -> Value {
         v => v.clone(),
     }
 }
+
+/// Polls `check` every 20 ms until it holds; fails the test, naming `what`, after `limit`.
+pub async fn eventually(what: &str, limit: std::time::Duration, mut check: impl FnMut() -> bool) {
+    eventually_async(what, limit, || std::future::ready(check())).await
+}
+
+/// [`eventually`] for a check that does I/O (a request, a connect).
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: std::time::Duration,
+    mut check: impl FnMut() -> F,
+) {
+    let until = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{what}: not within {limit:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
