@@ -130,8 +130,8 @@ impl<'a, F: FnMut(&StringValue<'_>) -> Edit> Scanner<'a, F> {
         self.ws();
         match self.b.get(self.pos) {
             Some(b'{' | b'[') if depth >= MAX_DEPTH => Err(self.error("nesting too deep")),
-            Some(b'{') => self.object(depth),
-            Some(b'[') => self.array(depth),
+            Some(b'{') => self.container(b'}', depth),
+            Some(b'[') => self.container(b']', depth),
             Some(b'"') => {
                 let start = self.pos;
                 let text = self.string()?;
@@ -146,56 +146,40 @@ impl<'a, F: FnMut(&StringValue<'_>) -> Edit> Scanner<'a, F> {
         }
     }
 
-    fn object(&mut self, depth: usize) -> Result<(), NotJson> {
+    /// An object (`close` is `}`) or an array (`]`): each member or element is read under its
+    /// step of the path.
+    fn container(&mut self, close: u8, depth: usize) -> Result<(), NotJson> {
         self.pos += 1;
         self.ws();
-        if self.b.get(self.pos) == Some(&b'}') {
-            self.pos += 1;
-            return Ok(());
-        }
-        loop {
-            self.ws();
-            if self.b.get(self.pos) != Some(&b'"') {
-                return Err(self.error("expected a member name"));
-            }
-            let key = self.string()?;
-            self.expect(b':')?;
-            self.path.push(Seg::Key(key));
-            self.value(depth + 1)?;
-            self.path.pop();
-            self.ws();
-            match self.b.get(self.pos) {
-                Some(b',') => self.pos += 1,
-                Some(b'}') => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                _ => return Err(self.error("expected `,` or `}`")),
-            }
-        }
-    }
-
-    fn array(&mut self, depth: usize) -> Result<(), NotJson> {
-        self.pos += 1;
-        self.ws();
-        if self.b.get(self.pos) == Some(&b']') {
+        if self.b.get(self.pos) == Some(&close) {
             self.pos += 1;
             return Ok(());
         }
         let mut index = 0;
         loop {
-            self.path.push(Seg::Index(index));
+            let step = if close == b'}' {
+                self.ws();
+                if self.b.get(self.pos) != Some(&b'"') {
+                    return Err(self.error("expected a member name"));
+                }
+                let key = self.string()?;
+                self.expect(b':')?;
+                Seg::Key(key)
+            } else {
+                Seg::Index(index)
+            };
+            self.path.push(step);
             self.value(depth + 1)?;
             self.path.pop();
             index += 1;
             self.ws();
             match self.b.get(self.pos) {
                 Some(b',') => self.pos += 1,
-                Some(b']') => {
+                Some(&c) if c == close => {
                     self.pos += 1;
                     return Ok(());
                 }
-                _ => return Err(self.error("expected `,` or `]`")),
+                _ => return Err(self.error(&format!("expected `,` or `{}`", close as char))),
             }
         }
     }
@@ -390,12 +374,13 @@ struct Spelling {
 
 impl Spelling {
     fn of(raw: &str, text: &str) -> Self {
-        let lower = raw.to_ascii_lowercase();
+        const HTML: [&[u8]; 5] = [b"\\u0026", b"\\u003c", b"\\u003e", b"\\u0027", b"\\u0022"];
         Spelling {
             slash: raw.contains("\\/"),
-            html: ["\\u0026", "\\u003c", "\\u003e", "\\u0027", "\\u0022"]
-                .iter()
-                .any(|e| lower.contains(e)),
+            html: raw
+                .as_bytes()
+                .windows(6)
+                .any(|w| HTML.iter().any(|e| w.eq_ignore_ascii_case(e))),
             ascii: raw.is_ascii() && !text.is_ascii(),
         }
     }
