@@ -271,7 +271,6 @@ fn bench_cached_answer(c: &mut Criterion) {
         max_bytes: 64 << 20,
         stale_while_revalidate: Duration::ZERO,
         passthrough: false,
-        sendfile_min_bytes: 0,
     })
     .expect("a cache");
     let credential = "0123456789abcdef0123456789abcdef";

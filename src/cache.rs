@@ -27,7 +27,6 @@ use tokio::time::Instant;
 use crate::leads::merge::LeadRef;
 use crate::leads::query::{key_path, split_params};
 use crate::metrics::Metrics;
-use crate::sendfile::Mirror;
 
 /// A cache shared by several proxy replicas (Redis), behind the in-process levels: a miss in
 /// moka looks here before it goes upstream, and fills are written here too. Failures are not
@@ -54,9 +53,6 @@ pub struct CacheConfig {
     pub stale_while_revalidate: Duration,
     /// Cache GETs of other paths too (`--cache-passthrough`).
     pub passthrough: bool,
-    /// Stored answers of at least this many bytes are also mirrored for `sendfile`
-    /// (`--sendfile-min-bytes`, see [`crate::sendfile`]); 0 mirrors none.
-    pub sendfile_min_bytes: usize,
 }
 
 /// A stored answer: what the client (or the merge) needs of it, and when it was stored.
@@ -73,8 +69,6 @@ pub struct Entry {
     generation: u64,
     /// Set once a background refresh of this stale entry has started.
     refreshing: AtomicBool,
-    /// The body in a sealed memfd, for answers the cache mirrors (set before it is stored).
-    mirror: OnceLock<Arc<Mirror>>,
 }
 
 impl Entry {
@@ -94,7 +88,6 @@ impl Entry {
             stored_at: Instant::now(),
             generation,
             refreshing: AtomicBool::new(false),
-            mirror: OnceLock::new(),
         })
     }
 
@@ -119,9 +112,7 @@ impl Entry {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
-        // A mirrored body is held twice: in `body` and in its memfd.
-        let mirrored = self.mirror.get().map_or(0, |m| m.len());
-        let total = self.body.len() + mirrored + leads + headers + key.0.len() + 128;
+        let total = self.body.len() + leads + headers + key.0.len() + 128;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 }
@@ -378,19 +369,7 @@ impl Cache {
     /// Stores a refreshed answer.
     pub async fn store_answer(&self, key: CacheKey, entry: Arc<Entry>) {
         if entry.cacheable() && entry.generation == self.generation() {
-            self.mirror(&entry);
             self.answers.insert(key, entry).await;
-        }
-    }
-
-    /// Mirrors the body of an answer about to be stored, when it is large enough (it is then
-    /// weighed with its mirror).
-    fn mirror(&self, entry: &Entry) {
-        let min = self.config.sendfile_min_bytes;
-        if min > 0 && entry.body.len() >= min && entry.mirror.get().is_none() {
-            if let Some(mirror) = Mirror::new(&entry.body) {
-                let _ = entry.mirror.set(mirror);
-            }
         }
     }
 
@@ -413,15 +392,10 @@ impl Cache {
         E: Clone + Send + Sync + 'static,
         F: std::future::Future<Output = Result<Arc<Entry>, FillError<E>>>,
     {
-        // Answers are sent to clients as stored, so they are the ones worth a mirror.
-        let mirrored = std::ptr::eq(level, &self.answers);
         if refresh {
             self.count(name, "miss");
             let entry = fill.await?;
             if entry.cacheable() && entry.generation == self.generation() {
-                if mirrored {
-                    self.mirror(&entry);
-                }
                 level.insert(key, entry.clone()).await;
             }
             return Ok((entry, Outcome::Miss));
@@ -442,9 +416,6 @@ impl Cache {
             let entry = fill.await?;
             if entry.generation != generation || !entry.cacheable() {
                 return Err(FillError::Uncacheable(entry));
-            }
-            if mirrored {
-                self.mirror(&entry);
             }
             Ok(entry)
         }))
@@ -572,7 +543,6 @@ mod tests {
             max_bytes,
             stale_while_revalidate: Duration::from_millis(swr_ms),
             passthrough: false,
-            sendfile_min_bytes: 0,
         })
         .expect("ttl > 0")
     }
@@ -664,63 +634,5 @@ mod tests {
                 .await;
         }
         assert!(c.weighted_bytes().await <= 200_000);
-    }
-
-    #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn large_answers_are_mirrored_and_weighed_with_their_mirror() {
-        let c = Cache::new(CacheConfig {
-            sendfile_min_bytes: 4_000,
-            ..cache(60_000, 0, 1 << 20).config
-        })
-        .expect("ttl > 0");
-        let large = "x".repeat(10_000);
-        let fill = |body: &str| {
-            let e = entry(&c, 200, body);
-            async move { Ok::<_, FillError<String>>(e) }
-        };
-        let (answer, _) = c
-            .answer(
-                Cache::answer_key("fp", "", "b", "/p", "a"),
-                false,
-                fill(&large),
-            )
-            .await
-            .map_err(|_| ())
-            .unwrap();
-        let (small, _) = c
-            .answer(
-                Cache::answer_key("fp", "", "b", "/p", "s"),
-                false,
-                fill("small"),
-            )
-            .await
-            .map_err(|_| ())
-            .unwrap();
-        let (page, _) = c
-            .page(Cache::page_key("fp", "/x", ""), false, fill(&large))
-            .await
-            .map_err(|_| ())
-            .unwrap();
-        let mirror = answer.mirror.get().expect("a large answer is mirrored");
-        assert_eq!(mirror.len(), large.len());
-        assert!(small.mirror.get().is_none(), "below the minimum");
-        assert!(page.mirror.get().is_none(), "pages are not sent as stored");
-        let key = Cache::answer_key("fp", "", "b", "/p", "a");
-        assert!(
-            answer.weight(&key) as usize > 2 * large.len(),
-            "counted twice"
-        );
-
-        // Off: nothing is mirrored.
-        let off = cache(60_000, 0, 1 << 20);
-        let (e, _) = off
-            .answer(key, false, async {
-                Ok::<_, FillError<String>>(entry(&off, 200, &large))
-            })
-            .await
-            .map_err(|_| ())
-            .unwrap();
-        assert!(e.mirror.get().is_none());
     }
 }

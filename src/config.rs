@@ -147,11 +147,10 @@ pub struct ServeArgs {
     /// Also cache GETs of paths other than the leads list.
     #[arg(long, env = "KOMMO_FANOUT_CACHE_PASSTHROUGH")]
     pub cache_passthrough: bool,
-    /// Cached answers of at least this many bytes are also kept in a sealed in-memory file and
-    /// sent with sendfile(2), without copying them into the socket (Linux); such an answer
-    /// counts twice against --cache-max-bytes. 0 turns it off.
-    #[arg(long, env = "KOMMO_FANOUT_SENDFILE_MIN_BYTES", default_value_t = 16 * 1024)]
-    pub sendfile_min_bytes: usize,
+    /// Deprecated, without effect: cached answers are written like any other. Accepted (with a
+    /// warning) so existing command lines and config files keep working.
+    #[arg(long, env = "KOMMO_FANOUT_SENDFILE_MIN_BYTES", hide = true)]
+    pub sendfile_min_bytes: Option<usize>,
     /// Shared secret of POST /webhooks/kommo on the admin listener (in `?secret=` or the
     /// X-Webhook-Secret header); the endpoint is off without it.
     #[arg(long, env = "KOMMO_FANOUT_WEBHOOK_SECRET", hide_env_values = true)]
@@ -204,8 +203,8 @@ pub struct ServeArgs {
     /// How long requests in flight may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "KOMMO_FANOUT_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
-    /// Threads serving client connections (default: one per CPU), each with its own runtime
-    /// and upstream connection pool. Fewer leave CPUs to what shares the machine.
+    /// Threads of the runtime that serves everything (default: one per CPU). Fewer leave CPUs
+    /// to what shares the machine.
     #[arg(long, env = "KOMMO_FANOUT_WORKER_THREADS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
@@ -287,21 +286,19 @@ pub struct ServeConfig {
     /// The lock file this process takes its turn through (see [`crate::upstream::handover`]);
     /// `None`: `--limiter-lock-dir off`.
     pub limiter_lock: Option<PathBuf>,
-    /// Serving threads; `None`: one per CPU.
+    /// The runtime's worker threads; `None`: one per CPU.
     pub worker_threads: Option<usize>,
-}
-
-impl ServeConfig {
-    /// How many serving threads run: the configured number or one per CPU.
-    pub fn serving_threads(&self) -> usize {
-        self.worker_threads
-            .unwrap_or_else(crate::workers::default_count)
-    }
 }
 
 impl ServeArgs {
     /// Checks every value and the rules across them; the error names the flag.
     pub fn validate(self) -> Result<ServeConfig, String> {
+        if self.sendfile_min_bytes.is_some() {
+            tracing::warn!(
+                "--sendfile-min-bytes (sendfile_min_bytes) has no effect any more and will be \
+                 removed in the next release: remove it from the command line or config file"
+            );
+        }
         let upstream = self.upstream.as_deref().ok_or(
             "--upstream is required: give it as a flag, as KOMMO_FANOUT_UPSTREAM, or as `upstream` in the --config file",
         )?;
@@ -419,7 +416,6 @@ impl ServeArgs {
                 max_bytes: self.cache_max_bytes,
                 stale_while_revalidate: self.stale_while_revalidate,
                 passthrough: self.cache_passthrough,
-                sendfile_min_bytes: self.sendfile_min_bytes,
             },
             webhook_secret: self.webhook_secret,
             redis: self.redis.map(|url| RedisSettings {
@@ -584,10 +580,6 @@ impl ServeConfig {
             ("cache_ttl", d(self.cache.ttl)),
             ("cache_max_bytes", self.cache.max_bytes.to_string()),
             (
-                "sendfile_min_bytes",
-                self.cache.sendfile_min_bytes.to_string(),
-            ),
-            (
                 "stale_while_revalidate",
                 d(self.cache.stale_while_revalidate),
             ),
@@ -698,7 +690,6 @@ mod tests {
         assert_eq!(c.gateway.rate_limit_key, RateLimitKey::Origin);
         assert_eq!(c.cache.ttl, Duration::from_secs(30));
         assert_eq!(c.cache.max_bytes, 256 * 1024 * 1024);
-        assert_eq!(c.cache.sendfile_min_bytes, 16 * 1024);
         assert!(!c.cache.passthrough && c.webhook_secret.is_none());
     }
 

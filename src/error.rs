@@ -164,6 +164,15 @@ impl ProxyError {
     }
 }
 
+impl std::fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.status())
+    }
+}
+
+/// So a layer of the client edge can refuse a request with it (see [`crate::server::edge`]).
+impl std::error::Error for ProxyError {}
+
 impl From<UpstreamError> for ProxyError {
     fn from(e: UpstreamError) -> Self {
         ProxyError::Upstream(e)

@@ -371,6 +371,11 @@ impl Gateway {
     /// Refreshes the gauges read at scrape time and renders the metrics.
     pub async fn scrape(&self) -> String {
         let metrics = &self.fetcher.metrics;
+        let free = self.in_flight.available_permits();
+        let in_flight = self.settings.bounds.max_concurrent.saturating_sub(free);
+        metrics
+            .in_flight
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
         let snapshot = self
             .fetcher
             .limiter

@@ -20,8 +20,6 @@
 //! - [`demo`]: the simulator and the proxy in one process.
 //! - [`webhook`]: Kommo's lead webhooks, which drop cached entries.
 //! - [`redis`]: the limiter and cache replicas share through Redis.
-//! - [`workers`]: the serving threads, one runtime and upstream pool each.
-//! - [`sendfile`]: cached answers sent from sealed memfds, without copying them.
 //! - [`verify`]: the proxy's merged views compared with direct reads of a real account.
 #![forbid(unsafe_code)]
 
@@ -37,13 +35,11 @@ pub mod links;
 pub mod metrics;
 pub mod passthrough;
 pub mod redis;
-pub mod sendfile;
 pub mod server;
 pub mod sim;
 pub mod upstream;
 pub mod verify;
 pub mod webhook;
-pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -63,7 +59,7 @@ use upstream::Upstream;
 /// Builds the gateway of a validated configuration: with Redis, the shared limiter and cache
 /// (connected lazily: a Redis that is down at start means a degraded start, not a failure).
 pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
-    let upstream = Upstream::new(config.upstream.clone(), config.serving_threads())?;
+    let upstream = Upstream::new(config.upstream.clone(), 1)?;
     let Some(redis) = &config.redis else {
         let local = LocalLimiter::new(config.limiter);
         let limiter: Arc<dyn UpstreamLimiter> = match &config.limiter_lock {
@@ -169,18 +165,10 @@ pub async fn serve(
         let _ = tx.send(true);
     });
     let mut rx = rx;
-    // As many as the upstream has pools for: the CPU count is read once, when it is built.
-    let threads = gw.fetcher.upstream.serving_threads();
-    let served = server::run(
-        listener,
-        gw,
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        },
-        config.shutdown_grace,
-        threads,
-    )
-    .await;
+    let stop = async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let served = server::run(listener, gw, stop, config.shutdown_grace).await;
     if served.is_err() {
         // The admin listener stops with the proxy.
         admin_task.abort();
@@ -190,8 +178,8 @@ pub async fn serve(
 }
 
 /// Raises the soft limit on open files to the hard limit. A server holds a descriptor per
-/// connection, client and upstream, and one per cached answer it sends with `sendfile`; the
-/// usual soft limit of 1024 is below what `--max-concurrent-requests` lets in. Returns the old
+/// connection, client and upstream; the usual soft limit of 1024 is below what
+/// `--max-connections` lets in. Returns the old
 /// and new soft limits when it changed.
 #[cfg(target_os = "linux")]
 pub fn raise_open_files_limit() -> Result<Option<(u64, u64)>, String> {

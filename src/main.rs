@@ -50,12 +50,11 @@ fn main() -> ExitCode {
                 print!("{}", config.describe());
                 return ExitCode::SUCCESS;
             }
-            // This runtime accepts connections, serves the admin listener and runs background
-            // work; the serving threads (`--worker-threads`) run their own.
-            let control = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            match control {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.worker_threads {
+                builder.worker_threads(n);
+            }
+            match builder.enable_all().build() {
                 Ok(rt) => rt.block_on(serve(config)),
                 Err(e) => fail(1, &format!("cannot start the runtime: {e}")),
             }

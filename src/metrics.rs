@@ -89,7 +89,6 @@ pub struct Metrics {
     pub cache_lookups: Family<CacheLabels, Counter>,
     pub cache_evictions: Counter,
     pub cache_bytes: Gauge<u64, AtomicU64>,
-    pub sendfile_bytes: Counter,
     pub redis_degraded: Gauge,
     /// Upstream calls booked by admitted requests and not yet granted (or queued, if more).
     pub admission_backlog: Gauge,
@@ -218,13 +217,6 @@ impl Metrics {
             Unit::Bytes,
             cache_bytes.clone(),
         );
-        let sendfile_bytes = Counter::default();
-        registry.register_with_unit(
-            "sendfile",
-            "Bytes of cached answers sent from their memfd with sendfile, without a copy",
-            Unit::Bytes,
-            sendfile_bytes.clone(),
-        );
         let redis_degraded = Gauge::default();
         registry.register(
             "redis_degraded",
@@ -267,7 +259,6 @@ impl Metrics {
             cache_lookups,
             cache_evictions,
             cache_bytes,
-            sendfile_bytes,
             redis_degraded,
             admission_backlog,
             admission_estimated_wait,

@@ -1,4 +1,5 @@
-//! Accept loops, routing, the admin listener and graceful shutdown.
+//! The client edge: accept loops, the layers every request passes, routing, the admin
+//! listener and graceful shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,14 +10,19 @@ use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tower::layer::layer_fn;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::error::Overloaded;
+use tower::timeout::error::Elapsed;
+use tower::util::BoxCloneSyncService;
+use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::body::{self, ProxyBody};
@@ -24,114 +30,187 @@ use crate::error::{problem, ProxyError};
 use crate::gateway::{valid_host, Bounds, Gateway};
 use crate::leads;
 use crate::passthrough;
-use crate::sendfile;
 use crate::webhook;
-use crate::workers::{Accepted, Workers};
 
 /// The header that carries a request's id, from the client or generated, to the upstream and
-/// back to the client. A `HeaderName`, not a `&str`: inserting under a string key allocates a
-/// new name every time.
+/// back to the client.
 pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
-/// Routes one client request: the leads list to the fan-out, everything else through, within
-/// the request deadline; in a span with its request id, counted in the metrics.
-pub async fn handle(
-    gw: &Arc<Gateway>,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<ProxyBody> {
+/// A request's connection peer, put in its extensions by the connection that read it.
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
+
+/// The upstream requests a client request caused, put in its answer's extensions for the
+/// `answered` line.
+#[derive(Debug, Clone, Copy)]
+struct UpstreamCalls(u32);
+
+/// A connection's service: every request of the proxy listener, or of the admin listener.
+type Edge = BoxCloneSyncService<Request<Incoming>, Response<ProxyBody>, Infallible>;
+
+/// The layers of [`edge`] under the outermost one.
+type Inner = BoxCloneSyncService<Request<Incoming>, Response<ProxyBody>, BoxError>;
+
+/// The proxy's client edge. Every request passes these layers, outermost first:
+/// 1. `observe`: the request id (the client's when short and plain, else a new one), the
+///    request's span, the `answered` line and the request counter; what an inner layer
+///    refused becomes a problem+json answer here, so it is logged and counted too.
+/// 2. Load shedding over one concurrency limit for the whole process
+///    (`--max-concurrent-requests`): past it a request is refused at once, before any work.
+///    The permits in use are the in-flight gauge.
+/// 3. The bounds of the request line and headers (`--max-uri-len`, `--max-header-bytes`,
+///    `--max-query-params`, a valid `Host`).
+/// 4. The deadline (`--request-timeout`): dropping the work at the deadline withdraws its
+///    queued upstream permits too.
+/// 5. The router: the leads list to the fan-out, everything else through.
+pub fn edge(gw: Arc<Gateway>) -> Edge {
+    let bounds = gw.settings.bounds.clone();
+    let observing = gw.clone();
+    let routing = gw.clone();
+    let stack = ServiceBuilder::new()
+        .layer(layer_fn(move |inner: Inner| {
+            let gw = observing.clone();
+            service_fn(move |req| observe(gw.clone(), inner.clone(), req))
+        }))
+        .layer_fn(BoxCloneSyncService::new)
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(
+            gw.in_flight.clone(),
+        ))
+        .filter(move |req: Request<Incoming>| check_bounds(&bounds, &req).map(|()| req))
+        .timeout(gw.settings.request_timeout)
+        .service_fn(move |req| route(routing.clone(), req));
+    BoxCloneSyncService::new(stack)
+}
+
+/// The outermost layer of [`edge`].
+async fn observe<S>(
+    gw: Arc<Gateway>,
+    inner: S,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = BoxError>,
+{
     let started = std::time::Instant::now();
-    let (parts, incoming) = req.into_parts();
-    // Put on the upstream requests where they are built (see `RequestContext::request_id`), not
-    // into the client's headers here: a cached answer sends none.
-    let request_id = match parts
-        .headers
+    let request_id = match req
+        .headers()
         .get(REQUEST_ID)
         .filter(|v| v.to_str().is_ok_and(valid_request_id))
     {
         Some(id) => id.clone(),
         None => gw.new_request_id(),
     };
-    let is_leads = parts.method == Method::GET && parts.uri.path() == leads::plan::LEADS_PATH;
-    let route = if is_leads { "leads" } else { "passthrough" };
+    req.headers_mut().insert(REQUEST_ID, request_id.clone());
+    let route = if is_leads(&req) {
+        "leads"
+    } else {
+        "passthrough"
+    };
     // Only the path: a query can carry anything, and nothing a client sends is logged raw.
     let span = info_span!(
         "request",
         id = request_id.to_str().unwrap_or_default(),
-        method = %parts.method,
-        path = %parts.uri.path(),
+        method = %req.method(),
+        path = %req.uri().path(),
         route,
         fanout = tracing::field::Empty,
         cache = tracing::field::Empty,
     );
-    let metrics = &gw.fetcher.metrics;
-    // Load shedding: past the bound a request is refused at once, before any work.
-    let Ok(_permit) = gw.in_flight.clone().try_acquire_owned() else {
+    let mut resp = match inner.oneshot(req).instrument(span.clone()).await {
+        Ok(resp) => resp,
+        Err(e) => refusal(&gw, e).into_response(),
+    };
+    let status = resp.status().as_u16();
+    gw.fetcher.metrics.answered(route, status);
+    let upstream_calls = resp.extensions().get::<UpstreamCalls>().map_or(0, |c| c.0);
+    span.in_scope(|| {
+        info!(
+            status,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            upstream_calls,
+            "answered"
+        )
+    });
+    resp.headers_mut().insert(REQUEST_ID, request_id);
+    Ok(resp)
+}
+
+/// What an inner layer of [`edge`] refused a request with, as the client is told.
+fn refusal(gw: &Gateway, e: BoxError) -> ProxyError {
+    if e.is::<Overloaded>() {
         return ProxyError::Unavailable {
             detail: format!(
                 "the proxy is serving {} requests at once (--max-concurrent-requests); try again shortly",
                 gw.settings.bounds.max_concurrent
             ),
             retry_after: Some(Duration::from_secs(1)),
-        }
-        .into_response();
-    };
-    if let Err(e) = check_bounds(&gw.settings.bounds, &parts) {
-        return e.into_response();
+        };
     }
-    // A guard, so a request dropped because its client left is counted out too.
-    let _in_flight = InFlight::enter(metrics);
+    if e.is::<Elapsed>() {
+        return ProxyError::Timeout(format!(
+            "no complete answer within {} (--request-timeout)",
+            humantime::format_duration(gw.settings.request_timeout)
+        ));
+    }
+    match e.downcast::<ProxyError>() {
+        Ok(e) => *e,
+        Err(e) => ProxyError::Internal(e.to_string()),
+    }
+}
+
+fn is_leads<B>(req: &Request<B>) -> bool {
+    req.method() == Method::GET && req.uri().path() == leads::plan::LEADS_PATH
+}
+
+/// The innermost layer of [`edge`]: the leads list to the fan-out, everything else through.
+async fn route(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.0.ip());
+    let is_leads = is_leads(&req);
+    let (parts, incoming) = req.into_parts();
+    let request_id = parts
+        .headers
+        .get(REQUEST_ID)
+        .cloned()
+        .unwrap_or_else(|| gw.new_request_id());
     let buffered = is_leads
         || passthrough::is_cached(
-            gw,
+            &gw,
             &parts.method,
             parts.headers.contains_key(http::header::AUTHORIZATION),
         );
     let ctx = gw.context(&parts, buffered, request_id);
-    let work = Box::pin(async {
-        gw.check_client_quota(&ctx, peer.ip())?;
-        if is_leads {
+    let result = match gw.check_client_quota(&ctx, peer) {
+        Err(e) => Err(e),
+        Ok(()) if is_leads => {
             let query = parts.uri.query().unwrap_or("");
-            leads::answer(gw, &ctx, query, &parts.headers).await
-        } else {
-            passthrough::forward(gw, &ctx, Request::from_parts(parts, incoming)).await
+            leads::answer(&gw, &ctx, query, &parts.headers).await
         }
-    });
-    // Dropping `work` at the deadline withdraws its queued upstream permits too.
-    let result = match tokio::time::timeout_at(ctx.flow.deadline, work)
-        .instrument(span.clone())
-        .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(ProxyError::Timeout(format!(
-            "no complete answer within {} (--request-timeout)",
-            humantime::format_duration(gw.settings.request_timeout)
-        ))),
+        Ok(()) => passthrough::forward(&gw, &ctx, Request::from_parts(parts, incoming)).await,
     };
     let mut resp = result.unwrap_or_else(|e| {
-        span.in_scope(|| debug!(error = %e.status(), "request failed"));
+        debug!(error = %e.status(), "request failed");
         e.into_response()
     });
-    let status = resp.status().as_u16();
-    metrics.answered(route, status);
-    span.in_scope(|| {
-        info!(
-            status,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            upstream_calls = ctx.upstream_calls(),
-            "answered"
-        )
-    });
-    resp.headers_mut()
-        .insert(REQUEST_ID, ctx.request_id.clone());
-    resp
+    resp.extensions_mut()
+        .insert(UpstreamCalls(ctx.upstream_calls()));
+    Ok(resp)
 }
 
 /// The request line and headers within `--max-uri-len`, `--max-header-bytes` and
 /// `--max-query-params`.
-fn check_bounds(bounds: &Bounds, parts: &http::request::Parts) -> Result<(), ProxyError> {
-    let target = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len())
-        + parts.uri.authority().map_or(0, |a| a.as_str().len());
+fn check_bounds<B>(bounds: &Bounds, parts: &Request<B>) -> Result<(), ProxyError> {
+    let target = parts
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len())
+        + parts.uri().authority().map_or(0, |a| a.as_str().len());
     if target > bounds.max_uri_len {
         return Err(ProxyError::Rejected(
             StatusCode::URI_TOO_LONG,
@@ -142,7 +221,7 @@ fn check_bounds(bounds: &Bounds, parts: &http::request::Parts) -> Result<(), Pro
         ));
     }
     let header_bytes: usize = parts
-        .headers
+        .headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
@@ -153,7 +232,7 @@ fn check_bounds(bounds: &Bounds, parts: &http::request::Parts) -> Result<(), Pro
         ));
     }
     let host = parts
-        .headers
+        .headers()
         .get(http::header::HOST)
         .map(|h| h.to_str().ok().filter(|h| valid_host(h)));
     if host.is_some_and(|h| h.is_none()) {
@@ -162,7 +241,7 @@ fn check_bounds(bounds: &Bounds, parts: &http::request::Parts) -> Result<(), Pro
             "the Host header must be a host name or address with an optional port".into(),
         ));
     }
-    let params = parts.uri.query().map_or(0, count_params);
+    let params = parts.uri().query().map_or(0, count_params);
     if params > bounds.max_query_params {
         return Err(ProxyError::Rejected(
             StatusCode::BAD_REQUEST,
@@ -188,22 +267,6 @@ fn count_params(query: &str) -> usize {
     count
 }
 
-/// Counts a request in `kommo_fanout_in_flight_requests` for as long as it lives.
-struct InFlight<'a>(&'a crate::metrics::Metrics);
-
-impl<'a> InFlight<'a> {
-    fn enter(metrics: &'a crate::metrics::Metrics) -> Self {
-        metrics.in_flight.inc();
-        InFlight(metrics)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.dec();
-    }
-}
-
 /// A client's request id is kept when it is short and plain; otherwise one is generated.
 fn valid_request_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
@@ -212,141 +275,86 @@ fn valid_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// Serves the proxy on `listener` with `threads` serving threads (see [`workers`]) until
-/// `shutdown` completes, then lets requests in flight finish for up to `grace`.
+/// Serves the proxy on `listener` until `shutdown` completes, then lets requests in flight
+/// finish for up to `grace`.
 pub async fn run(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
-    threads: usize,
 ) -> Result<(), String> {
+    let bounds = &gateway.settings.bounds;
     let limits = ConnLimits {
-        header_read_timeout: gateway.settings.bounds.header_read_timeout,
-        max_buf_size: read_buffer(&gateway.settings.bounds),
-        max_connections: gateway.settings.bounds.max_connections,
+        header_read_timeout: bounds.header_read_timeout,
+        max_buf_size: read_buffer(bounds),
+        max_connections: bounds.max_connections,
     };
     #[cfg(target_os = "linux")]
     check_open_files(limits.max_connections);
-    let open_connections = gateway.fetcher.metrics.open_connections.clone();
-    let sends = sendfile::Sends {
-        min: gateway
-            .cache
-            .as_ref()
-            .map_or(0, |c| c.config().sendfile_min_bytes),
-        bytes: gateway.fetcher.metrics.sendfile_bytes.clone(),
-    };
-    let handler = move |peer, req| {
-        let gw = gateway.clone();
-        async move { handle(&gw, peer, req).await }
-    };
-    let mut workers = Workers::start(threads, move |queue| {
-        serve_handed(queue, grace, limits, sends.clone(), handler.clone())
-    })?;
-    accept(
-        &listener,
-        limits.max_connections,
-        shutdown,
-        |stream, peer, permit| {
-            let slot = Slot::take(permit, &open_connections);
-            match stream.into_std() {
-                Ok(stream) => workers.hand(stream, peer, slot),
-                Err(e) => warn!(%peer, error = %e, "cannot hand a connection to a serving thread"),
-            }
-        },
-    )
-    .await;
-    drop(listener);
-    workers.finish().await;
+    let open = gateway.fetcher.metrics.open_connections.clone();
+    serve(listener, shutdown, grace, limits, edge(gateway), open).await;
     Ok(())
 }
 
-/// A serving thread's loop: serves each connection it is handed until the acceptor stops,
-/// then drains them.
-async fn serve_handed(
-    mut queue: mpsc::UnboundedReceiver<Accepted<Slot>>,
-    grace: Duration,
-    limits: ConnLimits,
-    sends: sendfile::Sends,
-    handler: impl Handler,
-) {
-    let connections = Connections::new(limits, sends);
-    while let Some(Accepted {
-        stream,
-        peer,
-        open,
-        slot,
-    }) = queue.recv().await
-    {
-        match TcpStream::from_std(stream) {
-            Ok(stream) => connections.serve(stream, peer, handler.clone(), (open, slot)),
-            Err(e) => warn!(%peer, error = %e, "cannot serve a handed connection"),
-        }
-    }
-    connections.drain(grace).await;
-}
-
-/// Serves the admin endpoints on `listener` until `shutdown` completes: `GET /healthz`, and
-/// `POST /webhooks/kommo` when a webhook secret is configured.
+/// Serves the admin endpoints on `listener` until `shutdown` completes: `GET /healthz`,
+/// `/readyz`, `/metrics`, and `POST /webhooks/kommo` when a webhook secret is configured.
 pub async fn run_admin(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     webhook_secret: Option<Arc<str>>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let admin = service_fn(move |req: Request<Incoming>| {
+        let (gw, secret) = (gateway.clone(), webhook_secret.clone());
+        async move { Ok::<_, Infallible>(admin(&gw, secret.as_deref(), req).await) }
+    });
+    let limits = ConnLimits::ADMIN;
+    let open = Gauge::default();
     serve(
         listener,
         shutdown,
         Duration::from_secs(1),
-        ConnLimits::ADMIN,
-        move |_, req| {
-            let (gw, secret) = (gateway.clone(), webhook_secret.clone());
-            async move {
-                match (req.method(), req.uri().path()) {
-                    (&Method::GET, "/healthz") => {
-                        let mut resp = Response::new(body::full("ok\n"));
-                        resp.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("text/plain"),
-                        );
-                        resp
-                    }
-                    (&Method::GET, "/readyz") => {
-                        let (ready, report) = gw.readiness().await;
-                        let mut resp = Response::new(body::full(report.to_string()));
-                        if !ready {
-                            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                        }
-                        resp.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            HeaderValue::from_static("application/json"),
-                        );
-                        resp
-                    }
-                    (&Method::GET, "/metrics") => {
-                        let mut resp = Response::new(body::full(gw.scrape().await));
-                        resp.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            HeaderValue::from_static(
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            ),
-                        );
-                        resp
-                    }
-                    (&Method::POST, webhook::PATH) => match secret {
-                        Some(secret) => webhook::receive(&gw, &secret, req).await,
-                        None => problem(
-                            StatusCode::NOT_FOUND,
-                            "the webhook endpoint is off: start the proxy with --webhook-secret",
-                            None,
-                        ),
-                    },
-                    _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint", None),
-                }
-            }
-        },
+        limits,
+        BoxCloneSyncService::new(admin),
+        open,
     )
     .await
+}
+
+/// Answers one request of the admin listener.
+async fn admin(gw: &Gateway, secret: Option<&str>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let typed = |body: String, content_type: &'static str| {
+        let mut resp = Response::new(body::full(body));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type),
+        );
+        resp
+    };
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => typed("ok\n".into(), "text/plain"),
+        (&Method::GET, "/readyz") => {
+            let (ready, report) = gw.readiness().await;
+            let mut resp = typed(report.to_string(), "application/json");
+            if !ready {
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            resp
+        }
+        (&Method::GET, "/metrics") => typed(
+            gw.scrape().await,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        (&Method::POST, webhook::PATH) => match secret {
+            Some(secret) => webhook::receive(gw, secret, req).await,
+            None => problem(
+                StatusCode::NOT_FOUND,
+                "the webhook endpoint is off: start the proxy with --webhook-secret",
+                None,
+            ),
+        },
+        _ => problem(StatusCode::NOT_FOUND, "no such admin endpoint", None),
+    }
 }
 
 /// hyper's read buffer for a request head: a backstop far above our own bounds, so our checks
@@ -425,22 +433,25 @@ impl Drop for Slot {
     }
 }
 
-/// Serves `listener` on this thread's runtime until `shutdown` completes, then drains its
-/// connections for up to `grace`.
+/// Serves `listener` until `shutdown` completes, then drains its connections for up to
+/// `grace`. Each open connection is counted in `open`.
 async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     limits: ConnLimits,
-    handler: impl Handler,
+    service: Edge,
+    open: Gauge,
 ) {
-    // The admin endpoints send no cached bodies.
-    let connections = Connections::new(limits, sendfile::Sends::default());
+    let connections = Connections::new(limits);
     accept(
         &listener,
         limits.max_connections,
         shutdown,
-        |stream, peer, permit| connections.serve(stream, peer, handler.clone(), permit),
+        |stream, peer, permit| {
+            let slot = Slot::take(permit, &open);
+            connections.serve(stream, peer, service.clone(), slot)
+        },
     )
     .await;
     drop(listener);
@@ -573,22 +584,7 @@ impl Default for AcceptErrors {
     }
 }
 
-/// What answers the requests of a connection: the proxy's router or the admin endpoints.
-trait Handler:
-    Fn(SocketAddr, Request<Incoming>) -> Self::Answer + Clone + Send + Sync + 'static
-{
-    type Answer: Future<Output = Response<ProxyBody>> + Send + 'static;
-}
-
-impl<F, Fut> Handler for F
-where
-    F: Fn(SocketAddr, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
-{
-    type Answer = Fut;
-}
-
-/// The connections of one runtime: HTTP/1.1 and HTTP/2, each watched so shutdown can drain
+/// The connections of one listener: HTTP/1.1 and HTTP/2, each watched so shutdown can drain
 /// it.
 struct Connections {
     builder: auto::Builder<TokioExecutor>,
@@ -596,12 +592,10 @@ struct Connections {
     /// [`Connections::serve`]).
     first_request: Duration,
     graceful: GracefulShutdown,
-    /// How the connections' writes look for cached bodies to `sendfile`.
-    sends: sendfile::Sends,
 }
 
 impl Connections {
-    fn new(limits: ConnLimits, sends: sendfile::Sends) -> Connections {
+    fn new(limits: ConnLimits) -> Connections {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -615,11 +609,10 @@ impl Connections {
             builder,
             first_request: limits.header_read_timeout,
             graceful: GracefulShutdown::new(),
-            sends,
         }
     }
 
-    /// Serves `stream` on a task of the current runtime; `guard` is dropped when it closes.
+    /// Serves `stream` on a task of its own; `guard` is dropped when it closes.
     ///
     /// A connection without a first request head within the header read timeout of being
     /// accepted is closed here: hyper's own timeout starts only once its HTTP/1 parser runs,
@@ -631,20 +624,19 @@ impl Connections {
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        handler: impl Handler,
+        service: Edge,
         guard: impl Send + 'static,
     ) {
         // Set when hyper hands over a first request, that is once a complete head is in.
         let requested = Arc::new(AtomicBool::new(false));
-        let service = service_fn({
+        let service = hyper::service::service_fn({
             let requested = requested.clone();
-            move |req| {
+            move |mut req: Request<Incoming>| {
                 requested.store(true, Ordering::Relaxed);
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(peer, req).await) }
+                req.extensions_mut().insert(Peer(peer));
+                service.clone().oneshot(req)
             }
         });
-        let stream = sendfile::Stream::new(stream, self.sends.clone());
         let conn = self.builder.serve_connection(TokioIo::new(stream), service);
         let conn = self.graceful.watch(conn.into_owned());
         let first_request = self.first_request;
@@ -669,18 +661,7 @@ impl Connections {
 
     /// Lets open connections finish their requests for up to `grace`, then closes them.
     async fn drain(self, grace: Duration) {
-        // Serving threads say which they are; the admin listener has no index.
-        match crate::workers::current() {
-            Some(thread) => info!(
-                thread,
-                connections = self.graceful.count(),
-                "draining connections"
-            ),
-            None => info!(
-                connections = self.graceful.count(),
-                "draining admin connections"
-            ),
-        }
+        info!(connections = self.graceful.count(), "draining connections");
         if tokio::time::timeout(grace, self.graceful.shutdown())
             .await
             .is_err()

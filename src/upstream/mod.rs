@@ -194,7 +194,7 @@ impl Upstream {
     ) -> Result<Response<Incoming>, UpstreamError> {
         req.headers_mut().insert(header::HOST, self.host.clone());
         // Serving thread i uses pool i + 1; every other thread pool 0.
-        let pool = crate::workers::current().map_or(0, |i| i + 1);
+        let pool = 0;
         self.pools[pool % self.pools.len()]
             .send(req)
             .await

@@ -58,51 +58,6 @@ fn invalid_flags_exit_2_with_a_message() {
     }
 }
 
-/// Threads of a running process named `name`.
-fn threads_named(pid: u32, name: &str) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|comm| comm.trim() == name)
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-#[test]
-fn worker_threads_sets_the_number_of_serving_threads() {
-    for n in [1usize, 3] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kommo-fanout"))
-            .args(["serve", "--upstream", "http://127.0.0.1:1"])
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(["--worker-threads", &n.to_string()])
-            .env_remove("KOMMO_FANOUT_UPSTREAM")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("binary runs");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut seen = 0;
-        while std::time::Instant::now() < deadline {
-            seen = threads_named(child.id(), "fanout-worker");
-            if seen >= n {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        // Settle: all start at once; none may come later, and no work-stealing runtime runs
-        // beside them.
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        seen = seen.max(threads_named(child.id(), "fanout-worker"));
-        let stealing = threads_named(child.id(), "tokio-rt-worker");
-        let _ = child.kill();
-        let _ = child.wait();
-        assert_eq!(seen, n, "--worker-threads {n}");
-        assert_eq!(stealing, 0, "--worker-threads {n}");
-    }
-}
-
 /// The first log line of `args` that contains `needle`, or what stderr said until it closed
 /// or 10 s passed, and the process's `/proc/PID/limits` then. The process is killed after.
 fn log_line(args: &[&str], needle: &str) -> (String, String) {

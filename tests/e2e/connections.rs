@@ -164,6 +164,8 @@ async fn a_keep_alive_connection_that_goes_silent_after_its_answers_is_closed() 
             .header(http::header::AUTHORIZATION, format!("Bearer {TOKEN}"))
             .body(Empty::<Bytes>::new())
             .expect("a valid request");
+        // The previous exchange may still be winding down in the connection's task.
+        sender.ready().await.expect("the connection stays open");
         let resp = sender.send_request(req).await.expect("answered");
         assert_eq!(resp.status(), StatusCode::OK);
         assert!(!resp.headers().contains_key(http::header::CONNECTION));
