@@ -15,17 +15,12 @@ use tokio::time::Instant;
 
 use std::sync::{Arc, OnceLock};
 
-use crate::cache::{decode, encode, Cache, Entry, FillError, Outcome, SharedCache};
+use crate::cache::{Cache, SharedCache};
 use crate::error::ProxyError;
-use crate::leads::merge::LeadRef;
-use crate::leads::query::QueryLimits;
+use crate::headers::valid_host;
 use crate::links::LinkRewrite;
-use crate::metrics::UpstreamKind;
-use crate::passthrough::end_to_end;
 use crate::redis::{RedisCache, RedisLimiter};
-use crate::upstream::fetch::Verdict;
-use crate::upstream::fetch::{FetchError, Fetcher, Flow};
-use crate::upstream::Buffered;
+use crate::upstream::fetch::{Fetcher, Flow};
 
 /// What the upstream limiter counts requests by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -191,7 +186,7 @@ impl RequestContext {
             }
         }
         ctx.upstream_headers
-            .insert(crate::server::REQUEST_ID, self.request_id.clone());
+            .insert(crate::headers::REQUEST_ID, self.request_id.clone());
         ctx
     }
 }
@@ -257,12 +252,6 @@ impl Gateway {
             origin,
             in_flight,
             probe: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    pub fn query_limits(&self) -> QueryLimits {
-        QueryLimits {
-            max_pairs: self.settings.max_pairs,
         }
     }
 
@@ -428,87 +417,6 @@ impl Gateway {
             flow: self.new_flow(ctx.flow.key.clone()),
             no_cache: false,
             ..ctx.clone()
-        }
-    }
-
-    /// An upstream GET through the page cache: `read` decides whether a `200` is usable (and
-    /// may parse its leads once, for every later hit). Answers other than `200`/`204` are
-    /// returned, never stored.
-    pub async fn fetch_entry(
-        &self,
-        ctx: &RequestContext,
-        kind: UpstreamKind,
-        target: &str,
-        read: impl Fn(&Buffered) -> Verdict<Option<Vec<LeadRef>>>,
-    ) -> Result<(Arc<Entry>, Option<Outcome>), FetchError> {
-        let generation = self.cache.as_ref().map_or(0, Cache::generation);
-        let key = match (&self.cache, &ctx.credential) {
-            (Some(_), Some(credential)) => Some(Cache::page_key(credential, target, &ctx.variant)),
-            _ => None,
-        };
-        let shared = self.shared.as_ref().zip(key.as_ref());
-        // Boxed: the fetch is nested inside the cache's fill future, and unboxed the whole
-        // chain would be laid out on the stack of whichever task polls it.
-        let fetch = Box::pin(async {
-            // The second level: a page another replica already fetched.
-            if let Some((shared, key)) = shared.filter(|_| !ctx.no_cache) {
-                let stored = shared.cache.get(key.as_str()).await;
-                if let Some((status, headers, body)) = stored.as_ref().and_then(decode) {
-                    let b = Buffered {
-                        status,
-                        headers,
-                        body,
-                    };
-                    if let Verdict::Done(leads) = read(&b) {
-                        self.fetcher.metrics.cache("shared", "hit");
-                        return Ok(Entry::new(generation, b.status, b.headers, b.body, leads));
-                    }
-                }
-                self.fetcher.metrics.cache("shared", "miss");
-            }
-            ctx.count_upstream_call();
-            let entry = self
-                .fetcher
-                .get(
-                    kind,
-                    &ctx.flow,
-                    target,
-                    &ctx.upstream_headers,
-                    |b| match read(&b) {
-                        Verdict::Done(leads) => {
-                            let mut headers = end_to_end(&b.headers);
-                            headers.remove(header::CONTENT_LENGTH);
-                            Verdict::Done(Entry::new(generation, b.status, headers, b.body, leads))
-                        }
-                        Verdict::Unusable(reason) => Verdict::Unusable(reason),
-                    },
-                )
-                .await?;
-            if let (Some((shared, key)), Some(cache)) = (shared, &self.cache) {
-                if entry.cacheable() {
-                    // Written in the background: a slow Redis must not slow the answer.
-                    let (store, key) = (shared.cache.clone(), key.as_str().to_string());
-                    let (value, ttl) = (
-                        encode(entry.status, &entry.headers, &entry.body),
-                        cache.config().ttl,
-                    );
-                    tokio::spawn(async move { store.put(&key, value, ttl).await });
-                }
-            }
-            Ok(entry)
-        });
-        let (Some(cache), Some(key)) = (&self.cache, key.clone()) else {
-            return fetch.await.map(|e| (e, None));
-        };
-        match cache
-            .page(key, ctx.no_cache, async {
-                fetch.await.map_err(FillError::Failed)
-            })
-            .await
-        {
-            Ok((entry, outcome)) => Ok((entry, Some(outcome))),
-            Err(FillError::Uncacheable(entry)) => Ok((entry, Some(Outcome::Miss))),
-            Err(FillError::Failed(e)) => Err(e),
         }
     }
 
@@ -753,55 +661,9 @@ async fn probe_tcp(origin: &crate::upstream::Origin) -> Result<(), String> {
     }
 }
 
-/// A `Host` value fit to appear in links: a DNS name or IPv4 address, or a bracketed IPv6
-/// address, with an optional numeric port. Anything else (spaces, slashes, `@`, quotes) is
-/// refused, so a client cannot inject markup or another origin into the links.
-pub fn valid_host(host: &str) -> bool {
-    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
-        let Some((addr, after)) = rest.split_once(']') else {
-            return false;
-        };
-        if addr.is_empty()
-            || !addr
-                .chars()
-                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
-        {
-            return false;
-        }
-        match after {
-            "" => return true,
-            p => match p.strip_prefix(':') {
-                Some(port) => ("x", Some(port)),
-                None => return false,
-            },
-        }
-    } else {
-        match host.rsplit_once(':') {
-            Some((n, p)) => (n, Some(p)),
-            None => (host, None),
-        }
-    };
-    // One pass over the bytes (this runs on every request): labels of 1 to 63 letters,
-    // digits and hyphens, separated by single dots.
-    let mut label = 0;
-    let name_ok = !name.is_empty()
-        && name.len() <= 253
-        && name.bytes().all(|c| {
-            if c == b'.' {
-                std::mem::replace(&mut label, 0) > 0
-            } else {
-                label += 1;
-                label <= 63 && (c.is_ascii_alphanumeric() || c == b'-')
-            }
-        })
-        && label > 0;
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok());
-    name_ok && port_ok
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{valid_host, FingerprintKey, Gateway, RequestNames};
+    use super::{FingerprintKey, Gateway, RequestNames};
     use http::HeaderValue;
 
     #[tokio::test]
@@ -828,44 +690,6 @@ mod tests {
             HeaderValue::from_static("Bearer t"),
         );
         assert_eq!(a.fingerprint(&headers), b.fingerprint(&headers));
-    }
-
-    #[test]
-    fn hosts() {
-        for ok in [
-            "localhost",
-            "127.0.0.1:8080",
-            "proxy.internal",
-            "[::1]:8080",
-            "[::1]",
-            "a-b.c",
-        ] {
-            assert!(valid_host(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "a b",
-            "evil.com/x",
-            "user@host",
-            "h:port",
-            "h:",
-            "[::1",
-            "a..b",
-            "h:99999",
-            "\"x",
-            ".a",
-            "a.",
-            "é.com",
-        ] {
-            assert!(!valid_host(bad), "{bad}");
-        }
-        let label = "a".repeat(63);
-        assert!(valid_host(&format!("{label}.com:8080")));
-        assert!(!valid_host(&format!("{label}a.com")));
-        let long = ["ab"; 85].join(".");
-        assert_eq!(long.len(), 254);
-        assert!(!valid_host(&long), "a name of 254 bytes");
-        assert!(valid_host(&long[1..]), "a name of 253 bytes");
     }
 
     #[test]

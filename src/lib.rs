@@ -14,6 +14,7 @@
 //! - [`cache`]: upstream pages and client answers, coalesced and isolated by credential.
 //! - [`passthrough`]: everything that is not the leads list.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
+//! - [`headers`]: header names and checks every stage shares.
 //! - [`error`]: the one place that turns failures into `problem+json` answers.
 //! - [`body`]: the body type shared by all answers.
 //! - [`sim`]: the simulated Kommo account (test double, benchmark and demo upstream).
@@ -29,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod gateway;
+pub mod headers;
 pub mod json_text;
 pub mod leads;
 pub mod links;

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
@@ -14,73 +14,10 @@ use crate::body::{self, CappedBody, ProxyBody};
 use crate::cache::{Cache, Entry, FillError};
 use crate::error::ProxyError;
 use crate::gateway::{Gateway, RequestContext};
+use crate::headers::{strip_hop_by_hop, REQUEST_ID};
 use crate::leads;
 use crate::links::ItemQuery;
 use crate::metrics::UpstreamKind;
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1): never forwarded.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// `headers` without hop-by-hop headers, including those the `Connection` header names.
-pub fn end_to_end(headers: &HeaderMap) -> HeaderMap {
-    let mut out = headers.clone();
-    strip_hop_by_hop(&mut out);
-    out
-}
-
-/// Removes hop-by-hop headers in place, including those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names: most messages carry no hop-by-hop header, or only `Connection:
-    // keep-alive`; only what is there is removed, and nothing is allocated unless `Connection`
-    // names a header.
-    let mut present = [false; HOP_BY_HOP.len()];
-    for name in headers.keys() {
-        if let Some(i) = hop_by_hop_index(name) {
-            present[i] = true;
-        }
-    }
-    if !present.contains(&true) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        .collect();
-    let fixed = HOP_BY_HOP.iter().zip(present).filter(|(_, here)| *here);
-    for name in fixed.map(|(name, _)| name).chain(&named) {
-        headers.remove(name);
-    }
-}
-
-/// Where `name` is in [`HOP_BY_HOP`]: one string match, which compares lengths first, instead
-/// of eight `HeaderName` comparisons for every header of every relayed message.
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    match name.as_str() {
-        "connection" => Some(0),
-        "keep-alive" => Some(1),
-        "proxy-authenticate" => Some(2),
-        "proxy-authorization" => Some(3),
-        "te" => Some(4),
-        "trailer" => Some(5),
-        "transfer-encoding" => Some(6),
-        "upgrade" => Some(7),
-        _ => None,
-    }
-}
 
 /// Whether a pass-through request is answered through the cache (`--cache-passthrough`): GETs
 /// with a credential (an `Authorization` header) only, as anonymous answers are never stored.
@@ -134,7 +71,7 @@ pub async fn forward(
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     // After the removals: the id usually takes a freed place instead of growing the map.
-    headers.insert(crate::server::REQUEST_ID, ctx.request_id.clone());
+    headers.insert(REQUEST_ID, ctx.request_id.clone());
     *upstream_req.headers_mut() = headers;
 
     let _admitted = gw.fetcher.admit(&ctx.flow, 1)?;
@@ -251,76 +188,4 @@ async fn cached_get(
     };
     let (entry, outcome) = FillError::settle(cache.answer(key, ctx.no_cache, fill).await)?;
     Ok(leads::respond(&entry, Some(outcome)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_hop_by_hop_match_finds_each_listed_name_at_its_place_and_nothing_else() {
-        for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
-        }
-        for name in [
-            "host",
-            "authorization",
-            "x-request-id",
-            "tee",
-            "upgrades",
-            "keepalive",
-        ] {
-            assert_eq!(
-                hop_by_hop_index(&HeaderName::from_static(name)),
-                None,
-                "{name}"
-            );
-        }
-    }
-
-    #[test]
-    fn strips_hop_by_hop_and_connection_named_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
-        );
-        h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        for name in ["te", "trailer", "proxy-authorization", "proxy-authenticate"] {
-            h.append(name, HeaderValue::from_static("x"));
-            h.append(name, HeaderValue::from_static("y"));
-        }
-        let out = end_to_end(&h);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[header::AUTHORIZATION], "Bearer t");
-    }
-
-    #[test]
-    fn connection_options_alone_remove_only_hop_by_hop_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("Keep-Alive, close"),
-        );
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert("x-close", HeaderValue::from_static("kept"));
-        let out = end_to_end(&h);
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[header::CONTENT_TYPE], "application/json");
-        assert_eq!(out["x-close"], "kept");
-
-        let mut plain = HeaderMap::new();
-        plain.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
-        assert_eq!(end_to_end(&plain), plain);
-    }
 }

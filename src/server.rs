@@ -27,14 +27,11 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::body::{self, ProxyBody};
 use crate::error::{problem, ProxyError};
-use crate::gateway::{valid_host, Bounds, Gateway};
+use crate::gateway::{Bounds, Gateway};
+use crate::headers::{valid_host, REQUEST_ID};
 use crate::leads;
 use crate::passthrough;
 use crate::webhook;
-
-/// The header that carries a request's id, from the client or generated, to the upstream and
-/// back to the client.
-pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// A request's connection peer, put in its extensions by the connection that read it.
 #[derive(Debug, Clone, Copy)]
@@ -346,7 +343,7 @@ async fn admin(gw: &Gateway, secret: Option<&str>, req: Request<Incoming>) -> Re
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         (&Method::POST, webhook::PATH) => match secret {
-            Some(secret) => webhook::receive(gw, secret, req).await,
+            Some(secret) => webhook::receive(secret, req, || gw.invalidate_all()).await,
             None => problem(
                 StatusCode::NOT_FOUND,
                 "the webhook endpoint is off: start the proxy with --webhook-secret",

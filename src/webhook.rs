@@ -13,7 +13,6 @@ use tracing::{info, warn};
 
 use crate::body::{self, ProxyBody};
 use crate::error::problem;
-use crate::gateway::Gateway;
 
 /// Where Kommo is configured to post.
 pub const PATH: &str = "/webhooks/kommo";
@@ -24,8 +23,13 @@ pub const SECRET_HEADER: &str = "x-webhook-secret";
 /// Kommo's webhook bodies are small; anything larger is not one.
 const MAX_BODY: usize = 256 * 1024;
 
-/// Handles one webhook delivery.
-pub async fn receive(gw: &Gateway, secret: &str, req: Request<Incoming>) -> Response<ProxyBody> {
+/// Handles one webhook delivery: `invalidate` drops the cached entries of the account when the
+/// delivery reports a lead event.
+pub async fn receive<F: std::future::Future<Output = ()>>(
+    secret: &str,
+    req: Request<Incoming>,
+    invalidate: impl FnOnce() -> F,
+) -> Response<ProxyBody> {
     let given = req
         .headers()
         .get(SECRET_HEADER)
@@ -56,7 +60,7 @@ pub async fn receive(gw: &Gateway, secret: &str, req: Request<Incoming>) -> Resp
     };
     let lead_events = lead_events(&body);
     if lead_events > 0 {
-        gw.invalidate_all().await;
+        invalidate().await;
         info!(
             lead_events,
             "Kommo webhook: dropped the cached entries of the account"

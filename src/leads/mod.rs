@@ -4,6 +4,7 @@
 //! fetch (here: the only part that does I/O) → `merge` (k-way, dedup) → `hal` (render). Every
 //! stage but the fetch is pure and tested on its own.
 
+pub mod fetch;
 pub mod hal;
 pub mod merge;
 pub mod page;
@@ -22,9 +23,9 @@ use crate::body::{self, ProxyBody};
 use crate::cache::{Cache, Entry, FillError, Outcome};
 use crate::error::{ProxyError, StreamFailure};
 use crate::gateway::{Gateway, RequestContext};
+use crate::headers::end_to_end;
 use crate::links::ItemQuery;
 use crate::metrics::UpstreamKind;
-use crate::passthrough::end_to_end;
 use crate::upstream::fetch::{FetchError, Verdict};
 use crate::upstream::Buffered;
 use hal::{render_page, PageLinks};
@@ -47,7 +48,15 @@ pub async fn answer(
     raw_query: &str,
     client_headers: &HeaderMap,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let parse = || query::parse(raw_query, gw.query_limits()).map_err(ProxyError::InvalidQuery);
+    let parse = || {
+        query::parse(
+            raw_query,
+            query::QueryLimits {
+                max_pairs: gw.settings.max_pairs,
+            },
+        )
+        .map_err(ProxyError::InvalidQuery)
+    };
     let (Some(cache), Some(credential)) = (&gw.cache, &ctx.credential) else {
         let query = parse()?;
         let ctx = &ctx.with_upstream_headers(client_headers);
@@ -89,7 +98,12 @@ fn refresh_in_background(
     let raw = raw_query.to_string();
     tokio::spawn(async move {
         // The stored answer's query parsed when it was filled.
-        let Ok(query) = query::parse(&raw, gw.query_limits()) else {
+        let Ok(query) = query::parse(
+            &raw,
+            query::QueryLimits {
+                max_pairs: gw.settings.max_pairs,
+            },
+        ) else {
             return;
         };
         if let (Ok(fresh), Some(cache)) = (compute(&gw, &ctx, &query, &raw).await, &gw.cache) {
@@ -153,10 +167,7 @@ pub(crate) async fn relay(
     item_links: ItemQuery<'_>,
 ) -> Result<Answer, ProxyError> {
     let _admitted = gw.fetcher.admit(&ctx.flow, 1)?;
-    let entry = match gw
-        .fetch_entry(ctx, kind, target, |_| Verdict::Done(None))
-        .await
-    {
+    let entry = match fetch::fetch_entry(gw, ctx, kind, target, |_| Verdict::Done(None)).await {
         Ok((entry, _)) => entry,
         // Kommo's own 5xx, still failing after the retries: the client sees it as it came.
         Err(FetchError::Status(b)) => Entry::new(0, b.status, end_to_end(&b.headers), b.body, None),
@@ -211,22 +222,20 @@ async fn read_stream_page(
         },
         _ => Verdict::Done(None),
     };
-    let entry = match gw
-        .fetch_entry(ctx, UpstreamKind::Stream, &stream.target(page), read)
-        .await
-    {
-        Ok((entry, _)) => entry,
-        Err(FetchError::Status(b)) => {
-            return failed(
-                Some(b.status.as_u16()),
-                format!("page {page} answered {}{}", b.status, error_detail(&b.body)),
-            )
-        }
-        Err(e @ (FetchError::Transport(_) | FetchError::Unusable { .. })) => {
-            return failed(e.status(), format!("page {page}: {e}"))
-        }
-        Err(e) => return StreamRead::Stopped(e.into()),
-    };
+    let entry =
+        match fetch::fetch_entry(gw, ctx, UpstreamKind::Stream, &stream.target(page), read).await {
+            Ok((entry, _)) => entry,
+            Err(FetchError::Status(b)) => {
+                return failed(
+                    Some(b.status.as_u16()),
+                    format!("page {page} answered {}{}", b.status, error_detail(&b.body)),
+                )
+            }
+            Err(e @ (FetchError::Transport(_) | FetchError::Unusable { .. })) => {
+                return failed(e.status(), format!("page {page}: {e}"))
+            }
+            Err(e) => return StreamRead::Stopped(e.into()),
+        };
     match (entry.status, &entry.leads) {
         (StatusCode::OK, Some(leads)) => StreamRead::Page {
             last: leads.len() < STREAM_LIMIT as usize,

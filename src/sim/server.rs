@@ -266,7 +266,7 @@ impl Sim {
             token: token.clone(),
             request_id: req
                 .headers()
-                .get(crate::server::REQUEST_ID)
+                .get(crate::headers::REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             headers: req.headers().clone(),
