@@ -281,7 +281,12 @@ fn bench_cached_answer(c: &mut Criterion) {
         header::CONTENT_TYPE,
         http::HeaderValue::from_static(kommo_fanout::leads::HAL_JSON),
     );
-    let entry = Entry::new(cache.generation(), StatusCode::OK, headers, body, None);
+    let answer = kommo_fanout::body::Buffered {
+        status: StatusCode::OK,
+        headers,
+        body,
+    };
+    let entry = Entry::new(cache.generation(), answer, None);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");

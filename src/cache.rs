@@ -24,6 +24,7 @@ use moka::future::Cache as Moka;
 use moka::notification::RemovalCause;
 use tokio::time::Instant;
 
+use crate::body::Buffered;
 use crate::leads::merge::LeadRef;
 use crate::leads::query::{key_path, split_params};
 use crate::metrics::Metrics;
@@ -58,10 +59,8 @@ pub struct CacheConfig {
 /// A stored answer: what the client (or the merge) needs of it, and when it was stored.
 #[derive(Debug)]
 pub struct Entry {
-    pub status: StatusCode,
-    /// The headers the answer is served with.
-    pub headers: HeaderMap,
-    pub body: Bytes,
+    /// The answer, with the headers it is served with.
+    pub answer: Buffered,
     /// For fan-out stream pages: the leads, already parsed, so a hit is not parsed again.
     pub leads: Option<Vec<LeadRef>>,
     pub stored_at: Instant,
@@ -73,17 +72,9 @@ pub struct Entry {
 
 impl Entry {
     /// An entry filled now, by a fill that started in `generation`.
-    pub fn new(
-        generation: u64,
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Bytes,
-        leads: Option<Vec<LeadRef>>,
-    ) -> Arc<Entry> {
+    pub fn new(generation: u64, answer: Buffered, leads: Option<Vec<LeadRef>>) -> Arc<Entry> {
         Arc::new(Entry {
-            status,
-            headers,
-            body,
+            answer,
             leads,
             stored_at: Instant::now(),
             generation,
@@ -93,7 +84,7 @@ impl Entry {
 
     /// Only `200` and `204` answers are stored.
     pub fn cacheable(&self) -> bool {
-        matches!(self.status, StatusCode::OK | StatusCode::NO_CONTENT)
+        matches!(self.answer.status, StatusCode::OK | StatusCode::NO_CONTENT)
     }
 
     /// Whole seconds since it was stored, for the `Age` header.
@@ -108,11 +99,12 @@ impl Entry {
             .as_ref()
             .map_or(0, |l| l.len() * std::mem::size_of::<LeadRef>());
         let headers: usize = self
+            .answer
             .headers
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
-        let total = self.body.len() + leads + headers + key.0.len() + 128;
+        let total = self.answer.body.len() + leads + headers + key.0.len() + 128;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 }
@@ -145,7 +137,8 @@ impl CacheKey {
 }
 
 /// Encodes a stored answer for a [`SharedCache`]: a tag, the status, the headers, the body.
-pub fn encode(status: StatusCode, headers: &HeaderMap, body: &Bytes) -> Bytes {
+pub fn encode(answer: &Buffered) -> Bytes {
+    let (status, headers, body) = (answer.status, &answer.headers, &answer.body);
     let mut out = Vec::with_capacity(body.len() + 256);
     out.extend_from_slice(b"KF1");
     out.extend_from_slice(&status.as_u16().to_be_bytes());
@@ -164,7 +157,7 @@ pub fn encode(status: StatusCode, headers: &HeaderMap, body: &Bytes) -> Bytes {
 
 /// Decodes what [`encode`] wrote; `None` for anything else (an entry of another version, or
 /// corrupted), which the caller treats as a miss.
-pub fn decode(bytes: &Bytes) -> Option<(StatusCode, HeaderMap, Bytes)> {
+pub fn decode(bytes: &Bytes) -> Option<Buffered> {
     let mut at = 0usize;
     let mut take = |n: usize| -> Option<&[u8]> {
         let slice = bytes.get(at..at.checked_add(n)?)?;
@@ -184,7 +177,11 @@ pub fn decode(bytes: &Bytes) -> Option<(StatusCode, HeaderMap, Bytes)> {
         let value = http::HeaderValue::from_bytes(take(v)?).ok()?;
         headers.append(name, value);
     }
-    Some((status, headers, bytes.slice(at..)))
+    Some(Buffered {
+        status,
+        headers,
+        body: bytes.slice(at..),
+    })
 }
 
 /// Why a fill produced nothing to store.
@@ -483,9 +480,16 @@ mod tests {
         headers.append("x-a", "1".parse().unwrap());
         headers.append("x-a", "2".parse().unwrap());
         let body = Bytes::from_static(b"{\"_embedded\":{}}");
-        let bytes = encode(StatusCode::OK, &headers, &body);
-        let (status, h, b) = decode(&bytes).unwrap();
-        assert_eq!((status, h, b), (StatusCode::OK, headers, body));
+        let bytes = encode(&Buffered {
+            status: StatusCode::OK,
+            headers: headers.clone(),
+            body: body.clone(),
+        });
+        let b = decode(&bytes).unwrap();
+        assert_eq!(
+            (b.status, b.headers, b.body),
+            (StatusCode::OK, headers, body)
+        );
         for garbage in [
             &b""[..],
             b"KF1",
@@ -497,7 +501,7 @@ mod tests {
         assert_eq!(
             decode(&Bytes::from_static(b"KF1\x00\xcc\x00\x00"))
                 .unwrap()
-                .0,
+                .status,
             StatusCode::NO_CONTENT
         );
     }
@@ -548,13 +552,12 @@ mod tests {
     }
 
     fn entry(c: &Cache, status: u16, body: &str) -> Arc<Entry> {
-        Entry::new(
-            c.generation(),
-            StatusCode::from_u16(status).unwrap(),
-            HeaderMap::new(),
-            Bytes::from(body.to_string()),
-            None,
-        )
+        let answer = Buffered {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: Bytes::from(body.to_string()),
+        };
+        Entry::new(c.generation(), answer, None)
     }
 
     #[tokio::test]
@@ -572,7 +575,7 @@ mod tests {
                         Ok(entry(&c, 200, "body"))
                     })
                     .await
-                    .map(|(e, _)| e.body.clone())
+                    .map(|(e, _)| e.answer.body.clone())
                     .map_err(|_| ())
                 })
             })
@@ -592,13 +595,13 @@ mod tests {
         let uncacheable = c
             .page::<String, _>(other.clone(), false, async { Ok(entry(&c, 401, "no")) })
             .await;
-        assert!(matches!(uncacheable, Err(FillError::Uncacheable(e)) if e.status == 401));
+        assert!(matches!(uncacheable, Err(FillError::Uncacheable(e)) if e.answer.status == 401));
         let (e, outcome) = c
             .page::<String, _>(other, false, async { Ok(entry(&c, 204, "")) })
             .await
             .map_err(|_| ())
             .unwrap();
-        assert_eq!((e.status.as_u16(), outcome), (204, Outcome::Miss));
+        assert_eq!((e.answer.status.as_u16(), outcome), (204, Outcome::Miss));
     }
 
     #[tokio::test]
@@ -618,7 +621,7 @@ mod tests {
             .map_err(|_| ())
             .unwrap();
         assert_eq!(
-            (e.body.clone(), outcome),
+            (e.answer.body.clone(), outcome),
             (Bytes::from("new"), Outcome::Miss)
         );
     }

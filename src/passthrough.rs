@@ -181,10 +181,10 @@ async fn cached_get(
     let fill = async {
         let generation = cache.generation();
         let kind = UpstreamKind::Passthrough;
-        let (status, headers, body) = leads::relay(gw, ctx, kind, target, ItemQuery::Kept)
+        let answer = leads::relay(gw, ctx, kind, target, ItemQuery::Kept)
             .await
             .map_err(FillError::Failed)?;
-        Ok(Entry::new(generation, status, headers, body, None))
+        Ok(Entry::new(generation, answer, None))
     };
     let (entry, outcome) = FillError::settle(cache.answer(key, ctx.no_cache, fill).await)?;
     Ok(leads::respond(&entry, Some(outcome)))

@@ -35,15 +35,10 @@ pub async fn fetch_entry(
         // The second level: a page another replica already fetched.
         if let Some((shared, key)) = shared.filter(|_| !ctx.no_cache) {
             let stored = shared.cache.get(key.as_str()).await;
-            if let Some((status, headers, body)) = stored.as_ref().and_then(decode) {
-                let b = Buffered {
-                    status,
-                    headers,
-                    body,
-                };
+            if let Some(b) = stored.as_ref().and_then(decode) {
                 if let Verdict::Done(leads) = read(&b) {
                     gw.fetcher.metrics.cache("shared", "hit");
-                    return Ok(Entry::new(generation, b.status, b.headers, b.body, leads));
+                    return Ok(Entry::new(generation, b, leads));
                 }
             }
             gw.fetcher.metrics.cache("shared", "miss");
@@ -60,7 +55,8 @@ pub async fn fetch_entry(
                     Verdict::Done(leads) => {
                         let mut headers = end_to_end(&b.headers);
                         headers.remove(header::CONTENT_LENGTH);
-                        Verdict::Done(Entry::new(generation, b.status, headers, b.body, leads))
+                        let answer = Buffered { headers, ..b };
+                        Verdict::Done(Entry::new(generation, answer, leads))
                     }
                     Verdict::Unusable(reason) => Verdict::Unusable(reason),
                 },
@@ -70,10 +66,7 @@ pub async fn fetch_entry(
             if entry.cacheable() {
                 // Written in the background: a slow Redis must not slow the answer.
                 let (store, key) = (shared.cache.clone(), key.as_str().to_string());
-                let (value, ttl) = (
-                    encode(entry.status, &entry.headers, &entry.body),
-                    cache.config().ttl,
-                );
+                let (value, ttl) = (encode(&entry.answer), cache.config().ttl);
                 tokio::spawn(async move { store.put(&key, value, ttl).await });
             }
         }

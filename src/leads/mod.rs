@@ -117,13 +117,13 @@ const ADDED_HEADERS: usize = 3;
 
 /// The client's response for a computed or stored answer.
 pub fn respond(entry: &Entry, outcome: Option<Outcome>) -> Response<ProxyBody> {
-    let mut resp = Response::new(body::full(entry.body.clone()));
-    *resp.status_mut() = entry.status;
+    let mut resp = Response::new(body::full(entry.answer.body.clone()));
+    *resp.status_mut() = entry.answer.status;
     // Built with room for what is added to it (`Age`, `X-Cache`, the request id): a clone of
     // the stored map has none, and growing it costs more than filling a new one.
     let headers = resp.headers_mut();
-    headers.reserve(entry.headers.len() + ADDED_HEADERS);
-    for (name, value) in &entry.headers {
+    headers.reserve(entry.answer.headers.len() + ADDED_HEADERS);
+    for (name, value) in &entry.answer.headers {
         headers.append(name.clone(), value.clone());
     }
     if let Some(outcome) = outcome {
@@ -144,18 +144,15 @@ async fn compute(
     raw_query: &str,
 ) -> Result<Arc<Entry>, ProxyError> {
     let generation = gw.cache.as_ref().map_or(0, Cache::generation);
-    let (status, headers, body) = match plan::plan(query, raw_query) {
+    let answer = match plan::plan(query, raw_query) {
         Plan::Relay { target } => {
             let links = ItemQuery::Items(raw_query);
             relay(gw, ctx, UpstreamKind::Single, &target, links).await?
         }
         Plan::FanOut(fan_out) => merged_page(gw, ctx, query, raw_query, &fan_out).await?,
     };
-    Ok(Entry::new(generation, status, headers, body, None))
+    Ok(Entry::new(generation, answer, None))
 }
-
-/// What an answer is made of.
-pub(crate) type Answer = (StatusCode, HeaderMap, Bytes);
 
 /// One upstream request; its answer is relayed with hrefs moved to the proxy (JSON bodies
 /// only, and only their `href`s: see [`crate::links`]).
@@ -165,25 +162,33 @@ pub(crate) async fn relay(
     kind: UpstreamKind,
     target: &str,
     item_links: ItemQuery<'_>,
-) -> Result<Answer, ProxyError> {
+) -> Result<Buffered, ProxyError> {
     let _admitted = gw.fetcher.admit(&ctx.flow, 1)?;
     let entry = match fetch::fetch_entry(gw, ctx, kind, target, |_| Verdict::Done(None)).await {
         Ok((entry, _)) => entry,
         // Kommo's own 5xx, still failing after the retries: the client sees it as it came.
-        Err(FetchError::Status(b)) => Entry::new(0, b.status, end_to_end(&b.headers), b.body, None),
+        Err(FetchError::Status(b)) => {
+            let headers = end_to_end(&b.headers);
+            Entry::new(0, Buffered { headers, ..b }, None)
+        }
         Err(e) => return Err(e.into()),
     };
-    let body = if crate::links::is_json(&entry.headers) {
-        match ctx.rewrite().rewrite(&entry.body, item_links) {
-            Cow::Borrowed(_) => entry.body.clone(),
+    let stored = &entry.answer;
+    let body = if crate::links::is_json(&stored.headers) {
+        match ctx.rewrite().rewrite(&stored.body, item_links) {
+            Cow::Borrowed(_) => stored.body.clone(),
             Cow::Owned(body) => body.into(),
         }
     } else {
-        entry.body.clone()
+        stored.body.clone()
     };
-    let mut headers = entry.headers.clone();
+    let mut headers = stored.headers.clone();
     headers.remove(header::CONTENT_LENGTH);
-    Ok((entry.status, headers, body))
+    Ok(Buffered {
+        status: stored.status,
+        headers,
+        body,
+    })
 }
 
 /// What one upstream page read of one stream came to.
@@ -236,7 +241,7 @@ async fn read_stream_page(
             }
             Err(e) => return StreamRead::Stopped(e.into()),
         };
-    match (entry.status, &entry.leads) {
+    match (entry.answer.status, &entry.leads) {
         (StatusCode::OK, Some(leads)) => StreamRead::Page {
             last: leads.len() < STREAM_LIMIT as usize,
             leads: leads.clone(),
@@ -247,11 +252,7 @@ async fn read_stream_page(
             leads: Vec::new(),
             last: true,
         },
-        (s, _) if s.is_client_error() => StreamRead::Relay(Buffered {
-            status: s,
-            headers: entry.headers.clone(),
-            body: entry.body.clone(),
-        }),
+        (s, _) if s.is_client_error() => StreamRead::Relay(entry.answer.clone()),
         (s, _) => failed(Some(s.as_u16()), format!("page {page} answered {s}")),
     }
 }
@@ -276,7 +277,7 @@ async fn merged_page(
     query: &LeadsQuery,
     raw_query: &str,
     fan_out: &FanOutPlan,
-) -> Result<Answer, ProxyError> {
+) -> Result<Buffered, ProxyError> {
     gw.fetcher
         .metrics
         .fanout_width
@@ -367,7 +368,11 @@ async fn merged_page(
         }
     }
     if leads.is_empty() {
-        return Ok((StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new()));
+        return Ok(Buffered {
+            status: StatusCode::NO_CONTENT,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        });
     }
     let base = format!("{}{}", ctx.public_base(), plan::LEADS_PATH);
     let links = PageLinks {
@@ -384,11 +389,15 @@ async fn merged_page(
     );
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(HAL_JSON));
-    Ok((StatusCode::OK, headers, bytes.into()))
+    Ok(Buffered {
+        status: StatusCode::OK,
+        headers,
+        body: bytes.into(),
+    })
 }
 
 /// An upstream client error, relayed with its status, type and body as it came.
-fn relay_error(upstream: Buffered) -> Answer {
+fn relay_error(upstream: Buffered) -> Buffered {
     let mut headers = HeaderMap::new();
     for name in [
         header::CONTENT_TYPE,
@@ -399,5 +408,8 @@ fn relay_error(upstream: Buffered) -> Answer {
             headers.insert(name, v.clone());
         }
     }
-    (upstream.status, headers, upstream.body)
+    Buffered {
+        headers,
+        ..upstream
+    }
 }
