@@ -4,7 +4,6 @@
 //! fingerprint, no path or query ever becomes a label.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -26,15 +25,6 @@ pub enum UpstreamKind {
 }
 
 impl UpstreamKind {
-    /// Its place in per-kind tables.
-    fn index(self) -> usize {
-        match self {
-            UpstreamKind::Stream => 0,
-            UpstreamKind::Single => 1,
-            UpstreamKind::Passthrough => 2,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             UpstreamKind::Stream => "stream",
@@ -96,22 +86,6 @@ pub struct Metrics {
     pub admission_estimated_wait: Gauge<f64, AtomicU64>,
     /// Client requests refused at once because the budget is booked past their deadline.
     pub admission_refused: Counter,
-    hot: Hot,
-}
-
-/// Handles of the series nearly every request touches, taken from their family on first use:
-/// a family lookup hashes the labels (SipHash) under a lock, twice or three times per request;
-/// a handle is an increment. A series appears in the exposition on its first use either way.
-#[derive(Default)]
-struct Hot {
-    /// `client_requests{route, status="200"}`: leads, passthrough.
-    answered_ok: [OnceLock<Counter>; 2],
-    /// `upstream_requests{kind, status="200"}`, by [`UpstreamKind::index`].
-    upstream_ok: [OnceLock<Counter>; 3],
-    /// `upstream_latency_seconds{kind}`, by [`UpstreamKind::index`].
-    upstream_seconds: [OnceLock<Histogram>; 3],
-    /// `cache_lookups{level, outcome}`: (page, answer, shared) × (hit, miss, coalesced).
-    cache: [OnceLock<Counter>; 9],
 }
 
 fn latency_histogram() -> Histogram {
@@ -119,131 +93,160 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+/// Registers `metric` under `name` (and `unit`, if any) and hands it back.
+fn register<M>(registry: &mut Registry, name: &str, help: &str, unit: Option<Unit>, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric.clone()),
+        None => registry.register(name, help, metric.clone()),
+    }
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("kommo_fanout");
-        let client_requests = Family::<RouteLabels, Counter>::default();
-        registry.register(
+        let mut r = Registry::with_prefix("kommo_fanout");
+        let r = &mut r;
+        let seconds = Some(Unit::Seconds);
+        let client_requests = register(
+            r,
             "client_requests",
             "Client requests answered, by route (leads, passthrough) and status",
-            client_requests.clone(),
+            None,
+            Family::default(),
         );
-        let in_flight = Gauge::default();
-        registry.register(
+        let in_flight = register(
+            r,
             "in_flight_requests",
             "Client requests being served",
-            in_flight.clone(),
+            None,
+            Gauge::default(),
         );
-        let open_connections = Gauge::default();
-        registry.register(
+        let open_connections = register(
+            r,
             "open_connections",
             "Client connections open on the proxy listener",
-            open_connections.clone(),
+            None,
+            Gauge::default(),
         );
-        let upstream_requests = Family::<UpstreamLabels, Counter>::default();
-        registry.register(
+        let upstream_requests = register(
+            r,
             "upstream_requests",
-            "Upstream requests sent, by kind (stream, single, passthrough) and status (0: no answer)",
-            upstream_requests.clone(),
+            "Upstream requests sent, by kind (stream, single, passthrough) and status \
+             (0: no answer)",
+            None,
+            Family::default(),
         );
-        let upstream_seconds =
-            Family::<KindLabels, Histogram>::new_with_constructor(latency_histogram);
-        registry.register_with_unit(
+        let upstream_seconds: Family<KindLabels, Histogram> = register(
+            r,
             "upstream_latency",
             "Time to a complete upstream answer, by kind",
-            Unit::Seconds,
-            upstream_seconds.clone(),
+            seconds.clone(),
+            Family::new_with_constructor(latency_histogram),
         );
-        let fanout_width =
-            Histogram::new([1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0]);
-        registry.register(
+        let fanout_width = register(
+            r,
             "fanout_width",
             "Distinct stages per fanned-out leads request",
-            fanout_width.clone(),
+            None,
+            Histogram::new([1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0]),
         );
-        let limiter_wait_seconds = latency_histogram();
-        registry.register_with_unit(
+        let limiter_wait_seconds = register(
+            r,
             "limiter_wait",
             "Time an upstream request waited for a rate-limit slot",
-            Unit::Seconds,
-            limiter_wait_seconds.clone(),
+            seconds.clone(),
+            latency_histogram(),
         );
-        let limiter_queued = Gauge::default();
-        registry.register(
+        let limiter_queued = register(
+            r,
             "limiter_queued",
             "Upstream requests waiting for a slot",
-            limiter_queued.clone(),
+            None,
+            Gauge::default(),
         );
-        let limiter_in_window = Gauge::default();
-        registry.register(
+        let limiter_in_window = register(
+            r,
             "limiter_slots_taken",
             "Rate-limit slots taken (in flight, or freed less than a window ago)",
-            limiter_in_window.clone(),
+            None,
+            Gauge::default(),
         );
-        let rate_limited = Counter::default();
-        registry.register(
+        let rate_limited = register(
+            r,
             "upstream_429",
             "429 answers from the upstream",
-            rate_limited.clone(),
+            None,
+            Counter::default(),
         );
-        let blocks = Counter::default();
-        registry.register(
+        let blocks = register(
+            r,
             "upstream_blocks",
             "403 answers taken as a block of this address",
-            blocks.clone(),
+            None,
+            Counter::default(),
         );
-        let retries = Family::<KindLabels, Counter>::default();
-        registry.register(
+        let retries = register(
+            r,
             "upstream_retries",
             "Upstream attempts retried, by kind",
-            retries.clone(),
+            None,
+            Family::default(),
         );
-        let cache_lookups = Family::<CacheLabels, Counter>::default();
-        registry.register(
+        let cache_lookups = register(
+            r,
             "cache_lookups",
-            "Cache lookups by level (page, answer, shared: the Redis cache) and outcome (hit, miss, coalesced)",
-            cache_lookups.clone(),
+            "Cache lookups by level (page, answer, shared: the Redis cache) and outcome \
+             (hit, miss, coalesced)",
+            None,
+            Family::default(),
         );
-        let cache_evictions = Counter::default();
-        registry.register(
+        let cache_evictions = register(
+            r,
             "cache_evictions",
             "Entries evicted for size",
-            cache_evictions.clone(),
+            None,
+            Counter::default(),
         );
-        let cache_bytes = Gauge::<u64, AtomicU64>::default();
-        registry.register_with_unit(
+        let cache_bytes = register(
+            r,
             "cache",
             "Bytes held by the cache",
-            Unit::Bytes,
-            cache_bytes.clone(),
+            Some(Unit::Bytes),
+            Gauge::default(),
         );
-        let redis_degraded = Gauge::default();
-        registry.register(
+        let redis_degraded = register(
+            r,
             "redis_degraded",
             "1 while Redis is configured but unreachable (local fallback in use)",
-            redis_degraded.clone(),
+            None,
+            Gauge::default(),
         );
-        let admission_backlog = Gauge::default();
-        registry.register(
+        let admission_backlog = register(
+            r,
             "admission_backlog",
             "Upstream calls booked by admitted client requests and not yet sent",
-            admission_backlog.clone(),
+            None,
+            Gauge::default(),
         );
-        let admission_estimated_wait = Gauge::<f64, AtomicU64>::default();
-        registry.register_with_unit(
+        let admission_estimated_wait = register(
+            r,
             "admission_estimated_wait",
             "Estimated time until the upstream budget could start a new request",
-            Unit::Seconds,
-            admission_estimated_wait.clone(),
+            seconds,
+            Gauge::default(),
         );
-        let admission_refused = Counter::default();
-        registry.register(
+        let admission_refused = register(
+            r,
             "admission_refused",
             "Client requests refused at once: the upstream budget is booked past their deadline",
-            admission_refused.clone(),
+            None,
+            Counter::default(),
         );
         Metrics {
-            registry,
+            registry: std::mem::take(r),
             client_requests,
             in_flight,
             open_connections,
@@ -263,71 +266,32 @@ impl Metrics {
             admission_backlog,
             admission_estimated_wait,
             admission_refused,
-            hot: Hot::default(),
         }
     }
 
     /// Records a client request answered on `route` with `status`.
     pub fn answered(&self, route: &'static str, status: u16) {
-        let labels = || RouteLabels { route, status };
-        let slot = match (route, status) {
-            ("leads", 200) => Some(0),
-            ("passthrough", 200) => Some(1),
-            _ => None,
-        };
-        match slot {
-            Some(i) => self.hot.answered_ok[i]
-                .get_or_init(|| self.client_requests.get_or_create(&labels()).clone())
-                .inc(),
-            None => self.client_requests.get_or_create(&labels()).inc(),
-        };
+        self.client_requests
+            .get_or_create(&RouteLabels { route, status })
+            .inc();
     }
 
     /// Records one upstream attempt.
     pub fn upstream(&self, kind: UpstreamKind, status: u16, took: Duration) {
-        let labels = || UpstreamLabels {
-            kind: kind.as_str(),
-            status,
-        };
-        if status == 200 {
-            self.hot.upstream_ok[kind.index()]
-                .get_or_init(|| self.upstream_requests.get_or_create(&labels()).clone())
-                .inc();
-        } else {
-            self.upstream_requests.get_or_create(&labels()).inc();
-        }
-        self.hot.upstream_seconds[kind.index()]
-            .get_or_init(|| {
-                self.upstream_seconds
-                    .get_or_create(&KindLabels {
-                        kind: kind.as_str(),
-                    })
-                    .clone()
-            })
+        let kind = kind.as_str();
+        self.upstream_requests
+            .get_or_create(&UpstreamLabels { kind, status })
+            .inc();
+        self.upstream_seconds
+            .get_or_create(&KindLabels { kind })
             .observe(took.as_secs_f64());
     }
 
     /// Records a cache lookup.
     pub fn cache(&self, level: &'static str, outcome: &'static str) {
-        let level_at = match level {
-            "page" => Some(0),
-            "answer" => Some(1),
-            "shared" => Some(2),
-            _ => None,
-        };
-        let outcome_at = match outcome {
-            "hit" => Some(0),
-            "miss" => Some(1),
-            "coalesced" => Some(2),
-            _ => None,
-        };
-        let labels = || CacheLabels { level, outcome };
-        match level_at.zip(outcome_at) {
-            Some((l, o)) => self.hot.cache[l * 3 + o]
-                .get_or_init(|| self.cache_lookups.get_or_create(&labels()).clone())
-                .inc(),
-            None => self.cache_lookups.get_or_create(&labels()).inc(),
-        };
+        self.cache_lookups
+            .get_or_create(&CacheLabels { level, outcome })
+            .inc();
     }
 
     /// The text exposition (Prometheus / OpenMetrics text format).
@@ -364,10 +328,9 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
     }
 
-    /// The handles taken on first use and the family lookups count into the same series,
-    /// and a series appears only once used.
+    /// Each label set counts into its own series, which appears only once used.
     #[test]
-    fn hot_handles_and_family_lookups_share_their_series() {
+    fn series_count_by_label_and_appear_once_used() {
         let m = Metrics::new();
         for _ in 0..3 {
             m.answered("leads", 200);
