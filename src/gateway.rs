@@ -434,7 +434,7 @@ impl Gateway {
         ctx: &RequestContext,
         kind: UpstreamKind,
         target: &str,
-        read: impl Fn(&Buffered) -> Verdict<Option<Vec<LeadRef>>>,
+        read: impl Fn(&Buffered) -> Verdict<Option<Vec<LeadRef>>> + Sync,
     ) -> Result<(Arc<Entry>, Option<Outcome>), FetchError> {
         let generation = self.cache.as_ref().map_or(0, Cache::generation);
         let key = match (&self.cache, &ctx.credential) {

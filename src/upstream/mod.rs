@@ -1,13 +1,16 @@
 //! The one way out to the Kommo account: an HTTP(S) client bound to the configured origin.
 //!
-//! Every upstream request, fan-out stream and pass-through alike, goes through [`Upstream`],
-//! so the origin can never be chosen by a client and the limits apply to all traffic.
+//! Every upstream request, fan-out stream and pass-through alike, goes through [`Upstream`]
+//! (by way of [`fetch::Fetcher`]), so the origin can never be chosen by a client and the
+//! limits apply to all traffic.
 
 pub mod admission;
+mod classify;
 pub mod fair;
 pub mod fetch;
 pub mod handover;
 pub mod limiter;
+mod retry;
 
 use std::time::Duration;
 
@@ -121,7 +124,8 @@ pub struct Buffered {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub origin: Origin,
-    /// Per-attempt limit for a complete buffered answer.
+    /// Per-attempt limit: for connecting, for a streamed answer's head, for a buffered
+    /// answer's whole body.
     pub timeout: Duration,
     /// The largest upstream body the proxy buffers.
     pub max_body: usize,
@@ -199,7 +203,7 @@ impl Upstream {
 
     /// Sends a request to the configured origin only: of its URI only the path and query are
     /// kept (an absolute-form target's host is dropped), and `Host` is set here. The response
-    /// body is streamed back to the caller.
+    /// body is streamed back to the caller. No timeout: the caller's.
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
@@ -218,38 +222,22 @@ impl Upstream {
             .map_err(|e| UpstreamError::Connect(error_chain(&e)))
     }
 
-    /// A GET whose whole answer is read within the timeout and the body limit.
-    pub async fn get(
-        &self,
-        path_and_query: &str,
-        headers: HeaderMap,
-    ) -> Result<Buffered, UpstreamError> {
-        let mut req = Request::new(crate::body::empty());
-        *req.method_mut() = http::Method::GET;
-        *req.uri_mut() = path_and_query.parse().map_err(|e| {
-            UpstreamError::Connect(format!("invalid request target {path_and_query:?}: {e}"))
-        })?;
-        *req.headers_mut() = headers;
-        let timeout = self.config.timeout;
+    /// Sends `req` and reads its whole answer, up to the body limit. No timeout: the caller's.
+    pub async fn read(&self, req: Request<ProxyBody>) -> Result<Buffered, UpstreamError> {
         let max = self.config.max_body;
-        let attempt = async {
-            let (parts, incoming) = self.send(req).await?.into_parts();
-            let body = Limited::new(incoming, max).collect().await.map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    UpstreamError::TooLarge(max)
-                } else {
-                    UpstreamError::Body(error_chain(e.as_ref()))
-                }
-            })?;
-            Ok(Buffered {
-                status: parts.status,
-                headers: owned_headers(&parts.headers),
-                body: owned_body(body.aggregate()),
-            })
-        };
-        tokio::time::timeout(timeout, attempt)
-            .await
-            .map_err(|_| UpstreamError::Timeout(timeout))?
+        let (parts, incoming) = self.send(req).await?.into_parts();
+        let body = Limited::new(incoming, max).collect().await.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                UpstreamError::TooLarge(max)
+            } else {
+                UpstreamError::Body(error_chain(e.as_ref()))
+            }
+        })?;
+        Ok(Buffered {
+            status: parts.status,
+            headers: owned_headers(&parts.headers),
+            body: owned_body(body.aggregate()),
+        })
     }
 }
 
