@@ -32,7 +32,7 @@ pub use super::classify::retry_after;
 pub struct FetchPolicy {
     /// Retries after the first attempt of an idempotent request (`--retries`).
     pub retries: u32,
-    /// The first backoff; each retry doubles it, with full jitter.
+    /// The first backoff; each retry doubles it, with jitter.
     pub backoff_base: Duration,
     /// The largest backoff.
     pub backoff_max: Duration,
@@ -137,8 +137,6 @@ pub struct Fetcher {
     pub metrics: Arc<Metrics>,
     /// What answers mean; remembers each key's last `429`.
     classifier: Classifier,
-    /// The retry policy's jitter source.
-    jitter: AtomicU64,
     /// Upstream attempts sent, and the most that may be (`verify --max-requests`; unlimited
     /// unless [`Fetcher::cap_requests`] set it): past it an attempt is refused, not sent.
     sent: AtomicU64,
@@ -150,17 +148,12 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(upstream: Upstream, limiter: Arc<dyn UpstreamLimiter>, policy: FetchPolicy) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9_7F4A_7C15);
         Fetcher {
             upstream,
             limiter,
             classifier: Classifier::new(policy.default_retry_after),
             policy,
             metrics: Arc::new(Metrics::new()),
-            jitter: AtomicU64::new(seed | 1),
             sent: AtomicU64::new(0),
             cap: AtomicU64::new(u64::MAX),
             admission: Arc::new(Admission::unlimited()),
@@ -269,13 +262,7 @@ impl Fetcher {
     }
 
     fn retries<'a>(&'a self, kind: UpstreamKind, flow: &Flow) -> Retries<'a> {
-        Retries::new(
-            &self.policy,
-            &self.metrics,
-            kind,
-            flow.deadline,
-            &self.jitter,
-        )
+        Retries::new(&self.policy, &self.metrics, kind, flow.deadline)
     }
 
     /// One attempt: a permit, then `exchange` within the per-attempt timeout. The permit is

@@ -2,11 +2,11 @@
 //!
 //! Only idempotent requests without a body (GET, HEAD, OPTIONS) are sent again; anything else
 //! goes out exactly once. Transport failures, `5xx` and unusable answers are retried with
-//! exponential backoff and full jitter while the client's deadline allows; a `429` is waited
+//! exponential backoff and jitter while the client's deadline allows; a `429` is waited
 //! out (the limiter's pause holds the next attempt) a few times. The decision reads the
 //! failure's kind, never its text.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
 use http::{Method, Request};
@@ -42,8 +42,6 @@ pub struct Retries<'a> {
     kind: UpstreamKind,
     /// The client request's deadline: no attempt starts after it.
     deadline: Instant,
-    /// The jitter source, shared by all requests: quality does not matter, only spread.
-    jitter: &'a AtomicU64,
     retries: u32,
     waits_429: u32,
 }
@@ -54,20 +52,18 @@ impl<'a> Retries<'a> {
         metrics: &'a Metrics,
         kind: UpstreamKind,
         deadline: Instant,
-        jitter: &'a AtomicU64,
     ) -> Self {
         Retries {
             settings,
             metrics,
             kind,
             deadline,
-            jitter,
             retries: 0,
             waits_429: 0,
         }
     }
 
-    /// Exponential backoff with full jitter: a uniform wait in [b/2, b] for
+    /// Exponential backoff with jitter: a uniform wait in [b/2, b] for
     /// b = base·2^(retry-1), capped.
     fn backoff(&self, retry: u32) -> Duration {
         let exp = self
@@ -75,13 +71,9 @@ impl<'a> Retries<'a> {
             .backoff_base
             .saturating_mul(1 << retry.saturating_sub(1).min(16))
             .min(self.settings.backoff_max);
-        // SplitMix64 over an atomic counter: distinct values across concurrent callers.
-        let mut z = self
-            .jitter
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        // Random enough to spread retries: std's hasher keys are random per thread and differ
+        // for every `RandomState`.
+        let z = RandomState::new().hash_one(retry);
         let half = exp / 2;
         half + Duration::from_nanos(z % (half.as_nanos() as u64 + 1))
     }
@@ -194,15 +186,9 @@ mod tests {
     /// The waits the policy decides on for `results` in turn, `None` where it gives up, from
     /// a request whose deadline is `deadline` from now.
     fn decisions(deadline: Duration, results: Vec<Result>) -> Vec<Option<Duration>> {
-        let (settings, metrics, jitter) = (settings(), Metrics::new(), AtomicU64::new(1));
+        let (settings, metrics) = (settings(), Metrics::new());
         let start = Instant::now();
-        let mut policy = Retries::new(
-            &settings,
-            &metrics,
-            UpstreamKind::Stream,
-            start + deadline,
-            &jitter,
-        );
+        let mut policy = Retries::new(&settings, &metrics, UpstreamKind::Stream, start + deadline);
         results
             .into_iter()
             .map(|mut result| {
@@ -274,13 +260,12 @@ mod tests {
 
     #[test]
     fn only_idempotent_requests_without_a_body_are_sent_again() {
-        let (settings, metrics, jitter) = (settings(), Metrics::new(), AtomicU64::new(1));
+        let (settings, metrics) = (settings(), Metrics::new());
         let mut policy = Retries::new(
             &settings,
             &metrics,
             UpstreamKind::Passthrough,
             Instant::now(),
-            &jitter,
         );
         let mut clone = |method: Method, body: ProxyBody| {
             let mut req = get();
