@@ -19,6 +19,7 @@ use crate::cache::{Cache, SharedCache};
 use crate::error::ProxyError;
 use crate::headers::valid_host;
 use crate::links::LinkRewrite;
+use crate::metrics::Metrics;
 use crate::redis::{RedisCache, RedisLimiter};
 use crate::upstream::fetch::{Fetcher, Flow};
 
@@ -90,6 +91,8 @@ impl Shared {
 
 /// What every request handler shares.
 pub struct Gateway {
+    /// Every metric the proxy keeps; the fetcher and the cache hold handles on it.
+    pub metrics: Arc<Metrics>,
     /// The only way out: limited, retried requests to the configured origin.
     pub fetcher: Fetcher,
     pub settings: GatewaySettings,
@@ -230,16 +233,22 @@ fn variant(headers: &HeaderMap) -> String {
 }
 
 impl Gateway {
-    pub fn new(fetcher: Fetcher, settings: GatewaySettings, cache: Option<Cache>) -> Self {
+    pub fn new(
+        fetcher: Fetcher,
+        settings: GatewaySettings,
+        cache: Option<Cache>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let origin = Arc::from(fetcher.upstream.origin().url.as_str());
         let in_flight = Arc::new(tokio::sync::Semaphore::new(settings.bounds.max_concurrent));
         if let Some(cache) = &cache {
-            cache.attach_metrics(fetcher.metrics.clone());
+            cache.attach_metrics(metrics.clone());
         }
         let client_quota = settings
             .client_rate_limit
             .map(|n| RateLimiter::keyed(Quota::per_second(n)));
         Gateway {
+            metrics,
             fetcher,
             settings,
             cache,
@@ -359,7 +368,7 @@ impl Gateway {
 
     /// Refreshes the gauges read at scrape time and renders the metrics.
     pub async fn scrape(&self) -> String {
-        let metrics = &self.fetcher.metrics;
+        let metrics = &self.metrics;
         let free = self.in_flight.available_permits();
         let in_flight = self.settings.bounds.max_concurrent.saturating_sub(free);
         metrics
@@ -670,12 +679,17 @@ mod tests {
     async fn request_ids_differ_across_replicas_that_share_a_fingerprint_key() {
         let config = crate::config::ServeConfig::for_upstream("http://127.0.0.1:9").unwrap();
         let replica = || {
-            let upstream = crate::upstream::Upstream::new(config.upstream.clone(), 1).unwrap();
+            let upstream = crate::upstream::Upstream::new(config.upstream.clone()).unwrap();
             let limiter =
                 std::sync::Arc::new(crate::upstream::limiter::LocalLimiter::new(config.limiter));
-            let fetcher =
-                crate::upstream::fetch::Fetcher::new(upstream, limiter, config.fetch.clone());
-            Gateway::new(fetcher, config.gateway.clone(), None)
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+            let fetcher = crate::upstream::fetch::Fetcher::new(
+                upstream,
+                limiter,
+                config.fetch.clone(),
+                metrics.clone(),
+            );
+            Gateway::new(fetcher, config.gateway.clone(), None, metrics)
                 .with_fingerprint_key(FingerprintKey::from_bytes([7; 32]))
         };
         let (a, b) = (replica(), replica());

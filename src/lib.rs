@@ -52,6 +52,7 @@ use cache::Cache;
 use config::ServeConfig;
 use gateway::Gateway;
 use gateway::{FingerprintKey, Shared};
+use metrics::Metrics;
 use redis::{RedisCache, RedisCacheConfig, RedisLimiter, RedisLimiterConfig};
 use upstream::fetch::Fetcher;
 use upstream::handover::Handover;
@@ -61,50 +62,54 @@ use upstream::Upstream;
 /// Builds the gateway of a validated configuration: with Redis, the shared limiter and cache
 /// (connected lazily: a Redis that is down at start means a degraded start, not a failure).
 pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
-    let upstream = Upstream::new(config.upstream.clone(), 1)?;
-    let Some(redis) = &config.redis else {
-        let local = LocalLimiter::new(config.limiter);
-        let limiter: Arc<dyn UpstreamLimiter> = match &config.limiter_lock {
-            Some(path) => {
-                let span = config.limiter.window + config.limiter.margin;
-                Arc::new(Handover::start(local, path.clone(), span))
-            }
-            None => Arc::new(local),
-        };
-        let fetcher =
-            Fetcher::new(upstream, limiter, config.fetch.clone()).with_admission(config.limiter);
-        let cache = Cache::new(config.cache.clone());
-        return Ok(Arc::new(Gateway::new(
-            fetcher,
-            config.gateway.clone(),
-            cache,
-        )));
+    let (limiter, shared): (Arc<dyn UpstreamLimiter>, _) = match &config.redis {
+        None => {
+            let local = LocalLimiter::new(config.limiter);
+            let limiter: Arc<dyn UpstreamLimiter> = match &config.limiter_lock {
+                Some(path) => {
+                    let span = config.limiter.window + config.limiter.margin;
+                    Arc::new(Handover::start(local, path.clone(), span))
+                }
+                None => Arc::new(local),
+            };
+            (limiter, None)
+        }
+        Some(redis) => {
+            let limiter = Arc::new(
+                RedisLimiter::connect(RedisLimiterConfig {
+                    url: redis.url.clone(),
+                    key_prefix: redis.prefix.clone(),
+                    limiter: config.limiter,
+                    replicas: redis.replicas,
+                    // A replica that dies with a request in flight holds its slot this long.
+                    lease: config.upstream.timeout + config.limiter.window + config.limiter.margin,
+                })
+                .await?,
+            );
+            let cache = Arc::new(
+                RedisCache::connect(RedisCacheConfig {
+                    url: redis.url.clone(),
+                    key_prefix: redis.prefix.clone(),
+                })
+                .await?,
+            );
+            (
+                limiter.clone() as _,
+                Some((redis, Shared { limiter, cache })),
+            )
+        }
     };
-    let limiter = Arc::new(
-        RedisLimiter::connect(RedisLimiterConfig {
-            url: redis.url.clone(),
-            key_prefix: redis.prefix.clone(),
-            limiter: config.limiter,
-            replicas: redis.replicas,
-            // A replica that dies with a request in flight holds its slot this long at most.
-            lease: config.upstream.timeout + config.limiter.window + config.limiter.margin,
-        })
-        .await?,
-    );
-    let shared_cache = Arc::new(
-        RedisCache::connect(RedisCacheConfig {
-            url: redis.url.clone(),
-            key_prefix: redis.prefix.clone(),
-        })
-        .await?,
-    );
-    let fetcher = Fetcher::new(upstream, limiter.clone(), config.fetch.clone())
+    let metrics = Arc::new(Metrics::new());
+    let upstream = Upstream::new(config.upstream.clone())?;
+    let fetcher = Fetcher::new(upstream, limiter, config.fetch.clone(), metrics.clone())
         .with_admission(config.limiter);
     let cache = Cache::new(config.cache.clone());
-    let mut gw = Gateway::new(fetcher, config.gateway.clone(), cache).with_shared(Shared {
-        limiter,
-        cache: shared_cache.clone(),
-    });
+    let gw = Gateway::new(fetcher, config.gateway.clone(), cache, metrics);
+    let Some((redis, shared)) = shared else {
+        return Ok(Arc::new(gw));
+    };
+    let shared_cache = shared.cache.clone();
+    let mut gw = gw.with_shared(shared);
     match redis::shared_fingerprint_secret(&redis.url, &redis.prefix).await {
         Some(secret) => gw = gw.with_fingerprint_key(FingerprintKey::from_bytes(secret)),
         None => tracing::error!(

@@ -119,7 +119,7 @@ where
         Err(e) => refusal(&gw, e).into_response(),
     };
     let status = resp.status().as_u16();
-    gw.fetcher.metrics.answered(route, status);
+    gw.metrics.answered(route, status);
     let upstream_calls = resp.extensions().get::<UpstreamCalls>().map_or(0, |c| c.0);
     span.in_scope(|| {
         info!(
@@ -288,7 +288,7 @@ pub async fn run(
     };
     #[cfg(target_os = "linux")]
     check_open_files(limits.max_connections);
-    let open = gateway.fetcher.metrics.open_connections.clone();
+    let open = gateway.metrics.open_connections.clone();
     serve(listener, shutdown, grace, limits, edge(gateway), open).await;
     Ok(())
 }

@@ -21,7 +21,7 @@ pub async fn fetch_entry(
     ctx: &RequestContext,
     kind: UpstreamKind,
     target: &str,
-    read: impl Fn(&Buffered) -> Verdict<Option<Vec<LeadRef>>>,
+    read: impl Fn(&Buffered) -> Verdict<Option<Vec<LeadRef>>> + Sync,
 ) -> Result<(Arc<Entry>, Option<Outcome>), FetchError> {
     let generation = gw.cache.as_ref().map_or(0, Cache::generation);
     let key = match (&gw.cache, &ctx.credential) {
@@ -37,11 +37,11 @@ pub async fn fetch_entry(
             let stored = shared.cache.get(key.as_str()).await;
             if let Some(b) = stored.as_ref().and_then(decode) {
                 if let Verdict::Done(leads) = read(&b) {
-                    gw.fetcher.metrics.cache("shared", "hit");
+                    gw.metrics.cache("shared", "hit");
                     return Ok(Entry::new(generation, b, leads));
                 }
             }
-            gw.fetcher.metrics.cache("shared", "miss");
+            gw.metrics.cache("shared", "miss");
         }
         ctx.count_upstream_call();
         let entry = gw

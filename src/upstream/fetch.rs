@@ -1,33 +1,38 @@
-//! Protected upstream requests: every attempt waits for a limiter permit; `429`s pause the
-//! whole key for Kommo's `retry_after`; a `403` that looks like a block stops all traffic for a
-//! cool-down; idempotent GETs are retried with backoff and jitter within the client's deadline.
+//! Protected upstream requests: one path for buffered GETs and streamed pass-through alike.
 //!
-//! The retry decision reads the failure's kind (transport, status, unusable body), never its
-//! text, and non-idempotent requests are sent exactly once.
+//! Every attempt waits for a limiter permit, is sent within the per-attempt timeout, and its
+//! answer is classified once ([`classify`](super::classify)): a `429` pauses the whole key for
+//! Kommo's `retry_after`, a `403` that looks like a block stops all traffic for a cool-down.
+//! One retry policy ([`retry`](super::retry)) decides on another attempt.
 
-use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderMap};
-use http::{Method, Request, Response, StatusCode};
+use http::header::HeaderMap;
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use tower::{ServiceBuilder, ServiceExt};
 use tracing::{error, warn};
 
 use super::admission::{Admission, Outlook, Refusal, Ticket};
+use super::classify::{Answer, Class, Classifier};
 use super::limiter::{FlowId, GrantId, LimitError, LimiterConfig, UpstreamLimiter};
+use super::retry::{Outcome, Retries};
 use super::{Buffered, Upstream, UpstreamError};
 use crate::body::{self, ProxyBody};
-use crate::metrics::{KindLabels, Metrics, UpstreamKind};
+use crate::metrics::{Metrics, UpstreamKind};
+
+pub use super::classify::retry_after;
 
 /// Retry and protection settings.
 #[derive(Debug, Clone)]
 pub struct FetchPolicy {
-    /// Retries after the first attempt of an idempotent GET (`--retries`).
+    /// Retries after the first attempt of an idempotent request (`--retries`).
     pub retries: u32,
-    /// The first backoff; each retry doubles it, with full jitter.
+    /// The first backoff; each retry doubles it, with jitter.
     pub backoff_base: Duration,
     /// The largest backoff.
     pub backoff_max: Duration,
@@ -67,7 +72,8 @@ pub enum FetchError {
     Status(Buffered),
     /// A `200` that could not be used after every attempt.
     Unusable { reason: String },
-    /// The upstream asks to wait past the client's deadline.
+    /// Still a `429`: the pause would outlast the client's deadline, or the upstream kept
+    /// refusing.
     RateLimited { retry_after: Duration },
     /// No permit within `--max-wait` (or the deadline), or a block cool-down is in force.
     Limited(LimitError),
@@ -114,18 +120,23 @@ impl Drop for Permit<'_> {
     }
 }
 
+/// `attempts` boxed as a `Send` future, proved so here where its lifetimes are known (the
+/// compiler cannot prove it for the retry future's bounds once nested in a caller's future).
+fn boxed<'a, O>(
+    attempts: impl Future<Output = O> + Send + 'a,
+) -> std::pin::Pin<Box<dyn Future<Output = O> + Send + 'a>> {
+    Box::pin(attempts)
+}
+
 /// The protected way to the upstream.
 pub struct Fetcher {
     pub upstream: Upstream,
     pub limiter: Arc<dyn UpstreamLimiter>,
     pub policy: FetchPolicy,
-    /// The gateway's metrics (created here, shared by everything built on this fetcher).
+    /// The gateway's metrics.
     pub metrics: Arc<Metrics>,
-    /// When each key last saw a `429`: a `403` soon after one is taken as a block. A plain
-    /// mutex: held for one map operation, never across an await.
-    recent_429: Mutex<HashMap<String, Instant>>,
-    /// Jitter source; quality does not matter, only spread.
-    jitter: AtomicU64,
+    /// What answers mean; remembers each key's last `429`.
+    classifier: Classifier,
     /// Upstream attempts sent, and the most that may be (`verify --max-requests`; unlimited
     /// unless [`Fetcher::cap_requests`] set it): past it an attempt is refused, not sent.
     sent: AtomicU64,
@@ -135,24 +146,19 @@ pub struct Fetcher {
     pub admission: Arc<Admission>,
 }
 
-/// How long after a `429` a `403` counts as Kommo's block rather than a permission error.
-const BLOCK_AFTER_429_WINDOW: Duration = Duration::from_secs(120);
-/// `429`s one request waits out before giving up, beyond which the upstream is overloaded.
-const MAX_429_WAITS: u32 = 5;
-
 impl Fetcher {
-    pub fn new(upstream: Upstream, limiter: Arc<dyn UpstreamLimiter>, policy: FetchPolicy) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9_7F4A_7C15);
+    pub fn new(
+        upstream: Upstream,
+        limiter: Arc<dyn UpstreamLimiter>,
+        policy: FetchPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Fetcher {
             upstream,
             limiter,
+            classifier: Classifier::new(policy.default_retry_after),
             policy,
-            metrics: Arc::new(Metrics::new()),
-            recent_429: Mutex::new(HashMap::new()),
-            jitter: AtomicU64::new(seed | 1),
+            metrics,
             sent: AtomicU64::new(0),
             cap: AtomicU64::new(u64::MAX),
             admission: Arc::new(Admission::unlimited()),
@@ -201,6 +207,109 @@ impl Fetcher {
         self.sent.load(Ordering::SeqCst)
     }
 
+    /// A buffered, idempotent GET of `target` (path and query): limited, retried, and read by
+    /// `read`.
+    pub async fn get<T>(
+        &self,
+        kind: UpstreamKind,
+        flow: &Flow,
+        target: &str,
+        headers: &HeaderMap,
+        read: impl Fn(Buffered) -> Verdict<T> + Sync,
+    ) -> Result<T, FetchError>
+    where
+        T: Send,
+    {
+        let mut req = Request::new(body::empty());
+        *req.method_mut() = Method::GET;
+        *req.uri_mut() = target.parse().map_err(|e| {
+            FetchError::Transport(UpstreamError::Connect(format!(
+                "invalid request target {target:?}: {e}"
+            )))
+        })?;
+        *req.headers_mut() = headers.clone();
+        let read = &read;
+        let attempts = ServiceBuilder::new()
+            .retry(self.retries(kind, flow))
+            .service_fn(move |req| self.attempt(kind, flow, self.upstream.read(req), read));
+        let outcome = boxed(attempts.oneshot(req)).await?;
+        match outcome {
+            Outcome::Done(t) => Ok(t),
+            Outcome::RateLimited { after, .. } => {
+                Err(FetchError::RateLimited { retry_after: after })
+            }
+            Outcome::ServerError(answer) => Err(FetchError::Status(answer)),
+            Outcome::Unusable(reason) => Err(FetchError::Unusable { reason }),
+        }
+    }
+
+    /// Sends a pass-through request; the answer's body streams back. Bodiless GET, HEAD and
+    /// OPTIONS requests are retried; anything else is sent exactly once. The last answer is
+    /// relayed, a `429` or a `5xx` included.
+    pub async fn send(
+        &self,
+        flow: &Flow,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let kind = UpstreamKind::Passthrough;
+        let attempts = ServiceBuilder::new()
+            .retry(self.retries(kind, flow))
+            .service_fn(move |req| {
+                self.attempt(kind, flow, self.upstream.send(req), Verdict::Done)
+            });
+        let outcome = boxed(attempts.oneshot(req)).await?;
+        match outcome {
+            Outcome::Done(answer)
+            | Outcome::RateLimited { answer, .. }
+            | Outcome::ServerError(answer) => Ok(answer),
+            Outcome::Unusable(reason) => Err(FetchError::Unusable { reason }),
+        }
+    }
+
+    fn retries<'a>(&'a self, kind: UpstreamKind, flow: &Flow) -> Retries<'a> {
+        Retries::new(&self.policy, &self.metrics, kind, flow.deadline)
+    }
+
+    /// One attempt: a permit, then `exchange` within the per-attempt timeout. The permit is
+    /// released once the exchange completed (a streamed answer's head, a buffered answer's
+    /// whole body): the limiter counts a request until the upstream has answered it. The
+    /// answer is classified; usable ones are read by `read`.
+    async fn attempt<A: Answer, T>(
+        &self,
+        kind: UpstreamKind,
+        flow: &Flow,
+        exchange: impl Future<Output = Result<A, UpstreamError>>,
+        read: impl FnOnce(A) -> Verdict<T>,
+    ) -> Result<Outcome<T, A>, FetchError> {
+        let permit = self.permit(flow).await?;
+        let sent = Instant::now();
+        let timeout = self.upstream.config().timeout;
+        let answer = tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(timeout)));
+        drop(permit);
+        self.admission.observe(sent.elapsed());
+        let status = answer.as_ref().map_or(0, |a| a.status().as_u16());
+        self.metrics.upstream(kind, status, sent.elapsed());
+        let answer = answer.map_err(FetchError::Transport)?;
+        Ok(match self.classifier.classify(&flow.key, &answer) {
+            Class::RateLimited(after) => {
+                self.pause(&flow.key, after);
+                Outcome::RateLimited { after, answer }
+            }
+            Class::ServerError => Outcome::ServerError(answer),
+            class => {
+                if class == Class::Blocked {
+                    self.block(&flow.key);
+                }
+                match read(answer) {
+                    Verdict::Done(t) => Outcome::Done(t),
+                    Verdict::Unusable(reason) => Outcome::Unusable(reason),
+                }
+            }
+        })
+    }
+
     /// Waits for a permit for one attempt of `flow`; the permit's slot is released when the
     /// returned guard drops, after the attempt completed (or was abandoned).
     async fn permit<'a>(&'a self, flow: &'a Flow) -> Result<Permit<'a>, FetchError> {
@@ -236,172 +345,17 @@ impl Fetcher {
         })
     }
 
-    /// A buffered, idempotent GET: limited, retried, and read by `read`.
-    pub async fn get<T>(
-        &self,
-        kind: UpstreamKind,
-        flow: &Flow,
-        target: &str,
-        headers: &HeaderMap,
-        read: impl Fn(Buffered) -> Verdict<T>,
-    ) -> Result<T, FetchError> {
-        let mut retries = 0;
-        let mut waits_429 = 0;
-        loop {
-            let permit = self.permit(flow).await?;
-            let sent = Instant::now();
-            let answer = self.upstream.get(target, headers.clone()).await;
-            drop(permit);
-            let status = answer.as_ref().map_or(0, |b| b.status.as_u16());
-            self.admission.observe(sent.elapsed());
-            self.metrics.upstream(kind, status, sent.elapsed());
-            let failure = match answer {
-                Err(e) => FetchError::Transport(e),
-                Ok(b) if b.status == StatusCode::TOO_MANY_REQUESTS => {
-                    let after = self.saw_429(&flow.key, &b);
-                    if waits_429 < MAX_429_WAITS && Instant::now() + after < flow.deadline {
-                        // The pause holds this attempt and every other one for the key.
-                        waits_429 += 1;
-                        continue;
-                    }
-                    return Err(FetchError::RateLimited { retry_after: after });
-                }
-                Ok(b) if b.status.is_server_error() => FetchError::Status(b),
-                Ok(b) => {
-                    if b.status == StatusCode::FORBIDDEN {
-                        self.check_block(&flow.key, &b);
-                    }
-                    match read(b) {
-                        Verdict::Done(t) => return Ok(t),
-                        Verdict::Unusable(reason) => FetchError::Unusable { reason },
-                    }
-                }
-            };
-            if retries >= self.policy.retries {
-                return Err(failure);
-            }
-            retries += 1;
-            let backoff = self.backoff(retries);
-            if Instant::now() + backoff >= flow.deadline {
-                return Err(failure);
-            }
-            self.metrics
-                .retries
-                .get_or_create(&KindLabels {
-                    kind: kind.as_str(),
-                })
-                .inc();
-            warn!(path = target.split('?').next().unwrap_or(""), attempt = retries, error = %failure, "retrying upstream GET");
-            tokio::time::sleep(backoff).await;
-        }
-    }
-
-    /// Sends a pass-through request. Bodiless GET, HEAD and OPTIONS requests are retried on
-    /// transport failures; anything else is sent exactly once. `429` and block-like `403`
-    /// answers protect the key and are relayed.
-    pub async fn send(
-        &self,
-        flow: &Flow,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, FetchError> {
-        let retryable = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
-            && http_body::Body::size_hint(req.body()).exact() == Some(0);
-        let (parts, body) = req.into_parts();
-        let mut body = Some(body);
-        let timeout = self.upstream.config().timeout;
-        let mut retries = 0;
-        loop {
-            let permit = self.permit(flow).await?;
-            let mut attempt = Request::new(body.take().unwrap_or_else(body::empty));
-            *attempt.method_mut() = parts.method.clone();
-            *attempt.uri_mut() = parts.uri.clone();
-            *attempt.headers_mut() = parts.headers.clone();
-            let sent = Instant::now();
-            let result = match tokio::time::timeout(timeout, self.upstream.send(attempt)).await {
-                Ok(r) => r,
-                Err(_) => Err(UpstreamError::Timeout(timeout)),
-            };
-            // The answer's head has arrived: the upstream has counted the request.
-            drop(permit);
-            self.admission.observe(sent.elapsed());
-            let status = result.as_ref().map_or(0, |r| r.status().as_u16());
-            self.metrics
-                .upstream(UpstreamKind::Passthrough, status, sent.elapsed());
-            match result {
-                Ok(resp) => {
-                    if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-                        let after = retry_after_header(resp.headers())
-                            .unwrap_or(self.policy.default_retry_after);
-                        self.pause(&flow.key, after);
-                    } else if resp.status() == StatusCode::FORBIDDEN {
-                        let html = resp
-                            .headers()
-                            .get(header::CONTENT_TYPE)
-                            .and_then(|v| v.to_str().ok())
-                            .is_some_and(|ct| ct.contains("html"));
-                        if html || self.recently_429(&flow.key) {
-                            self.block(&flow.key);
-                        }
-                    }
-                    return Ok(resp);
-                }
-                Err(e) if retryable && retries < self.policy.retries => {
-                    retries += 1;
-                    self.metrics
-                        .retries
-                        .get_or_create(&KindLabels {
-                            kind: UpstreamKind::Passthrough.as_str(),
-                        })
-                        .inc();
-                    let backoff = self.backoff(retries);
-                    if Instant::now() + backoff >= flow.deadline {
-                        return Err(FetchError::Transport(e));
-                    }
-                    warn!(attempt = retries, error = %e, "retrying pass-through request");
-                    tokio::time::sleep(backoff).await;
-                }
-                Err(e) => return Err(FetchError::Transport(e)),
-            }
-        }
-    }
-
-    /// Records a `429`: pauses the key for Kommo's `retry_after` and returns it.
-    fn saw_429(&self, key: &str, answer: &Buffered) -> Duration {
-        let after = retry_after(answer).unwrap_or(self.policy.default_retry_after);
-        self.pause(key, after);
-        after
-    }
-
+    /// A `429`: nothing is granted under `key` for `after`.
     fn pause(&self, key: &str, after: Duration) {
         self.metrics.rate_limited.inc();
         warn!(
             retry_after_ms = after.as_millis() as u64,
             "upstream answered 429: pausing all upstream requests"
         );
-        let now = Instant::now();
-        self.recent_429
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_string(), now);
-        self.limiter.pause(key, now + after);
+        self.limiter.pause(key, Instant::now() + after);
     }
 
-    fn recently_429(&self, key: &str) -> bool {
-        self.recent_429
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .is_some_and(|at| at.elapsed() < BLOCK_AFTER_429_WINDOW)
-    }
-
-    /// A `403` with an HTML body, or soon after a `429`, is Kommo blocking this address.
-    fn check_block(&self, key: &str, answer: &Buffered) {
-        let json = serde_json::from_slice::<serde_json::Value>(&answer.body).is_ok();
-        if !json || self.recently_429(key) {
-            self.block(key);
-        }
-    }
-
+    /// A block: nothing is sent under `key` until the cool-down ends.
     fn block(&self, key: &str) {
         self.metrics.blocks.inc();
         error!(
@@ -410,92 +364,5 @@ impl Fetcher {
         );
         self.limiter
             .block(key, Instant::now() + self.policy.block_cooldown);
-    }
-
-    /// Exponential backoff with full jitter: a uniform wait in [base·2^(n-1) / 2, base·2^(n-1)],
-    /// capped.
-    fn backoff(&self, retry: u32) -> Duration {
-        let exp = self
-            .policy
-            .backoff_base
-            .saturating_mul(1 << retry.saturating_sub(1).min(16))
-            .min(self.policy.backoff_max);
-        let x = self.next_random();
-        let half = exp / 2;
-        half + Duration::from_nanos(x % (half.as_nanos() as u64 + 1))
-    }
-
-    fn next_random(&self) -> u64 {
-        // SplitMix64 over an atomic counter: distinct values across concurrent callers.
-        let mut z = self
-            .jitter
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
-/// Kommo's `retry_after` (seconds, in the JSON body), else a `Retry-After` header in seconds.
-pub fn retry_after(answer: &Buffered) -> Option<Duration> {
-    serde_json::from_slice::<serde_json::Value>(&answer.body)
-        .ok()
-        .and_then(|v| {
-            let r = v.get("retry_after")?;
-            r.as_f64()
-                .or_else(|| r.as_str().and_then(|s| s.trim().parse().ok()))
-        })
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(86_400.0)))
-        .or_else(|| retry_after_header(&answer.headers))
-}
-
-fn retry_after_header(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get(header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(|s| Duration::from_secs(s.min(86_400)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-
-    fn answer(body: &str, header: Option<&str>) -> Buffered {
-        let mut headers = HeaderMap::new();
-        if let Some(h) = header {
-            headers.insert(header::RETRY_AFTER, h.parse().unwrap());
-        }
-        Buffered {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            headers,
-            body: Bytes::from(body.to_string()),
-        }
-    }
-
-    #[test]
-    fn retry_after_from_body_or_header() {
-        assert_eq!(
-            retry_after(&answer(r#"{"retry_after":3}"#, None)),
-            Some(Duration::from_secs(3))
-        );
-        assert_eq!(
-            retry_after(&answer(r#"{"retry_after":"2"}"#, Some("9"))),
-            Some(Duration::from_secs(2))
-        );
-        assert_eq!(
-            retry_after(&answer("<html>slow down</html>", Some("7"))),
-            Some(Duration::from_secs(7))
-        );
-        assert_eq!(retry_after(&answer(r#"{"detail":"x"}"#, None)), None);
-        assert_eq!(
-            retry_after(&answer(r#"{"retry_after":-1}"#, Some("x"))),
-            None
-        );
     }
 }

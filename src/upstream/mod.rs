@@ -1,28 +1,30 @@
 //! The one way out to the Kommo account: an HTTP(S) client bound to the configured origin.
 //!
-//! Every upstream request, fan-out stream and pass-through alike, goes through [`Upstream`],
-//! so the origin can never be chosen by a client and the limits apply to all traffic.
+//! Every upstream request, fan-out stream and pass-through alike, goes through [`Upstream`]
+//! (by way of [`fetch::Fetcher`]), so the origin can never be chosen by a client and the
+//! limits apply to all traffic.
 
 pub mod admission;
+mod classify;
 pub mod fair;
 pub mod fetch;
 pub mod handover;
 pub mod limiter;
-mod pool;
+mod retry;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::{self, ProxyBody};
-use pool::Pool;
+use crate::body::ProxyBody;
 
 /// The upstream account's origin, validated at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,28 +118,35 @@ pub use crate::body::Buffered;
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     pub origin: Origin,
-    /// Per-attempt limit for a complete buffered answer.
+    /// Per-attempt limit: for connecting, for a streamed answer's head, for a buffered
+    /// answer's whole body.
     pub timeout: Duration,
     /// The largest upstream body the proxy buffers.
     pub max_body: usize,
 }
 
-/// The client for the configured upstream origin.
+/// TCP, then TLS for `https` origins, offering HTTP/2 and HTTP/1.1 by ALPN.
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The most an HTTP/1.1 connection reads from the origin at once. hyper's default lets the read
+/// buffer grow far past this on a large body, and while a read's chunk lives, the next read
+/// takes a new buffer of that size: memory spent for nothing at Kommo's rate. It also bounds an
+/// answer's head.
+const READ_BUFFER: usize = 32 * 1024;
+
+/// The client for the configured upstream origin: connections are pooled and kept warm
+/// across requests; when TLS negotiates HTTP/2, one connection carries every request.
 #[derive(Clone)]
 pub struct Upstream {
     config: UpstreamConfig,
-    /// Connection pools, one per serving thread and one for every other thread: keep
-    /// connections to the account warm across requests, each driven by the thread that uses
-    /// it (see [`crate::workers`]).
-    pools: Arc<[Pool]>,
+    client: Client<Connector, ProxyBody>,
     /// The `Host` every upstream request carries: the origin's authority.
     host: HeaderValue,
 }
 
 impl Upstream {
-    /// Builds the connection pools of `serving_threads` threads and of the rest; fails only if
-    /// the TLS provider cannot be set up.
-    pub fn new(config: UpstreamConfig, serving_threads: usize) -> Result<Self, String> {
+    /// Builds the client; fails only if the TLS provider cannot be set up.
+    pub fn new(config: UpstreamConfig) -> Result<Self, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -151,17 +160,19 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        // 30 s sits below the keep-alive timeouts servers commonly use (nginx: 75 s), so a
-        // pooled connection is not reused just as the upstream closes it; the reaper runs once
-        // per timeout, so one closes within 60 s of going idle.
-        let pools = (0..=serving_threads)
-            .map(|_| Pool::new(connector.clone(), &config.origin, Duration::from_secs(30)))
-            .collect();
+        // The idle timeout sits below the keep-alive timeouts servers commonly use, so a
+        // pooled connection is not reused just as the upstream closes it. A request that a
+        // reused connection closed under before it was written is sent again by the client.
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(TokioTimer::new())
+            .http1_max_buf_size(READ_BUFFER)
+            .build(connector);
         let host = HeaderValue::from_str(config.origin.authority.as_str())
             .map_err(|e| format!("the origin's host is not a header value: {e}"))?;
         Ok(Upstream {
             config,
-            pools,
+            client,
             host,
         })
     }
@@ -170,64 +181,47 @@ impl Upstream {
         &self.config.origin
     }
 
-    /// How many serving threads the pools were built for.
-    pub fn serving_threads(&self) -> usize {
-        self.pools.len() - 1
-    }
-
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
     }
 
     /// Sends a request to the configured origin only: of its URI only the path and query are
     /// kept (an absolute-form target's host is dropped), and `Host` is set here. The response
-    /// body is streamed back to the caller.
+    /// body is streamed back to the caller. No timeout: the caller's.
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // The client needs the absolute form; it writes the origin form on HTTP/1.1.
+        *req.uri_mut() = self.config.origin.at(pq).map_err(UpstreamError::Connect)?;
         req.headers_mut().insert(header::HOST, self.host.clone());
-        // Serving thread i uses pool i + 1; every other thread pool 0.
-        let pool = 0;
-        self.pools[pool % self.pools.len()]
-            .send(req)
+        self.client
+            .request(req)
             .await
-            .map_err(UpstreamError::Connect)
+            .map_err(|e| UpstreamError::Connect(error_chain(&e)))
     }
 
-    /// A GET whose whole answer is read within the timeout and the body limit.
-    pub async fn get(
-        &self,
-        path_and_query: &str,
-        headers: HeaderMap,
-    ) -> Result<Buffered, UpstreamError> {
-        let mut req = Request::new(body::boxed(Empty::<Bytes>::new()));
-        *req.method_mut() = Method::GET;
-        *req.uri_mut() = path_and_query.parse().map_err(|e| {
-            UpstreamError::Connect(format!("invalid request target {path_and_query:?}: {e}"))
-        })?;
-        *req.headers_mut() = headers;
-        let timeout = self.config.timeout;
+    /// Sends `req` and reads its whole answer, up to the body limit. No timeout: the caller's.
+    pub async fn read(&self, req: Request<ProxyBody>) -> Result<Buffered, UpstreamError> {
         let max = self.config.max_body;
-        let attempt = async {
-            let resp = self.send(req).await?;
-            let (parts, incoming) = resp.into_parts();
-            let body = Limited::new(incoming, max).collect().await.map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    UpstreamError::TooLarge(max)
-                } else {
-                    UpstreamError::Body(error_chain(e.as_ref()))
-                }
-            })?;
-            Ok(Buffered {
-                status: parts.status,
-                headers: owned_headers(&parts.headers),
-                body: owned_body(body.aggregate()),
-            })
-        };
-        tokio::time::timeout(timeout, attempt)
-            .await
-            .map_err(|_| UpstreamError::Timeout(timeout))?
+        let (parts, incoming) = self.send(req).await?.into_parts();
+        let body = Limited::new(incoming, max).collect().await.map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                UpstreamError::TooLarge(max)
+            } else {
+                UpstreamError::Body(error_chain(e.as_ref()))
+            }
+        })?;
+        Ok(Buffered {
+            status: parts.status,
+            headers: owned_headers(&parts.headers),
+            body: owned_body(body.aggregate()),
+        })
     }
 }
 

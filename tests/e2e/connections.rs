@@ -75,7 +75,7 @@ fn still_open(stream: &TcpStream) -> bool {
 }
 
 fn open_connections(s: &Stack) -> i64 {
-    s.gateway.fetcher.metrics.open_connections.get()
+    s.gateway.metrics.open_connections.get()
 }
 
 async fn healthz(s: &Stack) -> StatusCode {

@@ -219,6 +219,28 @@ async fn non_idempotent_pass_through_is_never_retried() {
 }
 
 #[tokio::test]
+async fn idempotent_pass_through_is_retried_like_a_stream_page() {
+    let s = stack(sim_config(300)).await;
+    s.sim.inject(
+        FaultRule::always(Fault::Status500)
+            .on_path("/api/v4/account")
+            .times(1),
+    );
+    s.sim.inject(
+        FaultRule::always(Fault::TooManyRequests {
+            retry_after: Some(1),
+            header: true,
+        })
+        .on_path("/api/v4/account")
+        .times(1),
+    );
+    let a = s.get("/api/v4/account", TOKEN).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let statuses: Vec<u16> = s.sim.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [500, 429, 200]);
+}
+
+#[tokio::test]
 async fn an_html_403_stops_upstream_traffic_for_the_cool_down() {
     let s = stack_with(sim_config(LEADS), |c| {
         c.fetch.block_cooldown = Duration::from_millis(1500)
