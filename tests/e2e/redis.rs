@@ -19,8 +19,8 @@ use kommo_fanout::cache::SharedCache;
 use kommo_fanout::config::{RedisSettings, ServeConfig};
 use kommo_fanout::gateway::Gateway;
 use kommo_fanout::redis::{RedisCache, RedisCacheConfig, RedisLimiter, RedisLimiterConfig};
-use kommo_fanout::sim::{Fault, FaultRule, Sim, SimConfig, SimHandle, SimRateLimit};
 use kommo_fanout::upstream::limiter::{LimiterConfig, UpstreamLimiter};
+use kommo_sim::{Fault, FaultRule, Sim, SimConfig, SimHandle, SimRateLimit};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
