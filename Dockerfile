@@ -7,9 +7,11 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # Cargo.toml names the benches and the tests sit beside the sources: all of it is needed for
-# cargo to read the manifest, none of it ends up in the image.
+# cargo to read the manifest, none of it ends up in the image. `sim` is the simulated account's
+# crate, a member of the workspace that the binary's `sim` and `demo` commands run.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY sim ./sim
 COPY benches ./benches
 COPY tests ./tests
 RUN cargo build --release --locked --bin kommo-fanout

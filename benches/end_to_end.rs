@@ -80,7 +80,7 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use kommo_fanout::sim::{Sim, SimConfig, SimHandle, SimRateLimit, DEMO_TOKEN};
+use kommo_sim::{Sim, SimConfig, SimHandle, SimRateLimit, DEMO_TOKEN};
 use serde_json::Value;
 
 /// The simulator's fixed answer delay: one upstream round trip.

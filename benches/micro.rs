@@ -45,7 +45,7 @@ use kommo_fanout::leads::query::{
 };
 use kommo_fanout::leads::respond;
 use kommo_fanout::links::LinkRewrite;
-use kommo_fanout::sim::{Sim, SimConfig, DEMO_TOKEN};
+use kommo_sim::{Sim, SimConfig, DEMO_TOKEN};
 use serde_json::{json, Value};
 
 /// The most streams any merge bench uses.

@@ -27,7 +27,7 @@ use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use kommo_fanout::sim::{Fault, FaultRule, Sim, SimConfig, TokenSpec};
+use kommo_sim::{Fault, FaultRule, Sim, SimConfig, TokenSpec};
 use serde_json::Value;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -1263,7 +1263,7 @@ async fn run(args: Args, binary: PathBuf) -> ExitCode {
         })
         .with_probability(FAULT_429_P),
     ];
-    let sim = kommo_fanout::sim::Sim::spawn(SimConfig {
+    let sim = kommo_sim::Sim::spawn(SimConfig {
         leads: 20_000,
         seed: args.seed,
         latency: Duration::from_millis(20),

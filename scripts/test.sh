@@ -2,7 +2,8 @@
 # Runs every test of the project on a fresh machine: formatting, lints, unit, property and
 # end-to-end tests, and a single pass of each micro-benchmark (so benchmarks keep compiling and
 # running, as `cargo test --all-targets` does for criterion benches). Installs what the tests
-# need when it is missing.
+# need when it is missing. Lints and tests cover the workspace: the proxy and the simulator
+# (`sim/`, with its own unit tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,15 +36,15 @@ need_package docker-compose docker-compose
 docker-compose -f docker-compose.yml config -q
 
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 # The benchmarks build in their own (release) profile, as `cargo bench` runs them; not run here.
 cargo bench --no-run
 
 # The tests, then one closing line that sums every runner's results.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --doc 2>&1 | tee "$log"
-cargo test --all-targets 2>&1 | tee -a "$log"
+cargo test --workspace --doc 2>&1 | tee "$log"
+cargo test --workspace --all-targets 2>&1 | tee -a "$log"
 # The fan-out, relay and pass-through tests again against a simulator that spells its JSON as
 # PHP does (escaped slashes, `\u0026`-style escapes) and as a pretty-printer does.
 for style in php pretty; do

@@ -9,50 +9,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{ArgMatches, Args, FromArgMatches, Parser};
 
 use crate::cache::CacheConfig;
 use crate::gateway::{Bounds, GatewaySettings, RateLimitKey};
-use crate::sim::SimArgs;
 use crate::upstream::fetch::FetchPolicy;
 use crate::upstream::limiter::LimiterConfig;
 use crate::upstream::{Origin, UpstreamConfig};
-
-/// kommo-fanout: a drop-in base URL for a Kommo account that answers many-stage lead lists.
-#[derive(Debug, Parser)]
-#[command(name = "kommo-fanout", version, about, long_about = None)]
-pub struct Cli {
-    /// Log lines as human-readable text or as one JSON object per line. Filter with RUST_LOG
-    /// (e.g. `RUST_LOG=kommo_fanout=debug`).
-    #[arg(
-        long,
-        global = true,
-        env = "KOMMO_FANOUT_LOG_FORMAT",
-        value_enum,
-        default_value = "pretty"
-    )]
-    pub log_format: LogFormat,
-    #[command(subcommand)]
-    pub command: Command,
-}
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Pretty,
     Json,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the proxy in front of a Kommo account.
-    Serve(Box<ServeArgs>),
-    /// Run the simulated Kommo account.
-    Sim(SimArgs),
-    /// Run the simulator and the proxy in front of it, and print requests to try.
-    Demo(DemoArgs),
-    /// Compare the proxy's merged views with direct one-stage reads of a real account.
-    Verify(VerifyArgs),
 }
 
 /// Flags of `serve`.
@@ -208,34 +177,6 @@ pub struct ServeArgs {
     #[arg(long, env = "KOMMO_FANOUT_WORKER_THREADS",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
-}
-
-/// Flags of `demo`.
-#[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
-    /// Where the simulated account listens.
-    #[arg(
-        long,
-        env = "KOMMO_FANOUT_SIM_LISTEN",
-        default_value = "127.0.0.1:8081"
-    )]
-    pub sim_listen: SocketAddr,
-    /// Where the proxy listens.
-    #[arg(long, env = "KOMMO_FANOUT_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    /// Where the admin endpoints listen.
-    #[arg(
-        long,
-        env = "KOMMO_FANOUT_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9090"
-    )]
-    pub admin_listen: SocketAddr,
-    /// Leads in the simulated account.
-    #[arg(long, env = "KOMMO_FANOUT_LEADS", default_value_t = 20_000)]
-    pub leads: usize,
-    /// Simulated upstream latency per request.
-    #[arg(long, env = "KOMMO_FANOUT_LATENCY", default_value = "80ms", value_parser = humantime::parse_duration)]
-    pub latency: Duration,
 }
 
 /// Flags of `verify`.
@@ -438,23 +379,23 @@ impl ServeArgs {
     }
 }
 
-/// Parses the command line; for `serve`, merges the `--config` file under the flags and
-/// environment variables. `clap::Error::exit` prints help and version (exit 0) or the error
-/// (exit 2).
-pub fn parse_args(args: Vec<OsString>) -> Result<Cli, clap::Error> {
-    let mut command = Cli::command();
+/// Parses the command line `C`, whose `serve` subcommand holds [`ServeArgs`] (the binary
+/// composes it); for `serve`, merges the `--config` file under the flags and environment
+/// variables. `clap::Error::exit` prints help and version (exit 0) or the error (exit 2).
+pub fn parse_args<C: Parser>(args: Vec<OsString>) -> Result<C, clap::Error> {
+    let mut command = C::command();
     let matches = command.try_get_matches_from_mut(&args)?;
     let Some(("serve", serve)) = matches.subcommand() else {
-        return Cli::from_arg_matches(&matches);
+        return C::from_arg_matches(&matches);
     };
     let Some(path) = serve.get_one::<PathBuf>("config") else {
-        return Cli::from_arg_matches(&matches);
+        return C::from_arg_matches(&matches);
     };
     let extra = file_args(path, serve)
         .map_err(|e| command.error(clap::error::ErrorKind::ValueValidation, e))?;
     let mut args = args;
     args.extend(extra);
-    Cli::try_parse_from(&args)
+    C::try_parse_from(&args)
 }
 
 /// The flags the config file supplies: only those neither the command line nor the
@@ -645,18 +586,32 @@ impl ServeConfig {
     /// A configuration for `upstream` with every other value at its default: for tests and
     /// embedding.
     pub fn for_upstream(upstream: &str) -> Result<ServeConfig, String> {
-        let cli = Cli::try_parse_from(["kommo-fanout", "serve", "--upstream", upstream])
+        let matches = ServeArgs::augment_args(clap::Command::new("serve"))
+            .try_get_matches_from(["serve", "--upstream", upstream])
             .map_err(|e| e.to_string())?;
-        match cli.command {
-            Command::Serve(args) => args.validate(),
-            _ => Err("unreachable: parsed a serve command".into()),
-        }
+        ServeArgs::from_arg_matches(&matches)
+            .map_err(|e| e.to_string())?
+            .validate()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Subcommand;
+
+    /// A command line like the binary's: `serve` beside another subcommand.
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum Command {
+        Serve(Box<ServeArgs>),
+        Verify(VerifyArgs),
+    }
 
     fn serve(args: &[&str]) -> Result<ServeConfig, String> {
         let mut argv = vec!["kommo-fanout", "serve"];
@@ -720,7 +675,7 @@ mod tests {
     fn from_args(args: &[&str]) -> Result<ServeConfig, String> {
         let mut argv: Vec<OsString> = vec!["kommo-fanout".into(), "serve".into()];
         argv.extend(args.iter().map(OsString::from));
-        match parse_args(argv).map_err(|e| e.to_string())?.command {
+        match parse_args::<Cli>(argv).map_err(|e| e.to_string())?.command {
             Command::Serve(a) => a.validate(),
             _ => unreachable!(),
         }

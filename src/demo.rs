@@ -1,11 +1,40 @@
 //! `kommo-fanout demo`: the simulated account and the proxy in one process, and requests to try.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
 
+use kommo_fanout::config::ServeConfig;
+use kommo_sim::{Sim, SimConfig, DEMO_TOKEN};
 use tokio::net::TcpListener;
 
-use crate::config::{DemoArgs, ServeConfig};
-use crate::sim::{Sim, SimConfig, DEMO_TOKEN};
+/// Flags of `demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Where the simulated account listens.
+    #[arg(
+        long,
+        env = "KOMMO_FANOUT_SIM_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub sim_listen: SocketAddr,
+    /// Where the proxy listens.
+    #[arg(long, env = "KOMMO_FANOUT_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Where the admin endpoints listen.
+    #[arg(
+        long,
+        env = "KOMMO_FANOUT_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+    /// Leads in the simulated account.
+    #[arg(long, env = "KOMMO_FANOUT_LEADS", default_value_t = 20_000)]
+    pub leads: usize,
+    /// Simulated upstream latency per request.
+    #[arg(long, env = "KOMMO_FANOUT_LATENCY", default_value = "80ms", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+}
 
 /// Runs the demo until `shutdown` completes.
 pub async fn run(
@@ -53,7 +82,7 @@ pub async fn run(
         shutdown.await;
         let _ = tx.send(true);
     });
-    crate::run(&config, listener, admin, stopped()).await?;
+    kommo_fanout::run(&config, listener, admin, stopped()).await?;
     let _ = sim_task.await;
     Ok(())
 }

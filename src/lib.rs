@@ -6,7 +6,7 @@
 //! page exactly as Kommo renders it. Every other path passes through unchanged.
 //!
 //! # Layout
-//! - [`config`]: the command line and its validation.
+//! - [`config`]: the flags of `serve` and `verify` and their validation.
 //! - [`server`]: accept loops, routing, the admin listener, graceful shutdown.
 //! - [`gateway`]: shared state and the per-request context.
 //! - [`leads`]: the multi-stage list: `query` → `plan` → fetch → `merge` → `hal`.
@@ -17,17 +17,17 @@
 //! - [`headers`]: header names and checks every stage shares.
 //! - [`error`]: the one place that turns failures into `problem+json` answers.
 //! - [`body`]: the body type shared by all answers.
-//! - [`sim`]: the simulated Kommo account (test double, benchmark and demo upstream).
-//! - [`demo`]: the simulator and the proxy in one process.
 //! - [`webhook`]: Kommo's lead webhooks, which drop cached entries.
 //! - [`redis`]: the limiter and cache replicas share through Redis.
 //! - [`verify`]: the proxy's merged views compared with direct reads of a real account.
+//!
+//! The simulated Kommo account is its own crate, `kommo_sim` (`sim/`): the binary's `sim` and
+//! `demo` commands, the tests and the benchmarks use it; this library does not.
 #![forbid(unsafe_code)]
 
 pub mod body;
 pub mod cache;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod gateway;
 pub mod headers;
@@ -38,7 +38,6 @@ pub mod metrics;
 pub mod passthrough;
 pub mod redis;
 pub mod server;
-pub mod sim;
 pub mod upstream;
 pub mod verify;
 pub mod webhook;

@@ -1,18 +1,57 @@
 //! The `kommo-fanout` binary: parse the command line, bind, run.
+//!
+//! The proxy's library knows only `serve` and `verify`; the binary adds the commands that run
+//! the simulated account (`sim`, and `demo` in [`demo`]), so only it depends on `kommo_sim`.
 #![forbid(unsafe_code)]
+
+mod demo;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use kommo_fanout::config::{self, Command, LogFormat};
+use clap::{Parser, Subcommand};
+use kommo_fanout::config::{self, LogFormat, ServeArgs, VerifyArgs};
+use kommo_sim::SimArgs;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
+
+use demo::DemoArgs;
+
+/// kommo-fanout: a drop-in base URL for a Kommo account that answers many-stage lead lists.
+#[derive(Debug, Parser)]
+#[command(name = "kommo-fanout", version, about, long_about = None)]
+struct Cli {
+    /// Log lines as human-readable text or as one JSON object per line. Filter with RUST_LOG
+    /// (e.g. `RUST_LOG=kommo_fanout=debug`).
+    #[arg(
+        long,
+        global = true,
+        env = "KOMMO_FANOUT_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy in front of a Kommo account.
+    Serve(Box<ServeArgs>),
+    /// Run the simulated Kommo account.
+    Sim(SimArgs),
+    /// Run the simulator and the proxy in front of it, and print requests to try.
+    Demo(DemoArgs),
+    /// Compare the proxy's merged views with direct one-stage reads of a real account.
+    Verify(VerifyArgs),
+}
 
 /// Invalid flags or values: the same code clap uses for usage errors.
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = config::parse_args(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
+    let cli: Cli = config::parse_args(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
     // `verify` prints a report: the in-process proxy's request lines would bury it.
     let default_level = match cli.command {
         Command::Verify(_) => "warn",
@@ -65,7 +104,7 @@ fn main() -> ExitCode {
         },
         Command::Demo(args) => match runtime() {
             Ok(rt) => rt.block_on(async {
-                match kommo_fanout::demo::run(args, kommo_fanout::shutdown_signal()).await {
+                match demo::run(args, kommo_fanout::shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => fail(1, &e),
                 }
@@ -133,7 +172,7 @@ async fn serve(config: config::ServeConfig) -> ExitCode {
     }
 }
 
-async fn sim(args: kommo_fanout::sim::SimArgs) -> ExitCode {
+async fn sim(args: SimArgs) -> ExitCode {
     let listen = args.listen();
     let config = match args.into_config() {
         Ok(c) => c,
@@ -145,7 +184,7 @@ async fn sim(args: kommo_fanout::sim::SimArgs) -> ExitCode {
     };
     let listen = listener.local_addr().unwrap_or(listen);
     tracing::info!(%listen, "simulated Kommo account serving");
-    match kommo_fanout::sim::Sim::new(config)
+    match kommo_sim::Sim::new(config)
         .run(listener, kommo_fanout::shutdown_signal())
         .await
     {

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use kommo_fanout::sim::{Fault, FaultRule};
+use kommo_sim::{Fault, FaultRule};
 use serde_json::Value;
 
 use crate::support::*;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use kommo_fanout::sim::JsonStyle;
+use kommo_sim::JsonStyle;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use kommo_fanout::config::ServeConfig;
-use kommo_fanout::sim::SimConfig;
+use kommo_sim::SimConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use kommo_fanout::config::ServeConfig;
-use kommo_fanout::sim::{Fault, FaultRule, SimConfig, SimRateLimit};
+use kommo_sim::{Fault, FaultRule, SimConfig, SimRateLimit};
 
 use crate::support::max_in_window;
 use crate::support::*;

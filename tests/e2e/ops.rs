@@ -3,7 +3,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kommo_fanout::sim::{Fault, FaultRule, SimConfig, TokenSpec};
+use kommo_sim::{Fault, FaultRule, SimConfig, TokenSpec};
 
 use crate::support::*;
 
@@ -184,7 +184,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
 #[tokio::test]
 async fn logs_never_contain_a_token_in_either_format() {
     let tokens = ["tok-AAAA-secret-1111", "tok-BBBB-secret-2222"];
-    let sim = kommo_fanout::sim::Sim::spawn(SimConfig {
+    let sim = kommo_sim::Sim::spawn(SimConfig {
         leads: 500,
         tokens: tokens.iter().map(|t| TokenSpec::full(*t)).collect(),
         ..SimConfig::default()
@@ -230,7 +230,7 @@ async fn logs_never_contain_a_token_in_either_format() {
 
 #[tokio::test]
 async fn sigterm_lets_the_requests_in_flight_finish_and_refuses_new_ones() {
-    let sim = kommo_fanout::sim::Sim::spawn(SimConfig {
+    let sim = kommo_sim::Sim::spawn(SimConfig {
         leads: 300,
         latency: Duration::from_millis(1500),
         ..SimConfig::default()

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
-use kommo_fanout::sim::{SimConfig, SimRateLimit};
+use kommo_sim::{SimConfig, SimRateLimit};
 use tokio::time::Instant;
 
 use crate::support::*;

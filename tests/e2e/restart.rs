@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kommo_fanout::sim::{Sim, SimRateLimit};
+use kommo_sim::{Sim, SimRateLimit};
 use tokio::time::Instant;
 
 use crate::support::*;
@@ -89,7 +89,7 @@ fn load(
 /// Runs load against a proxy, stops it with `stop_proxy`, starts another at once on the same
 /// port and lock, runs load against both, and checks the arrivals at the simulator.
 async fn restart_under_load(stop_proxy: impl Fn(&Child)) {
-    let sim = Sim::spawn(kommo_fanout::sim::SimConfig {
+    let sim = Sim::spawn(kommo_sim::SimConfig {
         rate_limit: Some(SimRateLimit {
             requests: LIMIT,
             window: WINDOW,

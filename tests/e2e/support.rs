@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use kommo_fanout::config::ServeConfig;
-use kommo_fanout::sim::{Sim, SimConfig, SimHandle, SimLead, TokenSpec};
+use kommo_sim::{Sim, SimConfig, SimHandle, SimLead, TokenSpec};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;

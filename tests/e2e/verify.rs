@@ -2,8 +2,8 @@
 //! its budget of upstream requests, sending only GETs; it fails, naming the view, when one
 //! leads page misplaces or drops a lead; it records redacted fixtures that replay.
 
-use kommo_fanout::sim::{Fault, FaultRule, JsonStyle, Sim, SimConfig, SimHandle, DEMO_TOKEN};
 use kommo_fanout::verify::{run, Options, Report};
+use kommo_sim::{Fault, FaultRule, JsonStyle, Sim, SimConfig, SimHandle, DEMO_TOKEN};
 
 /// 1000 leads: the picked stages hold a few dozen each, so every view is read whole.
 async fn sim(style: JsonStyle, faults: Vec<FaultRule>) -> SimHandle {

@@ -37,6 +37,10 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// Largest request body accepted (writes are small).
 const MAX_BODY: usize = 8 << 20;
 
+/// The header a client tags its request with (the proxy sends its own request id upstream);
+/// recorded so a test can tell which client request caused an upstream one.
+const REQUEST_ID: &str = "x-request-id";
+
 const HAL_JSON: &str = "application/hal+json";
 const PROBLEM_JSON: &str = "application/problem+json";
 const TEXT_HTML: &str = "text/html; charset=utf-8";
@@ -266,7 +270,7 @@ impl Sim {
             token: token.clone(),
             request_id: req
                 .headers()
-                .get(crate::headers::REQUEST_ID)
+                .get(REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             headers: req.headers().clone(),

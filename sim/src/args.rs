@@ -120,7 +120,7 @@ impl SimArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::Fault;
+    use crate::Fault;
     use clap::Parser;
 
     #[derive(Parser)]

@@ -7,7 +7,8 @@
 //! reads a page of 50), `If-Modified-Since` on leads lists, contacts and companies lists, bearer
 //! tokens that see different leads, a rate limit that ends in an IP block answering HTML, faults
 //! injected on demand, and JSON in any of several spellings ([`JsonStyle`]). Everything random is
-//! drawn from [`SimConfig::seed`].
+//! drawn from [`SimConfig::seed`]. It imports nothing from the proxy, so the tests hold the proxy
+//! to an account written apart from it.
 //!
 //! # Layout
 //! - `rng`: SplitMix64, the seeded PRNG behind the dataset, jitter and fault dice.
@@ -17,6 +18,7 @@
 //! - `faults`: the rate limiter and fault rules.
 //! - `server`: accept loop, hyper service, routing and handlers.
 //! - `args`: the `kommo-fanout sim` command-line flags.
+#![forbid(unsafe_code)]
 
 mod args;
 mod data;
