@@ -523,8 +523,9 @@ fn bench_render(c: &mut Criterion) {
     let sample = setup.render(leads);
     let needle = format!("\"href\":\"{PUBLIC_URL}/api/v4/leads/");
     let upstream = format!("\"href\":\"{}/", f.sim_base);
-    assert!(memchr::memmem::find(&sample, needle.as_bytes()).is_some());
-    assert!(memchr::memmem::find(&sample, upstream.as_bytes()).is_none());
+    let text = String::from_utf8_lossy(&sample);
+    assert!(text.contains(&needle));
+    assert!(!text.contains(&upstream));
 
     // Sanity: the baseline renders the same document.
     let naive = setup.render_value(leads, &f.sim_base);

@@ -309,24 +309,8 @@ impl Cache {
         path: &str,
         query: &str,
     ) -> CacheKey {
-        // Built on every request (a hit included): one allocation of the exact size.
-        let parts = [
-            "a",
-            "\u{1f}",
-            credential,
-            "\u{1f}",
-            variant,
-            "\u{1f}",
-            public_base,
-            "\u{1f}",
-            path,
-            "?",
-            query,
-        ];
-        let mut key = String::with_capacity(parts.iter().map(|p| p.len()).sum());
-        for part in parts {
-            key.push_str(part);
-        }
+        let key =
+            format!("a\u{1f}{credential}\u{1f}{variant}\u{1f}{public_base}\u{1f}{path}?{query}");
         CacheKey(key.into())
     }
 

@@ -404,11 +404,9 @@ impl Gateway {
         let mut input = [0u8; 16];
         input[..8].copy_from_slice(&n.to_le_bytes());
         input[8..].copy_from_slice(b"request!");
-        let hex = self.request_id_key.hash_hex_digits(&input);
-        // Hex digits are always a valid header value. One allocation, shared by the request's
-        // copy and the answer's (clones of `Bytes` made from a `String` allocate once more).
-        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
-            .unwrap_or_else(|_| HeaderValue::from_static("0"))
+        let hex = self.request_id_key.hash_hex(&input);
+        // Hex digits are always a valid header value.
+        HeaderValue::from_str(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
     }
 
     /// A new share of the upstream budget with a fresh deadline.
@@ -590,16 +588,8 @@ impl FingerprintKey {
         FingerprintKey([word(0), word(1), word(2), word(3)])
     }
 
-    /// The 128-bit keyed hash of `input`, in hex.
+    /// The 128-bit keyed hash of `input`, in 32 lowercase hex digits.
     pub fn hash_hex(&self, input: &[u8]) -> String {
-        // Hex digits are ASCII: the check cannot fail.
-        std::str::from_utf8(&self.hash_hex_digits(input))
-            .unwrap_or_default()
-            .to_owned()
-    }
-
-    /// The 128-bit keyed hash of `input` as 32 ASCII hex digits.
-    pub fn hash_hex_digits(&self, input: &[u8]) -> [u8; 32] {
         // std's SipHasher is deprecated only in favour of the hash-map hasher; as a keyed PRF
         // with explicit keys it is exactly what is needed here.
         #[allow(deprecated)]
@@ -609,17 +599,9 @@ impl FingerprintKey {
             h.finish()
         };
         let [a, b, c, d] = self.0;
-        let mut hex = [0u8; 32];
-        let bytes = [hash(a, b), hash(c, d)].map(u64::to_be_bytes);
-        for (digits, byte) in hex.chunks_exact_mut(2).zip(bytes.as_flattened()) {
-            digits[0] = HEX_DIGITS[usize::from(byte >> 4)];
-            digits[1] = HEX_DIGITS[usize::from(byte & 0xf)];
-        }
-        hex
+        format!("{:016x}{:016x}", hash(a, b), hash(c, d))
     }
 }
-
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 #[cfg(test)]
 mod fingerprint_tests {

@@ -251,17 +251,9 @@ fn check_bounds<B>(bounds: &Bounds, parts: &Request<B>) -> Result<(), ProxyError
     Ok(())
 }
 
-/// The non-empty `&`-separated parameters of a query (every request pays this: memchr, not a
-/// byte-by-byte split).
+/// The non-empty `&`-separated parameters of a query.
 fn count_params(query: &str) -> usize {
-    let bytes = query.as_bytes();
-    let mut count = 0;
-    let mut start = 0;
-    for end in memchr::memchr_iter(b'&', bytes).chain(std::iter::once(bytes.len())) {
-        count += usize::from(end > start);
-        start = end + 1;
-    }
-    count
+    query.split('&').filter(|p| !p.is_empty()).count()
 }
 
 /// A client's request id is kept when it is short and plain; otherwise one is generated.
@@ -714,8 +706,6 @@ mod tests {
             ("a&b&c", 3),
         ] {
             assert_eq!(count_params(query), n, "{query:?}");
-            let split = query.split('&').filter(|p| !p.is_empty()).count();
-            assert_eq!(count_params(query), split, "{query:?}");
         }
     }
 }
