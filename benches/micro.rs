@@ -2,7 +2,7 @@
 //! `plan::plan` of a 30-stage query (`query/*`), `page::parse_page` of one real 250-lead
 //! upstream page (`page/*`), the k-way `Merger` over K = 2, 10, 30 streams of 250 leads, cut
 //! at the client's first page of 250 and drained to the end (`merge/*`), and
-//! `hal::render_page` of 250 leads with the href rewrite (`render/*`), `cache::canonical_target`
+//! `render::render_page` of 250 leads with the href rewrite (`render/*`), `cache::canonical_target`
 //! of the 30-stage query (`query/canonical_30_pairs`), and a hit of the in-process answer cache
 //! (`cached_answer/*`): the key built from credential, base and raw query, the lookup, and the
 //! response made from the stored page, for a rendered 250-lead page.
@@ -36,13 +36,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kommo_fanout::cache::{canonical_target, Cache, CacheConfig, Entry, FillError, Outcome};
-use kommo_fanout::leads::hal::{render_page, PageLinks};
 use kommo_fanout::leads::merge::{LeadRef, Merger, Step};
 use kommo_fanout::leads::page::parse_page;
 use kommo_fanout::leads::plan;
 use kommo_fanout::leads::query::{
     self, Direction, LeadsQuery, Order, OrderField, QueryLimits, MAX_LIMIT,
 };
+use kommo_fanout::leads::render::{render_page, PageLinks};
 use kommo_fanout::leads::respond;
 use kommo_fanout::links::LinkRewrite;
 use kommo_sim::{Sim, SimConfig, DEMO_TOKEN};

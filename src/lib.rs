@@ -9,7 +9,7 @@
 //! - [`config`]: the flags of `serve` and `verify` and their validation.
 //! - [`server`]: accept loops, routing, the admin listener, graceful shutdown.
 //! - [`gateway`]: shared state and the per-request context.
-//! - [`leads`]: the multi-stage list: `query` → `plan` → fetch → `merge` → `hal`.
+//! - [`leads`]: the multi-stage list: `query` → `plan` → `fetch` → `merge` → `render`.
 //! - [`upstream`]: the client bound to the configured account origin, the limiter, retries.
 //! - [`cache`]: upstream pages and client answers, coalesced and isolated by credential.
 //! - [`passthrough`]: everything that is not the leads list.

@@ -10,7 +10,6 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 use kommo_fanout::cache::canonical_target;
-use kommo_fanout::leads::hal::{render_page, PageLinks};
 use kommo_fanout::leads::merge::{LeadRef, Merger, Step};
 use kommo_fanout::leads::page::parse_page;
 use kommo_fanout::leads::plan::{plan, Plan, LEADS_PATH, STREAM_LIMIT};
@@ -18,6 +17,7 @@ use kommo_fanout::leads::query::{
     key_path, parse, split_params, Direction, LeadsQuery, Order, OrderField, QueryLimits,
     DEFAULT_LIMIT, MAX_LIMIT,
 };
+use kommo_fanout::leads::render::{render_page, PageLinks};
 use kommo_fanout::links::LinkRewrite;
 
 /// The limits the fuzzers parse with (the `--max-pairs` default).

@@ -1,15 +1,15 @@
 //! The multi-stage leads list: `GET /api/v4/leads` with any number of `filter[statuses]` pairs.
 //!
 //! The request flows `query` (parse, validate) → `plan` (relay, or one stream per stage) →
-//! fetch (here: the only part that does I/O) → `merge` (k-way, dedup) → `hal` (render). Every
-//! stage but the fetch is pure and tested on its own.
+//! `fetch` (cache, limit, retry: the only part that does I/O) → `merge` (k-way, dedup) →
+//! `render` (Kommo's HAL page). Every stage but the fetch is pure and tested on its own.
 
 pub mod fetch;
-pub mod hal;
 pub mod merge;
 pub mod page;
 pub mod plan;
 pub mod query;
+pub mod render;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -28,10 +28,10 @@ use crate::links::ItemQuery;
 use crate::metrics::UpstreamKind;
 use crate::upstream::fetch::{FetchError, Verdict};
 use crate::upstream::Buffered;
-use hal::{render_page, PageLinks};
 use merge::{LeadRef, Merger, Step};
 use plan::{FanOutPlan, MergeProgress, Plan, StreamPlan, UpstreamBudget, STREAM_LIMIT};
 use query::LeadsQuery;
+use render::{render_page, PageLinks};
 
 /// The content type of a successful leads page.
 pub const HAL_JSON: &str = "application/hal+json";
@@ -112,20 +112,12 @@ fn refresh_in_background(
     });
 }
 
-/// Headers an answer adds to those stored with it.
-const ADDED_HEADERS: usize = 3;
-
 /// The client's response for a computed or stored answer.
 pub fn respond(entry: &Entry, outcome: Option<Outcome>) -> Response<ProxyBody> {
     let mut resp = Response::new(body::full(entry.answer.body.clone()));
     *resp.status_mut() = entry.answer.status;
-    // Built with room for what is added to it (`Age`, `X-Cache`, the request id): a clone of
-    // the stored map has none, and growing it costs more than filling a new one.
+    *resp.headers_mut() = entry.answer.headers.clone();
     let headers = resp.headers_mut();
-    headers.reserve(entry.answer.headers.len() + ADDED_HEADERS);
-    for (name, value) in &entry.answer.headers {
-        headers.append(name.clone(), value.clone());
-    }
     if let Some(outcome) = outcome {
         headers.insert(header::AGE, HeaderValue::from(entry.age()));
         headers.insert(

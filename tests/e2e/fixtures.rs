@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use kommo_fanout::leads::hal::{render_page, PageLinks};
 use kommo_fanout::leads::merge::{LeadRef, Merger, Step};
 use kommo_fanout::leads::page::parse_page;
 use kommo_fanout::leads::query::{Direction, Order, OrderField};
+use kommo_fanout::leads::render::{render_page, PageLinks};
 use kommo_fanout::links::LinkRewrite;
 use serde_json::Value;
 
