@@ -64,7 +64,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
-use crate::upstream::fair::{FairQueue, WaiterId};
+use fair::{FairQueue, WaiterId};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -1131,6 +1131,90 @@ impl KeyQueue {
             .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
         LimitError::Timeout {
             retry_after: free.max(lim.span.saturating_mul(rounds.saturating_add(1)) / 2),
+        }
+    }
+}
+
+/// The round-robin queue this limiter keeps in front of Redis.
+mod fair {
+    use std::collections::{HashMap, VecDeque};
+
+    use crate::upstream::limiter::FlowId;
+
+    /// Identifies one waiter within a limiter.
+    pub type WaiterId = u64;
+
+    /// Waiters of one key in fair order.
+    #[derive(Debug, Default)]
+    pub struct FairQueue {
+        /// Flows with waiters, in round-robin order: the front flow is served next.
+        rotation: VecDeque<FlowId>,
+        /// Each flow's waiters, FIFO. A flow is removed when its queue empties, so the map does not
+        /// grow with the number of client requests ever seen.
+        flows: HashMap<FlowId, VecDeque<WaiterId>>,
+        /// Waiters queued, kept so callers need not sum the queues.
+        len: usize,
+    }
+
+    impl FairQueue {
+        pub fn len(&self) -> usize {
+            self.len
+        }
+
+        /// The waiter served next.
+        pub fn head(&self) -> Option<WaiterId> {
+            let flow = self.rotation.front()?;
+            self.flows.get(flow)?.front().copied()
+        }
+
+        /// Queues `id` at the back of its flow; a flow new to the queue joins the back of the
+        /// rotation.
+        pub fn push(&mut self, flow: FlowId, id: WaiterId) {
+            let queue = self.flows.entry(flow).or_default();
+            if queue.is_empty() {
+                self.rotation.push_back(flow);
+            }
+            queue.push_back(id);
+            self.len += 1;
+        }
+
+        /// Takes the next waiter in the fair order: the front flow's oldest, after which the flow
+        /// goes to the back of the rotation if it still waits for more.
+        pub fn pop(&mut self) -> Option<WaiterId> {
+            while let Some(flow) = self.rotation.pop_front() {
+                let Some(queue) = self.flows.get_mut(&flow) else {
+                    continue;
+                };
+                let Some(id) = queue.pop_front() else {
+                    self.flows.remove(&flow);
+                    continue;
+                };
+                if queue.is_empty() {
+                    self.flows.remove(&flow);
+                } else {
+                    self.rotation.push_back(flow);
+                }
+                self.len -= 1;
+                return Some(id);
+            }
+            None
+        }
+
+        /// Takes `id` (of `flow`) out of the queue; false if it was not queued.
+        pub fn remove(&mut self, flow: FlowId, id: WaiterId) -> bool {
+            let Some(queue) = self.flows.get_mut(&flow) else {
+                return false;
+            };
+            let Some(pos) = queue.iter().position(|w| *w == id) else {
+                return false;
+            };
+            queue.remove(pos);
+            self.len -= 1;
+            if queue.is_empty() {
+                self.flows.remove(&flow);
+                self.rotation.retain(|f| *f != flow);
+            }
+            true
         }
     }
 }
