@@ -5,7 +5,7 @@
 //! # Slots in Redis
 //!
 //! The slots of every replica live in Redis, each held from its grant until `W + M` after its
-//! request completed (or until a lease ends, if its replica crashed); [`super::slots`] has the
+//! request completed (or until a lease ends, if its replica crashed); `slots.rs` has the
 //! layout and the scripts. Why a slot is held until `W + M` after completion (not after the
 //! grant) is explained in [`crate::upstream::limiter`]; nothing changes here.
 //!
@@ -54,7 +54,7 @@
 //! limiter relies on for in-flight arrivals. A deployment running fewer replicas than
 //! `replicas` says keeps the missing ones' reserve unused: configure the real count.
 //!
-//! The store is behind [`SlotStore`], so the logic above is unit-tested against an in-memory
+//! Redis is behind a `SlotStore` trait, so the logic above is unit-tested against an in-memory
 //! stand-in; the end-to-end tests run it against a real `redis-server`.
 
 use std::collections::hash_map::RandomState;
@@ -421,15 +421,14 @@ impl<S: SlotStore> Core<S> {
                 continue;
             }
             let n = self.next_slot.fetch_add(1, Ordering::Relaxed);
+            let slot = self.slot(n);
+            let reply = self.call(self.store.take(key, &slot, self.limits));
             let mut taking = Taking {
                 core: self,
                 key,
-                slot: Some(self.slot(n)),
+                slot: Some(slot.clone()),
             };
-            let reply = match self
-                .call(self.store.take(key, &self.slot(n), self.limits))
-                .await
-            {
+            let reply = match reply.await {
                 Ok(reply) => reply,
                 Err(e) => {
                     self.degrade(&e);
@@ -456,19 +455,13 @@ impl<S: SlotStore> Core<S> {
     /// Mirrors what Redis said about pauses and blocks, and when to ask again.
     fn took(&self, kq: &KeyQueue, key: &str, reply: Take) {
         let now = Instant::now();
-        // Only touch the mirror when Redis knows more, so a block seen on every take is not
-        // logged on every take.
-        let local = self.fallback.snapshot(key);
-        let newer = |mirror: Option<Instant>, left: Duration| {
-            let until = now + left;
-            let known = mirror.is_some_and(|m| m + Duration::from_millis(5) >= until);
-            (!left.is_zero() && !known).then_some(until)
-        };
-        if let Some(until) = newer(local.paused_until, reply.paused) {
-            self.fallback.pause(key, until);
+        if !reply.paused.is_zero() {
+            // Ignored unless it ends later than the mirror's.
+            self.fallback.pause(key, now + reply.paused);
         }
-        if let Some(until) = newer(local.blocked_until, reply.blocked) {
-            self.fallback.block(key, until);
+        // A block only when the mirror has none, so it is logged once, not on every take.
+        if !reply.blocked.is_zero() && self.fallback.snapshot(key).blocked_until.is_none() {
+            self.fallback.block(key, now + reply.blocked);
         }
         let mut seen = kq.seen();
         seen.in_window = reply.taken;
