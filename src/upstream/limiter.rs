@@ -152,6 +152,9 @@ pub trait UpstreamLimiter: Send + Sync + 'static {
 
 /// The in-process limiter: exact for one proxy instance (several instances in front of one
 /// account need a shared implementation).
+///
+/// Like any future, an acquire makes progress only while polled: a future left pending but
+/// never polled again keeps a slot handed to it until it is dropped.
 pub struct LocalLimiter {
     /// `N` and `W + M`, fixed at construction.
     limits: Limits,
