@@ -4,34 +4,28 @@
 //!
 //! # Slots in Redis
 //!
-//! Each key (upstream origin) has a sorted set of taken slots, member = slot id, score = the
-//! Redis-time instant (ms) at which the slot frees. A grant adds a slot scored with a **lease**
-//! (an upper bound on one request, e.g. upstream timeout + `W`), so a replica that crashes with
-//! requests in flight does not hold its slots forever; a release re-scores the slot to
-//! release time + `W + M`. Why a slot is held until `W + M` after completion (not after the
+//! The slots of every replica live in Redis, each held from its grant until `W + M` after its
+//! request completed (or until a lease ends, if its replica crashed); `slots.rs` has the
+//! layout and the scripts. Why a slot is held until `W + M` after completion (not after the
 //! grant) is explained in [`crate::upstream::limiter`]; nothing changes here.
-//!
-//! Taking, releasing and extending a pause are each one Lua script: Redis runs a script
-//! atomically, so "prune freed slots, count, grant if fewer than N" cannot interleave with
-//! another replica's grant. Scripts read the time with `TIME`: only Redis's clock decides when a
-//! slot frees, so replicas with skewed clocks still agree. A take asks for as many slots as this
-//! replica has waiters (up to `N`), so a fan-out's burst costs one round trip.
 //!
 //! # Waiting and fairness
 //!
-//! Waiters of one key queue locally, FIFO per flow and round-robin across flows as in
-//! [`LocalLimiter`]. Only the head asks Redis, one take at a time per key and replica; the take
-//! runs on its own task and hands the slots it won to the waiters in the fair order, so a waiter
-//! dropped mid-call costs no slot (unused slots are removed again). When Redis says the window
-//! is full it also says when the next slot frees; the head sleeps until then, capped at
-//! [`POLL_CAP`] because another replica's release can free one earlier.
+//! Waiters of one key queue on their replica in the same [`FairQueue`] as the in-process
+//! limiter's: FIFO per flow, round-robin across flows, withdrawn when dropped. Here the queue has
+//! one turn, the head's: the head asks Redis for a slot (one take at a time per key and replica)
+//! and passes the turn on once it has one. When the window is full Redis also says when the next
+//! slot frees: the head asks again then, at most [`POLL_CAP`] later because another replica's
+//! release can free one earlier, and waiters whose deadline comes first fail at once. A take
+//! abandoned mid-call (its waiter dropped, Redis slow) gives its slot back.
 //!
 //! # Pauses and blocks
 //!
-//! `pause` and `block` are written to Redis (`SET … PX`, extended only) so that a `429` seen by
-//! one replica pauses all of them; the take script refuses to grant while either is in force and
-//! returns how long they last. A local mirror (the fallback limiter's own pause and block) is set
-//! at once, so this replica honours them even before Redis has them, and feeds `snapshot`.
+//! `pause` and `block` are written to Redis (extended only) so that a `429` seen by one replica
+//! pauses all of them; the take script refuses to grant while either is in force and returns how
+//! long they last. A local mirror (the fallback limiter's own pause and block) is set at once, so
+//! this replica honours them even before Redis has them, and feeds `snapshot`. The head does not
+//! ask Redis while the mirror says paused.
 //!
 //! # When Redis is unreachable
 //!
@@ -59,24 +53,25 @@
 //! the outage and reaches Kommo more than `M` after it: the same margin the single-process
 //! limiter relies on for in-flight arrivals. A deployment running fewer replicas than
 //! `replicas` says keeps the missing ones' reserve unused: configure the real count.
+//!
+//! Redis is behind a `SlotStore` trait, so the logic above is unit-tested against an in-memory
+//! stand-in; the end-to-end tests run it against a real `redis-server`.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-
-use crate::upstream::fair::{FairQueue, WaiterId};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
-use ::redis::Script;
 use futures::future::BoxFuture;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::timed;
+use super::slots::{millis, Hold, Limits, RedisStore, SlotStore, Take};
+use super::REDIS_TIMEOUT;
+use crate::upstream::fair::FairQueue;
 use crate::upstream::limiter::{
     FlowId, GrantId, LimitError, LimiterConfig, LimiterSnapshot, LocalLimiter, UpstreamLimiter,
 };
@@ -88,8 +83,6 @@ pub const POLL_CAP: Duration = Duration::from_millis(50);
 const MEMBER_TTL: Duration = Duration::from_millis(1000);
 /// How often the background task renews the membership, or probes Redis while degraded.
 const HEARTBEAT: Duration = Duration::from_millis(200);
-/// While a pause is in force the head still looks at Redis this often, to see a block.
-const PAUSE_POLL: Duration = Duration::from_millis(1000);
 /// How long after it was sent a registration may still take effect. A heartbeat queued behind
 /// a stalled Redis runs when the server resumes, maybe long after this replica gave up on it
 /// and began granting from its fallback; counted as a member again, it would hand its reserve
@@ -116,31 +109,14 @@ pub struct RedisLimiterConfig {
 /// The shared limiter. Cheap to share behind an `Arc<dyn UpstreamLimiter>`; the background
 /// heartbeat task stops when it is dropped.
 pub struct RedisLimiter {
-    shared: Arc<Shared>,
+    core: Arc<Core<RedisStore>>,
 }
 
-/// The numbers every decision uses, fixed at construction.
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    /// `N`.
-    requests: u32,
-    /// `W + M`, in ms for the scripts.
-    span: Duration,
-    /// The in-flight lease, at least `span`.
-    lease: Duration,
-    /// Configured replica count, at least 1.
-    replicas: u32,
-    /// `N / replicas`, at least 1: the fallback's budget and each absent replica's reserve.
-    share: u32,
-}
-
-struct Shared {
-    /// Reconnects by itself; cloned per call (a handle onto one multiplexed connection).
-    conn: ConnectionManager,
-    /// Prepended to every key.
-    prefix: String,
+/// The limiter over any store: Redis, or an in-memory stand-in in unit tests.
+struct Core<S> {
+    store: S,
     limits: Limits,
-    /// This replica's id in slot ids and the membership set; random per process.
+    /// This replica's id in slot names and the membership set; random per process.
     replica: String,
     /// Serves while Redis is unreachable, and mirrors pauses and blocks meanwhile.
     fallback: LocalLimiter,
@@ -149,11 +125,11 @@ struct Shared {
     /// Source of slot numbers (unique per replica; the replica id makes them global).
     next_slot: AtomicU64,
     /// All mutable state behind one blocking mutex: every critical section is short and never
-    /// spans an await (as in `LocalLimiter`), and keys are few.
+    /// spans an await.
     state: Mutex<State>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Mode {
     /// Redis answers and this replica is a member: slots come from Redis.
     Shared,
@@ -161,9 +137,11 @@ enum Mode {
     /// and this replica stays out of the membership set so its reserve covers those slots.
     Recovering,
     /// Redis does not answer: slots come from the fallback.
+    #[default]
     Fallback,
 }
 
+#[derive(Default)]
 struct State {
     mode: Mode,
     /// When the current (or last) fallback period began.
@@ -171,164 +149,52 @@ struct State {
     /// A bound on when this replica's membership in Redis expires, counting registrations
     /// still on their way (they take effect within [`REGISTER_VALID`] of being sent, or never).
     member_until: Option<Instant>,
-    /// Redis's clock against this host's (Unix ms, Redis minus local) and the error of that
-    /// estimate, from the last `TIME`: what a registration's deadline is written in.
-    clock: Option<(i64, u64)>,
-    /// Fallback acquires in progress plus fallback grants not yet released.
-    fallback_active: usize,
-    /// When the last fallback grant was released.
-    fallback_last_release: Option<Instant>,
-    /// Every grant handed out and not yet released, by this limiter's grant id.
-    held: HashMap<GrantId, Held>,
-    next_grant: GrantId,
-    keys: HashMap<String, KeyQueue>,
-    next_waiter: WaiterId,
+    /// Redis's clock (Unix ms) as of a local instant, and the error of that reading: what a
+    /// registration's deadline is written in.
+    clock: Option<(Instant, i64, Duration)>,
+    /// Fallback acquires not resolved yet (a granted one counts in the fallback's window).
+    fallback_waiting: usize,
+    /// Per key: the waiters on this replica; entries are never removed (keys are few).
+    keys: HashMap<String, Arc<KeyQueue>>,
 }
 
-/// Where a grant's slot lives.
-enum Held {
-    /// A slot in Redis, by its member name in the key's sorted set.
-    Redis { key: String, slot: String },
-    /// A grant of the fallback limiter.
-    Fallback(GrantId),
-}
-
-/// The local queue of one key, in front of Redis.
-#[derive(Default)]
+/// The waiters of one key on this replica, in front of Redis.
 struct KeyQueue {
-    /// Queued waiters in fair order.
-    queue: FairQueue,
-    /// Queued waiters and decided ones whose future has not taken the outcome yet.
-    waiters: HashMap<WaiterId, Waiter>,
-    /// A take for this key is running: the head waits for it instead of starting another.
-    driving: bool,
-    /// Do not ask Redis again before this (the window is full or a pause is in force).
-    retry_at: Option<Instant>,
+    /// In fair order; its one turn is the head's, which asks Redis.
+    fair: FairQueue,
+    /// What the last take said.
+    seen: Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
     /// Slots taken in Redis as of the last take, for snapshots.
     in_window: usize,
+    /// No slot before this (a full window or a pause): waiters due earlier fail at once.
+    free_at: Option<Instant>,
+    /// Do not ask Redis again before this.
+    retry_at: Option<Instant>,
     /// When this replica last released a Redis slot of this key, so the fallback waits for it.
-    last_redis_release: Option<Instant>,
+    last_release: Option<Instant>,
 }
 
-struct Waiter {
-    flow: FlowId,
-    deadline: Instant,
-    /// Wakes the waiting future; `notify_one` keeps a permit, so no wake-up is lost.
-    notify: Arc<Notify>,
-    outcome: Option<Result<GrantId, LimitError>>,
+/// Why a waiter of the shared queue stopped.
+enum Stop {
+    Limit(LimitError),
+    /// Redis became unreachable: go again, on the fallback.
+    Fallback,
 }
 
-/// What a take script returned.
-#[derive(Debug, Clone, Copy)]
-struct TakeReply {
-    granted: u64,
-    /// Until the next slot can free, when the window is full.
-    wait: Duration,
-    paused: Duration,
-    blocked: Duration,
-    /// Slots taken after this take.
-    taken: u64,
+/// Gives a slot back to Redis when dropped armed: a take abandoned mid-call, or one granted
+/// past its waiter's deadline, must not hold a slot no request uses.
+struct Taking<'a, S: SlotStore> {
+    core: &'a Arc<Core<S>>,
+    key: &'a str,
+    slot: Option<String>,
 }
 
-/// Grants `want` slots if the window (less the absent replicas' reserve) allows, unless a block
-/// or pause is in force. KEYS: slots, pause, block, members. ARGV: N, span ms, lease ms, want,
-/// replicas, share, slot-id prefix, first slot number.
-/// Returns {granted, wait ms, pause ms, block ms, taken}.
-static TAKE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local block_ms = math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0') - now)
-local pause_ms = math.max(0, tonumber(redis.call('GET', KEYS[2]) or '0') - now)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local taken = redis.call('ZCARD', KEYS[1])
-if block_ms > 0 or pause_ms > 0 then
-  return {0, 0, pause_ms, block_ms, taken}
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-local missing = math.max(0, tonumber(ARGV[5]) - redis.call('ZCARD', KEYS[4]))
-local cap = math.max(1, tonumber(ARGV[1]) - missing * tonumber(ARGV[6]))
-local span = tonumber(ARGV[2])
-local lease = now + tonumber(ARGV[3])
-local want = tonumber(ARGV[4])
-local first = tonumber(ARGV[8])
-local granted = 0
-while granted < want and taken < cap do
-  redis.call('ZADD', KEYS[1], lease, ARGV[7] .. (first + granted))
-  granted = granted + 1
-  taken = taken + 1
-end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + span)
-local wait_ms = 0
-if taken >= cap then
-  wait_ms = span
-  local nth = redis.call('ZRANGE', KEYS[1], taken - cap, taken - cap, 'WITHSCORES')
-  if nth[2] then
-    wait_ms = math.max(1, math.min(span, tonumber(nth[2]) - now))
-  end
-end
-return {granted, wait_ms, pause_ms, block_ms, taken}
-",
-    )
-});
-
-/// A request completed: its slot frees `W + M` from now (Redis time). KEYS: slots. ARGV: slot,
-/// span ms. `XX`: a slot whose lease already ran out is not brought back.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
-",
-    )
-});
-
-/// Extends (never shortens) a pause or block to `ARGV[1]` ms from now. KEYS: the pause or block.
-static EXTEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ms = tonumber(ARGV[1])
-if now + ms > tonumber(redis.call('GET', KEYS[1]) or '0') then
-  redis.call('SET', KEYS[1], now + ms, 'PX', ms)
-end
-return 1
-",
-    )
-});
-
-/// Registers this replica as a member for `ARGV[2]` ms, unless Redis's clock is past
-/// `ARGV[3]` (then -1: a registration that waited behind a stall is refused). KEYS: members.
-/// ARGV: id, ttl ms, deadline (Unix ms).
-static HEARTBEAT_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if now > tonumber(ARGV[3]) then
-  return -1
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
-return redis.call('ZCARD', KEYS[1])
-",
-    )
-});
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// This host's clock, Unix ms.
-fn unix_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+/// Counts a fallback acquire until it resolves.
+struct FallbackWaiting<'a, S>(&'a Core<S>);
 
 // === impl RedisLimiter ===
 
@@ -338,74 +204,19 @@ impl RedisLimiter {
     /// Fails on a URL that can never work. An unreachable Redis is not an error: the limiter
     /// starts degraded (on its fallback) and switches to Redis when it answers.
     pub async fn connect(cfg: RedisLimiterConfig) -> Result<RedisLimiter, String> {
-        let conn = super::connection(&cfg.url)?;
-        let requests = cfg.limiter.requests.max(1);
-        let replicas = cfg.replicas.max(1);
-        let share = (requests / replicas).max(1);
-        let span = cfg.limiter.window.saturating_add(cfg.limiter.margin);
-        let limits = Limits {
-            requests,
-            span,
-            lease: cfg.lease.max(span),
-            replicas,
-            share,
-        };
-        let fallback = LocalLimiter::new(LimiterConfig {
-            requests: share,
-            ..cfg.limiter
-        });
-        let now = Instant::now();
-        let shared = Arc::new(Shared {
-            conn,
-            prefix: cfg.key_prefix,
-            limits,
-            replica: replica_id(),
-            fallback,
-            degraded: AtomicBool::new(true),
-            next_slot: AtomicU64::new(0),
-            state: Mutex::new(State {
-                mode: Mode::Fallback,
-                degraded_since: Some(now),
-                member_until: None,
-                clock: None,
-                fallback_active: 0,
-                fallback_last_release: None,
-                held: HashMap::new(),
-                next_grant: 0,
-                keys: HashMap::new(),
-                next_waiter: 0,
-            }),
-        });
-        // Join at once when Redis answers, so the first requests already share the budget.
-        match shared.register().await {
-            Ok(()) => {
-                let mut st = shared.lock();
-                st.mode = Mode::Shared;
-                st.degraded_since = None;
-                shared.degraded.store(false, Ordering::Release);
-                info!(
-                    replica = %shared.replica,
-                    requests, replicas, "shared upstream limiter on Redis"
-                );
-            }
-            Err(e) => error!(
-                error = %e,
-                fallback_requests = share,
-                "Redis is unreachable at start: the upstream limiter runs locally at N / replicas until it answers"
-            ),
-        }
-        tokio::spawn(heartbeat(Arc::downgrade(&shared)));
-        Ok(RedisLimiter { shared })
+        let store = RedisStore::new(super::connection(&cfg.url)?, cfg.key_prefix.clone());
+        let core = Core::start(store, &cfg).await;
+        Ok(RedisLimiter { core })
     }
 
     /// Whether Redis is unreachable and this replica limits itself locally at `N / replicas`.
     pub fn degraded(&self) -> bool {
-        self.shared.degraded.load(Ordering::Acquire)
+        self.core.degraded()
     }
 
     /// This replica's id in Redis (slot ids, membership).
     pub fn replica_id(&self) -> &str {
-        &self.shared.replica
+        &self.core.replica
     }
 }
 
@@ -428,437 +239,315 @@ impl UpstreamLimiter for RedisLimiter {
         flow: FlowId,
         deadline: Instant,
     ) -> BoxFuture<'a, Result<GrantId, LimitError>> {
-        Box::pin(self.shared.acquire(key, flow, deadline))
+        Box::pin(self.core.acquire(key, flow, deadline))
     }
 
     fn release(&self, key: &str, grant: GrantId) {
-        Shared::release(&self.shared, key, grant);
+        self.core.release(key, grant);
     }
 
     fn pause(&self, key: &str, until: Instant) {
-        Shared::pause(&self.shared, key, until);
+        self.core.pause(key, until);
     }
 
     fn block(&self, key: &str, until: Instant) {
-        Shared::block(&self.shared, key, until);
+        self.core.block(key, until);
     }
 
     fn snapshot(&self, key: &str) -> LimiterSnapshot {
-        let local = self.shared.fallback.snapshot(key);
-        let st = self.shared.lock();
-        let (queued, in_window) = st
-            .keys
-            .get(key)
-            .map_or((0, 0), |kq| (kq.queue.len(), kq.in_window));
-        LimiterSnapshot {
-            queued: queued + local.queued,
-            in_window: if st.mode == Mode::Fallback {
-                local.in_window
-            } else {
-                in_window
-            },
-            paused_until: local.paused_until,
-            blocked_until: local.blocked_until,
-            waiting_for_predecessor: false,
-        }
+        self.core.snapshot(key)
     }
 }
 
-// === impl Shared ===
+// === impl Core ===
 
-impl Shared {
+impl<S: SlotStore> Core<S> {
+    /// Registers with the store when it answers (so the first requests already share the
+    /// budget) and starts the heartbeat.
+    async fn start(store: S, cfg: &RedisLimiterConfig) -> Arc<Self> {
+        let requests = cfg.limiter.requests.max(1);
+        let (replicas, span) = (cfg.replicas.max(1), cfg.limiter.window + cfg.limiter.margin);
+        let share = (requests / replicas).max(1);
+        let core = Arc::new(Core {
+            store,
+            limits: Limits {
+                requests,
+                span,
+                lease: cfg.lease.max(span),
+                replicas,
+                share,
+            },
+            replica: replica_id(),
+            fallback: LocalLimiter::new(LimiterConfig {
+                requests: share,
+                ..cfg.limiter
+            }),
+            degraded: AtomicBool::new(true),
+            next_slot: AtomicU64::new(0),
+            state: Mutex::new(State {
+                degraded_since: Some(Instant::now()),
+                ..State::default()
+            }),
+        });
+        match core.register().await {
+            Ok(()) => {
+                let mut st = core.lock();
+                (st.mode, st.degraded_since) = (Mode::Shared, None);
+                core.degraded.store(false, Ordering::Release);
+                info!(replica = %core.replica, requests, replicas, "shared upstream limiter on Redis");
+            }
+            Err(e) => error!(
+                error = %e,
+                fallback_requests = share,
+                "Redis is unreachable at start: the upstream limiter runs locally at N / replicas until it answers"
+            ),
+        }
+        tokio::spawn(heartbeat(Arc::downgrade(&core)));
+        core
+    }
+
+    fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every update is a few field writes; a panic elsewhere leaves nothing half-granted.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn slots_key(&self, key: &str) -> String {
-        format!("{}limiter:{key}:slots", self.prefix)
+    /// The queue of `key`, created on first use.
+    fn key(&self, key: &str) -> Arc<KeyQueue> {
+        let mut st = self.lock();
+        if let Some(kq) = st.keys.get(key) {
+            return kq.clone();
+        }
+        let kq = Arc::new(KeyQueue {
+            fair: FairQueue::new(1),
+            seen: Mutex::default(),
+        });
+        st.keys.insert(key.to_owned(), kq.clone());
+        kq
     }
 
-    fn pause_key(&self, key: &str) -> String {
-        format!("{}limiter:{key}:pause", self.prefix)
+    fn slot(&self, n: u64) -> String {
+        format!("{}:{n}", self.replica)
     }
 
-    fn block_key(&self, key: &str) -> String {
-        format!("{}limiter:{key}:block", self.prefix)
+    /// One store call, given up after [`REDIS_TIMEOUT`]: a stalled Redis must not stall requests.
+    async fn call<T>(&self, op: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+        (tokio::time::timeout(REDIS_TIMEOUT, op).await)
+            .unwrap_or_else(|_| Err(format!("no answer from Redis within {REDIS_TIMEOUT:?}")))
     }
 
-    fn members_key(&self) -> String {
-        format!("{}limiter:members", self.prefix)
-    }
-
+    /// Grant ids: a Redis slot's number times two, or a fallback grant's id times two plus one.
     async fn acquire(
         self: &Arc<Self>,
         key: &str,
         flow: FlowId,
         deadline: Instant,
     ) -> Result<GrantId, LimitError> {
-        // The local mirror first: a block or pause seen here holds before Redis has it.
-        let now = Instant::now();
-        if let Some(until) = self.fallback.snapshot(key).blocked_until {
-            return Err(LimitError::Blocked {
-                retry_after: until.saturating_duration_since(now),
-            });
-        }
+        let kq = self.key(key);
         loop {
-            if self.lock().mode == Mode::Fallback {
-                return self.acquire_fallback(key, flow, deadline).await;
-            }
-            if let Some(result) = self.acquire_shared(key, flow, deadline).await {
-                return result;
-            }
-            // Redis failed while this waiter queued: go again, on the fallback.
-        }
-    }
-
-    /// Waits in the local fair queue; the head drives takes from Redis. `None` when Redis
-    /// became unreachable before this waiter was served.
-    async fn acquire_shared(
-        self: &Arc<Self>,
-        key: &str,
-        flow: FlowId,
-        deadline: Instant,
-    ) -> Option<Result<GrantId, LimitError>> {
-        let notify = Arc::new(Notify::new());
-        let id = {
-            let mut st = self.lock();
-            if st.mode == Mode::Fallback {
-                return None;
-            }
-            let id = st.next_waiter;
-            st.next_waiter += 1;
-            key_queue(&mut st.keys, key).enqueue(id, flow, deadline, notify.clone());
-            id
-        };
-        let mut guard = QueueGuard {
-            shared: self,
-            key,
-            id,
-            armed: true,
-        };
-        loop {
-            let wake_at = {
+            let waiting = {
                 let mut st = self.lock();
-                let mode = st.mode;
-                let kq = key_queue(&mut st.keys, key);
-                if let Some(outcome) = kq.waiters.get_mut(&id).and_then(|w| w.outcome.take()) {
-                    kq.waiters.remove(&id);
-                    guard.armed = false;
-                    return Some(outcome);
-                }
-                let now = Instant::now();
-                if mode == Mode::Fallback || now >= deadline {
-                    let head = kq.head();
-                    kq.withdraw(id);
-                    if head == Some(id) {
-                        kq.notify_head();
-                    }
-                    guard.armed = false;
-                    return (mode != Mode::Fallback).then(|| Err(kq.timeout(now, self.limits)));
-                }
-                if kq.head() == Some(id) && !kq.driving {
-                    let paused = self.fallback.snapshot(key).paused_until;
-                    match kq.retry_at.max(paused).filter(|at| *at > now) {
-                        Some(at) => at.min(deadline),
-                        None => {
-                            kq.driving = true;
-                            kq.retry_at = None;
-                            let want = kq.queue.len().min(self.limits.requests as usize).max(1);
-                            self.spawn_take(key.to_owned(), want as u64);
-                            deadline
-                        }
-                    }
-                } else {
-                    deadline
-                }
+                let fallback = st.mode == Mode::Fallback;
+                st.fallback_waiting += usize::from(fallback);
+                fallback.then(|| FallbackWaiting(self))
             };
-            tokio::select! {
-                () = notify.notified() => {}
-                () = tokio::time::sleep_until(wake_at) => {}
+            if let Some(_waiting) = waiting {
+                let hold = {
+                    let st = self.lock();
+                    let last_release = kq.seen().last_release;
+                    [st.degraded_since, st.member_until, last_release]
+                        .into_iter()
+                        .flatten()
+                        .max()
+                };
+                if let Some(hold) = hold.map(|t| t + self.limits.span) {
+                    // Until the others see this replica gone and its Redis slots have freed, it
+                    // may not grant locally: a pause of the fallback is exactly that wait.
+                    if hold > Instant::now() {
+                        self.fallback.pause(key, hold);
+                    }
+                }
+                let grant = self.fallback.acquire(key, flow, deadline).await?;
+                return Ok(grant << 1 | 1);
+            }
+            let place = kq.fair.join(flow);
+            let check = || self.check(&kq, key, deadline);
+            let late = || Stop::Limit(self.timeout(&kq));
+            let head = async {
+                let _turn = place.turn().await;
+                self.take(&kq, key, deadline).await
+            };
+            match kq.fair.guard(deadline, check, late, head).await {
+                Ok(slot) => return Ok(slot << 1),
+                Err(Stop::Limit(e)) => return Err(e),
+                Err(Stop::Fallback) => {}
             }
         }
     }
 
-    /// One take on its own task, so its outcome reaches the queue even if the head that asked
-    /// is dropped meanwhile.
-    fn spawn_take(self: &Arc<Self>, key: String, want: u64) {
-        let shared = self.clone();
-        let first = self.next_slot.fetch_add(want, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let lim = shared.limits;
-            let mut conn = shared.conn.clone();
-            let reply: Result<Vec<u64>, String> = timed(
-                TAKE.key(shared.slots_key(&key))
-                    .key(shared.pause_key(&key))
-                    .key(shared.block_key(&key))
-                    .key(shared.members_key())
-                    .arg(lim.requests)
-                    .arg(millis(lim.span))
-                    .arg(millis(lim.lease))
-                    .arg(want)
-                    .arg(lim.replicas)
-                    .arg(lim.share)
-                    .arg(format!("{}:", shared.replica))
-                    .arg(first)
-                    .invoke_async(&mut conn),
-            )
-            .await;
-            let reply = reply.and_then(|v| match v[..] {
-                [granted, wait, paused, blocked, taken] => Ok(TakeReply {
-                    granted: granted.min(want),
-                    wait: Duration::from_millis(wait),
-                    paused: Duration::from_millis(paused),
-                    blocked: Duration::from_millis(blocked),
-                    taken,
-                }),
-                _ => Err(format!("unexpected reply from the take script: {v:?}")),
-            });
-            match reply {
-                Ok(reply) => shared.took(&key, first, reply),
-                Err(e) => {
-                    {
-                        let mut st = shared.lock();
-                        let kq = key_queue(&mut st.keys, &key);
-                        kq.driving = false;
-                    }
-                    shared.degrade(&e);
-                }
-            }
-        });
-    }
-
-    /// Hands the slots a take won to the waiters in the fair order, and mirrors what Redis
-    /// said about pauses and blocks.
-    fn took(self: &Arc<Self>, key: &str, first: u64, reply: TakeReply) {
-        let now = Instant::now();
-        // The mirror lives in the fallback limiter; only touch it when Redis knows more, so a
-        // block seen on every poll is not logged on every poll.
+    /// Why a waiter must stop now: Redis was lost, a block, or no slot before its deadline.
+    fn check(&self, kq: &KeyQueue, key: &str, deadline: Instant) -> Result<(), Stop> {
+        if self.lock().mode == Mode::Fallback {
+            return Err(Stop::Fallback);
+        }
         let local = self.fallback.snapshot(key);
-        let paused_until = (!reply.paused.is_zero()).then(|| now + reply.paused);
-        let blocked_until = (!reply.blocked.is_zero()).then(|| now + reply.blocked);
-        if let Some(until) = paused_until {
-            if local
-                .paused_until
-                .is_none_or(|p| p + Duration::from_millis(5) < until)
-            {
-                self.fallback.pause(key, until);
-            }
+        if let Some(until) = local.blocked_until {
+            let retry_after = until.saturating_duration_since(Instant::now());
+            return Err(Stop::Limit(LimitError::Blocked { retry_after }));
         }
-        if let Some(until) = blocked_until {
-            if local
-                .blocked_until
-                .is_none_or(|b| b + Duration::from_millis(5) < until)
-            {
-                self.fallback.block(key, until);
-            }
+        if (local.paused_until.max(kq.seen().free_at)).is_some_and(|t| t >= deadline) {
+            return Err(Stop::Limit(self.timeout(kq)));
         }
-        let mut unused = Vec::new();
-        {
-            let mut st = self.lock();
-            let State {
-                held,
-                next_grant,
-                keys,
-                ..
-            } = &mut *st;
-            let kq = key_queue(keys, key);
-            kq.driving = false;
-            kq.in_window = usize::try_from(reply.taken).unwrap_or(usize::MAX);
-            if let Some(until) = blocked_until {
-                kq.fail_all(LimitError::Blocked {
-                    retry_after: until - now,
-                });
-            }
-            for i in 0..reply.granted {
-                let slot = format!("{}:{}", self.replica, first + i);
-                loop {
-                    let Some(id) = kq.pop_next() else {
-                        unused.push(slot);
-                        break;
-                    };
-                    let Some(w) = kq.waiters.get_mut(&id) else {
-                        continue;
-                    };
-                    if now >= w.deadline {
-                        w.outcome = Some(Err(LimitError::Timeout {
-                            retry_after: self.limits.span,
-                        }));
-                        w.notify.notify_one();
-                        continue;
-                    }
-                    let grant = *next_grant;
-                    *next_grant += 1;
-                    held.insert(
-                        grant,
-                        Held::Redis {
-                            key: key.to_owned(),
-                            slot,
-                        },
-                    );
-                    w.outcome = Some(Ok(grant));
-                    w.notify.notify_one();
-                    break;
-                }
-            }
-            // No slot before `free`: waiters whose deadline comes first cannot be served.
-            let free = paused_until.or((!reply.wait.is_zero()).then(|| now + reply.wait));
-            if let Some(free) = free {
-                kq.fail_doomed(free, self.limits);
-            }
-            kq.retry_at = match paused_until {
-                Some(until) => Some(until.min(now + PAUSE_POLL)),
-                None => (!reply.wait.is_zero()).then(|| now + reply.wait.min(POLL_CAP)),
-            };
-            kq.notify_head();
-        }
-        for slot in unused {
-            self.spawn_return(key, slot);
-        }
+        Ok(())
     }
 
-    /// Gives back a slot whose request was never sent: it frees at once.
-    fn spawn_return(self: &Arc<Self>, key: &str, slot: String) {
-        let shared = self.clone();
-        let slots = self.slots_key(key);
-        spawn(async move {
-            let mut conn = shared.conn.clone();
-            let r: Result<i64, String> = timed(
-                ::redis::cmd("ZREM")
-                    .arg(&slots)
-                    .arg(&slot)
-                    .query_async(&mut conn),
-            )
-            .await;
-            if let Err(e) = r {
-                // The lease frees it; meanwhile the budget is smaller, never larger.
-                debug!(error = %e, "could not return an unused slot to Redis");
-            }
-        });
-    }
-
-    async fn acquire_fallback(
+    /// The head's part: asks Redis for a slot until it has one, waiting out pauses and a full
+    /// window; the slot's number.
+    async fn take(
         self: &Arc<Self>,
+        kq: &KeyQueue,
         key: &str,
-        flow: FlowId,
         deadline: Instant,
-    ) -> Result<GrantId, LimitError> {
-        let hold = {
-            let mut st = self.lock();
-            st.fallback_active += 1;
-            let last_release = st.keys.get(key).and_then(|kq| kq.last_redis_release);
-            [st.degraded_since, st.member_until, last_release]
-                .into_iter()
-                .flatten()
-                .max()
-                .map(|t| t + self.limits.span)
-        };
-        let mut active = ActiveGuard {
-            shared: self,
-            armed: true,
-        };
-        if let Some(hold) = hold.filter(|h| *h > Instant::now()) {
-            // Until the others see this replica gone and its Redis slots have freed, it may
-            // not grant locally: a pause of the fallback is exactly that wait.
-            self.fallback.pause(key, hold);
+    ) -> Result<u64, Stop> {
+        loop {
+            let now = Instant::now();
+            let paused = self.fallback.snapshot(key).paused_until;
+            let retry_at = kq.seen().retry_at.max(paused).filter(|at| *at > now);
+            if let Some(at) = retry_at {
+                tokio::time::sleep_until(at).await;
+                continue;
+            }
+            let n = self.next_slot.fetch_add(1, Ordering::Relaxed);
+            let slot = self.slot(n);
+            let reply = self.call(self.store.take(key, &slot, self.limits));
+            let mut taking = Taking {
+                core: self,
+                key,
+                slot: Some(slot.clone()),
+            };
+            let reply = match reply.await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    self.degrade(&e);
+                    return Err(Stop::Fallback);
+                }
+            };
+            self.took(kq, key, reply);
+            if reply.granted {
+                // Never grant at or after the deadline: the caller has given up by then.
+                if Instant::now() >= deadline {
+                    return Err(Stop::Limit(self.timeout(kq)));
+                }
+                taking.slot = None;
+                return Ok(n);
+            }
+            taking.slot = None;
+            if !reply.blocked.is_zero() {
+                let retry_after = reply.blocked;
+                return Err(Stop::Limit(LimitError::Blocked { retry_after }));
+            }
         }
-        let grant = self.fallback.acquire(key, flow, deadline).await?;
-        let mut st = self.lock();
-        let id = st.next_grant;
-        st.next_grant += 1;
-        st.held.insert(id, Held::Fallback(grant));
-        // The grant keeps the fallback active until it is released.
-        active.armed = false;
-        Ok(id)
+    }
+
+    /// Mirrors what Redis said about pauses and blocks, and when to ask again.
+    fn took(&self, kq: &KeyQueue, key: &str, reply: Take) {
+        let now = Instant::now();
+        if !reply.paused.is_zero() {
+            // Ignored unless it ends later than the mirror's.
+            self.fallback.pause(key, now + reply.paused);
+        }
+        // A block only when the mirror has none, so it is logged once, not on every take.
+        if !reply.blocked.is_zero() && self.fallback.snapshot(key).blocked_until.is_none() {
+            self.fallback.block(key, now + reply.blocked);
+        }
+        let mut seen = kq.seen();
+        seen.in_window = reply.taken;
+        let free = reply.wait.max(reply.paused);
+        seen.free_at = (!free.is_zero()).then(|| now + free);
+        seen.retry_at = (!reply.wait.is_zero()).then(|| now + reply.wait.min(POLL_CAP));
+        drop(seen);
+        if !reply.granted {
+            kq.fair.notify();
+        }
+    }
+
+    /// A timeout with a hint: when a request arriving now would likely be served, the queue
+    /// ahead of it included.
+    fn timeout(&self, kq: &KeyQueue) -> LimitError {
+        let free = kq.seen().free_at;
+        let free = free.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        let rounds = kq.fair.len() / self.limits.requests as usize;
+        let rounds = u32::try_from(rounds).unwrap_or(u32::MAX).saturating_add(1);
+        LimitError::Timeout {
+            retry_after: free.max(self.limits.span.saturating_mul(rounds) / 2),
+        }
     }
 
     fn release(self: &Arc<Self>, key: &str, grant: GrantId) {
-        let now = Instant::now();
-        let (held, mode) = {
-            let mut st = self.lock();
-            let held = st.held.remove(&grant);
-            match &held {
-                Some(Held::Fallback(_)) => {
-                    st.fallback_active = st.fallback_active.saturating_sub(1);
-                    st.fallback_last_release = Some(now);
-                }
-                Some(Held::Redis { key, .. }) => {
-                    key_queue(&mut st.keys, key).last_redis_release = Some(now);
-                }
-                None => {}
-            }
-            (held, st.mode)
-        };
-        match held {
-            Some(Held::Fallback(g)) => self.fallback.release(key, g),
-            Some(Held::Redis { key, slot }) => {
-                if mode == Mode::Fallback {
-                    // Sent under Redis, completed under the fallback: the fallback waits for it.
-                    self.fallback.pause(&key, now + self.limits.span);
-                }
-                let shared = self.clone();
-                spawn(async move {
-                    let mut conn = shared.conn.clone();
-                    let r: Result<i64, String> = timed(
-                        RELEASE
-                            .key(shared.slots_key(&key))
-                            .arg(&slot)
-                            .arg(millis(shared.limits.span))
-                            .invoke_async(&mut conn),
-                    )
-                    .await;
-                    if let Err(e) = r {
-                        // The slot keeps its lease: the budget shrinks until it ends, never grows.
-                        debug!(error = %e, "could not release a slot in Redis");
-                    }
-                });
-            }
-            None => {}
+        if grant & 1 == 1 {
+            return self.fallback.release(key, grant >> 1);
         }
+        let now = Instant::now();
+        self.key(key).seen().last_release = Some(now);
+        if self.lock().mode == Mode::Fallback {
+            // Sent under Redis, completed under the fallback: the fallback waits for it.
+            self.fallback.pause(key, now + self.limits.span);
+        }
+        let (core, key, slot) = (self.clone(), key.to_owned(), self.slot(grant >> 1));
+        spawn(async move {
+            let released = core.store.release(&key, &slot, core.limits.span);
+            if let Err(e) = core.call(released).await {
+                // The slot keeps its lease: the budget shrinks until it ends, never grows.
+                debug!(error = %e, "could not release a slot in Redis");
+            }
+        });
     }
 
+    /// The mirror first, so this replica honours it before Redis has it.
     fn pause(self: &Arc<Self>, key: &str, until: Instant) {
-        let now = Instant::now();
         self.fallback.pause(key, until);
-        {
-            let mut st = self.lock();
-            let kq = key_queue(&mut st.keys, key);
-            kq.fail_doomed(until, self.limits);
-            kq.notify_head();
-        }
-        self.spawn_extend(self.pause_key(key), until.saturating_duration_since(now));
+        self.share(key, Hold::Pause, until);
     }
 
     fn block(self: &Arc<Self>, key: &str, until: Instant) {
-        let now = Instant::now();
         self.fallback.block(key, until);
-        {
-            let mut st = self.lock();
-            let kq = key_queue(&mut st.keys, key);
-            kq.fail_all(LimitError::Blocked {
-                retry_after: until.saturating_duration_since(now),
-            });
-            kq.notify_head();
-        }
-        self.spawn_extend(self.block_key(key), until.saturating_duration_since(now));
+        self.share(key, Hold::Block, until);
     }
 
-    /// Shares a pause or block with every replica.
-    fn spawn_extend(self: &Arc<Self>, redis_key: String, d: Duration) {
-        let ms = millis(d);
-        if ms == 0 {
+    /// Tells this replica's waiters of a pause or block, and every other replica through Redis.
+    fn share(self: &Arc<Self>, key: &str, hold: Hold, until: Instant) {
+        self.key(key).fair.notify();
+        let left = until.saturating_duration_since(Instant::now());
+        if millis(left) == 0 {
             return;
         }
-        let shared = self.clone();
+        let (core, key) = (self.clone(), key.to_owned());
         spawn(async move {
-            let mut conn = shared.conn.clone();
-            let r: Result<i64, String> =
-                timed(EXTEND.key(&redis_key).arg(ms).invoke_async(&mut conn)).await;
-            if let Err(e) = r {
-                warn!(error = %e, key = %redis_key, "could not share a pause or block through Redis");
-                shared.degrade(&e);
+            if let Err(e) = core.call(core.store.hold(&key, hold, left)).await {
+                warn!(error = %e, key, "could not share a pause or block through Redis");
+                core.degrade(&e);
             }
         });
+    }
+
+    fn snapshot(&self, key: &str) -> LimiterSnapshot {
+        let local = self.fallback.snapshot(key);
+        let kq = self.key(key);
+        let fallback = self.lock().mode == Mode::Fallback;
+        LimiterSnapshot {
+            queued: kq.fair.len() + local.queued,
+            in_window: if fallback {
+                local.in_window
+            } else {
+                kq.seen().in_window
+            },
+            ..local
+        }
     }
 
     /// Renews (or takes) this replica's membership, valid only if it reaches Redis within
@@ -869,51 +558,42 @@ impl Shared {
         }
         let deadline = {
             let mut st = self.lock();
-            let (offset, error) = st.clock.unwrap_or_default();
+            let (at, redis_ms, error) = st.clock.ok_or("Redis's clock is not known")?;
+            let now = Instant::now();
             // Before it is sent: from now on the membership may last this long, answered or not.
-            let bound = Instant::now() + REGISTER_VALID + MEMBER_TTL + Duration::from_millis(error);
+            let bound = now + REGISTER_VALID + MEMBER_TTL + error;
             st.member_until = Some(st.member_until.map_or(bound, |m| m.max(bound)));
-            unix_millis() + offset + i64::try_from(millis(REGISTER_VALID)).unwrap_or(i64::MAX)
+            let ms = |d: Duration| i64::try_from(millis(d)).unwrap_or(i64::MAX);
+            redis_ms.saturating_add(ms(now - at) + ms(REGISTER_VALID))
         };
-        let mut conn = self.conn.clone();
-        let members: i64 = timed(
-            HEARTBEAT_SCRIPT
-                .key(self.members_key())
-                .arg(&self.replica)
-                .arg(millis(MEMBER_TTL))
-                .arg(deadline)
-                .invoke_async(&mut conn),
-        )
-        .await?;
-        if members < 0 {
-            // Slow, or the clocks moved: measure again before the next try.
-            self.lock().clock = None;
-            return Err("a registration reached Redis past its deadline".into());
+        let register = self.store.register(&self.replica, MEMBER_TTL, deadline);
+        if self.call(register).await? {
+            return Ok(());
         }
-        Ok(())
+        // Slow, or the clocks moved: measure again before the next try.
+        self.lock().clock = None;
+        Err("a registration reached Redis past its deadline".into())
     }
 
-    /// Reads Redis's `TIME`: proves Redis answers, and measures its clock against this host's.
+    /// Reads Redis's clock: proves Redis answers, and measures its clock against this host's.
     async fn read_clock(&self) -> Result<(), String> {
-        let mut conn = self.conn.clone();
-        let sent = unix_millis();
-        let (secs, micros): (i64, i64) = timed(::redis::cmd("TIME").query_async(&mut conn)).await?;
-        let received = unix_millis();
-        let redis_ms = secs * 1000 + micros / 1000;
-        let offset = redis_ms - (sent + received) / 2;
-        let error = u64::try_from((received - sent) / 2 + 1).unwrap_or(u64::MAX);
-        self.lock().clock = Some((offset, error));
+        let sent = Instant::now();
+        let redis_ms = self.call(self.store.time()).await?;
+        let half = (Instant::now() - sent) / 2;
+        self.lock().clock = Some((sent + half, redis_ms, half + Duration::from_millis(1)));
         Ok(())
     }
 
-    /// Redis failed: switch to the fallback (once) and move every waiter there.
+    /// Redis failed: switch to the fallback (once) and send every waiter there.
     fn degrade(&self, why: &str) {
-        let mut st = self.lock();
-        if st.mode == Mode::Fallback {
-            return;
-        }
-        st.mode = Mode::Fallback;
-        st.degraded_since = Some(Instant::now());
+        let keys: Vec<Arc<KeyQueue>> = {
+            let mut st = self.lock();
+            if st.mode == Mode::Fallback {
+                return;
+            }
+            (st.mode, st.degraded_since) = (Mode::Fallback, Some(Instant::now()));
+            st.keys.values().cloned().collect()
+        };
         self.degraded.store(true, Ordering::Release);
         error!(
             error = why,
@@ -921,28 +601,28 @@ impl Shared {
             replicas = self.limits.replicas,
             "Redis is unreachable: the upstream limiter falls back to a local one at N / replicas until it answers"
         );
-        for kq in st.keys.values_mut() {
-            for w in kq.waiters.values() {
-                w.notify.notify_one();
-            }
-        }
+        keys.iter().for_each(|kq| kq.fair.notify());
     }
 
-    /// Whether no fallback slot can still be counting: none held or being acquired, and the
-    /// last released `W + M` ago.
-    fn fallback_drained(&self, st: &State, now: Instant) -> bool {
-        st.fallback_active == 0
-            && st
-                .fallback_last_release
-                .is_none_or(|r| now >= r + self.limits.span)
+    /// Whether no fallback slot can still be counting: no fallback acquire unresolved, and no
+    /// fallback grant in flight or released within `W + M`.
+    fn fallback_drained(&self) -> bool {
+        let keys: Vec<String> = {
+            let st = self.lock();
+            if st.fallback_waiting > 0 {
+                return false;
+            }
+            st.keys.keys().cloned().collect()
+        };
+        keys.iter().all(|key| {
+            let local = self.fallback.snapshot(key);
+            local.in_window == 0 && local.queued == 0
+        })
     }
 
     /// One round of the background task: renew the membership, or probe Redis and move back.
     async fn beat(&self) {
-        let (mode, drained) = {
-            let st = self.lock();
-            (st.mode, self.fallback_drained(&st, Instant::now()))
-        };
+        let mode = self.lock().mode;
         match mode {
             Mode::Fallback => {
                 if self.read_clock().await.is_ok() {
@@ -954,7 +634,7 @@ impl Shared {
                     }
                 }
             }
-            Mode::Recovering if !drained => {
+            Mode::Recovering if !self.fallback_drained() => {
                 if let Err(e) = self.read_clock().await {
                     self.degrade(&e);
                 }
@@ -974,163 +654,390 @@ impl Shared {
 }
 
 /// Renews the membership and probes Redis until the limiter is dropped.
-async fn heartbeat(shared: Weak<Shared>) {
+async fn heartbeat<S: SlotStore>(core: Weak<Core<S>>) {
     loop {
         tokio::time::sleep(HEARTBEAT).await;
-        let Some(shared) = shared.upgrade() else {
+        let Some(core) = core.upgrade() else {
             return;
         };
-        shared.beat().await;
+        core.beat().await;
     }
 }
 
 /// Spawns on the current runtime; outside one (a release from a drop at shutdown) the work is
 /// skipped, which only keeps a slot until its lease ends.
-fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) {
+fn spawn(task: impl Future<Output = ()> + Send + 'static) {
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(task);
     }
 }
 
-/// The queue of `key`, created on first use.
-fn key_queue<'m>(keys: &'m mut HashMap<String, KeyQueue>, key: &str) -> &'m mut KeyQueue {
-    if !keys.contains_key(key) {
-        keys.insert(key.to_owned(), KeyQueue::default());
-    }
-    keys.get_mut(key)
-        .expect("the key queue was inserted just above")
-}
-
-/// Withdraws a queued waiter whose future is dropped, returning a slot it won but never saw.
-struct QueueGuard<'a> {
-    shared: &'a Arc<Shared>,
-    key: &'a str,
-    id: WaiterId,
-    armed: bool,
-}
-
-impl Drop for QueueGuard<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let unused = {
-            let mut st = self.shared.lock();
-            let State { held, keys, .. } = &mut *st;
-            let kq = key_queue(keys, self.key);
-            let head = kq.head();
-            let outcome = kq.waiters.get_mut(&self.id).and_then(|w| w.outcome.take());
-            kq.withdraw(self.id);
-            if head == Some(self.id) {
-                kq.notify_head();
-            }
-            match outcome {
-                Some(Ok(grant)) => match held.remove(&grant) {
-                    Some(Held::Redis { slot, .. }) => Some(slot),
-                    _ => None,
-                },
-                _ => None,
-            }
-        };
-        if let Some(slot) = unused {
-            self.shared.spawn_return(self.key, slot);
-        }
-    }
-}
-
-/// Counts a fallback acquire as active until it is granted (then the grant counts) or dropped.
-struct ActiveGuard<'a> {
-    shared: &'a Shared,
-    armed: bool,
-}
-
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let mut st = self.shared.lock();
-            st.fallback_active = st.fallback_active.saturating_sub(1);
-        }
-    }
-}
-
-// === impl KeyQueue ===
-
 impl KeyQueue {
-    fn head(&self) -> Option<WaiterId> {
-        self.queue.head()
+    fn seen(&self) -> MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<S: SlotStore> Drop for Taking<'_, S> {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        // Sent after the take on the same connection, so it runs after it, even late.
+        let (core, key) = (self.core.clone(), self.key.to_owned());
+        spawn(async move {
+            if let Err(e) = core.call(core.store.give_back(&key, &slot)).await {
+                // The lease frees it; meanwhile the budget is smaller, never larger.
+                debug!(error = %e, "could not return an unused slot to Redis");
+            }
+        });
+    }
+}
+
+impl<S> Drop for FallbackWaiting<'_, S> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.fallback_waiting -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use tokio::task::JoinHandle;
+
+    use super::super::slots::mem::MemStore;
+    use super::*;
+
+    const KEY: &str = "https://example.kommo.com";
+    const HOUR: Duration = Duration::from_secs(3600);
+    /// `W + M` of [`config`].
+    const SPAN: Duration = Duration::from_millis(1050);
+
+    type Replica = Arc<Core<MemStore>>;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 
-    fn notify_head(&self) {
-        if let Some(w) = self.head().and_then(|id| self.waiters.get(&id)) {
-            w.notify.notify_one();
+    /// `requests` per second, 50 ms margin, shared by `replicas`.
+    fn config(requests: u32, replicas: u32) -> RedisLimiterConfig {
+        RedisLimiterConfig {
+            url: String::new(),
+            key_prefix: String::new(),
+            limiter: LimiterConfig {
+                requests,
+                window: Duration::from_secs(1),
+                margin: ms(50),
+            },
+            replicas,
+            lease: Duration::from_secs(5),
         }
     }
 
-    fn enqueue(&mut self, id: WaiterId, flow: FlowId, deadline: Instant, notify: Arc<Notify>) {
-        self.queue.push(flow, id);
-        self.waiters.insert(
-            id,
-            Waiter {
-                flow,
-                deadline,
-                notify,
-                outcome: None,
-            },
+    /// A replica on its own connection to `store`'s server.
+    async fn replica(store: &MemStore, cfg: &RedisLimiterConfig) -> Replica {
+        Core::start(store.link(), cfg).await
+    }
+
+    /// An acquire whose request completes at once; the instant it was granted.
+    async fn take(r: &Replica, flow: FlowId, deadline: Instant) -> Result<Instant, LimitError> {
+        let grant = r.acquire(KEY, flow, deadline).await?;
+        r.release(KEY, grant);
+        Ok(Instant::now())
+    }
+
+    fn spawn_take(
+        r: &Replica,
+        flow: FlowId,
+        deadline: Instant,
+    ) -> JoinHandle<Result<Instant, LimitError>> {
+        let r = r.clone();
+        tokio::spawn(async move { take(&r, flow, deadline).await })
+    }
+
+    /// When each of `tasks` was granted, after `t0`, sorted.
+    async fn granted(
+        tasks: Vec<JoinHandle<Result<Instant, LimitError>>>,
+        t0: Instant,
+    ) -> Vec<Duration> {
+        let mut at = Vec::new();
+        for t in tasks {
+            at.push(t.await.expect("the task ran").expect("a grant") - t0);
+        }
+        at.sort();
+        at
+    }
+
+    /// Lets (paused) time pass until `done`; the instant it was.
+    async fn until(what: &str, done: impl Fn() -> bool) -> Instant {
+        for _ in 0..10_000 {
+            if done() {
+                return Instant::now();
+            }
+            tokio::time::sleep(ms(10)).await;
+        }
+        panic!("{what}: not within 100 s");
+    }
+
+    /// Fails if any closed interval of length `window` holds more than `n` of the sorted `grants`.
+    fn assert_at_most_n_per_window(grants: &[Instant], n: usize, window: Duration) {
+        for w in grants.windows(n + 1) {
+            assert!(
+                w[n] - w[0] > window,
+                "{} grants within {:?}",
+                n + 1,
+                w[n] - w[0]
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_replica_not_a_member_has_its_share_in_reserve() {
+        let store = MemStore::new();
+        let cfg = config(6, 3);
+        let a = replica(&store, &cfg).await;
+        assert_eq!(store.members(), std::slice::from_ref(&a.replica));
+
+        // Alone, A may use N less two absent replicas' shares of 2.
+        let t0 = Instant::now();
+        let tasks = (0..3).map(|flow| spawn_take(&a, flow, t0 + HOUR)).collect();
+        let at = granted(tasks, t0).await;
+        assert_eq!(at[..2], [Duration::ZERO; 2]);
+        assert!(at[2] >= SPAN && at[2] <= SPAN + POLL_CAP, "{at:?}");
+
+        // With B, one share stays in reserve.
+        tokio::time::sleep(ms(3000)).await;
+        let b = replica(&store, &cfg).await;
+        let t1 = Instant::now();
+        let tasks = (0..5)
+            .map(|flow| spawn_take(if flow < 3 { &a } else { &b }, flow, t1 + HOUR))
+            .collect();
+        let at = granted(tasks, t1).await;
+        assert_eq!(at[..4], [Duration::ZERO; 4]);
+        assert!(at[4] >= SPAN, "{at:?}");
+
+        // With C, none.
+        tokio::time::sleep(ms(3000)).await;
+        let c = replica(&store, &cfg).await;
+        let t2 = Instant::now();
+        let tasks = (0..6)
+            .map(|flow| spawn_take([&a, &b, &c][flow as usize % 3], flow, t2 + HOUR))
+            .collect();
+        assert_eq!(granted(tasks, t2).await, [Duration::ZERO; 6]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_cut_off_grants_locally_only_once_its_membership_and_slots_expired() {
+        let store = MemStore::new();
+        let cfg = config(6, 3);
+        let a = replica(&store, &cfg).await;
+        let t0 = Instant::now();
+        let in_flight = a.acquire(KEY, 1, t0 + HOUR).await.expect("a slot");
+        tokio::time::sleep(ms(500)).await;
+
+        a.store.cut(true);
+        let member_until = store.member_until(&a.replica).expect("a member");
+        let first = spawn_take(&a, 2, t0 + HOUR);
+        until("A falls back", || a.degraded()).await;
+        let first = first
+            .await
+            .expect("the task ran")
+            .expect("a fallback grant");
+        assert!(first >= member_until + SPAN, "{:?}", first - t0);
+
+        // A request sent under Redis and completed under the fallback holds it W + M.
+        a.release(KEY, in_flight);
+        let next = take(&a, 3, t0 + HOUR).await.expect("a fallback grant");
+        assert_eq!(next, first + SPAN);
+        // The fallback's budget is N / replicas.
+        let burst = (4..8).map(|flow| spawn_take(&a, flow, t0 + HOUR)).collect();
+        let at = granted(burst, next).await;
+        assert_eq!(at, [ms(0), SPAN, SPAN, SPAN * 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn back_on_redis_a_replica_takes_slots_at_once_and_registers_once_its_fallback_freed() {
+        let store = MemStore::new();
+        let cfg = config(6, 3);
+        let a = replica(&store, &cfg).await;
+        let _b = replica(&store, &cfg).await;
+        a.store.cut(true);
+        until("A falls back", || a.degraded()).await;
+        let fallback = take(&a, 1, Instant::now() + HOUR)
+            .await
+            .expect("a fallback grant");
+
+        a.store.cut(false);
+        until("A shares again", || !a.degraded()).await;
+        assert_eq!(store.members().len(), 1, "only B is a member");
+        // A takes from Redis at once, as a non-member: its reserve covers its fallback slot.
+        let t = Instant::now();
+        assert_eq!(take(&a, 2, t + HOUR).await, Ok(t));
+        assert_eq!(store.taken(KEY), 1);
+        // It registers only once its fallback slot has freed.
+        let joined = until("A registers", || store.members().contains(&a.replica)).await;
+        assert!(joined >= fallback + SPAN, "{:?}", joined - fallback);
+        assert!(joined <= fallback + SPAN + HEARTBEAT + ms(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_registration_that_waited_behind_a_stalled_redis_past_its_deadline_is_refused() {
+        let store = MemStore::new();
+        let a = replica(&store, &config(6, 3)).await;
+        let t0 = Instant::now();
+        // A short stall: the registration sent at 1.2 s waits until 1.3 s, and still counts.
+        tokio::time::sleep_until(t0 + ms(1010)).await;
+        store.stall();
+        tokio::time::sleep_until(t0 + ms(1300)).await;
+        store.resume();
+        assert_eq!(
+            store.member_until(&a.replica),
+            Some(t0 + ms(1300) + MEMBER_TTL)
+        );
+        assert!(!a.degraded());
+
+        // A long one: A gives up on the next registration and falls back; when Redis runs it,
+        // far past its deadline, it is refused.
+        store.stall();
+        until("A falls back", || a.degraded()).await;
+        tokio::time::sleep_until(t0 + ms(5000)).await;
+        store.resume();
+        assert_eq!(
+            store.member_until(&a.replica),
+            Some(t0 + ms(1300) + MEMBER_TTL)
+        );
+        assert!(store.members().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_take_given_up_behind_a_stalled_redis_gives_its_slot_back_when_it_runs() {
+        let store = MemStore::new();
+        let a = replica(&store, &config(6, 3)).await;
+        let t0 = Instant::now();
+        store.stall();
+        let waiting = spawn_take(&a, 1, t0 + HOUR);
+        until("A falls back", || a.degraded()).await;
+        // Resumed while A is still a member: the late take is granted, and given back at once.
+        tokio::time::sleep_until(t0 + ms(800)).await;
+        store.resume();
+        assert_eq!(store.taken(KEY), 0);
+        assert!(
+            waiting.await.expect("the task ran").is_ok(),
+            "served by the fallback"
         );
     }
 
-    /// The next waiter in the fair order, taken out of its flow's queue (its entry stays).
-    fn pop_next(&mut self) -> Option<WaiterId> {
-        self.queue.pop()
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_or_block_seen_by_one_replica_holds_the_others() {
+        let store = MemStore::new();
+        let cfg = config(6, 2);
+        let (a, b) = (replica(&store, &cfg).await, replica(&store, &cfg).await);
+        let t0 = Instant::now();
+        a.pause(KEY, t0 + ms(2000));
+        // A honours it at once: a deadline inside it fails without waiting.
+        let doomed = take(&a, 1, t0 + ms(1500)).await;
+        assert!(
+            matches!(doomed, Err(LimitError::Timeout { .. })),
+            "{doomed:?}"
+        );
+
+        // B learns it from Redis on its first take, and waits it out.
+        let waiting = spawn_take(&b, 2, t0 + HOUR);
+        until("B sees the pause", || {
+            b.snapshot(KEY).paused_until.is_some()
+        })
+        .await;
+        let doomed = take(&b, 3, t0 + ms(1500)).await;
+        assert!(
+            matches!(doomed, Err(LimitError::Timeout { .. })),
+            "{doomed:?}"
+        );
+        let at = waiting.await.expect("the task ran").expect("a grant");
+        assert!(at >= t0 + ms(2000), "{:?}", at - t0);
+
+        let t1 = Instant::now();
+        a.block(KEY, t1 + ms(10_000));
+        tokio::time::sleep(ms(1)).await;
+        let blocked = take(&b, 4, t1 + HOUR).await;
+        assert!(
+            matches!(blocked, Err(LimitError::Blocked { .. })),
+            "{blocked:?}"
+        );
+        assert!(b.snapshot(KEY).blocked_until.is_some());
+        assert!(matches!(
+            take(&b, 5, t1 + HOUR).await,
+            Err(LimitError::Blocked { .. })
+        ));
     }
 
-    /// Takes a waiter out of the queue and forgets it.
-    fn withdraw(&mut self, id: WaiterId) {
-        if let Some(flow) = self.waiters.remove(&id).map(|w| w.flow) {
-            self.queue.remove(flow, id);
+    /// A small deterministic generator: the test needs varied schedules, not crypto.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
         }
     }
 
-    fn fail_all(&mut self, err: LimitError) {
-        while let Some(id) = self.pop_next() {
-            if let Some(w) = self.waiters.get_mut(&id) {
-                w.outcome = Some(Err(err.clone()));
-                w.notify.notify_one();
+    #[tokio::test(start_paused = true)]
+    async fn no_window_holds_more_than_n_across_outages_stalls_and_recoveries() {
+        for seed in 1..=4u64 {
+            let mut rng = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let store = MemStore::new();
+            let cfg = config(6, 3);
+            let mut replicas = Vec::new();
+            for _ in 0..3 {
+                replicas.push(replica(&store, &cfg).await);
             }
-        }
-    }
-
-    /// Fails the queued waiters whose deadline comes before `free`, the earliest grant.
-    fn fail_doomed(&mut self, free: Instant, lim: Limits) {
-        let now = Instant::now();
-        let doomed: Vec<WaiterId> = self
-            .waiters
-            .iter()
-            .filter(|(_, w)| w.outcome.is_none() && w.deadline <= free)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in doomed {
-            let err = self.timeout(now, lim);
-            let Some(flow) = self.waiters.get(&id).map(|w| w.flow) else {
-                continue;
-            };
-            self.queue.remove(flow, id);
-            if let Some(w) = self.waiters.get_mut(&id) {
-                w.outcome = Some(Err(err));
-                w.notify.notify_one();
+            let t0 = Instant::now();
+            let grants = Arc::new(Mutex::new(Vec::new()));
+            let tasks: Vec<_> = (0..400)
+                .map(|_| {
+                    let r = replicas[rng.below(3) as usize].clone();
+                    let (flow, grants) = (rng.below(5), grants.clone());
+                    let arrive = t0 + ms(rng.below(30_000));
+                    let deadline = arrive + ms(rng.below(5_000));
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(arrive).await;
+                        if let Ok(at) = take(&r, flow, deadline).await {
+                            assert!(at < deadline, "granted at or after the deadline");
+                            grants
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(at);
+                        }
+                    })
+                })
+                .collect();
+            // One replica cut off, then all of them, then Redis back, then a stall.
+            let cut =
+                |which: &[usize], cut: bool| which.iter().for_each(|i| replicas[*i].store.cut(cut));
+            tokio::time::sleep_until(t0 + ms(5_000)).await;
+            cut(&[0], true);
+            tokio::time::sleep_until(t0 + ms(10_000)).await;
+            cut(&[1, 2], true);
+            tokio::time::sleep_until(t0 + ms(15_000)).await;
+            cut(&[0, 1, 2], false);
+            tokio::time::sleep_until(t0 + ms(20_000)).await;
+            store.stall();
+            tokio::time::sleep_until(t0 + ms(22_000)).await;
+            store.resume();
+            for t in tasks {
+                t.await.expect("the task ran");
             }
-        }
-    }
-
-    /// A timeout with a hint: when a request arriving now would likely be served, the queue
-    /// ahead of it included.
-    fn timeout(&self, now: Instant, lim: Limits) -> LimitError {
-        let rounds = u32::try_from(self.queue.len() / lim.requests as usize).unwrap_or(u32::MAX);
-        let free = self
-            .retry_at
-            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
-        LimitError::Timeout {
-            retry_after: free.max(lim.span.saturating_mul(rounds.saturating_add(1)) / 2),
+            let mut grants = grants
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            grants.sort();
+            assert!(grants.len() > 100, "seed {seed}: {} grants", grants.len());
+            assert_at_most_n_per_window(&grants, 6, Duration::from_secs(1));
+            assert!(replicas.iter().all(|r| !r.degraded()));
         }
     }
 }

@@ -19,6 +19,7 @@
 
 pub mod cache;
 pub mod limiter;
+mod slots;
 
 use std::time::Duration;
 

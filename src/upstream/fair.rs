@@ -1,140 +1,223 @@
-//! The fair order in which waiting upstream requests get their permits: round-robin across
-//! flows (client requests), FIFO within a flow. A one-stage request arriving behind a 40-stage
-//! one is served after one more grant to the big one, not after all 40.
+//! The fair order in which waiting upstream requests get their turn: round-robin across flows
+//! (client requests), FIFO within a flow. A one-stage request arriving behind a 40-stage one is
+//! served after one more grant to the big one, not after all 40.
 //!
-//! Shared by the in-process and the Redis limiter; each keeps its own waiter records beside it.
+//! Built from tokio's primitives. The turns are a semaphore, which is FIFO and cancel-safe: a
+//! dropped waiter leaves its queue, and a turn it was handed but never saw goes back. Each flow
+//! has a gate, a FIFO mutex its oldest waiter holds while it queues for a turn, so a flow has at
+//! most one waiter in the semaphore's queue: the semaphore then serves the flows in turn, and
+//! a flow's next waiter joins the back of that queue when the one before it is served.
+//!
+//! Shared by the in-process limiter (a turn is a slot) and the Redis one (a turn is being the
+//! head that asks Redis for a slot).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::{watch, Semaphore, SemaphorePermit};
+use tokio::time::Instant;
 
 use super::limiter::FlowId;
 
-/// Identifies one waiter within a limiter.
-pub type WaiterId = u64;
-
 /// Waiters of one key in fair order.
-#[derive(Debug, Default)]
 pub struct FairQueue {
-    /// Flows with waiters, in round-robin order: the front flow is served next.
-    rotation: VecDeque<FlowId>,
-    /// Each flow's waiters, FIFO. A flow is removed when its queue empties, so the map does not
-    /// grow with the number of client requests ever seen.
-    flows: HashMap<FlowId, VecDeque<WaiterId>>,
-    /// Waiters queued, kept so callers need not sum the queues.
+    /// The turns waiters queue for.
+    turns: Semaphore,
+    /// The flows with waiters. A blocking mutex: held for a few map operations, never across
+    /// an await.
+    flows: Mutex<Flows>,
+    /// Sent whenever what waiters check may have changed (a pause, a block, Redis lost), so
+    /// they look again.
+    news: watch::Sender<()>,
+}
+
+#[derive(Default)]
+struct Flows {
+    /// Each flow's gate and how many of its waiters are queued; a flow leaves the map with its
+    /// last waiter, so the map does not grow with the client requests ever seen.
+    gates: HashMap<FlowId, (Arc<tokio::sync::Mutex<()>>, usize)>,
+    /// Waiters queued, kept so callers need not sum the flows.
     len: usize,
 }
 
+/// One waiter's place in the queue; dropping it withdraws the waiter.
+pub struct Place<'a> {
+    queue: &'a FairQueue,
+    flow: FlowId,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+// === impl FairQueue ===
+
 impl FairQueue {
+    /// A queue with `turns` turns (at most tokio's limit for a semaphore).
+    pub fn new(turns: usize) -> Self {
+        FairQueue {
+            turns: Semaphore::new(turns.min(Semaphore::MAX_PERMITS)),
+            flows: Mutex::default(),
+            news: watch::Sender::new(()),
+        }
+    }
+
+    fn flows(&self) -> MutexGuard<'_, Flows> {
+        // Every update is a few map writes; a panic elsewhere leaves nothing half-done.
+        self.flows.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The turns, for a caller that hands turns back later or counts the free ones.
+    pub fn turns(&self) -> &Semaphore {
+        &self.turns
+    }
+
+    /// Waiters queued.
     pub fn len(&self) -> usize {
-        self.len
+        self.flows().len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// The waiter served next.
-    pub fn head(&self) -> Option<WaiterId> {
-        let flow = self.rotation.front()?;
-        self.flows.get(flow)?.front().copied()
+    /// A turn at once, only when nobody waits: a newcomer never overtakes the queue.
+    pub fn try_turn(&self) -> Option<SemaphorePermit<'_>> {
+        self.is_empty().then(|| self.turns.try_acquire().ok())?
     }
 
-    /// Queues `id` at the back of its flow; a flow new to the queue joins the back of the
-    /// rotation.
-    pub fn push(&mut self, flow: FlowId, id: WaiterId) {
-        let queue = self.flows.entry(flow).or_default();
-        if queue.is_empty() {
-            self.rotation.push_back(flow);
-        }
-        queue.push_back(id);
-        self.len += 1;
-    }
-
-    /// Takes the next waiter in the fair order: the front flow's oldest, after which the flow
-    /// goes to the back of the rotation if it still waits for more.
-    pub fn pop(&mut self) -> Option<WaiterId> {
-        while let Some(flow) = self.rotation.pop_front() {
-            let Some(queue) = self.flows.get_mut(&flow) else {
-                continue;
-            };
-            let Some(id) = queue.pop_front() else {
-                self.flows.remove(&flow);
-                continue;
-            };
-            if queue.is_empty() {
-                self.flows.remove(&flow);
-            } else {
-                self.rotation.push_back(flow);
-            }
-            self.len -= 1;
-            return Some(id);
-        }
-        None
-    }
-
-    /// Takes `id` (of `flow`) out of the queue; false if it was not queued.
-    pub fn remove(&mut self, flow: FlowId, id: WaiterId) -> bool {
-        let Some(queue) = self.flows.get_mut(&flow) else {
-            return false;
-        };
-        let Some(pos) = queue.iter().position(|w| *w == id) else {
-            return false;
-        };
-        queue.remove(pos);
-        self.len -= 1;
-        if queue.is_empty() {
-            self.flows.remove(&flow);
-            self.rotation.retain(|f| *f != flow);
-        }
-        true
-    }
-
-    /// A lower bound on how many grants precede a new waiter of `flow`.
+    /// A lower bound on how many turns go before a new waiter of `flow`: its flow's waiters,
+    /// and one of every other flow waiting (each has one in the semaphore's queue).
     pub fn min_ahead(&self, flow: FlowId) -> usize {
-        let own = self.flows.get(&flow).map_or(0, VecDeque::len);
-        if own == 0 {
-            // A new flow joins the back of the rotation: every flow in it is served once first.
-            return self.rotation.len();
+        let flows = self.flows();
+        let own = flows.gates.get(&flow).map_or(0, |(_, n)| *n);
+        own + flows.gates.len() - usize::from(own > 0)
+    }
+
+    /// Queues a waiter of `flow`.
+    pub fn join(&self, flow: FlowId) -> Place<'_> {
+        let mut flows = self.flows();
+        flows.len += 1;
+        let (gate, n) = flows.gates.entry(flow).or_default();
+        *n += 1;
+        Place {
+            queue: self,
+            flow,
+            gate: gate.clone(),
         }
-        let others: usize = self
-            .flows
-            .iter()
-            .filter(|(f, _)| **f != flow)
-            .map(|(_, q)| q.len().min(own))
-            .sum();
-        own + others
+    }
+
+    /// Makes every waiter run its check again.
+    pub fn notify(&self) {
+        self.news.send_replace(());
+    }
+
+    /// Runs a waiter's `work` until it resolves, failing with `check`'s error as soon as that
+    /// fails (asked now and after every [`notify`](Self::notify)) and with `late()` once
+    /// `deadline` passes.
+    pub async fn guard<T, E>(
+        &self,
+        deadline: Instant,
+        mut check: impl FnMut() -> Result<(), E>,
+        late: impl FnOnce() -> E,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let mut news = self.news.subscribe();
+        let mut work = std::pin::pin!(work);
+        loop {
+            check()?;
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(deadline) => return Err(late()),
+                // The sender lives as long as the queue: this never fails while it is borrowed.
+                _ = news.changed() => {}
+                result = &mut work => return result,
+            }
+        }
+    }
+}
+
+// === impl Place ===
+
+impl Place<'_> {
+    /// Waits for this waiter's turn: after the earlier waiters of its flow (the gate), in the
+    /// semaphore's FIFO with one waiter of every other flow.
+    pub async fn turn(&self) -> SemaphorePermit<'_> {
+        let _gate = self.gate.lock().await;
+        self.queue
+            .turns
+            .acquire()
+            .await
+            .expect("a fair queue never closes its turns")
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let mut flows = self.queue.flows();
+        flows.len -= 1;
+        if let Some((_, n)) = flows.gates.get_mut(&self.flow) {
+            *n -= 1;
+            if *n == 0 {
+                flows.gates.remove(&self.flow);
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
-    #[test]
-    fn round_robin_across_flows_fifo_within() {
-        let mut q = FairQueue::default();
-        for id in 0..4 {
-            q.push(1, id);
+    /// Waiters of flows 1, 1, 1, 1, 2, 3, 2 queue for one turn, handed out one at a time once
+    /// all are queued: the flows take turns.
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_across_flows_fifo_within() {
+        let q = Arc::new(FairQueue::new(1));
+        let first = q.try_turn().expect("a free turn");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let tasks: Vec<_> = [1, 1, 1, 1, 2, 3, 2]
+            .into_iter()
+            .map(|flow| {
+                let (q, order) = (q.clone(), order.clone());
+                tokio::spawn(async move {
+                    let place = q.join(flow);
+                    place.turn().await.forget();
+                    order.lock().unwrap().push(flow);
+                })
+            })
+            .collect();
+        while q.len() < 7 {
+            tokio::task::yield_now().await;
         }
-        q.push(2, 10);
-        q.push(3, 20);
-        q.push(2, 11);
-        assert_eq!(q.len(), 7);
         assert_eq!(q.min_ahead(9), 3);
-        let order: Vec<WaiterId> = std::iter::from_fn(|| q.pop()).collect();
-        assert_eq!(order, vec![0, 10, 20, 1, 11, 2, 3]);
-        assert!(q.is_empty() && q.head().is_none());
+        // Its own two, and one of flow 1 and of flow 3.
+        assert_eq!(q.min_ahead(2), 2 + 1 + 1);
+        drop(first);
+        for _ in 0..7 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            q.turns().add_permits(1);
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![1, 2, 3, 1, 2, 1, 1]);
+        assert_eq!(q.len(), 0);
     }
 
-    #[test]
-    fn removing_the_last_waiter_of_a_flow_drops_the_flow() {
-        let mut q = FairQueue::default();
-        q.push(1, 0);
-        q.push(2, 1);
-        assert!(q.remove(1, 0));
-        assert!(!q.remove(1, 0));
-        assert_eq!(q.head(), Some(1));
-        assert_eq!(q.min_ahead(1), 1);
-        assert_eq!(q.pop(), Some(1));
-        assert_eq!(q.pop(), None);
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_place_leaves_the_queue_and_its_flow() {
+        let q = FairQueue::new(0);
+        let a = q.join(1);
+        let b = q.join(2);
+        assert_eq!((q.len(), q.min_ahead(3)), (2, 2));
+        drop(a);
+        assert_eq!((q.len(), q.min_ahead(3)), (1, 1));
+        let waited = tokio::time::timeout(Duration::from_secs(1), b.turn()).await;
+        assert!(waited.is_err(), "no turn to take");
+        drop(waited);
+        drop(b);
+        assert_eq!(q.len(), 0);
+        assert!(q.try_turn().is_none());
     }
 }

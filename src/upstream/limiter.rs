@@ -23,27 +23,28 @@
 //!
 //! # Waiting, fairness and timers
 //!
-//! Waiters of one key are queued per flow (one client request), FIFO within a flow, and granted
-//! round-robin across flows, so a small request is not stuck behind a big fan-out.
-//! No task is spawned: the waiters drive the limiter themselves. Every poll of a waiter first
-//! grants whatever the window allows, in the fair order; the waiter at the head of the queue
-//! sleeps until the instant the next permit frees (or the pause ends), every other waiter only
-//! until its own deadline. Whoever changes the head (a grant, a withdrawal, a timeout) wakes the
-//! new head so it arms its timer. The uncontended path (a permit free, nobody waiting) is one lock
-//! and one push.
+//! Each key's slots are the turns of a [`FairQueue`]: a FIFO semaphore of `N` permits behind
+//! per-flow gates, so waiters are served FIFO within a flow (one client request) and
+//! round-robin across flows, and a small request is not stuck behind a big fan-out. A grant
+//! forgets its permit; [`release`](UpstreamLimiter::release) records the instant and hands the
+//! permit back `W + M` later, from a timer task or from whichever acquire or snapshot comes
+//! first after that instant. Dropping an acquire leaves the semaphore's queue (tokio returns a
+//! permit handed to it but never seen), so withdrawal costs no slot. Pauses and blocks are
+//! checked by every waiter when they change; a waiter granted a permit during a pause holds it
+//! until the pause ends, keeping its place. The release instants also give the earliest
+//! possible grant, so an acquire that cannot be served before its deadline fails at once.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::future::{poll_fn, BoxFuture};
+use tokio::sync::SemaphorePermit;
+use tokio::time::Instant;
 
-use super::fair::{FairQueue, WaiterId};
-use tokio::time::{Instant, Sleep};
+use super::fair::FairQueue;
 
 /// One client request: all the upstream calls one client request makes share a flow, and
 /// fairness is between flows.
@@ -152,17 +153,14 @@ pub trait UpstreamLimiter: Send + Sync + 'static {
 /// The in-process limiter: exact for one proxy instance (several instances in front of one
 /// account need a shared implementation).
 ///
-/// Like any future, an acquire makes progress only while polled: the waiter at the head of a
-/// key's queue arms the timer for the next free slot. A future left pending but never polled
-/// again holds up its key until it is dropped or another waiter's deadline timer fires.
+/// Like any future, an acquire makes progress only while polled: a future left pending but
+/// never polled again keeps a slot handed to it until it is dropped.
 pub struct LocalLimiter {
     /// `N` and `W + M`, fixed at construction.
     limits: Limits,
-    /// All keys behind one `std::sync::Mutex`: every critical section is short and never spans
-    /// an await (tokio recommends the blocking mutex for exactly that), and keys are few (one per
-    /// upstream origin), so one lock costs less than a lock per key plus a map lock on the
-    /// uncontended path.
-    inner: Mutex<Inner>,
+    /// Per-key state; entries are never removed: keys are upstream origins, a handful at most.
+    /// A blocking mutex, held for one lookup and never across an await.
+    keys: Mutex<HashMap<String, Arc<Key>>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -173,52 +171,35 @@ struct Limits {
     span: Duration,
 }
 
-struct Inner {
-    /// Per-key state; entries are never removed: keys are upstream origins, a handful at most.
-    keys: HashMap<String, KeyState>,
-    /// Source of waiter ids, unique across keys.
-    next_waiter: WaiterId,
+/// The state of one key.
+struct Key {
+    limits: Limits,
+    /// The waiters, in fair order; its turns are the free slots.
+    queue: FairQueue,
+    /// What the turns do not tell. A blocking mutex: every critical section is short and never
+    /// spans an await (tokio recommends the blocking mutex for exactly that).
+    book: Mutex<Book>,
 }
 
 #[derive(Default)]
-struct KeyState {
+struct Book {
     /// Taken slots whose request is in flight.
     in_flight: HashSet<GrantId>,
-    /// Release instants of the slots freeing within `W + M`, oldest first (releases happen in
-    /// clock order, so expired ones are always at the front: pruning is O(1) per slot).
-    released: VecDeque<Instant>,
     /// Source of grant ids for this key.
     next_grant: GrantId,
-    /// Queued waiters in fair order.
-    queue: FairQueue,
-    /// Every waiter not yet resolved to its future: queued ones, and decided ones whose future
-    /// has not yet seen the outcome.
-    waiters: HashMap<WaiterId, Waiter>,
+    /// Release instants of the slots not yet handed back to the turns, oldest first (recorded
+    /// under this lock, so in clock order: the freed ones are always at the front).
+    released: VecDeque<Instant>,
+    /// Turns held by waiters waiting out a pause: not free, but no slot either.
+    parked: usize,
     /// End of the latest pause (`429`); may lie in the past.
     paused_until: Option<Instant>,
     /// End of the latest block (`403`); may lie in the past.
     blocked_until: Option<Instant>,
 }
 
-struct Waiter {
-    /// The flow whose queue holds this waiter, to find it again on withdrawal.
-    flow: FlowId,
-    /// No grant at or after this instant.
-    deadline: Instant,
-    /// Wakes the task polling this waiter's future.
-    waker: Waker,
-    /// Set when the waiter was decided by someone else's poll, until its own future takes it.
-    outcome: Option<Outcome>,
-}
-
-enum Outcome {
-    /// Granted; the id identifies the slot to return if the future is dropped before it saw
-    /// the permit.
-    Granted {
-        id: GrantId,
-    },
-    Failed(LimitError),
-}
+/// Counts a turn held through a pause as no slot, until dropped.
+struct Parked<'a>(&'a Key);
 
 // === impl LocalLimiter ===
 
@@ -231,142 +212,26 @@ impl LocalLimiter {
                 requests: usize::try_from(cfg.requests.max(1)).unwrap_or(usize::MAX),
                 span: cfg.window.saturating_add(cfg.margin),
             },
-            inner: Mutex::new(Inner {
-                keys: HashMap::new(),
-                next_waiter: 0,
-            }),
+            keys: Mutex::default(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the state half-updated in a way that
-        // breaks the window guarantee (grants are recorded in one push), so keep serving.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// One poll of an acquire future, under the lock. Wakers to call are pushed to `wakers` and
-    /// called by the caller after the lock is released.
-    fn step(
-        &self,
-        key: &str,
-        flow: FlowId,
-        deadline: Instant,
-        state: &mut AcquireState,
-        waker: &Waker,
-        wakers: &mut Vec<Waker>,
-    ) -> Step {
-        let lim = self.limits;
-        let mut guard = self.lock();
-        // Read the clock under the lock so grant instants are recorded in order.
-        let now = Instant::now();
-        let Inner { keys, next_waiter } = &mut *guard;
-        let st = key_state(keys, key);
-        match *state {
-            // A future polled after it resolved is a caller bug, as for any future.
-            AcquireState::Done => panic!("rate-limiter acquire polled after it resolved"),
-            AcquireState::Fresh => {
-                if let Some(until) = st.blocked_at(now) {
-                    *state = AcquireState::Done;
-                    return Step::Ready(Err(LimitError::Blocked {
-                        retry_after: until - now,
-                    }));
-                }
-                let head = st.head();
-                st.dispatch(now, lim, None, wakers);
-                st.wake_head(head, None, false, wakers);
-                // The fast path: only when nobody waits, so a newcomer never overtakes the queue.
-                if st.queue.is_empty() {
-                    if let Some(grant) = st.try_grant(now, lim) {
-                        *state = AcquireState::Done;
-                        return Step::Ready(Ok(grant));
-                    }
-                }
-                let earliest = st.eta(st.min_ahead(flow), now, lim);
-                if now >= deadline || earliest.is_none_or(|t| t >= deadline) {
-                    // Failing now rather than at the deadline frees the client sooner. The
-                    // estimate is a lower bound unless waiters ahead withdraw.
-                    *state = AcquireState::Done;
-                    return Step::Ready(Err(st.timeout(now, lim)));
-                }
-                let id = *next_waiter;
-                *next_waiter += 1;
-                // Joining at the back never changes the head, unless the queue was empty and
-                // this waiter is the head: it arms its own timer below.
-                st.enqueue(id, flow, deadline, waker.clone());
-                *state = AcquireState::Queued(id);
-                Step::SleepUntil(st.wake_at(id, deadline, now, lim))
-            }
-            AcquireState::Queued(id) => {
-                let head = st.head();
-                st.dispatch(now, lim, Some(id), wakers);
-                let outcome = match st.waiters.get_mut(&id) {
-                    Some(w) => match w.outcome.take() {
-                        Some(outcome) => Some(outcome),
-                        None => {
-                            if !w.waker.will_wake(waker) {
-                                w.waker = waker.clone();
-                            }
-                            None
-                        }
-                    },
-                    // Cannot happen (only this future removes its entry); fail safe, never grant.
-                    None => Some(Outcome::Failed(st.timeout(now, lim))),
-                };
-                let result = match outcome {
-                    Some(outcome) => {
-                        st.waiters.remove(&id);
-                        Some(match outcome {
-                            Outcome::Granted { id } => Ok(id),
-                            Outcome::Failed(e) => Err(e),
-                        })
-                    }
-                    None if now >= deadline => {
-                        st.withdraw(id);
-                        Some(Err(st.timeout(now, lim)))
-                    }
-                    None => None,
-                };
-                st.wake_head(head, Some(id), false, wakers);
-                match result {
-                    Some(result) => {
-                        *state = AcquireState::Done;
-                        Step::Ready(result)
-                    }
-                    None => Step::SleepUntil(st.wake_at(id, deadline, now, lim)),
-                }
-            }
+    /// The state of `key`, created on first use.
+    fn key(&self, key: &str) -> Arc<Key> {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        // Look up by `&str` first: allocating the owned key on every call would tax the fast path.
+        if let Some(k) = keys.get(key) {
+            return k.clone();
         }
-    }
-
-    /// The drop guard's half: takes a waiter out of its queue, or returns the permit it was
-    /// granted but never saw, so withdrawal costs neither a slot nor the others' progress.
-    fn withdraw(&self, key: &str, id: WaiterId, wakers: &mut Vec<Waker>) {
-        let lim = self.limits;
-        let mut guard = self.lock();
-        let now = Instant::now();
-        let Some(st) = guard.keys.get_mut(key) else {
-            return;
-        };
-        let head = st.head();
-        let returned = match st.waiters.get(&id).map(|w| w.outcome.as_ref()) {
-            None => false,
-            Some(None) => {
-                st.withdraw(id);
-                false
-            }
-            Some(Some(Outcome::Granted { id: grant })) => {
-                let grant = *grant;
-                st.waiters.remove(&id);
-                st.return_grant(grant)
-            }
-            Some(Some(Outcome::Failed(_))) => {
-                st.waiters.remove(&id);
-                false
-            }
-        };
-        st.dispatch(now, lim, None, wakers);
-        // A returned permit moves the next free slot earlier: the head's timer must be re-armed.
-        st.wake_head(head, None, returned, wakers);
+        let (limits, queue) = (self.limits, FairQueue::new(self.limits.requests));
+        let book = Mutex::default();
+        (keys.entry(key.to_owned()))
+            .or_insert(Arc::new(Key {
+                limits,
+                queue,
+                book,
+            }))
+            .clone()
     }
 }
 
@@ -377,114 +242,76 @@ impl UpstreamLimiter for LocalLimiter {
         flow: FlowId,
         deadline: Instant,
     ) -> BoxFuture<'a, Result<GrantId, LimitError>> {
-        // Lazy: nothing happens until the first poll, so a future dropped unpolled costs nothing.
-        Box::pin(Acquire {
-            limiter: self,
-            key,
-            flow,
-            deadline,
-            state: AcquireState::Fresh,
-            sleep: None,
-        })
+        let k = self.key(key);
+        let mut wait = Box::pin(k.clone().acquire(flow, deadline));
+        // Each poll first hands back the slots freed by now: a waiter polled at a slot's free
+        // instant gets it even before the release's timer task has run.
+        Box::pin(poll_fn(move |cx| {
+            drop(k.drain());
+            wait.as_mut().poll(cx)
+        }))
     }
 
     fn release(&self, key: &str, grant: GrantId) {
-        let mut wakers = Vec::new();
-        {
-            let mut guard = self.lock();
-            let now = Instant::now();
-            let Some(st) = guard.keys.get_mut(key) else {
+        let k = self.key(key);
+        let free_at = {
+            let mut book = k.book();
+            if !book.in_flight.remove(&grant) {
                 return;
-            };
-            if st.in_flight.remove(&grant) {
-                st.released.push_back(now);
             }
-            // The slot's free instant is known now: the head re-arms its timer for it.
-            let head = st.head();
-            st.wake_head(head, None, true, &mut wakers);
+            // Read the clock under the lock so releases are recorded in order.
+            let now = Instant::now();
+            book.released.push_back(now);
+            now.checked_add(k.limits.span)
+        };
+        // Outside a runtime (a drop at shutdown) the next acquire or snapshot hands it back.
+        if let (Some(at), Ok(rt)) = (free_at, tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                tokio::time::sleep_until(at).await;
+                drop(k.drain());
+            });
         }
-        wakers.into_iter().for_each(Waker::wake);
     }
 
     fn pause(&self, key: &str, until: Instant) {
-        let lim = self.limits;
-        let mut wakers = Vec::new();
+        let k = self.key(key);
         {
-            let mut guard = self.lock();
-            let now = Instant::now();
-            let st = key_state(&mut guard.keys, key);
-            if st.paused_until.is_some_and(|p| p >= until) {
+            let mut book = k.book();
+            if book.paused_until.is_some_and(|p| p >= until) {
                 return;
             }
-            st.paused_until = Some(until);
-            tracing::debug!(key, pause = ?until.saturating_duration_since(now), "upstream rate limit hit: pausing grants");
-            // Waiters whose deadline falls within the pause cannot be served: tell them now.
-            // The head's timer needs no re-arming: it fires early, finds the pause and re-sleeps.
-            let head = st.head();
-            let doomed: Vec<WaiterId> = st
-                .waiters
-                .iter()
-                .filter(|(_, w)| w.outcome.is_none() && w.deadline <= until)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in &doomed {
-                st.withdraw_queued(*id);
-            }
-            for id in doomed {
-                let err = st.timeout(now, lim);
-                st.decide(id, Outcome::Failed(err), None, &mut wakers);
-            }
-            st.wake_head(head, None, false, &mut wakers);
+            book.paused_until = Some(until);
         }
-        wakers.into_iter().for_each(Waker::wake);
+        tracing::debug!(key, pause = ?until.saturating_duration_since(Instant::now()), "upstream rate limit hit: pausing grants");
+        // Waiters whose deadline falls within the pause learn it now.
+        k.queue.notify();
     }
 
     fn block(&self, key: &str, until: Instant) {
-        let mut wakers = Vec::new();
+        let k = self.key(key);
         {
-            let mut guard = self.lock();
-            let now = Instant::now();
-            let st = key_state(&mut guard.keys, key);
-            if st.blocked_until.is_none_or(|b| b < until) {
-                st.blocked_until = Some(until);
-            }
-            tracing::warn!(key, cool_down = ?until.saturating_duration_since(now), "upstream blocked the proxy: failing requests");
-            if let Some(until) = st.blocked_at(now) {
-                st.fail_all(until - now, &mut wakers);
+            let mut book = k.book();
+            if book.blocked_until.is_none_or(|b| b < until) {
+                book.blocked_until = Some(until);
             }
         }
-        wakers.into_iter().for_each(Waker::wake);
+        tracing::warn!(key, cool_down = ?until.saturating_duration_since(Instant::now()), "upstream blocked the proxy: failing requests");
+        k.queue.notify();
     }
 
     fn snapshot(&self, key: &str) -> LimiterSnapshot {
-        let span = self.limits.span;
-        let guard = self.lock();
+        let k = self.key(key);
+        let book = k.drain();
         let now = Instant::now();
-        let Some(st) = guard.keys.get(key) else {
-            return LimiterSnapshot::default();
-        };
+        let free = k.queue.turns().available_permits() + book.parked;
         LimiterSnapshot {
-            queued: st.queue.len(),
-            in_window: st.in_flight.len()
-                + st.released
-                    .iter()
-                    .filter(|r| !expired(**r, now, span))
-                    .count(),
-            paused_until: st.paused_at(now),
-            blocked_until: st.blocked_at(now),
+            queued: k.queue.len(),
+            in_window: k.limits.requests.saturating_sub(free),
+            paused_until: book.paused_at(now),
+            blocked_until: book.blocked_at(now),
             waiting_for_predecessor: false,
         }
     }
-}
-
-/// The state of `key`, created on first use.
-fn key_state<'m>(keys: &'m mut HashMap<String, KeyState>, key: &str) -> &'m mut KeyState {
-    // Look up by `&str` first: allocating the owned key on every call would tax the fast path.
-    if !keys.contains_key(key) {
-        keys.insert(key.to_owned(), KeyState::default());
-    }
-    keys.get_mut(key)
-        .expect("the key state was inserted just above")
 }
 
 /// Whether a slot released at `released` has freed by `now`.
@@ -492,9 +319,126 @@ fn expired(released: Instant, now: Instant, span: Duration) -> bool {
     now.saturating_duration_since(released) >= span
 }
 
-// === impl KeyState ===
+// === impl Key ===
 
-impl KeyState {
+impl Key {
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // A panic while holding the lock cannot break the window guarantee (a grant is recorded
+        // in one insert), so keep serving.
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands the slots freed by now back to the turns; returns the book, locked.
+    fn drain(&self) -> MutexGuard<'_, Book> {
+        let mut book = self.book();
+        let now = Instant::now();
+        let span = self.limits.span;
+        let freed = (book.released.iter())
+            .take_while(|r| expired(**r, now, span))
+            .count();
+        if freed > 0 {
+            book.released.drain(..freed);
+            self.queue.turns().add_permits(freed);
+        }
+        book
+    }
+
+    async fn acquire(
+        self: Arc<Self>,
+        flow: FlowId,
+        deadline: Instant,
+    ) -> Result<GrantId, LimitError> {
+        {
+            let mut book = self.book();
+            let now = Instant::now();
+            self.check(&book, deadline)?;
+            if book.paused_at(now).is_none() {
+                if let Some(permit) = self.queue.try_turn() {
+                    return Ok(book.grant(permit));
+                }
+            }
+            // Failing now rather than at the deadline frees the client sooner. The estimate is
+            // a lower bound unless waiters ahead withdraw.
+            if (self.eta(&book, self.queue.min_ahead(flow), now)).is_none_or(|t| t >= deadline) {
+                return Err(self.timeout(&book, now));
+            }
+        }
+        let place = self.queue.join(flow);
+        let check = || self.check(&self.book(), deadline);
+        let late = || self.timeout(&self.book(), Instant::now());
+        let work = async {
+            let permit = place.turn().await;
+            loop {
+                let until = {
+                    let mut book = self.book();
+                    let now = Instant::now();
+                    // Never grant at or after the deadline: the caller has given up by then.
+                    if now >= deadline {
+                        return Err(self.timeout(&book, now));
+                    }
+                    match book.paused_at(now) {
+                        None => return Ok(book.grant(permit)),
+                        Some(until) => until,
+                    }
+                };
+                let _parked = Parked::new(&self);
+                tokio::time::sleep_until(until).await;
+            }
+        };
+        self.queue.guard(deadline, check, late, work).await
+    }
+
+    /// Why a waiter must stop now: a block, or a pause outlasting its deadline.
+    fn check(&self, book: &Book, deadline: Instant) -> Result<(), LimitError> {
+        let now = Instant::now();
+        match (book.blocked_at(now), book.paused_at(now)) {
+            (Some(until), _) => Err(LimitError::Blocked {
+                retry_after: until - now,
+            }),
+            (None, Some(p)) if p >= deadline => Err(self.timeout(book, now)),
+            _ => Ok(()),
+        }
+    }
+
+    /// When the grant `position` places from now (0 = the next) can happen, assuming nobody new
+    /// arrives or withdraws and every request in flight completes now (a lower bound); `None`
+    /// if beyond what `Instant` represents.
+    ///
+    /// Each slot frees at a known instant, or `W + M` after its request completes; after the
+    /// first `N` grants every later one follows a slot's previous use by at least `W + M`.
+    fn eta(&self, book: &Book, position: usize, now: Instant) -> Option<Instant> {
+        let Limits { requests, span } = self.limits;
+        let start = book.paused_at(now).unwrap_or(now);
+        // Freeing order: released slots by release instant (already sorted), then the slots in
+        // flight, assumed to complete at `start`.
+        let first_live = book.released.partition_point(|r| expired(*r, start, span));
+        let live_released = book.released.len() - first_live;
+        let free = requests.saturating_sub(live_released + book.in_flight.len());
+        let rounds = u32::try_from(position / requests).unwrap_or(u32::MAX);
+        let slot = position % requests;
+        let base = if slot < free {
+            start
+        } else if slot - free < live_released {
+            book.released[first_live + slot - free].checked_add(span)?
+        } else {
+            start.checked_add(span)?
+        };
+        base.checked_add(span.checked_mul(rounds)?)
+    }
+
+    /// The error for a waiter that cannot be served in time; the hint is when a request arriving
+    /// now would likely get a permit, queue included.
+    fn timeout(&self, book: &Book, now: Instant) -> LimitError {
+        let retry_after = self
+            .eta(book, self.queue.len(), now)
+            .map_or(Duration::MAX, |t| t.saturating_duration_since(now));
+        LimitError::Timeout { retry_after }
+    }
+}
+
+// === impl Book ===
+
+impl Book {
     fn blocked_at(&self, now: Instant) -> Option<Instant> {
         self.blocked_until.filter(|b| *b > now)
     }
@@ -503,296 +447,33 @@ impl KeyState {
         self.paused_until.filter(|p| *p > now)
     }
 
-    /// The waiter served next.
-    fn head(&self) -> Option<WaiterId> {
-        self.queue.head()
-    }
-
-    fn prune(&mut self, now: Instant, span: Duration) {
-        while self
-            .released
-            .front()
-            .is_some_and(|r| expired(*r, now, span))
-        {
-            self.released.pop_front();
-        }
-    }
-
-    /// Slots taken: in flight, or released within `W + M` (after a prune).
-    fn taken(&self) -> usize {
-        self.in_flight.len() + self.released.len()
-    }
-
-    /// Takes a slot for a new grant.
-    fn take_slot(&mut self) -> GrantId {
+    /// Takes the slot of `permit` for a new grant.
+    fn grant(&mut self, permit: SemaphorePermit<'_>) -> GrantId {
+        permit.forget();
         let id = self.next_grant;
         self.next_grant += 1;
         self.in_flight.insert(id);
         id
     }
+}
 
-    /// Takes a slot at `now` if the window and any pause allow it.
-    fn try_grant(&mut self, now: Instant, lim: Limits) -> Option<GrantId> {
-        if self.paused_at(now).is_some() {
-            return None;
-        }
-        self.prune(now, lim.span);
-        if self.taken() >= lim.requests {
-            return None;
-        }
-        Some(self.take_slot())
-    }
-
-    /// Gives back the slot of a grant whose request was never sent.
-    fn return_grant(&mut self, grant: GrantId) -> bool {
-        self.in_flight.remove(&grant)
-    }
-
-    fn enqueue(&mut self, id: WaiterId, flow: FlowId, deadline: Instant, waker: Waker) {
-        self.queue.push(flow, id);
-        self.waiters.insert(
-            id,
-            Waiter {
-                flow,
-                deadline,
-                waker,
-                outcome: None,
-            },
-        );
-    }
-
-    fn pop_next(&mut self) -> Option<WaiterId> {
-        self.queue.pop()
-    }
-
-    /// Takes a queued waiter out of its flow's queue; its entry stays in `waiters`.
-    fn withdraw_queued(&mut self, id: WaiterId) {
-        if let Some(flow) = self.waiters.get(&id).map(|w| w.flow) {
-            self.queue.remove(flow, id);
-        }
-    }
-
-    /// Takes a queued waiter out entirely.
-    fn withdraw(&mut self, id: WaiterId) {
-        self.withdraw_queued(id);
-        self.waiters.remove(&id);
-    }
-
-    /// Stores a waiter's outcome for its future and wakes it (unless it is the one polling).
-    fn decide(
-        &mut self,
-        id: WaiterId,
-        outcome: Outcome,
-        me: Option<WaiterId>,
-        wakers: &mut Vec<Waker>,
-    ) {
-        if let Some(w) = self.waiters.get_mut(&id) {
-            w.outcome = Some(outcome);
-            if me != Some(id) {
-                wakers.push(w.waker.clone());
-            }
-        }
-    }
-
-    fn fail_all(&mut self, retry_after: Duration, wakers: &mut Vec<Waker>) {
-        while let Some(id) = self.pop_next() {
-            self.decide(
-                id,
-                Outcome::Failed(LimitError::Blocked { retry_after }),
-                None,
-                wakers,
-            );
-        }
-    }
-
-    /// Grants, in the fair order, every permit the window allows at `now`.
-    fn dispatch(
-        &mut self,
-        now: Instant,
-        lim: Limits,
-        me: Option<WaiterId>,
-        wakers: &mut Vec<Waker>,
-    ) {
-        if let Some(until) = self.blocked_at(now) {
-            self.fail_all(until - now, wakers);
-            return;
-        }
-        while self.head().is_some() {
-            if self.paused_at(now).is_some() {
-                return;
-            }
-            self.prune(now, lim.span);
-            if self.taken() >= lim.requests {
-                return;
-            }
-            let Some(id) = self.pop_next() else {
-                return;
-            };
-            let Some(deadline) = self.waiters.get(&id).map(|w| w.deadline) else {
-                continue;
-            };
-            // Never grant at or after a waiter's deadline: its caller has given up by then.
-            let outcome = if now >= deadline {
-                Outcome::Failed(self.timeout(now, lim))
-            } else {
-                Outcome::Granted {
-                    id: self.take_slot(),
-                }
-            };
-            self.decide(id, outcome, me, wakers);
-        }
-    }
-
-    /// Wakes the head if it changed since `before` (or always, with `force`), so it arms its
-    /// timer for the next free slot. `me` is the waiter polling, which needs no wake.
-    fn wake_head(
-        &self,
-        before: Option<WaiterId>,
-        me: Option<WaiterId>,
-        force: bool,
-        wakers: &mut Vec<Waker>,
-    ) {
-        let head = self.head();
-        if (force || head != before) && head != me {
-            if let Some(w) = head.and_then(|id| self.waiters.get(&id)) {
-                wakers.push(w.waker.clone());
-            }
-        }
-    }
-
-    /// When the queued waiter `id` must be polled again: the head at the next free slot, every
-    /// other waiter only at its deadline (the head wakes it when its turn comes).
-    fn wake_at(&self, id: WaiterId, deadline: Instant, now: Instant, lim: Limits) -> Instant {
-        if self.head() == Some(id) {
-            self.eta(0, now, lim).map_or(deadline, |t| t.min(deadline))
-        } else {
-            deadline
-        }
-    }
-
-    /// A lower bound on how many grants precede a new waiter of `flow` in the fair order.
-    fn min_ahead(&self, flow: FlowId) -> usize {
-        self.queue.min_ahead(flow)
-    }
-
-    /// When the grant `position` places from now (0 = the next) can happen, assuming nobody new
-    /// arrives or withdraws and every request in flight completes now (a lower bound: a
-    /// release wakes the head to re-arm its timer); `None` if beyond what `Instant` represents.
-    ///
-    /// Each slot frees at a known instant, or `W + M` after its request completes; after the
-    /// first `N` grants every later one follows a slot's previous use by at least `W + M`.
-    fn eta(&self, position: usize, now: Instant, lim: Limits) -> Option<Instant> {
-        let start = self.paused_at(now).unwrap_or(now);
-        // Freeing order: released slots by release instant (already sorted), then the slots in
-        // flight, assumed to complete at `start`.
-        let first_live = self
-            .released
-            .partition_point(|r| expired(*r, start, lim.span));
-        let live_released = self.released.len() - first_live;
-        let taken = live_released + self.in_flight.len();
-        let free = lim.requests.saturating_sub(taken);
-        let rounds = u32::try_from(position / lim.requests).unwrap_or(u32::MAX);
-        let slot = position % lim.requests;
-        let base = if slot < free {
-            start
-        } else if slot - free < live_released {
-            self.released[first_live + slot - free].checked_add(lim.span)?
-        } else {
-            start.checked_add(lim.span)?
-        };
-        base.checked_add(lim.span.checked_mul(rounds)?)
-    }
-
-    /// The error for a waiter that cannot be served in time; the hint is when a request arriving
-    /// now would likely get a permit, queue included.
-    fn timeout(&self, now: Instant, lim: Limits) -> LimitError {
-        let retry_after = self
-            .eta(self.queue.len(), now, lim)
-            .map_or(Duration::MAX, |t| t.saturating_duration_since(now));
-        LimitError::Timeout { retry_after }
+impl<'a> Parked<'a> {
+    fn new(key: &'a Key) -> Self {
+        key.book().parked += 1;
+        Parked(key)
     }
 }
 
-// === impl Acquire ===
-
-/// The future `LocalLimiter::acquire` returns; withdraws its waiter when dropped unresolved.
-struct Acquire<'a> {
-    limiter: &'a LocalLimiter,
-    key: &'a str,
-    flow: FlowId,
-    deadline: Instant,
-    state: AcquireState,
-    /// The timer for the next free slot or the deadline; allocated only once queued.
-    sleep: Option<Pin<Box<Sleep>>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum AcquireState {
-    /// Not polled yet: holds no place and no permit.
-    Fresh,
-    /// Holds a place in the key's queue, or a decided outcome not yet taken.
-    Queued(WaiterId),
-    /// Resolved; the drop guard has nothing to undo.
-    Done,
-}
-
-enum Step {
-    Ready(Result<GrantId, LimitError>),
-    SleepUntil(Instant),
-}
-
-impl Future for Acquire<'_> {
-    type Output = Result<GrantId, LimitError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        loop {
-            let mut wakers = Vec::new();
-            let step = this.limiter.step(
-                this.key,
-                this.flow,
-                this.deadline,
-                &mut this.state,
-                cx.waker(),
-                &mut wakers,
-            );
-            // Wake outside the lock so the woken tasks do not queue up on it.
-            wakers.into_iter().for_each(Waker::wake);
-            let at = match step {
-                Step::Ready(result) => return Poll::Ready(result),
-                Step::SleepUntil(at) => at,
-            };
-            let sleep = match &mut this.sleep {
-                Some(sleep) => {
-                    if sleep.deadline() != at {
-                        sleep.as_mut().reset(at);
-                    }
-                    sleep
-                }
-                None => this.sleep.insert(Box::pin(tokio::time::sleep_until(at))),
-            };
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            // The instant has come (tokio's timers never fire early): take another step, which
-            // grants, times out, or moves to a later instant.
-        }
-    }
-}
-
-impl Drop for Acquire<'_> {
+impl Drop for Parked<'_> {
     fn drop(&mut self) {
-        if let AcquireState::Queued(id) = self.state {
-            let mut wakers = Vec::new();
-            self.limiter.withdraw(self.key, id, &mut wakers);
-            wakers.into_iter().for_each(Waker::wake);
-        }
+        self.0.book().parked -= 1;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::task::Poll;
 
     use tokio::task::JoinHandle;
 
@@ -1015,6 +696,39 @@ mod tests {
             assert_eq!(outcome(t).await, (Ok(()), t0 + ms(3000)));
         }
         assert_eq!(l.snapshot(KEY).paused_until, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_turn_held_through_a_pause_is_no_slot() {
+        let l = limiter(2, Duration::from_secs(1), ms(50));
+        let t0 = Instant::now();
+        l.pause(KEY, t0 + ms(1000));
+        let waiting: Vec<_> = (0..3)
+            .map(|flow| spawn_acquire(&l, KEY, flow, t0 + HOUR))
+            .collect();
+        until_queued(&l, KEY, 3).await;
+        assert_eq!(l.snapshot(KEY).in_window, 0);
+        let mut at = Vec::new();
+        for t in waiting {
+            let (r, granted) = outcome(t).await;
+            assert_eq!(r, Ok(()));
+            at.push(granted - t0);
+        }
+        assert_eq!(at, [ms(1000), ms(1000), ms(2050)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_released_twice_frees_one_slot() {
+        let l = limiter(1, Duration::from_secs(1), ms(50));
+        let t0 = Instant::now();
+        let grant = l.acquire(KEY, 0, t0 + HOUR).await.expect("a free slot");
+        l.release(KEY, grant);
+        l.release(KEY, grant);
+        tokio::time::sleep_until(t0 + ms(1050)).await;
+        assert_eq!(take(&l, KEY, 1, t0 + HOUR).await, Ok(()));
+        assert_eq!(l.snapshot(KEY).in_window, 1);
+        let next = spawn_acquire(&l, KEY, 2, t0 + HOUR);
+        assert_eq!(outcome(next).await, (Ok(()), t0 + ms(2100)));
     }
 
     #[tokio::test(start_paused = true)]
