@@ -1,7 +1,7 @@
 //! A bounded soak run: the simulated Kommo account in-process (with injected faults), the release
 //! `kommo-fanout` binary as a child process in front of it, and mixed traffic from concurrent
 //! clients for a fixed time. It samples the proxy's memory and file descriptors, classifies every
-//! answer, and decides PASS/FAIL at the end (see `SOAK.md`).
+//! answer, and decides PASS/FAIL at the end (see `docs/SOAK.md`).
 //!
 //! ```sh
 //! cargo run --release --example soak -- --minutes 10

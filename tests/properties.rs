@@ -2,7 +2,7 @@
 //!
 //! The checks live in `fuzz/src/invariants.rs`, compiled here too, so the fuzzers (which feed
 //! arbitrary bytes) and these tests (which feed realistic inputs built from a grammar, with a
-//! fixed seed, fast enough for CI) check exactly the same invariants. See FUZZING.md.
+//! fixed seed, fast enough for CI) check exactly the same invariants. See docs/FUZZING.md.
 
 #[path = "../fuzz/src/invariants.rs"]
 mod invariants;
