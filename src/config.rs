@@ -50,7 +50,7 @@ pub struct ServeArgs {
     /// The base URL clients reach the proxy at, used in links (default: from the Host header).
     #[arg(long, env = "KOMMO_FANOUT_PUBLIC_URL")]
     pub public_url: Option<String>,
-    /// Most distinct stages (filter[statuses] pairs) in one request.
+    /// Most distinct stages (`filter[statuses]` pairs) in one request.
     #[arg(long, env = "KOMMO_FANOUT_MAX_PAIRS", default_value_t = 100,
           value_parser = clap::value_parser!(u16).range(1..=5000))]
     pub max_pairs: u16,

@@ -145,7 +145,7 @@ pub struct RequestContext {
     pub credential: Option<String>,
     /// The client sent `Cache-Control: no-cache` (or `Pragma: no-cache`): refetch and refresh.
     pub no_cache: bool,
-    /// The client's headers that change Kommo's answer (see [`VARYING_HEADERS`]): cached
+    /// The client's headers that change Kommo's answer (see `VARYING_HEADERS`): cached
     /// answers and pages are kept apart by them.
     pub variant: String,
     /// The request's id (the client's, or a new one): every upstream request it causes carries

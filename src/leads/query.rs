@@ -188,7 +188,7 @@ fn decode(s: &str) -> String {
         .unwrap_or_default()
 }
 
-/// A key split into its name and bracketed segments: `filter[id][]` → (`filter`, [`id`, ``]).
+/// A key split into its name and bracketed segments: `filter[id][]` → (`filter`, `["id", ""]`).
 /// Returns `None` for keys with unbalanced brackets.
 pub fn key_path(key: &str) -> Option<(&str, Vec<&str>)> {
     let Some(open) = key.find('[') else {

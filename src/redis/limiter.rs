@@ -46,7 +46,7 @@
 //!   resumes, long after the replica gave up on them. Late takes, releases and pauses only hold
 //!   slots longer. A late registration would count a replica that grants from its fallback as a
 //!   member again, handing its reserve to the others: so each registration carries a deadline
-//!   on Redis's clock (measured with `TIME`), [`REGISTER_VALID`] after it was sent, and the
+//!   on Redis's clock (measured with `TIME`), `REGISTER_VALID` after it was sent, and the
 //!   script refuses it past that. The fallback's wait counts registrations still on their way.
 //!
 //! What remains unguarded is another replica's request that was granted by Redis just before

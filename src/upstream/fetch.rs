@@ -1,9 +1,9 @@
 //! Protected upstream requests: one path for buffered GETs and streamed pass-through alike.
 //!
 //! Every attempt waits for a limiter permit, is sent within the per-attempt timeout, and its
-//! answer is classified once ([`classify`](super::classify)): a `429` pauses the whole key for
+//! answer is classified once (`classify`): a `429` pauses the whole key for
 //! Kommo's `retry_after`, a `403` that looks like a block stops all traffic for a cool-down.
-//! One retry policy ([`retry`](super::retry)) decides on another attempt.
+//! One retry policy (`retry`) decides on another attempt.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
