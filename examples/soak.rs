@@ -711,7 +711,8 @@ impl Traffic {
             930..=944 => {
                 let pairs = [*rng.pick(&self.stages), *rng.pick(&self.stages)];
                 let query = match rng.below(3) {
-                    0 => format!("{}&limit=500", stage_params(&pairs, false)),
+                    // Above 250 is not invalid: Kommo (and so the proxy) answers its default page.
+                    0 => format!("{}&limit=0", stage_params(&pairs, false)),
                     1 => format!("{}&page=0", stage_params(&pairs, false)),
                     _ => format!("{}&order[price]=asc", stage_params(&pairs, false)),
                 };
