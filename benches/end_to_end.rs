@@ -1,6 +1,6 @@
 //! End-to-end benchmark of the whole stack on loopback: what an integration sees.
 //!
-//! `cargo bench --bench end_to_end` (about 4 minutes; `-- --quick` for a ~80 s smoke run) starts
+//! `cargo bench --bench end_to_end` (about 5 minutes; `-- --quick` for a ~80 s smoke run) starts
 //! everything itself on `127.0.0.1` with free ports, drives it from its own async client
 //! (hyper-util's pooled client; `wrk` for scenarios 2 and 4), prints a markdown report and
 //! rewrites `BENCHMARKS.md` with it (a `--quick` run only prints). Under `cargo test
@@ -27,13 +27,13 @@
 //!    lead by lead.
 //! 2. **Pass-through overhead.** nginx serves a static ~2 KB JSON body; `wrk` (installed with
 //!    apt-get when missing and running as root, else the bench's own client) hits it directly,
-//!    through the proxy (limiter raised out of the way; one serving thread per CPU, and
-//!    `--worker-threads 1`), through a bare hyper relay (this binary run with `--bare-relay`:
-//!    hyper's server and hyper-util's pooled client with none of the proxy's own work: about
-//!    what the proxy would reach on its HTTP stack) and through a second nginx acting as a
-//!    plain keep-alive reverse proxy (1 worker, and one per CPU): 32 connections for
-//!    throughput, 1 connection for the latency a hop adds without queueing. Requests/s, p50,
-//!    p99, the CPU time the measured hop's processes spent per request
+//!    through the proxy (limiter raised out of the way; its runtime with one worker thread per
+//!    CPU, the default, and with `--worker-threads 1`), through a bare hyper relay (this binary
+//!    run with `--bare-relay`: hyper's server and hyper-util's pooled client with none of the
+//!    proxy's own work: about what the proxy would reach on its HTTP stack) and through a second
+//!    nginx acting as a plain keep-alive reverse proxy (1 worker, and one per CPU): 32
+//!    connections for throughput, 1 connection for the latency a hop adds without queueing.
+//!    Requests/s, p50, p99, the CPU time the measured hop's processes spent per request
 //!    (`/proc/PID/stat`), and wrk's own CPU time as a share of its core, which shows when the
 //!    client rather than the target set the pace. nginx is installed the same way;
 //!    without it those rows read `n/a`. Each target is warmed up, then measured in a few short
@@ -44,14 +44,12 @@
 //! 4. **Cached answers.** 32 connections read one leads page from a warm cache: the proxy's
 //!    answer cache for a single-stage page (`limit=250`, ~220 KB) and for a merged 5-stage page,
 //!    and nginx `proxy_cache` in front of the same simulator for the same single-stage page
-//!    (nginx cannot merge); the proxy on one thread per CPU and on one, nginx with one worker
-//!    per CPU and with one, measured in rounds as in scenario 2; and the proxy on one thread
-//!    against nginx with one worker for the same stage at the default `limit=50` (~45 KB),
-//!    where the client has less to read and the caches' own work weighs more, beside the same
-//!    proxy copying its bodies into the socket instead of sending them with `sendfile`
-//!    (`--sendfile-min-bytes 0`), the baseline of that choice. Every measured
-//!    answer must be a cache hit (`X-Cache: HIT` from the proxy, `X-Cache-Status: HIT` from
-//!    nginx) and the simulator must see no request meanwhile.
+//!    (nginx cannot merge); the proxy with one worker thread per CPU and with one, nginx with
+//!    one worker per CPU and with one, measured in rounds as in scenario 2; and the proxy on one
+//!    thread against nginx with one worker for the same stage at the default `limit=50`
+//!    (~45 KB), where the client has less to read and the caches' own work weighs more. Every
+//!    measured answer must be a cache hit (`X-Cache: HIT` from the proxy, `X-Cache-Status: HIT`
+//!    from nginx) and the simulator must see no request meanwhile.
 //! 5. **Dashboard load.** 100 clients poll 5 multi-stage views (3 to 5 stages each) through the
 //!    proxy with its default cache TTL (30 s; 4 s under `--quick` so entries expire within the
 //!    run), in front of the simulator with its 7/s limit: upstream requests against the
@@ -60,6 +58,15 @@
 //!
 //! 6. **Targets.** Each target the benchmark is held to, with this run's figure and whether it
 //!    meets it, worked out from the scenarios above.
+//!
+//! **Before and after.** When `KOMMO_FANOUT_BENCH_BEFORE` names a proxy binary (an earlier
+//! build that takes the same flags; `KOMMO_FANOUT_BENCH_BEFORE_LABEL` may name it in the
+//! report, e.g. by its commit), the bench also runs that binary as "before", side by side with
+//! the current one and in the same rounds: a before column per K in scenario 1, before rows in
+//! scenarios 2 (one worker thread per CPU at 32 connections and at 1, `--worker-threads 1` at
+//! 32), 3 and 4, and in the Targets section its figures beside the current ones and the
+//! current / before ratios. Scenario 5 runs the current binary only. Without the variable
+//! nothing of this runs.
 //!
 //! Logging is on an equal footing in the throughput scenarios (2, 4, 5): nginx runs with
 //! `access_log off` and the proxy with `RUST_LOG=warn`, so neither writes a line per request.
@@ -123,6 +130,10 @@ const DASHBOARD_CLIENTS: usize = 100;
 const DEFAULT_TTL: Duration = Duration::from_secs(30);
 /// The TTL of the `--quick` dashboard run, short enough to expire within it.
 const QUICK_TTL: Duration = Duration::from_secs(4);
+/// Names an earlier proxy binary to measure as "before" beside the current one.
+const BEFORE_ENV: &str = "KOMMO_FANOUT_BENCH_BEFORE";
+/// A short name for it in the report (a commit id, say).
+const BEFORE_LABEL_ENV: &str = "KOMMO_FANOUT_BENCH_BEFORE_LABEL";
 
 type Http = Client<HttpConnector, Empty<Bytes>>;
 
@@ -172,12 +183,48 @@ impl Mode {
         }
     }
 
-    fn command(&self) -> &'static str {
-        if self.quick {
+    fn command(&self, before: Option<&Before>) -> String {
+        let bench = if self.quick {
             "cargo bench --bench end_to_end -- --quick"
         } else {
             "cargo bench --bench end_to_end"
+        };
+        match before {
+            Some(b) => format!("{BEFORE_ENV}={} {bench}", b.binary.display()),
+            None => bench.to_string(),
         }
+    }
+}
+
+/// The proxy binaries measured: the current one, and the "before" one when
+/// `KOMMO_FANOUT_BENCH_BEFORE` names it.
+struct Binaries {
+    current: PathBuf,
+    before: Option<Before>,
+}
+
+/// An earlier build of the proxy, run beside the current one in scenarios 1 to 4.
+struct Before {
+    binary: PathBuf,
+    /// How the report names it: `before`, or `before (LABEL)`.
+    label: String,
+}
+
+impl Before {
+    /// From `KOMMO_FANOUT_BENCH_BEFORE` and `KOMMO_FANOUT_BENCH_BEFORE_LABEL`; `None` when the
+    /// first is unset or empty.
+    fn from_env() -> Option<Before> {
+        let binary = PathBuf::from(std::env::var_os(BEFORE_ENV).filter(|v| !v.is_empty())?);
+        assert!(
+            binary.is_file(),
+            "{BEFORE_ENV}={}: no such file",
+            binary.display()
+        );
+        let label = match std::env::var(BEFORE_LABEL_ENV) {
+            Ok(l) if !l.trim().is_empty() => format!("before ({})", l.trim()),
+            _ => "before".to_string(),
+        };
+        Some(Before { binary, label })
     }
 }
 
@@ -212,21 +259,28 @@ fn main() {
 /// Runs every scenario and renders the report.
 async fn run(mode: &Mode) -> String {
     let started = Instant::now();
-    let binary = proxy_binary();
-    eprintln!("proxy binary: {}", binary.display());
+    let binaries = Binaries {
+        current: proxy_binary(),
+        before: Before::from_env(),
+    };
+    eprintln!("proxy binary: {}", binaries.current.display());
+    if let Some(b) = &binaries.before {
+        eprintln!("{}: {}", b.label, b.binary.display());
+    }
     let scratch = Scratch::new();
     let machine = Machine::probe();
     eprintln!("scenario 1: cold first page ({} runs per K)", mode.runs);
-    let cold = cold_pages(mode, &binary, &scratch).await;
+    let cold = cold_pages(mode, &binaries, &scratch).await;
     eprintln!("scenario 2: pass-through overhead");
-    let pass = pass_through(mode, &binary, &scratch).await;
+    let pass = pass_through(mode, &binaries, &scratch).await;
     eprintln!("scenario 4: cached answers");
-    let cached = cached_answers(mode, &binary, &scratch).await;
+    let cached = cached_answers(mode, &binaries, &scratch).await;
     eprintln!("scenario 5: dashboard load");
-    let dashboard = dashboard(mode, &binary, &scratch).await;
+    let dashboard = dashboard(mode, &binaries.current, &scratch).await;
     let report = Report {
         machine,
-        command: mode.command(),
+        command: mode.command(binaries.before.as_ref()),
+        before: binaries.before,
         rounds: mode.rounds,
         round: mode.round,
         cold,
@@ -248,17 +302,24 @@ struct ColdPages {
     stages: usize,
     padded: usize,
     rss: Rss,
+    /// The before binary's memory, when it ran.
+    before_rss: Option<Rss>,
 }
 
 /// The measurements of one K.
 struct KRow {
     k: usize,
     proxy: Vec<Duration>,
+    /// The before binary's runs (none when it is not measured).
+    before: Vec<Duration>,
     sequential: Vec<Duration>,
     concurrent: Vec<Duration>,
     proxy_upstream: usize,
     proxy_max_window: usize,
     proxy_429: usize,
+    before_upstream: usize,
+    before_max_window: usize,
+    before_429: usize,
     sequential_429: usize,
     concurrent_429: usize,
     same_page: bool,
@@ -281,26 +342,49 @@ struct DirectRun {
     too_many: usize,
 }
 
-async fn cold_pages(mode: &Mode, binary: &Path, scratch: &Scratch) -> ColdPages {
+async fn cold_pages(mode: &Mode, binaries: &Binaries, scratch: &Scratch) -> ColdPages {
     let sim = Sim::spawn(sim_config()).await.expect("simulator starts");
     let max_k = mode.ks.iter().copied().max().unwrap_or(1);
     let (stages, padded) = pick_stages(&sim, max_k);
     let client = http_client(64);
+    let upstream = sim.base_url();
+    let env = [CACHE_OFF];
     let proxy = Proxy::start(
-        binary,
-        &sim.base_url(),
+        &binaries.current,
+        &upstream,
         &[],
-        &[CACHE_OFF],
+        &env,
         scratch,
         "proxy-fanout",
     )
     .await;
+    let before = match &binaries.before {
+        Some(b) => {
+            Some(Proxy::start(&b.binary, &upstream, &[], &env, scratch, "before-fanout").await)
+        }
+        None => None,
+    };
     let idle = proxy.rss();
+    let before_idle = before.as_ref().map(Proxy::rss);
+    let before_base = before.as_ref().map(|b| b.base.as_str());
     let mut rows = Vec::new();
     for &k in &mode.ks {
-        let row = measure_k(&client, &proxy.base, &sim, &stages[..k], mode.runs).await;
+        let row = measure_k(
+            &client,
+            &proxy.base,
+            before_base,
+            &sim,
+            &stages[..k],
+            mode.runs,
+        )
+        .await;
+        let before_ms = if row.before.is_empty() {
+            String::new()
+        } else {
+            format!(", before {} ms", ms(median(&row.before)))
+        };
         eprintln!(
-            "  K={k:>2}: proxy {} ms, sequential {} ms, concurrent {} ms",
+            "  K={k:>2}: proxy {} ms{before_ms}, sequential {} ms, concurrent {} ms",
             ms(median(&row.proxy)),
             ms(median(&row.sequential)),
             ms(median(&row.concurrent))
@@ -311,11 +395,16 @@ async fn cold_pages(mode: &Mode, binary: &Path, scratch: &Scratch) -> ColdPages 
         idle,
         after: proxy.rss(),
     };
+    let before_rss = before.as_ref().zip(before_idle).map(|(b, idle)| Rss {
+        idle,
+        after: b.rss(),
+    });
     ColdPages {
         rows,
         stages: max_k,
         padded,
         rss,
+        before_rss,
     }
 }
 
@@ -357,10 +446,12 @@ fn pick_stages(sim: &Sim, max: usize) -> (Vec<(i64, i64)>, usize) {
     (out, max - filled)
 }
 
-/// All runs of one K, interleaving the three clients; each run starts cold.
+/// All runs of one K, interleaving the three clients (and the before binary, when given);
+/// each run starts cold.
 async fn measure_k(
     client: &Http,
     proxy: &str,
+    before: Option<&str>,
     sim: &SimHandle,
     stages: &[(i64, i64)],
     runs: usize,
@@ -369,11 +460,19 @@ async fn measure_k(
     for _ in 0..runs {
         let p = via_proxy(client, proxy, sim, stages).await;
         cool_down().await;
+        let b = match before {
+            Some(before) => {
+                let b = via_proxy(client, before, sim, stages).await;
+                cool_down().await;
+                Some(b)
+            }
+            None => None,
+        };
         let s = sequential(client, &sim.base_url(), stages).await;
         cool_down().await;
         let c = concurrent(client, &sim.base_url(), stages).await;
         cool_down().await;
-        row.add(p, s, c);
+        row.add(p, b, s, c);
     }
     row
 }
@@ -383,11 +482,15 @@ impl KRow {
         KRow {
             k,
             proxy: Vec::new(),
+            before: Vec::new(),
             sequential: Vec::new(),
             concurrent: Vec::new(),
             proxy_upstream: 0,
             proxy_max_window: 0,
             proxy_429: 0,
+            before_upstream: 0,
+            before_max_window: 0,
+            before_429: 0,
             sequential_429: 0,
             concurrent_429: 0,
             same_page: true,
@@ -395,8 +498,15 @@ impl KRow {
         }
     }
 
-    fn add(&mut self, p: ProxyRun, s: DirectRun, c: DirectRun) {
+    fn add(&mut self, p: ProxyRun, b: Option<ProxyRun>, s: DirectRun, c: DirectRun) {
         self.same_page &= p.ids == s.ids && s.ids == c.ids;
+        if let Some(b) = b {
+            self.same_page &= b.ids == p.ids;
+            self.before.push(b.elapsed);
+            self.before_upstream += b.upstream;
+            self.before_max_window = self.before_max_window.max(b.max_window);
+            self.before_429 += b.too_many;
+        }
         self.proxy.push(p.elapsed);
         self.sequential.push(s.elapsed);
         self.concurrent.push(c.elapsed);
@@ -410,6 +520,13 @@ impl KRow {
     /// The proxy's median over `floor`.
     fn proxy_over(&self, floor: Duration) -> f64 {
         median(&self.proxy).as_secs_f64() / floor.as_secs_f64()
+    }
+
+    /// The current proxy's median time over the before binary's; `None` when it did not run.
+    fn current_over_before(&self) -> Option<f64> {
+        let before = median(&self.before).as_secs_f64();
+        (!self.before.is_empty() && before > 0.0)
+            .then(|| median(&self.proxy).as_secs_f64() / before)
     }
 
     /// `ceil(K/7) - 1` full windows plus one round trip.
@@ -611,6 +728,8 @@ struct PassThrough {
     /// `None` when nginx is not available.
     rows: Option<PassRows>,
     rss: Option<Rss>,
+    /// The before binary's memory (one worker thread per CPU), when it ran.
+    before_rss: Option<Rss>,
     body_bytes: usize,
     /// What drove the load: `wrk` or the bench's own client.
     generator: &'static str,
@@ -626,6 +745,16 @@ struct PassRows {
     direct_unloaded: Rounds,
     proxy_unloaded: Rounds,
     nginx_unloaded: Rounds,
+    /// The before binary's rows, when it ran.
+    before: Option<BeforePassRows>,
+}
+
+/// The before binary in scenario 2: one worker thread per CPU and one at 32 connections, one
+/// worker thread per CPU at 1 connection.
+struct BeforePassRows {
+    proxy: Rounds,
+    proxy_one_thread: Rounds,
+    proxy_unloaded: Rounds,
 }
 
 /// One load run at a fixed number of connections.
@@ -653,7 +782,7 @@ const UNLOADED_ROUND: Duration = Duration::from_secs(1);
 /// The warm-up of each unloaded target.
 const UNLOADED_WARMUP: Duration = Duration::from_millis(300);
 
-async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThrough {
+async fn pass_through(mode: &Mode, binaries: &Binaries, scratch: &Scratch) -> PassThrough {
     let body = account_body();
     let (wrk, generator) = load_generator();
     let Some(nginx) = ensure_nginx() else {
@@ -661,6 +790,7 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
         return PassThrough {
             rows: None,
             rss: None,
+            before_rss: None,
             body_bytes: body.len(),
             generator,
         };
@@ -694,47 +824,87 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
         "0ms",
     ];
     let env = [CACHE_OFF, QUIET];
-    let proxy = Proxy::start(binary, &upstream, &unlimited, &env, scratch, "proxy-pass").await;
     let one_thread = [&unlimited[..], &["--worker-threads", "1"]].concat();
+    let binary = &binaries.current;
+    let proxy = Proxy::start(binary, &upstream, &unlimited, &env, scratch, "proxy-pass").await;
     let proxy_one = Proxy::start(binary, &upstream, &one_thread, &env, scratch, "proxy-1t").await;
+    let before = match &binaries.before {
+        Some(b) => Some((
+            Proxy::start(
+                &b.binary,
+                &upstream,
+                &unlimited,
+                &env,
+                scratch,
+                "before-pass",
+            )
+            .await,
+            Proxy::start(
+                &b.binary,
+                &upstream,
+                &one_thread,
+                &env,
+                scratch,
+                "before-1t",
+            )
+            .await,
+        )),
+        None => None,
+    };
     let bare = BareRelay::start(&format!("127.0.0.1:{static_port}"), scratch);
     let idle = proxy.rss();
+    let before_idle = before.as_ref().map(|(b, _)| b.rss());
     let direct = Target::one(&format!("{upstream}{PASS_PATH}"));
     let via_proxy = Target::one(&format!("{}{PASS_PATH}", proxy.base));
     let via_one = Target::one(&format!("{}{PASS_PATH}", proxy_one.base));
     let via_bare = Target::one(&format!("{}{PASS_PATH}", bare.base));
     let via_nginx = Target::one(&format!("http://127.0.0.1:{nginx_port}{PASS_PATH}"));
     let via_auto = Target::one(&format!("http://127.0.0.1:{nginx_auto_port}{PASS_PATH}"));
+    let via_before = before.as_ref().map(|(b, b1)| {
+        (
+            Target::one(&format!("{}{PASS_PATH}", b.base)),
+            Target::one(&format!("{}{PASS_PATH}", b1.base)),
+            [b.guard.pid()],
+            [b1.guard.pid()],
+        )
+    });
     let (proxy_pids, one_pids) = ([proxy.guard.pid()], [proxy_one.guard.pid()]);
     let bare_pids = [bare.guard.pid()];
     let (static_pids, nginx_pids, auto_pids) =
         (static_nginx.pids(), nginx_proxy.pids(), nginx_auto.pids());
-    let loaded = [
-        ("direct", &direct, &static_pids[..]),
-        ("proxy", &via_proxy, &proxy_pids[..]),
-        ("proxy 1 thr", &via_one, &one_pids[..]),
-        ("bare relay", &via_bare, &bare_pids[..]),
-        ("nginx proxy", &via_nginx, &nginx_pids[..]),
-        ("nginx auto", &via_auto, &auto_pids[..]),
-    ]
-    .map(|(name, target, pids)| Measured { name, target, pids });
-    let [direct_loaded, proxy_loaded, one_loaded, bare_loaded, nginx_loaded, auto_loaded] =
-        measure_rounds(
-            wrk,
-            &loaded,
-            CONNECTIONS,
-            mode.warmup,
-            mode.round,
-            mode.rounds,
-        )
-        .await;
-    let unloaded = [
-        ("direct c=1", &direct, &static_pids[..]),
-        ("proxy c=1", &via_proxy, &proxy_pids[..]),
-        ("nginx c=1", &via_nginx, &nginx_pids[..]),
-    ]
-    .map(|(name, target, pids)| Measured { name, target, pids });
-    let [direct_unloaded, proxy_unloaded, nginx_unloaded] = measure_rounds(
+    let mut loaded = vec![
+        measured("direct", &direct, &static_pids),
+        measured("proxy", &via_proxy, &proxy_pids),
+        measured("proxy 1 thr", &via_one, &one_pids),
+    ];
+    if let Some((b, b1, b_pids, b1_pids)) = &via_before {
+        loaded.push(measured("before", b, b_pids));
+        loaded.push(measured("before 1 thr", b1, b1_pids));
+    }
+    loaded.extend([
+        measured("bare relay", &via_bare, &bare_pids),
+        measured("nginx proxy", &via_nginx, &nginx_pids),
+        measured("nginx auto", &via_auto, &auto_pids),
+    ]);
+    let mut loaded = measure_rounds(
+        wrk,
+        &loaded,
+        CONNECTIONS,
+        mode.warmup,
+        mode.round,
+        mode.rounds,
+    )
+    .await
+    .into_iter();
+    let mut unloaded = vec![
+        measured("direct c=1", &direct, &static_pids),
+        measured("proxy c=1", &via_proxy, &proxy_pids),
+    ];
+    if let Some((b, _, b_pids, _)) = &via_before {
+        unloaded.push(measured("before c=1", b, b_pids));
+    }
+    unloaded.push(measured("nginx c=1", &via_nginx, &nginx_pids));
+    let mut unloaded = measure_rounds(
         wrk,
         &unloaded,
         UNLOADED,
@@ -742,7 +912,28 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
         UNLOADED_ROUND,
         mode.rounds,
     )
-    .await;
+    .await
+    .into_iter();
+    // Taken in the order measured.
+    let next = |rounds: &mut std::vec::IntoIter<Rounds>| rounds.next().expect("rounds");
+    let (direct_loaded, proxy_loaded, one_loaded) =
+        (next(&mut loaded), next(&mut loaded), next(&mut loaded));
+    let before_loaded = via_before
+        .as_ref()
+        .map(|_| (next(&mut loaded), next(&mut loaded)));
+    let (bare_loaded, nginx_loaded, auto_loaded) =
+        (next(&mut loaded), next(&mut loaded), next(&mut loaded));
+    let (direct_unloaded, proxy_unloaded) = (next(&mut unloaded), next(&mut unloaded));
+    let before_unloaded = via_before.as_ref().map(|_| next(&mut unloaded));
+    let nginx_unloaded = next(&mut unloaded);
+    let before_rows = match (before_loaded, before_unloaded) {
+        (Some((proxy, proxy_one_thread)), Some(proxy_unloaded)) => Some(BeforePassRows {
+            proxy,
+            proxy_one_thread,
+            proxy_unloaded,
+        }),
+        _ => None,
+    };
     let rows = PassRows {
         direct: direct_loaded,
         proxy: proxy_loaded,
@@ -753,13 +944,19 @@ async fn pass_through(mode: &Mode, binary: &Path, scratch: &Scratch) -> PassThro
         direct_unloaded,
         proxy_unloaded,
         nginx_unloaded,
+        before: before_rows,
     };
+    let before_rss = before.as_ref().zip(before_idle).map(|((b, _), idle)| Rss {
+        idle,
+        after: b.rss(),
+    });
     PassThrough {
         rows: Some(rows),
         rss: Some(Rss {
             idle,
             after: proxy.rss(),
         }),
+        before_rss,
         body_bytes: body.len(),
         generator,
     }
@@ -772,18 +969,23 @@ struct Measured<'a> {
     pids: &'a [u32],
 }
 
+fn measured<'a>(name: &'static str, target: &'a Target, pids: &'a [u32]) -> Measured<'a> {
+    Measured { name, target, pids }
+}
+
 /// Loads each target for one warm-up, then in `rounds` rounds of `round` each, the targets
 /// taking turns within a round (each round starting one target further on), so slow drift in
 /// what else the machine runs falls on every target alike. Each run is measured by `wrk` when
 /// given, else by the bench's own client, with the targets' CPU time over it.
-async fn measure_rounds<const N: usize>(
+async fn measure_rounds(
     wrk: Option<&Path>,
-    targets: &[Measured<'_>; N],
+    targets: &[Measured<'_>],
     connections: usize,
     warmup: Duration,
     round: Duration,
     rounds: usize,
-) -> [Rounds; N] {
+) -> Vec<Rounds> {
+    let n = targets.len();
     let run = |target: &Target, duration: Duration| {
         let url = target.urls[0].clone();
         let target = target.clone();
@@ -797,10 +999,10 @@ async fn measure_rounds<const N: usize>(
     for m in targets {
         run(m.target, warmup).await;
     }
-    let mut measured: [Rounds; N] = std::array::from_fn(|_| Rounds::default());
+    let mut measured: Vec<Rounds> = (0..n).map(|_| Rounds::default()).collect();
     for r in 0..rounds {
-        for j in 0..N {
-            let i = (r + j) % N;
+        for j in 0..n {
+            let i = (r + j) % n;
             let m = &targets[i];
             let before = cpu_time(m.pids);
             let stats = run(m.target, round).await;
@@ -1204,23 +1406,108 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Scenario 4's results.
 struct Cached {
-    /// The proxy on one thread per CPU: single-stage page, merged page; the proxy on one
-    /// thread, nginx with 1 worker and with one per CPU: single-stage page; the proxy on one
-    /// thread and nginx with 1 worker: the single-stage page at the default limit; the proxy on
-    /// one thread copying its bodies instead of `sendfile`: the same page.
+    /// The rows in the order measured and shown: each of the current proxy's followed by the
+    /// before binary's (when it ran) in the same configuration.
     rows: Vec<CachedRow>,
     /// Requests the simulator saw while the caches were measured (must be 0).
     upstream_during_load: usize,
     /// How many leads each stage of the pages holds (the single stage first).
     stage_leads: Vec<usize>,
     rss: Option<Rss>,
+    /// The before binary's memory (one worker thread per CPU), when it ran.
+    before_rss: Option<Rss>,
     /// What drove the load: `wrk` or the bench's own client.
     generator: &'static str,
 }
 
+/// Which cache answers a row of scenario 4, and which page.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// The proxy with one worker thread per CPU: the single-stage page.
+    Single,
+    /// The same proxy: the merged 5-stage page.
+    Merged,
+    /// The proxy with `--worker-threads 1`: the single-stage page.
+    OneThread,
+    /// nginx `proxy_cache`, 1 worker: the single-stage page.
+    Nginx,
+    /// nginx `proxy_cache`, `worker_processes auto`: the single-stage page.
+    NginxAuto,
+    /// The proxy with `--worker-threads 1`: the single-stage page at the default limit.
+    OneThreadDefault,
+    /// nginx `proxy_cache`, 1 worker: the single-stage page at the default limit.
+    NginxDefault,
+}
+
+impl Served {
+    const ALL: [Served; 7] = [
+        Served::Single,
+        Served::Merged,
+        Served::OneThread,
+        Served::Nginx,
+        Served::NginxAuto,
+        Served::OneThreadDefault,
+        Served::NginxDefault,
+    ];
+
+    fn is_proxy(self) -> bool {
+        !matches!(
+            self,
+            Served::Nginx | Served::NginxAuto | Served::NginxDefault
+        )
+    }
+
+    /// The name in the progress lines.
+    fn short(self, before: bool) -> &'static str {
+        match (self, before) {
+            (Served::Single, false) => "proxy single",
+            (Served::Single, true) => "before single",
+            (Served::Merged, false) => "proxy merged",
+            (Served::Merged, true) => "before merged",
+            (Served::OneThread, false) => "proxy 1 thr",
+            (Served::OneThread, true) => "before 1 thr",
+            (Served::Nginx, _) => "nginx cache",
+            (Served::NginxAuto, _) => "nginx cache 2w",
+            (Served::OneThreadDefault, false) => "proxy 1 thr 50",
+            (Served::OneThreadDefault, true) => "before 1 thr 50",
+            (Served::NginxDefault, _) => "nginx cache 50",
+        }
+    }
+
+    /// The row's name in the table; `proxy` names the proxy binary.
+    fn describe(self, proxy: &str) -> String {
+        match self {
+            Served::Single => format!(
+                "{proxy} (one worker thread per CPU): single-stage page from its answer cache"
+            ),
+            Served::Merged => format!(
+                "{proxy} (one worker thread per CPU): merged 5-stage page from its answer cache"
+            ),
+            Served::OneThread => {
+                format!("{proxy} (`--worker-threads 1`): the same single-stage page")
+            }
+            Served::Nginx => {
+                "nginx `proxy_cache` (1 worker): the same single-stage page from its cache".into()
+            }
+            Served::NginxAuto => {
+                "nginx `proxy_cache` (`worker_processes auto`): the same single-stage page".into()
+            }
+            Served::OneThreadDefault => {
+                format!("{proxy} (`--worker-threads 1`): the single-stage page, default limit")
+            }
+            Served::NginxDefault => {
+                "nginx `proxy_cache` (1 worker): the same page, default limit".into()
+            }
+        }
+    }
+}
+
 /// One row of the cached-answers table.
 struct CachedRow {
-    target: &'static str,
+    served: Served,
+    /// The before binary answered (a proxy row only).
+    before: bool,
+    target: String,
     /// `None` when nginx is not available.
     rounds: Option<Rounds>,
     body_bytes: usize,
@@ -1233,80 +1520,95 @@ impl CachedRow {
     }
 }
 
-/// The proxy with its cache on and nginx `proxy_cache`, both in front of the simulator, each
-/// warmed, then loaded with 32 connections asking the same page over and over.
-async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached {
-    const TARGETS: [(&str, &str); 8] = [
-        (
-            "proxy single",
-            "kommo-fanout (one thread per CPU): single-stage page from its answer cache",
-        ),
-        (
-            "proxy merged",
-            "kommo-fanout (one thread per CPU): merged 5-stage page from its answer cache",
-        ),
-        (
-            "proxy 1 thr",
-            "kommo-fanout (`--worker-threads 1`): the same single-stage page",
-        ),
-        (
-            "nginx cache",
-            "nginx `proxy_cache` (1 worker): the same single-stage page from its cache",
-        ),
-        (
-            "nginx cache 2w",
-            "nginx `proxy_cache` (`worker_processes auto`): the same single-stage page",
-        ),
-        (
-            "proxy 1 thr 50",
-            "kommo-fanout (`--worker-threads 1`): the single-stage page, default limit",
-        ),
-        (
-            "nginx cache 50",
-            "nginx `proxy_cache` (1 worker): the same page, default limit",
-        ),
-        (
-            "proxy 1 thr 50 copying",
-            "kommo-fanout (`--worker-threads 1 --sendfile-min-bytes 0`): the same page, \
-             default limit, copied into the socket",
-        ),
-    ];
+/// The proxy with its cache on (and the before binary, when given) and nginx `proxy_cache`, all
+/// in front of the simulator, each warmed, then loaded with 32 connections asking the same page
+/// over and over.
+async fn cached_answers(mode: &Mode, binaries: &Binaries, scratch: &Scratch) -> Cached {
     let sim = Sim::spawn(sim_config()).await.expect("simulator starts");
     let by_size = stages_by_size(&sim);
     let stage_leads = by_size.iter().take(CACHED_STAGES).map(|s| s.1).collect();
     let stages: Vec<(i64, i64)> = by_size.iter().take(CACHED_STAGES).map(|s| s.0).collect();
     let (wrk, generator) = load_generator();
+    let before_label = binaries.before.as_ref().map(|b| b.label.as_str());
+    // Each proxy row followed by the before binary's in the same configuration.
+    let specs: Vec<(Served, bool)> = Served::ALL
+        .into_iter()
+        .flat_map(|served| {
+            let before = (served.is_proxy() && before_label.is_some()).then_some((served, true));
+            [Some((served, false)), before].into_iter().flatten()
+        })
+        .collect();
+    let describe = |served: Served, before: bool| {
+        served.describe(match (before, before_label) {
+            (true, Some(label)) => label,
+            _ => "kommo-fanout",
+        })
+    };
     let Some(nginx) = ensure_nginx() else {
         eprintln!("  nginx is not available: scenario 4 skipped");
-        let rows = TARGETS.map(|(_, target)| CachedRow {
-            target,
+        let rows = specs.iter().map(|&(served, before)| CachedRow {
+            served,
+            before,
+            target: describe(served, before),
             rounds: None,
             body_bytes: 0,
         });
         return Cached {
-            rows: rows.into(),
+            rows: rows.collect(),
             upstream_during_load: 0,
             stage_leads,
             rss: None,
+            before_rss: None,
             generator,
         };
     };
+    let upstream = sim.base_url();
     let cache_on = ["--cache-ttl", "10m"];
     let one_thread = [&cache_on[..], &["--worker-threads", "1"]].concat();
-    // The baseline of `sendfile`: the same proxy writing its cached bodies by copying.
-    let copying = [&one_thread[..], &["--sendfile-min-bytes", "0"]].concat();
-    let mut started = Vec::new();
-    for (flags, name) in [
-        (&cache_on[..], "proxy-cache"),
-        (&one_thread[..], "proxy-cache-1t"),
-        (&copying[..], "proxy-cache-1t-copying"),
-    ] {
-        started.push(Proxy::start(binary, &sim.base_url(), flags, &[QUIET], scratch, name).await);
-    }
-    let Ok([proxy, proxy_one, proxy_copying]) = <[Proxy; 3]>::try_from(started) else {
-        unreachable!("three proxies were started");
+    let current = &binaries.current;
+    let proxy = Proxy::start(
+        current,
+        &upstream,
+        &cache_on,
+        &[QUIET],
+        scratch,
+        "proxy-cache",
+    )
+    .await;
+    let proxy_one = Proxy::start(
+        current,
+        &upstream,
+        &one_thread,
+        &[QUIET],
+        scratch,
+        "proxy-cache-1t",
+    )
+    .await;
+    let before = match &binaries.before {
+        Some(b) => Some((
+            Proxy::start(
+                &b.binary,
+                &upstream,
+                &cache_on,
+                &[QUIET],
+                scratch,
+                "before-cache",
+            )
+            .await,
+            Proxy::start(
+                &b.binary,
+                &upstream,
+                &one_thread,
+                &[QUIET],
+                scratch,
+                "before-cache-1t",
+            )
+            .await,
+        )),
+        None => None,
     };
     let idle = proxy.rss();
+    let before_idle = before.as_ref().map(|(b, _)| b.rss());
     let sim_port = sim.addr().port();
     let (nginx_port, auto_port) = (free_port(), free_port());
     let nginx_cache = Nginx::start(
@@ -1325,26 +1627,38 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
     let single = cached_query(&stages[..1], CACHED_LIMIT);
     let merged = cached_query(&stages, CACHED_LIMIT);
     let default_page = cached_query(&stages[..1], DEFAULT_LIMIT);
-    let (proxy_pids, one_pids) = ([proxy.guard.pid()], [proxy_one.guard.pid()]);
-    let copying_pids = [proxy_copying.guard.pid()];
-    let (nginx_pids, auto_pids) = (nginx_cache.pids(), nginx_auto.pids());
     let nginx_base = format!("http://127.0.0.1:{nginx_port}");
     let auto_base = format!("http://127.0.0.1:{auto_port}");
     let (proxy_hit, nginx_hit) = ("x-cache", "x-cache-status");
-    // In the order of TARGETS: where each is asked, for which page, the header that says it
+    // In the order of the rows: where each is asked, for which page, the header that says it
     // was a hit, and whose CPU time counts.
-    let served: [(&str, &str, &str, &[u32]); TARGETS.len()] = [
-        (&proxy.base, &single, proxy_hit, &proxy_pids),
-        (&proxy.base, &merged, proxy_hit, &proxy_pids),
-        (&proxy_one.base, &single, proxy_hit, &one_pids),
-        (&nginx_base, &single, nginx_hit, &nginx_pids),
-        (&auto_base, &single, nginx_hit, &auto_pids),
-        (&proxy_one.base, &default_page, proxy_hit, &one_pids),
-        (&nginx_base, &default_page, nginx_hit, &nginx_pids),
-        (&proxy_copying.base, &default_page, proxy_hit, &copying_pids),
-    ];
+    let served: Vec<(&str, &str, &str, Vec<u32>)> = specs
+        .iter()
+        .map(|&(served, is_before)| {
+            let (per_cpu, one) = match (&before, is_before) {
+                (Some((b, b1)), true) => (b, b1),
+                _ => (&proxy, &proxy_one),
+            };
+            match served {
+                Served::Single => (&per_cpu.base[..], &single[..], proxy_hit, per_cpu.pids()),
+                Served::Merged => (&per_cpu.base[..], &merged[..], proxy_hit, per_cpu.pids()),
+                Served::OneThread => (&one.base[..], &single[..], proxy_hit, one.pids()),
+                Served::Nginx => (&nginx_base[..], &single[..], nginx_hit, nginx_cache.pids()),
+                Served::NginxAuto => (&auto_base[..], &single[..], nginx_hit, nginx_auto.pids()),
+                Served::OneThreadDefault => {
+                    (&one.base[..], &default_page[..], proxy_hit, one.pids())
+                }
+                Served::NginxDefault => (
+                    &nginx_base[..],
+                    &default_page[..],
+                    nginx_hit,
+                    nginx_cache.pids(),
+                ),
+            }
+        })
+        .collect();
     let mut targets = Vec::new();
-    for (base, query, header, _) in served {
+    for (base, query, header, _) in &served {
         let url = format!("{base}/api/v4/leads?{query}");
         let body_len = warm(&url, header).await;
         targets.push(Target {
@@ -1354,14 +1668,15 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         });
     }
     sim.clear_requests();
-    let measured: [Measured; TARGETS.len()] = std::array::from_fn(|i| Measured {
-        name: TARGETS[i].0,
-        target: &targets[i],
-        pids: served[i].3,
-    });
+    let loads: Vec<Measured> = specs
+        .iter()
+        .zip(&targets)
+        .zip(&served)
+        .map(|((&(s, before), target), (_, _, _, pids))| measured(s.short(before), target, pids))
+        .collect();
     let measured = measure_rounds(
         wrk,
-        &measured,
+        &loads,
         CONNECTIONS,
         mode.warmup,
         mode.round,
@@ -1370,8 +1685,8 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
     .await;
     let upstream_during_load = sim.request_count();
     let mut rows = Vec::new();
-    for (mut rounds, ((short, name), target)) in
-        measured.into_iter().zip(TARGETS.iter().zip(&targets))
+    for (mut rounds, (&(served, before), target)) in
+        measured.into_iter().zip(specs.iter().zip(&targets))
     {
         if wrk.is_some() {
             // wrk reads no headers: the answers are hits when the upstream saw no request at
@@ -1386,24 +1701,32 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
         }
         let stats = rounds.summary();
         let row = CachedRow {
-            target: name,
+            served,
+            before,
+            target: describe(served, before),
             rounds: Some(rounds),
             body_bytes: target.body_len.unwrap_or(0),
         };
         eprintln!(
-            "  {short}: {} bytes, cache hit ratio {:.4}",
+            "  {}: {} bytes, cache hit ratio {:.4}",
+            served.short(before),
             row.body_bytes,
             row.hit_ratio().unwrap_or(0.0)
         );
         assert!(
             stats.requests > 0 && stats.errors == 0 && stats.hits == stats.requests,
-            "{name}: every measured answer must be a cache hit: {} requests, {} hits, {} errors",
+            "{}: every measured answer must be a cache hit: {} requests, {} hits, {} errors",
+            row.target,
             stats.requests,
             stats.hits,
             stats.errors
         );
         rows.push(row);
     }
+    let before_rss = before.as_ref().zip(before_idle).map(|((b, _), idle)| Rss {
+        idle,
+        after: b.rss(),
+    });
     Cached {
         rows,
         upstream_during_load,
@@ -1412,6 +1735,7 @@ async fn cached_answers(mode: &Mode, binary: &Path, scratch: &Scratch) -> Cached
             idle,
             after: proxy.rss(),
         }),
+        before_rss,
         generator,
     }
 }
@@ -1681,6 +2005,11 @@ impl Proxy {
 
     fn rss(&self) -> u64 {
         peak_rss_kib(self.guard.pid())
+    }
+
+    /// The process whose CPU time counts.
+    fn pids(&self) -> Vec<u32> {
+        vec![self.guard.pid()]
     }
 }
 
@@ -2071,7 +2400,9 @@ fn ms_f(d: Duration) -> f64 {
 
 struct Report {
     machine: Machine,
-    command: &'static str,
+    command: String,
+    /// The earlier binary measured beside the current one, when one was named.
+    before: Option<Before>,
     /// Rounds per target in scenarios 2 and 4, and the length of a loaded round.
     rounds: usize,
     round: Duration,
@@ -2118,7 +2449,7 @@ impl Report {
              Generated by `{}` (`benches/end_to_end.rs`); the whole file is rewritten by every full \
              run, do not edit it by hand.\n\n\
              - date: {}\n- machine: {} CPUs (`nproc`), {}, {}\n- toolchain: {}, release profile\n\
-             - nginx: {}\n- took: {:.0} s\n\n\
+             - nginx: {}\n{}- took: {:.0} s\n\n\
              Everything ran on 127.0.0.1, and the load client shares the CPUs with the servers. \
              Logging is on an equal footing in the throughput scenarios (2, 4, 5): nginx runs with \
              `access_log off` and the proxy with `RUST_LOG=warn`, so neither writes a line per \
@@ -2130,13 +2461,53 @@ impl Report {
             m.kernel,
             m.rustc,
             m.nginx,
+            self.before_line(),
             self.took.as_secs_f64()
         );
+    }
+
+    /// The header's line on the before binary; empty without one.
+    fn before_line(&self) -> String {
+        match &self.before {
+            Some(b) => format!(
+                "- {}: `{}` (`{BEFORE_ENV}`), an earlier build run side by side with the current \
+                 one in scenarios 1 to 4, in the same rounds\n",
+                b.label,
+                b.binary.display()
+            ),
+            None => String::new(),
+        }
+    }
+
+    /// How the report names the before binary (`before` when it did not run).
+    fn before_label(&self) -> &str {
+        self.before.as_ref().map_or("before", |b| b.label.as_str())
     }
 
     fn cold_table(&self, out: &mut String) {
         let c = &self.cold;
         let runs = c.rows.first().map_or(0, |r| r.runs);
+        let with_before = self.before.is_some();
+        let label = self.before_label();
+        // The before binary's columns: after the proxy's time, and after its 429s.
+        let (before_time, before_limit) = if with_before {
+            (
+                format!(" {label} ms (x floor) | proxy / {label} |"),
+                format!(" {label} upstream req/run, max arrivals in 1 s, 429s |"),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        let before_align = if with_before { "---:|---:|" } else { "" };
+        let before_limit_align = if with_before { "---:|" } else { "" };
+        let before_text = if with_before {
+            format!(
+                " **{label}** is the earlier binary (`{BEFORE_ENV}`) set up the same way, its run \
+                 taking its turn right after the current proxy's within each run of a K."
+            )
+        } else {
+            String::new()
+        };
         let _ = write!(
             out,
             "## 1. Cold first page of K stages\n\n\
@@ -2145,9 +2516,9 @@ impl Report {
              Page: `limit={PAGE}&order[created_at]=desc`. Median of {runs} run(s) per K, each \
              started cold (idle limiter, empty simulator window, the proxy's response cache off \
              with `KOMMO_FANOUT_CACHE_TTL=0s`; connections stay pooled). {} of the {} stages \
-             have no leads (padding when the account has fewer stages with leads).\n\n\
-             | K | proxy ms (x floor) | sequential ms (x floor) | concurrent, no limiter ms (x floor) | floor ms | safe floor ms (proxy x safe floor) | proxy upstream req/run | proxy max arrivals in 1 s | proxy 429s | sequential 429s/run | concurrent 429s/run | same page |\n\
-             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|\n",
+             have no leads (padding when the account has fewer stages with leads).{before_text}\n\n\
+             | K | proxy ms (x floor) |{before_time} sequential ms (x floor) | concurrent, no limiter ms (x floor) | floor ms | safe floor ms (proxy x safe floor) | proxy upstream req/run | proxy max arrivals in 1 s | proxy 429s |{before_limit} sequential 429s/run | concurrent 429s/run | same page |\n\
+             |---:|---:|{before_align}---:|---:|---:|---:|---:|---:|---:|{before_limit_align}---:|---:|:---:|\n",
             c.padded,
             c.stages
         );
@@ -2159,9 +2530,27 @@ impl Report {
             };
             let per_run = |n: usize| format!("{:.1}", n as f64 / r.runs as f64);
             let safe = r.safe_floor();
+            let (before_time, before_limit) = if with_before {
+                (
+                    format!(
+                        " {} | {} |",
+                        cell(&r.before),
+                        r.current_over_before()
+                            .map_or("n/a".to_string(), |x| format!("{x:.2}"))
+                    ),
+                    format!(
+                        " {}, {}, {} |",
+                        per_run(r.before_upstream),
+                        r.before_max_window,
+                        r.before_429
+                    ),
+                )
+            } else {
+                (String::new(), String::new())
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} ({:.2}x) | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} |{before_time} {} | {} | {} | {} ({:.2}x) | {} | {} | {} |{before_limit} {} | {} | {} |",
                 r.k,
                 cell(&r.proxy),
                 cell(&r.sequential),
@@ -2200,8 +2589,17 @@ impl Report {
              - **429s/run**: refusals the direct clients earned (Kommo blocks an address after \
              repeated ones; here the simulator's block is set to 1000 so the run goes on).\n\
              - **same page**: the three clients got the same 50 lead ids in the same order in \
-             every run.\n\n",
+             every run (the before binary too, when it ran).\n",
         );
+        if with_before {
+            let _ = writeln!(
+                out,
+                "- **proxy / {label}**: the current proxy's median time over the before binary's \
+                 (below 1: the current one is faster); the before binary's upstream requests, \
+                 arrivals and 429s are read from the simulator's log as the proxy's are."
+            );
+        }
+        out.push('\n');
     }
 
     fn pass_table(&self, out: &mut String) {
@@ -2228,41 +2626,75 @@ impl Report {
             out.push_str("| n/a (nginx not available) | | | | | | | | | |\n\n");
             return;
         };
-        let rows = [
+        let label = self.before_label();
+        let mut rows: Vec<(String, usize, &Rounds)> = vec![
             (
-                "direct to the static nginx (1 worker)",
+                "direct to the static nginx (1 worker)".into(),
                 CONNECTIONS,
                 &r.direct,
             ),
-            ("kommo-fanout (one thread per CPU)", CONNECTIONS, &r.proxy),
             (
-                "kommo-fanout (`--worker-threads 1`)",
+                "kommo-fanout (one worker thread per CPU)".into(),
+                CONNECTIONS,
+                &r.proxy,
+            ),
+            (
+                "kommo-fanout (`--worker-threads 1`)".into(),
                 CONNECTIONS,
                 &r.proxy_one_thread,
             ),
+        ];
+        if let Some(b) = &r.before {
+            rows.push((
+                format!("{label} (one worker thread per CPU)"),
+                CONNECTIONS,
+                &b.proxy,
+            ));
+            rows.push((
+                format!("{label} (`--worker-threads 1`)"),
+                CONNECTIONS,
+                &b.proxy_one_thread,
+            ));
+        }
+        rows.extend([
             (
-                "bare hyper relay (1 thread, none of the proxy's work)",
+                "bare hyper relay (1 thread, none of the proxy's work)".into(),
                 CONNECTIONS,
                 &r.bare,
             ),
-            ("nginx reverse proxy (1 worker)", CONNECTIONS, &r.nginx),
             (
-                "nginx reverse proxy (`worker_processes auto`)",
+                "nginx reverse proxy (1 worker)".into(),
+                CONNECTIONS,
+                &r.nginx,
+            ),
+            (
+                "nginx reverse proxy (`worker_processes auto`)".into(),
                 CONNECTIONS,
                 &r.nginx_auto,
             ),
-            ("direct to the static nginx", UNLOADED, &r.direct_unloaded),
             (
-                "kommo-fanout (one thread per CPU)",
+                "direct to the static nginx".into(),
+                UNLOADED,
+                &r.direct_unloaded,
+            ),
+            (
+                "kommo-fanout (one worker thread per CPU)".into(),
                 UNLOADED,
                 &r.proxy_unloaded,
             ),
-            (
-                "nginx reverse proxy (1 worker)",
+        ]);
+        if let Some(b) = &r.before {
+            rows.push((
+                format!("{label} (one worker thread per CPU)"),
                 UNLOADED,
-                &r.nginx_unloaded,
-            ),
-        ];
+                &b.proxy_unloaded,
+            ));
+        }
+        rows.push((
+            "nginx reverse proxy (1 worker)".into(),
+            UNLOADED,
+            &r.nginx_unloaded,
+        ));
         for (name, connections, rounds) in rows {
             let stats = rounds.summary();
             let cpu = cpu_cell(stats.cpu_per_request);
@@ -2291,10 +2723,10 @@ impl Report {
              kommo-fanout p50 {:+.2} ms, p99 {:+.2} ms; nginx reverse proxy p50 {:+.2} ms, p99 \
              {:+.2} ms\n\
              - throughput kommo-fanout / nginx reverse proxy, same CPUs (median of the rounds' \
-             ratios): one thread per CPU / `worker_processes auto` {:.2}; one thread / 1 worker \
-             {:.2}\n\
+             ratios): one worker thread per CPU / `worker_processes auto` {:.2}; one thread / 1 \
+             worker {:.2}\n\
              - CPU per request kommo-fanout / nginx reverse proxy: one thread / 1 worker {}; one \
-             thread per CPU / `worker_processes auto` {}\n\
+             worker thread per CPU / `worker_processes auto` {}\n\
              - the proxy's own work, kommo-fanout / bare hyper relay, one thread each: throughput \
              {:.2}, CPU per request {}\n\
              - the HTTP stack, bare hyper relay / nginx reverse proxy, one thread / 1 worker: \
@@ -2316,13 +2748,31 @@ impl Report {
             paired_ratio(&r.bare, &r.nginx),
             cpu_ratio(&r.bare.summary(), &r.nginx.summary()),
         );
+        if let Some(b) = &r.before {
+            let unloaded = added(&b.proxy_unloaded, &r.direct_unloaded);
+            let _ = writeln!(
+                out,
+                "- {label}: latency added to direct, {UNLOADED} connection: p50 {:+.3} ms, p99 \
+                 {:+.3} ms\n\
+                 - throughput kommo-fanout / {label} (median of the rounds' ratios): one worker \
+                 thread per CPU {:.2}; one thread {:.2}\n\
+                 - CPU per request kommo-fanout / {label}: one worker thread per CPU {}; one \
+                 thread {}",
+                unloaded.0,
+                unloaded.1,
+                paired_ratio(&r.proxy, &b.proxy),
+                paired_ratio(&r.proxy_one_thread, &b.proxy_one_thread),
+                cpu_ratio(&r.proxy.summary(), &b.proxy.summary()),
+                cpu_ratio(&r.proxy_one_thread.summary(), &b.proxy_one_thread.summary()),
+            );
+        }
         out.push_str(
             "\n- **direct**: the floor: the static nginx alone.\n\
              - **kommo-fanout**: the release proxy with `--upstream` at the static nginx and its \
              limiter raised out of the way (`--rate-limit 10000 --rate-window 1ms --rate-margin \
              0ms`, response cache off, `RUST_LOG=warn`); the answer streams through unchanged. \
-             By default it serves on one thread per CPU, each with its own runtime and upstream \
-             pool; `--worker-threads 1` serves on one.\n\
+             By default it serves on tokio's multi-thread runtime with one worker thread per \
+             CPU; `--worker-threads 1` gives the runtime one.\n\
              - **bare hyper relay**: the least a relay built on the proxy's HTTP stack does, run \
              by the bench itself (`end_to_end --bare-relay`): hyper's HTTP/1 server and \
              hyper-util's pooled client on one current-thread runtime, each request sent on as it \
@@ -2334,8 +2784,22 @@ impl Report {
              with one per CPU.\n\
              - The load generator, the static upstream and the hop measured share the CPUs, so \
              requests/s is what is left of them for the hop; CPU per request does not depend on \
-             that share and is the steadier figure from run to run.\n\n",
+             that share and is the steadier figure from run to run.\n",
         );
+        self.before_note(out);
+        out.push('\n');
+    }
+
+    /// The notes' line on the before binary; nothing without one.
+    fn before_note(&self, out: &mut String) {
+        if let Some(b) = &self.before {
+            let _ = writeln!(
+                out,
+                "- **{}**: an earlier proxy binary (`{BEFORE_ENV}`) with the same flags, each of \
+                 its rows measured in the same rounds as the current proxy's.",
+                b.label
+            );
+        }
     }
 
     fn rss_table(&self, out: &mut String) {
@@ -2347,11 +2811,23 @@ impl Report {
         out.push_str(
             "## 3. Peak RSS of the proxy\n\n\
              `VmHWM` from `/proc/PID/status` of each proxy child process: once healthy (idle) and \
-             after its scenario.\n\n\
+             after its scenario (in scenarios 2 and 4, the proxy with one worker thread per \
+             CPU).\n\n\
              | proxy process | idle peak MiB | peak MiB after the scenario |\n|---|---:|---:|\n",
         );
-        for (name, rss) in self.rss_rows() {
+        let label = self.before_label();
+        let before: [Option<Rss>; 3] = [
+            self.cold.before_rss,
+            self.pass.before_rss,
+            self.cached.before_rss,
+        ];
+        for (i, (name, rss)) in self.rss_rows().into_iter().enumerate() {
             out.push_str(&row(name, rss));
+            if self.before.is_some() {
+                if let Some(&rss) = before.get(i) {
+                    out.push_str(&row(&format!("{label}: {name}"), rss));
+                }
+            }
         }
         out.push('\n');
     }
@@ -2418,46 +2894,54 @@ impl Report {
             );
         }
         out.push('\n');
-        match self.cached_pairs() {
-            Some(pairs) => {
-                for (proxy_row, proxy, nginx_row, nginx) in pairs {
-                    let (p, n) = (proxy.summary(), nginx.summary());
-                    let _ = writeln!(
-                        out,
-                        "- proxy ({proxy_row}) / nginx `proxy_cache` ({nginx_row}): throughput \
-                         {:.2}, p50 {:+.2} ms, p99 {:+.2} ms, CPU per request {}",
-                        paired_ratio(proxy, nginx),
-                        ms_f(p.p50) - ms_f(n.p50),
-                        ms_f(p.p99) - ms_f(n.p99),
-                        cpu_ratio(&p, &n),
-                    );
+        let label = self.before_label();
+        let sides: &[(&str, bool)] = if self.before.is_some() {
+            &[("proxy", false), (label, true)]
+        } else {
+            &[("proxy", false)]
+        };
+        for &(who, before) in sides {
+            match self.cached_pairs(before) {
+                Some(pairs) => {
+                    for (proxy_row, proxy, nginx_row, nginx) in pairs {
+                        let (p, n) = (proxy.summary(), nginx.summary());
+                        let _ = writeln!(
+                            out,
+                            "- {who} ({proxy_row}) / nginx `proxy_cache` ({nginx_row}): \
+                             throughput {:.2}, p50 {:+.2} ms, p99 {:+.2} ms, CPU per request {}",
+                            paired_ratio(proxy, nginx),
+                            ms_f(p.p50) - ms_f(n.p50),
+                            ms_f(p.p99) - ms_f(n.p99),
+                            cpu_ratio(&p, &n),
+                        );
+                    }
+                }
+                None => {
+                    out.push_str("Ratios: n/a (nginx not available)\n");
+                    break;
                 }
             }
-            _ => out.push_str("Ratios: n/a (nginx not available)\n"),
         }
-        if let Some((sent, copied)) = self.sendfile_pair() {
-            let (s, c) = (sent.summary(), copied.summary());
-            let _ = writeln!(
-                out,
-                "- proxy sending its cached bodies with `sendfile` / the same proxy copying them \
-                 (`--worker-threads 1`, default-limit page): throughput {:.2}, p50 {:+.2} ms, \
-                 CPU per request {}",
-                paired_ratio(sent, copied),
-                ms_f(s.p50) - ms_f(c.p50),
-                cpu_ratio(&s, &c),
-            );
+        if let (Some(current), Some(before)) = (self.cached_pairs(false), self.cached_pairs(true)) {
+            for ((row, proxy, _, _), (_, earlier, _, _)) in current.into_iter().zip(before) {
+                let (p, b) = (proxy.summary(), earlier.summary());
+                let _ = writeln!(
+                    out,
+                    "- proxy / {label} ({row}): throughput {:.2}, p50 {:+.2} ms, CPU per request {}",
+                    paired_ratio(proxy, earlier),
+                    ms_f(p.p50) - ms_f(b.p50),
+                    cpu_ratio(&p, &b),
+                );
+            }
         }
         out.push_str(
             "\n- **kommo-fanout**: the release proxy with `--cache-ttl 10m` and `RUST_LOG=warn`, \
-             serving on one thread per CPU (the default) or on one (`--worker-threads 1`), the \
-             simulator as its upstream; warmed until it answers \
+             its runtime with one worker thread per CPU (the default) or one \
+             (`--worker-threads 1`), the simulator as its upstream; warmed until it answers \
              `X-Cache: HIT`. The single-stage page is relayed (hrefs moved to the proxy) and \
-             stored; the 5-stage page is the merged HAL page, stored ready. Cached bodies of \
-             16 KiB or more leave with `sendfile` from a sealed memfd (the default); the \
-             **copied into the socket** row is the same proxy with that turned off, the baseline \
-             of that choice.\n\
+             stored; the 5-stage page is the merged HAL page, stored ready.\n\
              - **nginx `proxy_cache`**: nginx (1 worker, or `worker_processes auto` = one per CPU \
-             like the proxy's serving threads; `sendfile on`, `access_log off`) with \
+             like the proxy's worker threads; `sendfile on`, `access_log off`) with \
              `proxy_pass` to the simulator, `proxy_cache_path` in the scratch directory, \
              `proxy_cache_key \"$scheme$proxy_host$request_uri $http_authorization\"`, \
              `proxy_cache_valid 200 10m`, `proxy_ignore_headers Cache-Control Expires Set-Cookie \
@@ -2468,48 +2952,56 @@ impl Report {
              as a hit when the simulator saw no request during it (a miss would have reached \
              it); with the bench's own client, the share of answers with `X-Cache: HIT` (proxy) \
              or `X-Cache-Status: HIT` (nginx), an answer of another length than the warm one \
-             counting as an error.\n\n",
+             counting as an error.\n",
         );
+        self.before_note(out);
+        out.push('\n');
     }
 
-    /// Scenario 4's one-thread proxy at the default limit, with `sendfile` and copying.
-    fn sendfile_pair(&self) -> Option<(&Rounds, &Rounds)> {
-        let rounds = |i: usize| self.cached.rows.get(i).and_then(|r| r.rounds.as_ref());
-        Some((rounds(5)?, rounds(7)?))
+    /// The rounds of scenario 4's row for `served` (the before binary's when `before`); `None`
+    /// when it was not measured.
+    fn cached_rounds(&self, served: Served, before: bool) -> Option<&Rounds> {
+        let row = self.cached.rows.iter();
+        let mut row = row.filter(|r| r.served == served && r.before == before);
+        row.next()?.rounds.as_ref()
     }
 
-    /// Each proxy row of scenario 4 with the nginx row of as many processes as it has threads:
-    /// (proxy row, its rounds, nginx row, its rounds); `None` without nginx.
-    fn cached_pairs(&self) -> Option<[(&'static str, &Rounds, &'static str, &Rounds); 4]> {
-        let rounds = |i: usize| self.cached.rows.get(i).and_then(|r| r.rounds.as_ref());
+    /// Each proxy row of scenario 4 (the current proxy's, or the before binary's when `before`)
+    /// with the nginx row of as many processes as it has worker threads: (proxy row, its rounds,
+    /// nginx row, its rounds); `None` without nginx or without those rows.
+    fn cached_pairs(
+        &self,
+        before: bool,
+    ) -> Option<[(&'static str, &Rounds, &'static str, &Rounds); 4]> {
+        let rounds = |served: Served, before: bool| self.cached_rounds(served, before);
         let (auto, one) = (
             "`worker_processes auto`, single-stage page",
             "1 worker, single-stage page",
         );
         Some([
             (
-                "one thread per CPU, single-stage page",
-                rounds(0)?,
+                "one worker thread per CPU, single-stage page",
+                rounds(Served::Single, before)?,
                 auto,
-                rounds(4)?,
+                rounds(Served::NginxAuto, false)?,
             ),
             (
-                "one thread per CPU, merged 5-stage page",
-                rounds(1)?,
+                "one worker thread per CPU, merged 5-stage page",
+                rounds(Served::Merged, before)?,
                 auto,
-                rounds(4)?,
+                rounds(Served::NginxAuto, false)?,
             ),
             (
                 "`--worker-threads 1`, single-stage page",
-                rounds(2)?,
+                rounds(Served::OneThread, before)?,
                 one,
-                rounds(3)?,
+                rounds(Served::Nginx, false)?,
             ),
             (
                 "`--worker-threads 1`, default-limit page",
-                rounds(5)?,
+                rounds(Served::OneThreadDefault, before)?,
                 "1 worker, default-limit page",
-                rounds(6)?,
+                rounds(Served::NginxDefault, false)?,
             ),
         ])
     }
@@ -2613,6 +3105,20 @@ impl Report {
             KRow::safe_floor,
             1.1,
         );
+        if self.before.is_some() {
+            let ratios: Vec<String> = cold
+                .iter()
+                .filter_map(|r| Some(format!("K = {}: {:.2}", r.k, r.current_over_before()?)))
+                .collect();
+            rows.push((
+                format!(
+                    "cold first page, proxy / {} (median time; below 1: the proxy is faster)",
+                    self.before_label()
+                ),
+                ratios.join("; "),
+                COMPARISON,
+            ));
+        }
         let arrivals = cold
             .iter()
             .map(|r| r.proxy_max_window)
@@ -2628,22 +3134,48 @@ impl Report {
             format!("at most {arrivals} arrivals in 1 s, {refused} 429s"),
             verdict(arrivals <= RATE && refused == 0),
         ));
-        match self.cached_pairs() {
+        let label = self.before_label();
+        match self.cached_pairs(false) {
             Some(pairs) => {
-                for (proxy_row, proxy, nginx_row, nginx) in pairs {
+                let before = self.cached_pairs(true);
+                for (i, (proxy_row, proxy, nginx_row, nginx)) in pairs.into_iter().enumerate() {
                     let ratio = paired_ratio(proxy, nginx);
                     rows.push((
                         format!(
-                            "cached answers/s at least nginx `proxy_cache`'s: proxy ({proxy_row}) / \
-                             nginx ({nginx_row})"
+                            "cached answers/s at least {CACHED_TARGET}x nginx `proxy_cache`'s: \
+                             proxy ({proxy_row}) / nginx ({nginx_row})"
                         ),
                         format!("{ratio:.2}{}", client_bound_note(proxy, nginx)),
-                        verdict(ratio >= 1.0),
+                        verdict(ratio >= CACHED_TARGET),
+                    ));
+                    if let Some((_, earlier, _, _)) = before.map(|b| b[i]) {
+                        let ratio = paired_ratio(earlier, nginx);
+                        rows.push((
+                            format!("the same, {label} ({proxy_row}) / nginx ({nginx_row})"),
+                            format!("{ratio:.2}{}", client_bound_note(earlier, nginx)),
+                            verdict(ratio >= CACHED_TARGET),
+                        ));
+                    }
+                }
+                if let Some(before) = before {
+                    let ratios: Vec<String> = self
+                        .cached_pairs(false)
+                        .into_iter()
+                        .flatten()
+                        .zip(before)
+                        .map(|((row, proxy, _, _), (_, earlier, _, _))| {
+                            format!("{row}: {:.2}", paired_ratio(proxy, earlier))
+                        })
+                        .collect();
+                    rows.push((
+                        format!("cached answers/s, proxy / {label}"),
+                        ratios.join("; "),
+                        COMPARISON,
                     ));
                 }
             }
             None => rows.push((
-                "cached answers/s at least nginx `proxy_cache`'s".to_string(),
+                format!("cached answers/s at least {CACHED_TARGET}x nginx `proxy_cache`'s"),
                 NO_NGINX.to_string(),
                 "n/a",
             )),
@@ -2652,13 +3184,22 @@ impl Report {
             Some(r) => {
                 let (p50, _) = added(&r.proxy_unloaded, &r.direct_unloaded);
                 rows.push((
-                    "pass-through latency added under 0.2 ms at p50 (1 connection)".to_string(),
+                    "pass-through latency added under 0.2 ms at p50 (1 connection): proxy"
+                        .to_string(),
                     format!("{p50:+.3} ms"),
                     verdict(p50 < 0.2),
                 ));
+                if let Some(b) = &r.before {
+                    let (p50, _) = added(&b.proxy_unloaded, &r.direct_unloaded);
+                    rows.push((
+                        format!("the same, {label}"),
+                        format!("{p50:+.3} ms"),
+                        verdict(p50 < 0.2),
+                    ));
+                }
                 for (threads, proxy, workers, nginx) in [
                     (
-                        "one thread per CPU",
+                        "one worker thread per CPU",
                         &r.proxy,
                         "`worker_processes auto`",
                         &r.nginx_auto,
@@ -2677,6 +3218,21 @@ impl Report {
                             client_bound_note(proxy, nginx)
                         ),
                         verdict(ratio >= 1.0),
+                    ));
+                }
+                if let Some(b) = &r.before {
+                    rows.push((
+                        format!(
+                            "pass-through throughput ({CONNECTIONS} connections), proxy / {label}"
+                        ),
+                        format!(
+                            "one worker thread per CPU: {:.2}{}; one thread: {:.2}{}",
+                            paired_ratio(&r.proxy, &b.proxy),
+                            client_bound_note(&r.proxy, &b.proxy),
+                            paired_ratio(&r.proxy_one_thread, &b.proxy_one_thread),
+                            client_bound_note(&r.proxy_one_thread, &b.proxy_one_thread),
+                        ),
+                        COMPARISON,
                     ));
                 }
             }
@@ -2717,10 +3273,18 @@ impl Report {
              trips the limit, whatever the network delays (scenario 1); the row above it, to the \
              floor of a client that knows when each request arrived.\n\
              - **the bare hyper relay**, beside the throughput ratios: about what the proxy would \
-             reach on its HTTP stack with none of its own work (scenario 2). Its pooled client \
-             is hyper-util's, which hashes its pool key on every request where the proxy's pool \
-             does not, so it is a little below that.\n",
+             reach on its HTTP stack with none of its own work (scenario 2).\n",
         );
+        if self.before.is_some() {
+            let _ = writeln!(
+                out,
+                "- **{}**: the earlier binary measured side by side with the current one in this \
+                 run. The rows on it that name a target hold it to the same one; the rows marked \
+                 `{COMPARISON}` compare the two and have no target of their own (a ratio above 1 \
+                 for answers/s, below 1 for a time, favours the current proxy).",
+                self.before_label()
+            );
+        }
     }
 }
 
@@ -2751,6 +3315,13 @@ fn cpu_cell(cpu: Option<Duration>) -> String {
         format!("{:.1}", d.as_secs_f64() * 1e6)
     })
 }
+
+/// The cached-answers target: the proxy's answers/s over nginx `proxy_cache`'s at least this.
+const CACHED_TARGET: f64 = 0.8;
+
+/// The "met" cell of a Targets row that compares the current binary with the before one: it
+/// has no target of its own.
+const COMPARISON: &str = "-";
 
 /// At or above this share of its core, the load generator is what limits a run.
 const CLIENT_BOUND: f64 = 0.95;
