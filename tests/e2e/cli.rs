@@ -58,6 +58,23 @@ fn invalid_flags_exit_2_with_a_message() {
     }
 }
 
+/// `--sendfile-min-bytes` no longer does anything: accepted, with a warning saying so, so
+/// existing command lines and config files keep starting.
+#[test]
+fn the_deprecated_sendfile_flag_is_accepted_with_a_warning() {
+    let upstream = ["serve", "--upstream", "http://127.0.0.1:1", "--check"];
+    let (code, stderr) = run(&[&upstream[..], &["--sendfile-min-bytes", "0"]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("--sendfile-min-bytes"), "{stderr}");
+    assert!(stderr.contains("no effect"), "{stderr}");
+    let (code, stderr) = run(&upstream);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !stderr.contains("sendfile"),
+        "no warning without it: {stderr}"
+    );
+}
+
 /// The first log line of `args` that contains `needle`, or what stderr said until it closed
 /// or 10 s passed, and the process's `/proc/PID/limits` then. The process is killed after.
 fn log_line(args: &[&str], needle: &str) -> (String, String) {
