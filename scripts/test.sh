@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: formatting, lints, unit, property and
-# end-to-end tests, and a single pass of each micro-benchmark (so benchmarks keep compiling and
-# running, as `cargo test --all-targets` does for criterion benches). Installs what the tests
+# end-to-end tests; the benchmarks are built so they keep compiling. Installs what the tests
 # need when it is missing. Lints and tests cover the workspace: the proxy and the simulator
 # (`sim/`, with its own unit tests).
 set -euo pipefail
