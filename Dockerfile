@@ -23,9 +23,9 @@ RUN apt-get update \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin kommo
 COPY --from=build /src/target/release/kommo-fanout /usr/local/bin/kommo-fanout
 USER kommo
-# glibc maps blocks of 128 KiB and more (cached pages are ~220 KB) and returns them when freed,
-# instead of raising its threshold and keeping them in the heap: peak RSS in the soak 116 MiB
-# instead of 134 MiB with a 64 MiB cache (SOAK.md).
+# glibc maps blocks of 128 KiB and more (a cached page of 250 leads is larger) and returns them
+# when freed, instead of raising its threshold and keeping them in the heap (docs/SOAK.md has
+# the soak's peak RSS with and without it, and with other allocators).
 ENV MALLOC_MMAP_THRESHOLD_=131072
 # 8080: clients; 9090: admin (/healthz); 8081: the simulator, when run as `sim`.
 EXPOSE 8080 9090 8081
