@@ -972,17 +972,7 @@ mod tests {
         ));
     }
 
-    /// A small deterministic generator: the test needs varied schedules, not crypto.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-    }
+    use crate::upstream::limiter::tests::XorShift;
 
     #[tokio::test(start_paused = true)]
     async fn no_window_holds_more_than_n_across_outages_stalls_and_recoveries() {

@@ -471,7 +471,7 @@ impl Drop for Parked<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
     use std::task::Poll;
 
@@ -857,11 +857,12 @@ mod tests {
         assert_eq!(Instant::now(), t0 + ms(5000));
     }
 
-    /// A small deterministic generator: the stress test needs varied schedules, not crypto.
-    struct XorShift(u64);
+    /// A small deterministic generator: the stress tests (here and of the Redis limiter) need
+    /// varied schedules, not crypto.
+    pub(crate) struct XorShift(pub(crate) u64);
 
     impl XorShift {
-        fn below(&mut self, n: u64) -> u64 {
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
