@@ -271,9 +271,12 @@ async fn load_is_shed_past_the_concurrency_bound() {
         let s = s.clone();
         tokio::spawn(async move { s.get("/api/v4/account", TOKEN).await })
     };
-    while s.sim.request_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        "the slow request reaches the upstream",
+        Duration::from_secs(10),
+        || s.sim.request_count() > 0,
+    )
+    .await;
     let shed = s.get("/api/v4/account", TOKEN).await;
     assert_eq!(shed.status, 503);
     assert!(shed.headers.contains_key("retry-after"));

@@ -302,9 +302,12 @@ async fn a_small_request_behind_a_wide_one_waits_for_a_few_permits_only() {
         async move { s.leads(&q).await }
     };
     let little = async {
-        while s.sim.request_count() < 7 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(
+            "the big request's first streams",
+            Duration::from_secs(10),
+            || s.sim.request_count() >= 7,
+        )
+        .await;
         s.leads(&stages(&[small, wide[0]])).await
     };
     let (a, b) = tokio::join!(big, little);
@@ -360,9 +363,12 @@ async fn a_client_that_disconnects_releases_its_queued_streams() {
         let s = s.clone();
         tokio::spawn(async move { s.leads(&q).await })
     };
-    while s.sim.request_count() < 7 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        "the first window's streams",
+        Duration::from_secs(10),
+        || s.sim.request_count() >= 7,
+    )
+    .await;
     task.abort();
     let _ = task.await;
     // Two more windows: a request still queued would have sent 7 more per window.

@@ -252,9 +252,12 @@ async fn sigterm_lets_the_requests_in_flight_finish_and_refuses_new_ones() {
             tokio::spawn(async move { Client::default().get(&url, TOKEN).await })
         })
         .collect();
-    while sim.request_count() < 3 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "three requests reach the upstream",
+        Duration::from_secs(10),
+        || sim.request_count() >= 3,
+    )
+    .await;
     let pid = proxy.child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let port: u16 = proxy.url.rsplit(':').next().unwrap().parse().unwrap();
@@ -365,9 +368,12 @@ async fn a_request_whose_client_left_is_no_longer_counted_in_flight() {
         let s = s.clone();
         tokio::spawn(async move { s.get("/api/v4/account", TOKEN).await })
     };
-    while s.sim.request_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        "the request reaches the upstream",
+        Duration::from_secs(10),
+        || s.sim.request_count() > 0,
+    )
+    .await;
     gone.abort();
     let _ = gone.await;
     let metrics = format!("{}/metrics", s.admin);
