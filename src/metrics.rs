@@ -107,8 +107,8 @@ where
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut r = Registry::with_prefix("kommo_fanout");
-        let r = &mut r;
+        let mut registry = Registry::with_prefix("kommo_fanout");
+        let r = &mut registry;
         let seconds = Some(Unit::Seconds);
         let client_requests = register(
             r,
@@ -246,7 +246,7 @@ impl Metrics {
             Counter::default(),
         );
         Metrics {
-            registry: std::mem::take(r),
+            registry,
             client_requests,
             in_flight,
             open_connections,

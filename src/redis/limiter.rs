@@ -703,6 +703,7 @@ impl<S> Drop for FallbackWaiting<'_, S> {
 
 #[cfg(test)]
 mod tests {
+    use crate::upstream::limiter::tests::{assert_at_most_n_per_window, XorShift};
     use std::sync::{Arc, Mutex, PoisonError};
 
     use tokio::task::JoinHandle;
@@ -779,18 +780,6 @@ mod tests {
             tokio::time::sleep(ms(10)).await;
         }
         panic!("{what}: not within 100 s");
-    }
-
-    /// Fails if any closed interval of length `window` holds more than `n` of the sorted `grants`.
-    fn assert_at_most_n_per_window(grants: &[Instant], n: usize, window: Duration) {
-        for w in grants.windows(n + 1) {
-            assert!(
-                w[n] - w[0] > window,
-                "{} grants within {:?}",
-                n + 1,
-                w[n] - w[0]
-            );
-        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -971,8 +960,6 @@ mod tests {
             Err(LimitError::Blocked { .. })
         ));
     }
-
-    use crate::upstream::limiter::tests::XorShift;
 
     #[tokio::test(start_paused = true)]
     async fn no_window_holds_more_than_n_across_outages_stalls_and_recoveries() {

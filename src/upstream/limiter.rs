@@ -544,7 +544,7 @@ pub(crate) mod tests {
     }
 
     /// Fails if any closed interval of length `window` holds more than `n` of the sorted `grants`.
-    fn assert_at_most_n_per_window(grants: &[Instant], n: usize, window: Duration) {
+    pub(crate) fn assert_at_most_n_per_window(grants: &[Instant], n: usize, window: Duration) {
         for w in grants.windows(n + 1) {
             assert!(
                 w[n] - w[0] > window,
