@@ -20,6 +20,10 @@ use tokio::time::Instant;
 
 use super::limiter::FlowId;
 
+/// The flow of background work (the live views' sync). Its waiter takes its turn only while no
+/// client request waits, so a client request waits behind at most one background request.
+pub const BACKGROUND: FlowId = FlowId::MAX;
+
 /// Waiters of one key in fair order.
 pub struct FairQueue {
     /// The turns waiters queue for.
@@ -30,6 +34,8 @@ pub struct FairQueue {
     /// Sent whenever what waiters check may have changed (a pause, a block, Redis lost), so
     /// they look again.
     news: watch::Sender<()>,
+    /// Waiters of client flows (every flow but [`BACKGROUND`]), watched by the background one.
+    clients: watch::Sender<usize>,
 }
 
 #[derive(Default)]
@@ -57,6 +63,7 @@ impl FairQueue {
             turns: Semaphore::new(turns.min(Semaphore::MAX_PERMITS)),
             flows: Mutex::default(),
             news: watch::Sender::new(()),
+            clients: watch::Sender::new(0),
         }
     }
 
@@ -98,6 +105,9 @@ impl FairQueue {
         flows.len += 1;
         let (gate, n) = flows.gates.entry(flow).or_default();
         *n += 1;
+        if flow != BACKGROUND {
+            self.clients.send_modify(|n| *n += 1);
+        }
         Place {
             queue: self,
             flow,
@@ -140,8 +150,14 @@ impl FairQueue {
 impl Place<'_> {
     /// Waits for this waiter's turn: after the earlier waiters of its flow (the gate), in the
     /// semaphore's FIFO with one waiter of every other flow.
+    /// A [`BACKGROUND`] waiter also waits until no client request is queued.
     pub async fn turn(&self) -> SemaphorePermit<'_> {
         let _gate = self.gate.lock().await;
+        if self.flow == BACKGROUND {
+            let mut clients = self.queue.clients.subscribe();
+            // The sender lives as long as the queue this place borrows.
+            let _ = clients.wait_for(|n| *n == 0).await;
+        }
         self.queue
             .turns
             .acquire()
@@ -154,6 +170,9 @@ impl Drop for Place<'_> {
     fn drop(&mut self) {
         let mut flows = self.queue.flows();
         flows.len -= 1;
+        if self.flow != BACKGROUND {
+            self.queue.clients.send_modify(|n| *n -= 1);
+        }
         if let Some((_, n)) = flows.gates.get_mut(&self.flow) {
             *n -= 1;
             if *n == 0 {
@@ -219,5 +238,43 @@ mod tests {
         drop(b);
         assert_eq!(q.len(), 0);
         assert!(q.try_turn().is_none());
+    }
+
+    /// Background waiters give way to client waiters, however late the clients come, except
+    /// the one background waiter already queued for a turn while no client waited: a client
+    /// waits behind at most one background request.
+    #[tokio::test(start_paused = true)]
+    async fn background_gives_way_to_clients() {
+        let q = Arc::new(FairQueue::new(1));
+        let first = q.try_turn().expect("a free turn");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let spawn = |flow: FlowId| {
+            let (q, order) = (q.clone(), order.clone());
+            tokio::spawn(async move {
+                let place = q.join(flow);
+                place.turn().await.forget();
+                order.lock().unwrap().push(flow);
+            })
+        };
+        let mut tasks = vec![spawn(BACKGROUND), spawn(BACKGROUND)];
+        while q.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        tasks.extend([spawn(1), spawn(2), spawn(1)]);
+        while q.len() < 5 {
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            q.turns().add_permits(1);
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec![BACKGROUND, 1, 2, 1, BACKGROUND]
+        );
     }
 }
