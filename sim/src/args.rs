@@ -62,6 +62,12 @@ pub struct SimArgs {
     /// json_encode writes them) or pretty (indented). Kommo's own spelling is not known for sure.
     #[arg(long, env = "KOMMO_FANOUT_JSON_STYLE", default_value_t = JsonStyle::Compact)]
     pub json_style: JsonStyle,
+
+    /// Changes per second the account undergoes while it serves (moves between stages and
+    /// pipelines, price edits, creations, deletions, restores), each one bumping `updated_at` and
+    /// recorded in `GET /api/v4/events`; e.g. `2.5`. 0 keeps the account still.
+    #[arg(long, env = "KOMMO_FANOUT_CHURN", default_value_t = 0.0)]
+    pub churn: f64,
 }
 
 impl SimArgs {
@@ -76,6 +82,12 @@ impl SimArgs {
             return Err(format!(
                 "--leads {} is more than the sim supports ({MAX_LEADS})",
                 self.leads
+            ));
+        }
+        if !self.churn.is_finite() || self.churn < 0.0 {
+            return Err(format!(
+                "--churn {} must be a number of changes per second, 0 or more",
+                self.churn
             ));
         }
         let mut seen = std::collections::HashSet::new();
@@ -113,6 +125,7 @@ impl SimArgs {
             rate_limit,
             faults: self.faults,
             json_style: self.json_style,
+            churn: self.churn,
         })
     }
 }
@@ -144,6 +157,7 @@ mod tests {
         assert_eq!(cfg.jitter, Duration::ZERO);
         assert!(cfg.tokens.is_empty() && cfg.faults.is_empty() && cfg.rate_limit.is_none());
         assert_eq!(cfg.json_style, JsonStyle::Compact);
+        assert_eq!(cfg.churn, 0.0);
     }
 
     #[test]
@@ -162,6 +176,7 @@ mod tests {
             "--fault",
             "misplace@0.5",
             "--json-style=php",
+            "--churn=2.5",
         ])
         .unwrap()
         .into_config()
@@ -187,6 +202,7 @@ mod tests {
             (Fault::MisplaceLead, 0.5)
         );
         assert_eq!(cfg.json_style, JsonStyle::Php);
+        assert_eq!(cfg.churn, 2.5);
         for (flag, style) in [
             ("compact", JsonStyle::Compact),
             ("PHP", JsonStyle::Php),
@@ -217,5 +233,10 @@ mod tests {
             .into_config()
             .unwrap_err();
         assert!(err.contains("--token"), "{err}");
+        assert!(parse(&["--churn=often"]).is_err());
+        for bad in ["--churn=-1", "--churn=NaN", "--churn=inf"] {
+            let err = parse(&[bad]).unwrap().into_config().unwrap_err();
+            assert!(err.contains("--churn"), "{bad}: {err}");
+        }
     }
 }

@@ -1,8 +1,10 @@
 //! The simulated account's data: seeded generation of pipelines and leads, and the [`Store`] that keeps
-//! them indexed by stage so a one-stage list touches only that stage's leads.
+//! them indexed by stage so a one-stage list touches only that stage's leads, changes them the way
+//! Kommo does (bumping `updated_at`, recording an event) and keeps the account's change feed.
 
 use std::collections::{BTreeSet, HashMap};
 
+use super::events::{EventLog, SimEventType, SimEventValue};
 use super::rng::SplitMix64;
 use super::{SimCard, SimCompany, SimContact, SimLead, SimPipeline, SimStatus, SimTag, TokenSpec};
 
@@ -553,11 +555,18 @@ pub(crate) struct Store {
     by_id: HashMap<i64, u32>,
     /// Stage → positions in `leads` of the leads listed under it (its own and ghosts), ascending.
     by_stage: HashMap<(i64, i64), Vec<u32>>,
+    /// Positions of the deleted leads, ascending: what a restore picks from.
+    deleted: Vec<u32>,
+    /// The account's change feed, appended to under the same lock as the change it records.
+    pub(crate) events: EventLog,
+    /// Draws of the changes made while the sim runs: new leads' fields and the churn's choices.
+    pub(crate) rng: SplitMix64,
 }
 
 impl Store {
-    /// Index `leads`, and make the contacts and companies they link to.
-    pub(crate) fn new(pipelines: Vec<SimPipeline>, mut leads: Vec<SimLead>) -> Self {
+    /// Index `leads`, and make the contacts and companies they link to; `seed` drives the changes
+    /// made later (new leads' fields, churn) and the event ids.
+    pub(crate) fn new(pipelines: Vec<SimPipeline>, mut leads: Vec<SimLead>, seed: u64) -> Self {
         leads.sort_by_key(|l| l.id);
         let contact_ids: BTreeSet<i64> = leads
             .iter()
@@ -571,6 +580,9 @@ impl Store {
             companies: company_ids.into_iter().map(company).collect(),
             by_id: HashMap::new(),
             by_stage: HashMap::new(),
+            deleted: Vec::new(),
+            events: EventLog::new(seed),
+            rng: SplitMix64::derived(seed, 3),
         };
         for i in 0..store.leads.len() {
             store.index_new(i as u32);
@@ -581,6 +593,9 @@ impl Store {
     fn index_new(&mut self, pos: u32) {
         let lead = &self.leads[pos as usize];
         self.by_id.insert(lead.id, pos);
+        if lead.is_deleted {
+            sorted_insert(&mut self.deleted, pos);
+        }
         let mut stages = vec![(lead.pipeline_id, lead.status_id)];
         stages.extend(lead.ghost_stages.iter().copied());
         for stage in stages {
@@ -611,6 +626,16 @@ impl Store {
     /// Position of a lead by id.
     pub(crate) fn position(&self, id: i64) -> Option<u32> {
         self.by_id.get(&id).copied()
+    }
+
+    /// A lead by id, deleted or not.
+    pub(crate) fn lead(&self, id: i64) -> Option<&SimLead> {
+        self.position(id).map(|pos| &self.leads[pos as usize])
+    }
+
+    /// Positions of the deleted leads, ascending.
+    pub(crate) fn deleted_positions(&self) -> &[u32] {
+        &self.deleted
     }
 
     /// The contacts or companies leads `token` sees (deleted leads aside) link to, ascending.
@@ -744,9 +769,52 @@ impl Store {
             catalog_elements: Vec::new(),
             ghost_stages: Vec::new(),
         };
+        self.push_new(lead, now);
+        Ok(id)
+    }
+
+    /// A lead made like the generated ones (name, price, users, fields, links) in a stage, created
+    /// at `now` with an id above every other: [`Sim::create_lead`](super::Sim::create_lead).
+    pub(crate) fn create_generated(
+        &mut self,
+        pipeline_id: i64,
+        status_id: i64,
+        now: i64,
+    ) -> Option<i64> {
+        if !self.stage_exists(pipeline_id, status_id) {
+            return None;
+        }
+        let id = self.leads.last().map_or(2_000_001, |l| l.id) + self.rng.range(1, 3);
+        let mut lead = generate_lead(&mut self.rng, id, pipeline_id, status_id);
+        lead.created_at = now;
+        lead.updated_at = now;
+        lead.updated_by = lead.created_by;
+        lead.closed_at = lead.closed_at.map(|_| now);
+        lead.closest_task_at = lead.closest_task_at.map(|t| t.max(now));
+        // The contacts and companies it links to exist, as those of every other lead do.
+        if let Some(company_id) = lead.company_id {
+            insert_card(&mut self.companies, company_id, company);
+        }
+        for &contact_id in &lead.contact_ids {
+            insert_card(&mut self.contacts, contact_id, contact);
+        }
+        self.push_new(lead, now);
+        Some(id)
+    }
+
+    /// Append a new lead (its id above every other), index it and record `lead_added`.
+    fn push_new(&mut self, lead: SimLead, now: i64) {
+        let (id, by) = (lead.id, lead.created_by);
         self.leads.push(lead);
         self.index_new((self.leads.len() - 1) as u32);
-        Ok(id)
+        self.events.record(
+            SimEventType::LeadAdded,
+            id,
+            by,
+            now,
+            SimEventValue::Empty,
+            SimEventValue::Empty,
+        );
     }
 
     /// Apply a change to an existing lead; returns its new `updated_at`.
@@ -765,6 +833,7 @@ impl Store {
             old_stage
         };
         let lead = &mut self.leads[pos as usize];
+        let (id, old_price) = (lead.id, lead.price);
         if let Some(name) = patch.name {
             lead.name = name;
         }
@@ -775,25 +844,55 @@ impl Store {
             lead.responsible_user_id = user;
             lead.group_id = group_of(user);
         }
-        (lead.pipeline_id, lead.status_id) = new_stage;
-        let closed = new_stage.1 == WON || new_stage.1 == LOST;
-        if new_stage != old_stage {
-            lead.closed_at = closed.then_some(now);
-            if new_stage.1 != LOST {
-                lead.loss_reason_id = None;
-            }
-        }
         lead.updated_by = by_user;
+        // `updated_at` never goes back, whatever the clock read.
         lead.updated_at = lead.updated_at.max(now);
-        let updated_at = lead.updated_at;
-        let old_is_ghost = lead.ghost_stages.contains(&old_stage);
+        let (updated_at, new_price) = (lead.updated_at, lead.price);
+        self.set_stage(pos, new_stage, now);
         if new_stage != old_stage {
-            if !old_is_ghost {
-                self.index_remove(old_stage, pos);
-            }
-            self.index_add(new_stage, pos);
+            let status = |(pipeline_id, status_id)| SimEventValue::Status {
+                pipeline_id,
+                status_id,
+            };
+            self.events.record(
+                SimEventType::LeadStatusChanged,
+                id,
+                by_user,
+                now,
+                status(old_stage),
+                status(new_stage),
+            );
+        }
+        if new_price != old_price {
+            self.events.record(
+                SimEventType::SaleFieldChanged,
+                id,
+                by_user,
+                now,
+                SimEventValue::Sale(old_price),
+                SimEventValue::Sale(new_price),
+            );
         }
         Ok(updated_at)
+    }
+
+    /// Put a lead in `stage` (nothing if it is there): the stage index follows, `closed_at` is set
+    /// on entering 142 or 143 and cleared elsewhere, a loss reason stays only in 143.
+    fn set_stage(&mut self, pos: u32, stage: (i64, i64), now: i64) {
+        let lead = &mut self.leads[pos as usize];
+        let old = (lead.pipeline_id, lead.status_id);
+        if stage == old {
+            return;
+        }
+        (lead.pipeline_id, lead.status_id) = stage;
+        lead.closed_at = (stage.1 == WON || stage.1 == LOST).then_some(now);
+        if stage.1 != LOST {
+            lead.loss_reason_id = None;
+        }
+        if !lead.ghost_stages.contains(&old) {
+            self.index_remove(old, pos);
+        }
+        self.index_add(stage, pos);
     }
 
     /// [`Sim::move_lead`](super::Sim::move_lead).
@@ -817,6 +916,84 @@ impl Store {
             ..LeadPatch::default()
         };
         self.update(pos, patch, by_user, now).is_ok()
+    }
+
+    /// [`Sim::edit_lead`](super::Sim::edit_lead).
+    pub(crate) fn edit_price(&mut self, id: i64, price: i64, now: i64) -> bool {
+        let Some(pos) = self.position(id) else {
+            return false;
+        };
+        let by_user = self.leads[pos as usize].updated_by;
+        let patch = LeadPatch {
+            price: Some(price),
+            ..LeadPatch::default()
+        };
+        self.update(pos, patch, by_user, now).is_ok()
+    }
+
+    /// [`Sim::move_lead_silently`](super::Sim::move_lead_silently): the stage changes,
+    /// `updated_at` does not, and no event is recorded.
+    pub(crate) fn move_silently(
+        &mut self,
+        id: i64,
+        pipeline_id: i64,
+        status_id: i64,
+        now: i64,
+    ) -> bool {
+        let Some(pos) = self.position(id) else {
+            return false;
+        };
+        if !self.stage_exists(pipeline_id, status_id) {
+            return false;
+        }
+        self.set_stage(pos, (pipeline_id, status_id), now);
+        true
+    }
+
+    /// [`Sim::delete_lead`](super::Sim::delete_lead), or with `silent`
+    /// [`Sim::delete_lead_silently`](super::Sim::delete_lead_silently). False if there is no such
+    /// live lead.
+    pub(crate) fn delete(&mut self, id: i64, now: i64, silent: bool) -> bool {
+        self.set_deleted(id, true, now, silent)
+    }
+
+    /// [`Sim::restore_lead`](super::Sim::restore_lead). False if there is no such deleted lead.
+    pub(crate) fn restore(&mut self, id: i64, now: i64) -> bool {
+        self.set_deleted(id, false, now, false)
+    }
+
+    fn set_deleted(&mut self, id: i64, deleted: bool, now: i64, silent: bool) -> bool {
+        let Some(pos) = self.position(id) else {
+            return false;
+        };
+        let lead = &mut self.leads[pos as usize];
+        if lead.is_deleted == deleted {
+            return false;
+        }
+        lead.is_deleted = deleted;
+        let by = lead.updated_by;
+        if deleted {
+            sorted_insert(&mut self.deleted, pos);
+        } else if let Ok(at) = self.deleted.binary_search(&pos) {
+            self.deleted.remove(at);
+        }
+        if !silent {
+            lead.updated_at = lead.updated_at.max(now);
+            let type_ = if deleted {
+                SimEventType::LeadDeleted
+            } else {
+                SimEventType::LeadRestored
+            };
+            self.events.record(
+                type_,
+                id,
+                by,
+                now,
+                SimEventValue::Empty,
+                SimEventValue::Empty,
+            );
+        }
+        true
     }
 
     /// [`Sim::add_ghost`](super::Sim::add_ghost).
@@ -849,6 +1026,20 @@ impl Store {
             }
         }
         true
+    }
+}
+
+/// Insert `value` into an ascending list, unless it is there.
+fn sorted_insert(list: &mut Vec<u32>, value: u32) {
+    if let Err(at) = list.binary_search(&value) {
+        list.insert(at, value);
+    }
+}
+
+/// Add the card with this id (made by `make`) to an id-sorted list, unless it is there.
+fn insert_card(cards: &mut Vec<SimCard>, id: i64, make: fn(i64) -> SimCard) {
+    if let Err(at) = cards.binary_search_by_key(&id, |c| c.id) {
+        cards.insert(at, make(id));
     }
 }
 
@@ -945,7 +1136,7 @@ mod tests {
     #[test]
     fn store_moves_and_ghosts_keep_the_index() {
         let (pipelines, leads) = generate(500, 1);
-        let mut store = Store::new(pipelines, leads);
+        let mut store = Store::new(pipelines, leads, 1);
         let id = store.leads[10].id;
         let from = (store.leads[10].pipeline_id, store.leads[10].status_id);
         let to = (2000, WON);

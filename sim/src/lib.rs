@@ -10,18 +10,28 @@
 //! drawn from [`SimConfig::seed`]. It imports nothing from the proxy, so the tests hold the proxy
 //! to an account written apart from it.
 //!
+//! The account also changes as a real one does: leads are created, moved, edited, deleted and
+//! restored (by the methods of [`Sim`], by writes, or by a background churn, [`SimConfig::churn`]),
+//! each change bumping the lead's `updated_at` and recording an event in the feed served at
+//! `GET /api/v4/events`. Silent changes ([`Sim::move_lead_silently`]) do neither, for testing a
+//! reconcile. Every answer carries a `Date` header on the sim's clock ([`Sim::now_ts`]).
+//!
 //! # Layout
-//! - `rng`: SplitMix64, the seeded PRNG behind the dataset, jitter and fault dice.
-//! - `data`: dataset generation and the `Store` that indexes leads by stage.
-//! - `query`: the sim's own parser for Kommo's `GET /api/v4/leads` query language.
-//! - `render`: response bodies (HAL pages, pipelines, problem+json).
+//! - `rng`: SplitMix64, the seeded PRNG behind the dataset, jitter, fault dice and churn.
+//! - `data`: dataset generation and the `Store` that indexes leads by stage and changes them.
+//! - `events`: the change feed (`SimEvent`) and the `GET /api/v4/events` query.
+//! - `churn`: the background task that keeps changing the account.
+//! - `query`: the sim's own parser for Kommo's `GET /api/v4/leads` query language, and HTTP dates.
+//! - `render`: response bodies (HAL pages, events, pipelines, problem+json).
 //! - `faults`: the rate limiter and fault rules.
 //! - `server`: accept loop, hyper service, routing and handlers.
 //! - `args`: the `kommo-fanout sim` command-line flags.
 #![forbid(unsafe_code)]
 
 mod args;
+mod churn;
 mod data;
+mod events;
 mod faults;
 mod query;
 mod render;
@@ -40,6 +50,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 pub use args::SimArgs;
+pub use events::{SimEvent, SimEventType, SimEventValue};
 
 use data::Store;
 use faults::{FaultSet, Limiter};
@@ -53,7 +64,7 @@ pub const DEMO_TOKEN: &str = "demo-token";
 pub struct SimConfig {
     /// Number of leads generated (deleted ones included).
     pub leads: usize,
-    /// Seed of everything random: dataset, latency jitter and fault probabilities.
+    /// Seed of everything random: dataset, latency jitter, fault probabilities and churn.
     pub seed: u64,
     /// Delay added before every answer (the CLI defaults to 80ms, tests to zero).
     pub latency: Duration,
@@ -67,6 +78,9 @@ pub struct SimConfig {
     pub faults: Vec<FaultRule>,
     /// How every JSON body is spelled (the same values either way).
     pub json_style: JsonStyle,
+    /// Changes per second the account undergoes while the server runs (moves, price edits,
+    /// creations, deletions, restores; see [`Sim::run`]); 0 keeps it still.
+    pub churn: f64,
 }
 
 impl Default for SimConfig {
@@ -80,6 +94,7 @@ impl Default for SimConfig {
             rate_limit: None,
             faults: Vec::new(),
             json_style: JsonStyle::Compact,
+            churn: 0.0,
         }
     }
 }
@@ -510,6 +525,8 @@ struct Inner {
     faults: Mutex<FaultSet>,
     /// How JSON bodies are spelled.
     json_style: JsonStyle,
+    /// Changes per second applied while the server runs.
+    churn: f64,
     /// Every request, in arrival order.
     log: Mutex<RequestLog>,
     /// When the sim was built: the clock behind timestamps of changes made while it runs.
@@ -549,7 +566,7 @@ impl Sim {
             cfg.tokens
         };
         Sim(Arc::new(Inner {
-            store: RwLock::new(Store::new(pipelines, leads)),
+            store: RwLock::new(Store::new(pipelines, leads, cfg.seed)),
             tokens,
             latency: cfg.latency,
             jitter: cfg.jitter,
@@ -557,6 +574,7 @@ impl Sim {
             limiter: cfg.rate_limit.map(|rl| Mutex::new(Limiter::new(rl))),
             faults: Mutex::new(FaultSet::new(cfg.faults, SplitMix64::derived(cfg.seed, 2))),
             json_style: cfg.json_style,
+            churn: cfg.churn,
             log: Mutex::new(RequestLog::default()),
             started: tokio::time::Instant::now(),
             connections: AtomicU64::new(0),
@@ -564,7 +582,8 @@ impl Sim {
     }
 
     /// Serve on an already-bound listener until `shutdown` completes; then stop accepting, let open
-    /// connections finish their current request (for up to 5 seconds) and return.
+    /// connections finish their current request (for up to 5 seconds) and return. While it serves,
+    /// the account undergoes [`SimConfig::churn`] changes per second.
     pub async fn run(
         self,
         listener: tokio::net::TcpListener,
@@ -670,12 +689,69 @@ impl Sim {
             .clear();
     }
 
+    /// Ground truth: the account's change feed, oldest first (at most the newest 100 000 events).
+    pub fn events(&self) -> Vec<SimEvent> {
+        self.store().events.all()
+    }
+
     /// Move a lead to another stage, bumping `updated_at` (and setting `closed_at` when it enters 142
-    /// or 143). False if the lead or the stage does not exist.
+    /// or 143, clearing it elsewhere) and recording `lead_status_changed`. False if the lead or the
+    /// stage does not exist. Moving a lead to its own stage only bumps `updated_at`.
     pub fn move_lead(&self, lead_id: i64, pipeline_id: i64, status_id: i64) -> bool {
+        let mut store = self.store_mut();
+        // The clock is read under the lock, so changes are stamped in the order they are made.
         let now = self.now_ts();
-        self.store_mut()
-            .move_lead(lead_id, pipeline_id, status_id, now)
+        store.move_lead(lead_id, pipeline_id, status_id, now)
+    }
+
+    /// Create a lead in a stage, with fields made like the generated leads' and an id above every
+    /// other, created and updated now; records `lead_added`. `None` if the stage does not exist.
+    pub fn create_lead(&self, pipeline_id: i64, status_id: i64) -> Option<i64> {
+        let mut store = self.store_mut();
+        let now = self.now_ts();
+        store.create_generated(pipeline_id, status_id, now)
+    }
+
+    /// Change a lead's sale value (`price`), bumping `updated_at` and recording
+    /// `sale_field_changed` (nothing is recorded when the price is the same). False if there is no
+    /// such lead.
+    pub fn edit_lead(&self, lead_id: i64, price: i64) -> bool {
+        let mut store = self.store_mut();
+        let now = self.now_ts();
+        store.edit_price(lead_id, price, now)
+    }
+
+    /// Delete a lead: it is listed only with `with=only_deleted` from then on; bumps `updated_at`
+    /// and records `lead_deleted`. False if there is no such live lead.
+    pub fn delete_lead(&self, lead_id: i64) -> bool {
+        let mut store = self.store_mut();
+        let now = self.now_ts();
+        store.delete(lead_id, now, false)
+    }
+
+    /// Restore a deleted lead to the lists it was in; bumps `updated_at` and records
+    /// `lead_restored`. False if there is no such deleted lead.
+    pub fn restore_lead(&self, lead_id: i64) -> bool {
+        let mut store = self.store_mut();
+        let now = self.now_ts();
+        store.restore(lead_id, now)
+    }
+
+    /// Move a lead as [`Sim::move_lead`] does, but leave `updated_at` as it was and record no
+    /// event: a change the feed and `filter[updated_at]` miss, which only a full reconcile finds.
+    /// False if the lead or the stage does not exist.
+    pub fn move_lead_silently(&self, lead_id: i64, pipeline_id: i64, status_id: i64) -> bool {
+        let mut store = self.store_mut();
+        let now = self.now_ts();
+        store.move_silently(lead_id, pipeline_id, status_id, now)
+    }
+
+    /// Delete a lead as [`Sim::delete_lead`] does, but leave `updated_at` as it was and record no
+    /// event. False if there is no such live lead.
+    pub fn delete_lead_silently(&self, lead_id: i64) -> bool {
+        let mut store = self.store_mut();
+        let now = self.now_ts();
+        store.delete(lead_id, now, true)
     }
 
     /// List the lead ALSO under another stage (same body, its real stage unchanged), as Kommo does
@@ -689,8 +765,10 @@ impl Sim {
         self.store_mut().clear_ghosts(lead_id)
     }
 
-    /// Unix seconds on the sim's clock: the dataset's "now" plus the time the sim has been running.
-    pub(crate) fn now_ts(&self) -> i64 {
+    /// Unix seconds on the sim's clock: the dataset's "now" (2024-06-01T00:00:00Z) plus the time
+    /// the sim has been running, on tokio's clock. Every `updated_at` and event `created_at` the
+    /// sim writes, and its `Date` header, read this clock.
+    pub fn now_ts(&self) -> i64 {
         data::NOW + self.0.started.elapsed().as_secs() as i64
     }
 
@@ -716,6 +794,7 @@ impl std::fmt::Debug for Sim {
         f.debug_struct("Sim")
             .field("tokens", &self.0.tokens.len())
             .field("latency", &self.0.latency)
+            .field("churn", &self.0.churn)
             .finish_non_exhaustive()
     }
 }

@@ -6,6 +6,10 @@
 //!
 //! Keys are percent-decoded first, so `filter%5Bid%5D%5B%5D` is `filter[id][]`. Lists accept the three
 //! spellings in use: repeated keys, `[]`, and PHP indices `[0]`. Unknown parameters are ignored.
+//!
+//! The events feed's query (`events.rs`) is read with the same key and paging helpers, and the
+//! `Date` header every answer carries is written by [`format_http_date`], the inverse of
+//! [`parse_http_date`].
 
 use std::collections::BTreeSet;
 
@@ -144,7 +148,11 @@ pub(crate) struct QueryError {
 }
 
 impl QueryError {
-    fn new(path: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        path: impl Into<String>,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             detail: "Request validation failed".to_string(),
             path: path.into(),
@@ -270,7 +278,7 @@ pub(crate) fn parse(raw: &str) -> Result<LeadsQuery, QueryError> {
     Ok(q)
 }
 
-fn parse_page(value: &str) -> Result<u32, QueryError> {
+pub(crate) fn parse_page(value: &str) -> Result<u32, QueryError> {
     match value.trim().parse::<u32>() {
         Ok(p) if p >= 1 => Ok(p),
         _ => Err(QueryError::new(
@@ -285,6 +293,12 @@ fn parse_page(value: &str) -> Result<u32, QueryError> {
 /// SDK users report the live API (amocrm/amocrm-api-php#210; the events list alike,
 /// Krukov/amocrm_api#76; `kommo-api-notes.md`). Not a number, or below 1: `400`.
 fn parse_limit(value: &str) -> Result<u32, QueryError> {
+    parse_limit_up_to(value, MAX_LIMIT)
+}
+
+/// `limit` of a read whose maximum is `max`: above it, quietly [`DEFAULT_LIMIT`] (see
+/// `parse_limit`); not a number, or below 1: `400`.
+pub(crate) fn parse_limit_up_to(value: &str, max: u32) -> Result<u32, QueryError> {
     let digits = value.trim();
     let limit: i64 = match digits.parse() {
         Ok(limit) => limit,
@@ -292,7 +306,7 @@ fn parse_limit(value: &str) -> Result<u32, QueryError> {
         Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => i64::MAX,
         Err(_) => return Err(QueryError::not_int("limit", value)),
     };
-    if limit > i64::from(MAX_LIMIT) {
+    if limit > i64::from(max) {
         return Ok(DEFAULT_LIMIT);
     }
     if limit < 1 {
@@ -422,8 +436,47 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Unix seconds as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`, RFC 9110 §5.6.7): the sim's
+/// `Date` header, so that a client reading it learns the clock behind the timestamps the sim writes.
+pub(crate) fn format_http_date(unix: i64) -> String {
+    use std::fmt::Write as _;
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
+    let (year, month, day) = civil_from_days(days);
+    let mut out = String::with_capacity(29);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
+        "{}, {day:02} {} {year:04} {:02}:{:02}:{:02} GMT",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[(month - 1) as usize],
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    );
+    out
+}
+
+/// The proleptic Gregorian date `(year, month, day)` of a day count since 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`, the inverse of [`days_from_civil`]).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 /// `filter[a][b][]` → `("filter", ["a", "b", ""])`; `None` for a malformed bracket.
-fn split_key(key: &str) -> Option<(&str, Vec<&str>)> {
+pub(crate) fn split_key(key: &str) -> Option<(&str, Vec<&str>)> {
     let Some(open) = key.find('[') else {
         return Some((key, Vec::new()));
     };
@@ -440,7 +493,7 @@ fn split_key(key: &str) -> Option<(&str, Vec<&str>)> {
 }
 
 /// Whether the remaining segments spell one element of a list: nothing, `[]` or `[N]`.
-fn is_list_element(rest: &[&str]) -> bool {
+pub(crate) fn is_list_element(rest: &[&str]) -> bool {
     match rest {
         [] => true,
         [index] => index.is_empty() || index.bytes().all(|b| b.is_ascii_digit()),
@@ -448,7 +501,7 @@ fn is_list_element(rest: &[&str]) -> bool {
     }
 }
 
-fn parse_int(path: &str, value: &str) -> Result<i64, QueryError> {
+pub(crate) fn parse_int(path: &str, value: &str) -> Result<i64, QueryError> {
     value
         .trim()
         .parse()
@@ -851,6 +904,32 @@ mod tests {
             "order[name]=asc",
         ] {
             assert!(parse_list(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn http_dates_are_written_as_read() {
+        assert_eq!(
+            format_http_date(784_111_777),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        assert_eq!(format_http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(format_http_date(data::NOW), "Sat, 01 Jun 2024 00:00:00 GMT");
+        assert_eq!(
+            format_http_date(1_709_251_199),
+            "Thu, 29 Feb 2024 23:59:59 GMT"
+        );
+        assert_eq!(
+            format_http_date(4_102_444_800),
+            "Fri, 01 Jan 2100 00:00:00 GMT"
+        );
+        // Every day over some centuries, at a moment that moves through the day.
+        let mut t = -2_208_988_800; // 1900-01-01
+        while t < 4_133_980_800 {
+            let text = format_http_date(t);
+            assert_eq!(text.len(), 29, "{text}");
+            assert_eq!(parse_http_date(&text), Some(t), "{text}");
+            t += 86_400 + 3_607;
         }
     }
 

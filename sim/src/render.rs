@@ -1,5 +1,6 @@
-//! Response bodies in Kommo's shapes: HAL pages of leads, contacts and companies, single leads and
-//! contacts, pipelines, the account, write results and problem+json errors. Pure: bytes in, bytes out.
+//! Response bodies in Kommo's shapes: HAL pages of leads, contacts, companies and events, single
+//! leads, contacts and events, pipelines, the account, write results and problem+json errors. Pure:
+//! bytes in, bytes out.
 //!
 //! Every body is written by [`to_vec`] in the sim's [`JsonStyle`]; nothing serializes on its own.
 
@@ -10,6 +11,7 @@ use serde::{Serialize, Serializer};
 use serde_json::ser::{CharEscape, CompactFormatter, Formatter, PrettyFormatter};
 
 use super::data::{self, CardKind, FieldKind, ACCOUNT_ID, CATALOG_ID, LOSS_REASONS, SOURCES};
+use super::events::{SimEvent, SimEventValue};
 use super::query::{LeadsQuery, ListQuery, QueryError, WithSet};
 use super::{JsonStyle, SimCard, SimLead, SimPipeline};
 
@@ -435,6 +437,152 @@ pub(crate) fn leads_page(
 /// `GET /api/v4/leads/{id}`: the lead object itself.
 pub(crate) fn lead(style: JsonStyle, lead: &SimLead, ctx: &LeadCtx<'_>) -> Vec<u8> {
     to_vec(style, &LeadJson { lead, ctx })
+}
+
+/// An event as Kommo lists it: `id` (a string), `type`, `entity_id`, `entity_type`, `created_by`,
+/// `created_at`, `value_after`, `value_before` (arrays), `account_id`, then `_links` and
+/// `_embedded.entity` (the fields of Kommo's reference, developers.kommo.com/reference/events-list,
+/// and of the PHP SDK's `EventModel::fromArray`).
+struct EventJson<'a> {
+    event: &'a SimEvent,
+    base: &'a str,
+}
+
+impl Serialize for EventJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (e, base) = (self.event, self.base);
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &e.id)?;
+        m.serialize_entry("type", e.type_.as_str())?;
+        m.serialize_entry("entity_id", &e.entity_id)?;
+        m.serialize_entry("entity_type", "lead")?;
+        m.serialize_entry("created_by", &e.created_by)?;
+        m.serialize_entry("created_at", &e.created_at)?;
+        m.serialize_entry("value_after", &EventValueJson(e.value_after))?;
+        m.serialize_entry("value_before", &EventValueJson(e.value_before))?;
+        m.serialize_entry("account_id", &ACCOUNT_ID)?;
+        m.serialize_entry(
+            "_links",
+            &SelfLink::new(format!("{base}/api/v4/events/{}", e.id)),
+        )?;
+        m.serialize_entry(
+            "_embedded",
+            &EventEmbedded {
+                entity: LinkedJson {
+                    id: e.entity_id,
+                    is_main: None,
+                    _links: SelfLink::new(format!("{base}/api/v4/leads/{}", e.entity_id)),
+                },
+            },
+        )?;
+        m.end()
+    }
+}
+
+#[derive(Serialize)]
+struct EventEmbedded {
+    entity: LinkedJson,
+}
+
+/// `value_before` / `value_after`: always an array (Kommo's reference types both as arrays). A stage
+/// is `{"lead_status": {"id", "pipeline_id"}}` (the `leads_statuses` filter of the reference's
+/// "Events filtration" takes the same pair); a sale value `{"sale_field_value": {"sale"}}`.
+struct EventValueJson(SimEventValue);
+
+#[derive(Serialize)]
+struct LeadStatusJson {
+    id: i64,
+    pipeline_id: i64,
+}
+
+#[derive(Serialize)]
+struct SaleJson {
+    sale: i64,
+}
+
+impl Serialize for EventValueJson {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        enum Item {
+            #[serde(rename = "lead_status")]
+            Status(LeadStatusJson),
+            #[serde(rename = "sale_field_value")]
+            Sale(SaleJson),
+        }
+        let item = match self.0 {
+            SimEventValue::Empty => None,
+            SimEventValue::Status {
+                pipeline_id,
+                status_id,
+            } => Some(Item::Status(LeadStatusJson {
+                id: status_id,
+                pipeline_id,
+            })),
+            SimEventValue::Sale(sale) => Some(Item::Sale(SaleJson { sale })),
+        };
+        let mut seq = s.serialize_seq(Some(usize::from(item.is_some())))?;
+        if let Some(item) = item {
+            seq.serialize_element(&item)?;
+        }
+        seq.end()
+    }
+}
+
+/// Links of an events page: `self` and `next` (always present, as on the leads list).
+#[derive(Serialize)]
+struct EventPageLinks {
+    #[serde(rename = "self")]
+    this: Href,
+    next: Href,
+}
+
+#[derive(Serialize)]
+struct EventsEmbedded<'a> {
+    events: Vec<EventJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct EventsPageJson<'a> {
+    _page: u32,
+    _links: EventPageLinks,
+    _embedded: EventsEmbedded<'a>,
+}
+
+/// One page of `GET /api/v4/events`.
+pub(crate) fn events_page(
+    style: JsonStyle,
+    events: &[&SimEvent],
+    page: u32,
+    base: &str,
+    raw_query: &str,
+) -> Vec<u8> {
+    let link = |page: u32| {
+        Href::new(format!(
+            "{base}/api/v4/events?{}",
+            with_page(raw_query, page)
+        ))
+    };
+    to_vec(
+        style,
+        &EventsPageJson {
+            _page: page,
+            _links: EventPageLinks {
+                this: link(page),
+                next: link(page.saturating_add(1)),
+            },
+            _embedded: EventsEmbedded {
+                events: events
+                    .iter()
+                    .map(|&event| EventJson { event, base })
+                    .collect(),
+            },
+        },
+    )
+}
+
+/// `GET /api/v4/events/{id}`: the event object itself.
+pub(crate) fn event(style: JsonStyle, event: &SimEvent, base: &str) -> Vec<u8> {
+    to_vec(style, &EventJson { event, base })
 }
 
 /// A contact or company as Kommo lists it (the fields this sim keeps).

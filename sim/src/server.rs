@@ -1,5 +1,6 @@
-//! The sim's HTTP side: accept loop with graceful shutdown, the hyper service, and the per-request
-//! pipeline `record → rate limit → faults → latency → auth → route → handler`.
+//! The sim's HTTP side: accept loop with graceful shutdown (and the churn task beside it), the hyper
+//! service, and the per-request pipeline
+//! `record → rate limit → faults → latency → auth → route → handler → Date`.
 
 use std::future::Future;
 use std::io;
@@ -8,8 +9,8 @@ use std::sync::PoisonError;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, IF_MODIFIED_SINCE};
-use http::{Method, Request, Response, StatusCode};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, DATE, HOST, IF_MODIFIED_SINCE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -22,8 +23,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::churn;
 use super::data::CardKind;
 use super::data::{LeadPatch, Store, USERS};
+use super::events;
 use super::faults::LimitDecision;
 use super::query::{self, LeadsQuery, MAX_LIMIT};
 use super::render::{self, LeadCtx};
@@ -189,6 +192,11 @@ pub(crate) async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let local = listener.local_addr()?;
+    // The churn runs while the server accepts; the guard aborts it on shutdown, or if this future
+    // is dropped.
+    let rate = sim.0.churn;
+    let churn = (rate.is_finite() && rate > 0.0)
+        .then(|| AbortOnDrop(tokio::spawn(churn::run(sim.clone(), rate)).abort_handle()));
     // A watch channel: one signal every connection task can observe, however late it subscribed.
     let (stop_tx, stop_rx) = watch::channel(());
     let mut connections = JoinSet::new();
@@ -212,6 +220,7 @@ pub(crate) async fn run(
         }
     }
     drop(listener);
+    drop(churn);
     let _ = stop_tx.send(());
     let drained = tokio::time::timeout(DRAIN, async {
         while connections.join_next().await.is_some() {}
@@ -221,6 +230,15 @@ pub(crate) async fn run(
         connections.abort_all();
     }
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn serve_connection(
@@ -284,7 +302,7 @@ impl Sim {
             tokio::time::sleep(delay).await;
         }
         let base = base_url(&req, local);
-        let response = match gate {
+        let mut response = match gate {
             Gate::Pass => self
                 .route(req, &base, &path, &raw_query, token.as_deref())
                 .await
@@ -301,6 +319,11 @@ impl Sim {
                 ))
             }
         };
+        // A server's `Date` is its own clock (RFC 9110 §6.6.1), the one behind the timestamps it
+        // writes: the sim's clock, not the wall clock hyper would otherwise put there.
+        if let Ok(date) = HeaderValue::from_str(&query::format_http_date(self.now_ts())) {
+            response.headers_mut().insert(DATE, date);
+        }
         self.finish(slot, response.status().as_u16());
         Ok(response)
     }
@@ -458,6 +481,14 @@ impl Sim {
                     _ => Reply::method_not_allowed(style, "GET"),
                 }
             }
+            ["api", "v4", "events"] => match method {
+                Method::GET => self.list_events(raw_query, base, spec),
+                _ => Reply::method_not_allowed(style, "GET"),
+            },
+            ["api", "v4", "events", id] => match method {
+                Method::GET => self.get_event(id, base, spec),
+                _ => Reply::method_not_allowed(style, "GET"),
+            },
             ["api", "v4", "account"] => match method {
                 Method::GET => Reply::hal(render::account(style, base, acting_user(spec))),
                 _ => Reply::method_not_allowed(style, "GET"),
@@ -545,6 +576,37 @@ impl Sim {
         }
     }
 
+    /// `GET /api/v4/events`: a HAL page of the events the token may see, newest first; `204` when
+    /// nothing matches or past the end ("Валидный http-код ответа 200 и 204, если событий по
+    /// фильтру не найдено": amoCRM's reference of the events list).
+    fn list_events(&self, raw_query: &str, base: &str, token: &TokenSpec) -> Reply {
+        let style = self.0.json_style;
+        let q = match events::parse(raw_query) {
+            Ok(q) => q,
+            Err(error) => return Reply::problem(400, render::query_problem(style, &error)),
+        };
+        let store = self.store();
+        let page = q.page_of(&store, token);
+        if page.is_empty() {
+            return Reply::no_content();
+        }
+        Reply::hal(render::events_page(style, &page, q.page, base, raw_query))
+    }
+
+    /// `GET /api/v4/events/{id}`: one event, `204` when the token may not see it or it is gone.
+    fn get_event(&self, id: &str, base: &str, token: &TokenSpec) -> Reply {
+        let store = self.store();
+        let visible = store.events.find(id).filter(|e| {
+            store
+                .lead(e.entity_id)
+                .is_some_and(|lead| token.sees(lead.responsible_user_id))
+        });
+        match visible {
+            Some(event) => Reply::hal(render::event(self.0.json_style, event, base)),
+            None => Reply::no_content(),
+        }
+    }
+
     /// `GET /api/v4/contacts` or `GET /api/v4/companies`: what the token sees, by id.
     fn list_cards(&self, kind: CardKind, raw_query: &str, base: &str, token: &TokenSpec) -> Reply {
         let style = self.0.json_style;
@@ -624,9 +686,10 @@ impl Sim {
                 Err(reply) => return reply,
             }
         }
-        let now = self.now_ts();
         let by_user = acting_user(token);
         let mut store = self.store_mut();
+        // Read under the lock, so changes are stamped in the order they are made.
+        let now = self.now_ts();
         let main = store.main_pipeline();
         for (request_id, patch) in &patches {
             let pipeline = patch.pipeline_id.unwrap_or(main);
@@ -725,8 +788,8 @@ impl Sim {
         request_id: &str,
     ) -> Result<i64, Reply> {
         let style = self.0.json_style;
-        let now = self.now_ts();
         let mut store = self.store_mut();
+        let now = self.now_ts();
         let pos = store
             .position(id)
             .filter(|&pos| {

@@ -12,6 +12,8 @@ use serde_json::Value;
 
 use super::*;
 
+mod changes;
+
 const TOKEN: &str = "t-all";
 const LIMITED: &str = "t-limited";
 
