@@ -19,6 +19,7 @@
 //! - [`body`]: the body type shared by all answers.
 //! - [`webhook`]: Kommo's lead webhooks, which drop cached entries.
 //! - [`redis`]: the limiter and cache replicas share through Redis.
+//! - [`sync`]: live views, a replica of a credential's leads that answers views from memory.
 //! - [`verify`]: the proxy's merged views compared with direct reads of a real account.
 //!
 //! The simulated Kommo account is its own crate, `kommo_sim` (`sim/`): the binary's `sim` and
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod passthrough;
 pub mod redis;
 pub mod server;
+pub mod sync;
 pub mod upstream;
 pub mod verify;
 pub mod webhook;
