@@ -1295,6 +1295,7 @@ async fn run(args: Args, binary: PathBuf) -> ExitCode {
         rate_limit: None,
         faults,
         json_style: Default::default(),
+        churn: 0.0,
     })
     .await
     .expect("the simulator starts");

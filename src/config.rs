@@ -120,6 +120,8 @@ pub struct ServeArgs {
     /// warning) so existing command lines and config files keep working.
     #[arg(long, env = "KOMMO_FANOUT_SENDFILE_MIN_BYTES", hide = true)]
     pub sendfile_min_bytes: Option<usize>,
+    #[command(flatten)]
+    pub sync: crate::sync::live::SyncArgs,
     /// Shared secret of POST /webhooks/kommo on the admin listener (in `?secret=` or the
     /// X-Webhook-Secret header); the endpoint is off without it.
     #[arg(long, env = "KOMMO_FANOUT_WEBHOOK_SECRET", hide_env_values = true)]
@@ -229,6 +231,8 @@ pub struct ServeConfig {
     pub limiter_lock: Option<PathBuf>,
     /// The runtime's worker threads; `None`: one per CPU.
     pub worker_threads: Option<usize>,
+    /// Live views; `None`: `--sync` is off.
+    pub sync: Option<crate::sync::live::SyncSettings>,
 }
 
 impl ServeArgs {
@@ -375,6 +379,7 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             limiter_lock,
             worker_threads: self.worker_threads.map(usize::from),
+            sync: self.sync.validate()?,
         })
     }
 }
@@ -474,7 +479,7 @@ impl ServeConfig {
     /// The effective configuration, one `key = value` line each, secrets withheld.
     pub fn describe(&self) -> String {
         let d = |d: Duration| format!("\"{}\"", humantime::format_duration(d));
-        let lines = [
+        let mut lines = vec![
             ("upstream", format!("\"{}\"", self.upstream.origin.url)),
             ("listen", format!("\"{}\"", self.listen)),
             ("admin_listen", format!("\"{}\"", self.admin_listen)),
@@ -525,6 +530,7 @@ impl ServeConfig {
                 d(self.cache.stale_while_revalidate),
             ),
             ("cache_passthrough", self.cache.passthrough.to_string()),
+            ("sync", self.sync.is_some().to_string()),
             (
                 "webhook_secret",
                 if self.webhook_secret.is_some() {
@@ -580,6 +586,16 @@ impl ServeConfig {
                     .map_or_else(|| "\"(one per CPU)\"".to_string(), |n| n.to_string()),
             ),
         ];
+        if let Some(sync) = &self.sync {
+            lines.extend([
+                ("sync_interval", d(sync.interval)),
+                ("sync_max_staleness", d(sync.max_staleness)),
+                ("sync_with", format!("{:?}", sync.with.join(","))),
+                ("sync_max_bytes", sync.max_bytes.to_string()),
+                ("sync_idle", d(sync.idle)),
+                ("sync_reconcile", d(sync.reconcile)),
+            ]);
+        }
         lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
     }
 

@@ -100,6 +100,8 @@ pub struct Gateway {
     pub cache: Option<Cache>,
     /// The Redis backends, when replicas share the budget and the cache.
     pub shared: Option<Shared>,
+    /// Live views (`--sync`): replicas that answer multi-stage views from memory.
+    pub live: Option<crate::sync::live::Live>,
     /// Keys credential fingerprints: generated at start, so a fingerprint means nothing
     /// outside this process and cannot be reversed to the token.
     fingerprint_keys: FingerprintKey,
@@ -253,6 +255,7 @@ impl Gateway {
             settings,
             cache,
             shared: None,
+            live: None,
             fingerprint_keys: FingerprintKey::random(),
             request_id_key: FingerprintKey::random(),
             next_flow: AtomicU64::new(1),
@@ -395,6 +398,9 @@ impl Gateway {
         if let Some(shared) = &self.shared {
             metrics.redis_degraded.set(i64::from(shared.degraded()));
         }
+        if let Some(live) = &self.live {
+            live.observe();
+        }
         metrics.encode()
     }
 
@@ -432,6 +438,12 @@ impl Gateway {
     pub fn fingerprint(&self, headers: &HeaderMap) -> Option<String> {
         let auth = headers.get(header::AUTHORIZATION)?;
         Some(self.fingerprint_keys.hash_hex(auth.as_bytes()))
+    }
+
+    /// Turns live views on.
+    pub fn with_live(mut self, live: crate::sync::live::Live) -> Self {
+        self.live = Some(live);
+        self
     }
 
     /// Adds the shared Redis backends (the limiter must already be the fetcher's).

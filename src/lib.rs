@@ -105,7 +105,10 @@ pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
     let fetcher = Fetcher::new(upstream, limiter, config.fetch.clone(), metrics.clone())
         .with_admission(config.limiter);
     let cache = Cache::new(config.cache.clone());
-    let gw = Gateway::new(fetcher, config.gateway.clone(), cache, metrics);
+    let mut gw = Gateway::new(fetcher, config.gateway.clone(), cache, metrics.clone());
+    if let Some(sync) = &config.sync {
+        gw = gw.with_live(sync::live::Live::new(sync.clone(), metrics)?);
+    }
     let Some((redis, shared)) = shared else {
         return Ok(Arc::new(gw));
     };

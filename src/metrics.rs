@@ -22,6 +22,8 @@ pub enum UpstreamKind {
     Single,
     /// Any other path.
     Passthrough,
+    /// A live view's load, delta or reconcile read (background priority).
+    Sync,
 }
 
 impl UpstreamKind {
@@ -30,6 +32,7 @@ impl UpstreamKind {
             UpstreamKind::Stream => "stream",
             UpstreamKind::Single => "single",
             UpstreamKind::Passthrough => "passthrough",
+            UpstreamKind::Sync => "sync",
         }
     }
 }
@@ -60,6 +63,17 @@ pub struct CacheLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `loading`, `live` or `stale`.
+    pub state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 /// Every metric the proxy keeps.
 pub struct Metrics {
     registry: Registry,
@@ -86,6 +100,20 @@ pub struct Metrics {
     pub admission_estimated_wait: Gauge<f64, AtomicU64>,
     /// Client requests refused at once because the budget is booked past their deadline.
     pub admission_refused: Counter,
+    /// Live-view replicas by state.
+    pub sync_replicas: Family<StateLabels, Gauge>,
+    /// Leads held by all replicas.
+    pub sync_leads: Gauge,
+    /// Bytes held by all replicas (at most `--sync-max-bytes`).
+    pub sync_bytes: Gauge<u64, AtomicU64>,
+    /// Deltas applied (`ok`) or failed (`failed`).
+    pub sync_deltas: Family<OutcomeLabels, Counter>,
+    /// Leads the reconcile found wrong in a replica and repaired: the feed missed a change.
+    pub sync_repairs: Counter,
+    /// Client answers served from a replica.
+    pub sync_answers: Counter,
+    /// Replicas dropped, by reason (`unauthorized`, `memory`, `idle`).
+    pub sync_dropped: Family<OutcomeLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -245,8 +273,64 @@ impl Metrics {
             None,
             Counter::default(),
         );
+        let sync_replicas = register(
+            r,
+            "sync_replicas",
+            "Live-view replicas by state (loading, live, stale)",
+            None,
+            Family::default(),
+        );
+        let sync_leads = register(
+            r,
+            "sync_leads",
+            "Leads held by the live-view replicas",
+            None,
+            Gauge::default(),
+        );
+        let sync_bytes = register(
+            r,
+            "sync",
+            "Bytes held by the live-view replicas",
+            Some(Unit::Bytes),
+            Gauge::default(),
+        );
+        let sync_deltas = register(
+            r,
+            "sync_deltas",
+            "Live-view deltas by outcome (ok, failed)",
+            None,
+            Family::default(),
+        );
+        let sync_repairs = register(
+            r,
+            "sync_reconcile_repairs",
+            "Leads a reconcile found wrong in a replica and repaired (the change feed missed them)",
+            None,
+            Counter::default(),
+        );
+        let sync_answers = register(
+            r,
+            "sync_answers",
+            "Client answers served from a live-view replica",
+            None,
+            Counter::default(),
+        );
+        let sync_dropped = register(
+            r,
+            "sync_dropped",
+            "Live-view replicas dropped, by reason (unauthorized, memory, idle)",
+            None,
+            Family::default(),
+        );
         Metrics {
             registry,
+            sync_replicas,
+            sync_leads,
+            sync_bytes,
+            sync_deltas,
+            sync_repairs,
+            sync_answers,
+            sync_dropped,
             client_requests,
             in_flight,
             open_connections,

@@ -334,8 +334,24 @@ async fn admin(gw: &Gateway, secret: Option<&str>, req: Request<Incoming>) -> Re
             gw.scrape().await,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
+        (&Method::GET, "/sync") => match &gw.live {
+            Some(live) => typed(live.report().to_string(), "application/json"),
+            None => problem(
+                StatusCode::NOT_FOUND,
+                "live views are off: start the proxy with --sync",
+                None,
+            ),
+        },
         (&Method::POST, webhook::PATH) => match secret {
-            Some(secret) => webhook::receive(secret, req, || gw.invalidate_all()).await,
+            Some(secret) => {
+                let changed = || async {
+                    gw.invalidate_all().await;
+                    if let Some(live) = &gw.live {
+                        live.wake_all();
+                    }
+                };
+                webhook::receive(secret, req, changed).await
+            }
             None => problem(
                 StatusCode::NOT_FOUND,
                 "the webhook endpoint is off: start the proxy with --webhook-secret",

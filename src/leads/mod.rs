@@ -57,6 +57,49 @@ pub async fn answer(
         )
         .map_err(ProxyError::InvalidQuery)
     };
+    // Live views first: a fresh replica always wins over an older cached answer.
+    let mut start_live = None;
+    if let (Some(live), Some(credential)) = (&gw.live, &ctx.credential) {
+        let query = parse().ok().filter(|q| q.pairs.len() > 1);
+        // `If-Modified-Since` filters what Kommo lists: such a view is the fan-out's.
+        let query = query.filter(|_| !client_headers.contains_key(header::IF_MODIFIED_SINCE));
+        if let Some(query) = query.filter(|q| live.can_answer(q)) {
+            let key = crate::sync::live::key(credential, &ctx.variant);
+            if let Some((leads, has_next, age)) = live.page(&key, &query) {
+                tracing::Span::current().record("cache", "SYNC");
+                let answer = page_answer(ctx, &query, raw_query, &leads, has_next);
+                let mut resp = respond(&Entry::new(0, answer, None), None);
+                let headers = resp.headers_mut();
+                headers.insert(header::AGE, HeaderValue::from(age));
+                headers.insert(
+                    HeaderName::from_static("x-cache"),
+                    HeaderValue::from_static("SYNC"),
+                );
+                return Ok(resp);
+            }
+            start_live = Some(key);
+        }
+    }
+    let resp = answer_fanned_out(gw, ctx, raw_query, client_headers, parse).await;
+    // A view Kommo answered starts the credential's replica (a refused credential never does).
+    if let (Some(key), Some(live), Ok(r)) = (start_live, &gw.live, &resp) {
+        if matches!(r.status(), StatusCode::OK | StatusCode::NO_CONTENT) {
+            let mut headers = ctx.with_upstream_headers(client_headers).upstream_headers;
+            headers.remove(crate::headers::REQUEST_ID);
+            live.start(gw, key, headers, ctx.flow.key.clone());
+        }
+    }
+    resp
+}
+
+/// [`answer`] by the fan-out (or a relay), through the answer cache when there is one.
+async fn answer_fanned_out(
+    gw: &Arc<Gateway>,
+    ctx: &RequestContext,
+    raw_query: &str,
+    client_headers: &HeaderMap,
+    parse: impl Fn() -> Result<LeadsQuery, ProxyError>,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let (Some(cache), Some(credential)) = (&gw.cache, &ctx.credential) else {
         let query = parse()?;
         let ctx = &ctx.with_upstream_headers(client_headers);
@@ -359,33 +402,37 @@ async fn merged_page(
             }
         }
     }
+    Ok(page_answer(ctx, query, raw_query, &leads, has_next))
+}
+
+/// The client's page of merged `leads` (a `204` when there are none), as Kommo renders it.
+fn page_answer(
+    ctx: &RequestContext,
+    query: &LeadsQuery,
+    raw_query: &str,
+    leads: &[LeadRef],
+    has_next: bool,
+) -> Buffered {
     if leads.is_empty() {
-        return Ok(Buffered {
+        return Buffered {
             status: StatusCode::NO_CONTENT,
             headers: HeaderMap::new(),
             body: Bytes::new(),
-        });
+        };
     }
     let base = format!("{}{}", ctx.public_base(), plan::LEADS_PATH);
     let links = PageLinks {
         base: &base,
         params: &query.link_params,
     };
-    let bytes = render_page(
-        query.page,
-        links,
-        has_next,
-        &leads,
-        ctx.rewrite(),
-        raw_query,
-    );
+    let bytes = render_page(query.page, links, has_next, leads, ctx.rewrite(), raw_query);
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(HAL_JSON));
-    Ok(Buffered {
+    Buffered {
         status: StatusCode::OK,
         headers,
         body: bytes.into(),
-    })
+    }
 }
 
 /// An upstream client error, relayed with its status, type and body as it came.

@@ -362,7 +362,7 @@ impl Replica {
         }
         let tombstone = self.tombstones.entry(id).or_insert(at);
         *tombstone = (*tombstone).max(at);
-        self.remove(id)
+        self.remove(id).is_some()
     }
 
     /// Drops the tombstones of deletions before `before` (the caller prunes past the window in
@@ -376,14 +376,19 @@ impl Replica {
         self.tombstones.len()
     }
 
-    /// Removes a lead whatever its time, leaving no tombstone (the reconcile repairs with it).
-    pub fn remove(&mut self, id: i64) -> bool {
-        let Some(old) = self.leads.remove(&id) else {
-            return false;
-        };
+    /// Removes a lead whatever its time and hands it back, leaving no tombstone (the reconcile
+    /// repairs with it; a delta moves what it read into the replica with it).
+    pub fn remove(&mut self, id: i64) -> Option<Lead> {
+        let old = self.leads.remove(&id)?;
         self.raw_bytes -= old.raw.len();
         self.unindex(&old);
-        true
+        Some(old)
+    }
+
+    /// Forgets the deletion of `id`: the feed reported its restore, and a read of it may carry
+    /// an `updated_at` older than the deletion (a restore need not move it).
+    pub fn forget_tombstone(&mut self, id: i64) {
+        self.tombstones.remove(&id);
     }
 
     fn unindex(&mut self, lead: &Lead) {
@@ -711,8 +716,8 @@ mod tests {
     fn remove_is_unconditional_and_leaves_no_tombstone() {
         let mut r = Replica::new();
         r.upsert(lead(1, stage(1, 10), 100));
-        assert!(r.remove(1));
-        assert!(!r.remove(1));
+        assert!(r.remove(1).is_some());
+        assert!(r.remove(1).is_none());
         assert!(r.is_empty());
         assert_eq!(r.tombstones(), 0);
         assert!(r.upsert(lead(1, stage(1, 10), 1)));
@@ -1085,7 +1090,7 @@ mod tests {
                         }
                         prop_assert_eq!(r.delete(id, at), removed);
                     }
-                    Op::Remove(id) => prop_assert_eq!(r.remove(id), model.remove(&id).is_some()),
+                    Op::Remove(id) => prop_assert_eq!(r.remove(id).is_some(), model.remove(&id).is_some()),
                     Op::Prune(before) => {
                         tombstones.retain(|_, &mut t| t >= before);
                         r.prune_tombstones(before);

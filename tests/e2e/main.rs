@@ -16,4 +16,5 @@ mod overload;
 mod passthrough;
 mod redis;
 mod restart;
+mod sync;
 mod verify;
