@@ -75,6 +75,75 @@ fn the_deprecated_sendfile_flag_is_accepted_with_a_warning() {
     );
 }
 
+/// Live views' flags: validated (the error names the flag), and shown by `--check`, from flags
+/// and from the environment alike.
+#[test]
+fn live_view_flags_are_checked_and_shown() {
+    let upstream = ["serve", "--upstream", "http://127.0.0.1:1", "--check"];
+    for (extra, needle) in [
+        (vec!["--sync", "--sync-with", "only_deleted"], "--sync-with"),
+        (
+            vec!["--sync", "--sync-with", "contacts,bogus"],
+            "--sync-with",
+        ),
+        (
+            vec![
+                "--sync",
+                "--sync-interval",
+                "10s",
+                "--sync-max-staleness",
+                "5s",
+            ],
+            "--sync-max-staleness",
+        ),
+        (
+            vec!["--sync", "--sync-interval", "100ms"],
+            "--sync-interval",
+        ),
+    ] {
+        let (code, stderr) = run(&[&upstream[..], &extra].concat());
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+    }
+    let shown = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kommo-fanout"))
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("binary runs");
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let off = shown(&upstream, &[]);
+    assert!(off.contains("sync = false"), "{off}");
+    assert!(!off.contains("sync_interval"), "{off}");
+    let on = shown(
+        &[
+            &upstream[..],
+            &["--sync", "--sync-with", "contacts,loss_reason"],
+        ]
+        .concat(),
+        &[],
+    );
+    for line in [
+        "sync = true",
+        "sync_interval = \"5s\"",
+        "sync_max_staleness = \"15s\"",
+        "sync_with = \"contacts,loss_reason\"",
+    ] {
+        assert!(on.contains(line), "{line} in {on}");
+    }
+    let env = shown(
+        &upstream,
+        &[
+            ("KOMMO_FANOUT_SYNC", "true"),
+            ("KOMMO_FANOUT_SYNC_INTERVAL", "2s"),
+        ],
+    );
+    assert!(env.contains("sync = true"), "{env}");
+    assert!(env.contains("sync_max_staleness = \"6s\""), "{env}");
+}
+
 /// The first log line of `args` that contains `needle`, or what stderr said until it closed
 /// or 10 s passed, and the process's `/proc/PID/limits` then. The process is killed after.
 fn log_line(args: &[&str], needle: &str) -> (String, String) {

@@ -425,3 +425,95 @@ async fn a_lead_webhook_brings_the_change_before_the_interval() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn with_values_the_replica_holds_are_answered_and_others_stripped() {
+    let s = stack_with(sim_config(LEADS), |c| {
+        let mut sync = settings(Duration::from_secs(1));
+        sync.with = vec!["contacts".into(), "loss_reason".into()];
+        c.sync = Some(sync);
+    })
+    .await;
+    let mut plain = ServeConfig::for_upstream(&s.sim.base_url()).unwrap();
+    plain.limiter.requests = 1_000_000;
+    plain.cache.ttl = Duration::ZERO;
+    plain.limiter_lock = None;
+    let fan_out = serve_proxy(plain).await;
+    let set = largest_stages(&s, 3);
+    until_synced(&s, &format!("{}&with=contacts", stages(&set)), TOKEN, 1).await;
+    let client = Client::default();
+    for with in ["&with=contacts,loss_reason", "&with=contacts", ""] {
+        let path = format!("/api/v4/leads?{}&limit=20{with}", stages(&set));
+        let synced = s.get(&path, TOKEN).await;
+        assert_eq!(synced.headers["x-cache"], "SYNC", "{with}");
+        let fanned = client.get(&format!("{}{path}", fan_out.proxy), TOKEN).await;
+        // The same values; the bytes too where nothing was stripped.
+        let moved_body = moved(&synced.body, &s.proxy, &fan_out.proxy);
+        let synced_value: Value = serde_json::from_str(&moved_body).unwrap();
+        assert_eq!(synced_value, fanned.json(), "{with}");
+        if with == "&with=contacts,loss_reason" {
+            assert_eq!(moved_body, String::from_utf8_lossy(&fanned.body));
+        }
+    }
+    let other = s
+        .leads(&format!("{}&with=catalog_elements", stages(&set)))
+        .await;
+    assert!(other.headers.get("x-cache").is_none_or(|v| v != "SYNC"));
+}
+
+#[tokio::test]
+async fn replicas_past_the_byte_bound_or_idle_are_dropped_and_the_fan_out_answers() {
+    let s = stack_with(sim_config(LEADS), |c| {
+        let mut sync = settings(Duration::from_secs(1));
+        sync.max_bytes = 64 * 1024;
+        c.sync = Some(sync);
+    })
+    .await;
+    let set = largest_stages(&s, 3);
+    assert_eq!(s.leads(&stages(&set)).await.status, 200);
+    let dropped = |reason: &'static str| {
+        let admin = s.admin.clone();
+        async move {
+            let metrics = Client::default()
+                .get(&format!("{admin}/metrics"), TOKEN)
+                .await;
+            let text = String::from_utf8_lossy(&metrics.body).to_string();
+            sample(
+                &text,
+                &format!("kommo_fanout_sync_dropped_total{{outcome=\"{reason}\"}}"),
+            )
+        }
+    };
+    eventually_async("the replica over the bound is dropped", WAIT, || async {
+        dropped("memory").await == 1.0
+    })
+    .await;
+    assert!(report(&s).await["replicas"].as_array().unwrap().is_empty());
+    let answer = s.leads(&stages(&set)).await;
+    assert_eq!(answer.status, 200);
+    assert!(answer.headers.get("x-cache").is_none_or(|v| v != "SYNC"));
+    assert!(
+        report(&s).await["replicas"].as_array().unwrap().is_empty(),
+        "no reload right away"
+    );
+
+    let s = stack_with(sim_config(LEADS), |c| {
+        let mut sync = settings(Duration::from_secs(1));
+        sync.idle = Duration::from_secs(2);
+        c.sync = Some(sync);
+    })
+    .await;
+    until_synced(&s, &stages(&set), TOKEN, 1).await;
+    let dropped = || async {
+        let metrics = Client::default()
+            .get(&format!("{}/metrics", s.admin), TOKEN)
+            .await;
+        let text = String::from_utf8_lossy(&metrics.body).to_string();
+        sample(&text, "kommo_fanout_sync_dropped_total{outcome=\"idle\"}")
+    };
+    eventually_async("the idle replica is dropped", WAIT, || async {
+        dropped().await == 1.0
+    })
+    .await;
+    assert!(report(&s).await["replicas"].as_array().unwrap().is_empty());
+}
