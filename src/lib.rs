@@ -20,6 +20,7 @@
 //! - [`webhook`]: Kommo's lead webhooks, which drop cached entries.
 //! - [`redis`]: the limiter and cache replicas share through Redis.
 //! - [`sync`]: live views, a replica of a credential's leads that answers views from memory.
+//! - [`credentials`]: the account's own token or OAuth tokens, held by the proxy.
 //! - [`verify`]: the proxy's merged views compared with direct reads of a real account.
 //!
 //! The simulated Kommo account is its own crate, `kommo_sim` (`sim/`): the binary's `sim` and
@@ -29,6 +30,7 @@
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod gateway;
 pub mod headers;

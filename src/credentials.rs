@@ -1,0 +1,499 @@
+//! The account's own credential, held by the proxy: a long-lived token read from a file, or
+//! OAuth tokens refreshed before they expire.
+//!
+//! Requests the proxy authorizes for a client (a key, see [`crate::keys`]) carry
+//! [`PLACEHOLDER`] as their `Authorization` through the whole request path, so cache keys,
+//! replicas and logs never see the account's token; the fetcher puts the token in at the last
+//! moment. Kommo's refresh tokens are single-use (`kommo-api-notes.md`, "OAuth"): one refresh
+//! runs at a time, and the rotated refresh token is on disk before the new access token is
+//! used, so neither a race nor a crash can burn it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, StatusCode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::body;
+use crate::upstream::fetch::{Fetcher, Flow};
+
+/// The `Authorization` of a request the proxy authorizes with the account's own credential.
+pub const PLACEHOLDER: HeaderValue = HeaderValue::from_static("Bearer kommo-fanout:account");
+
+/// Where the token endpoint is, on the account's origin.
+pub const TOKEN_PATH: &str = "/oauth2/access_token";
+
+/// The longest an access token is used before its expiry: a fifth of its life, at most this.
+const MAX_MARGIN: Duration = Duration::from_secs(300);
+
+/// The account's credential.
+pub enum Credentials {
+    /// A long-lived token in a file, read again when the file changes.
+    Static(TokenFile),
+    OAuth(OAuth),
+}
+
+/// A token file and what was last read from it.
+pub struct TokenFile {
+    path: PathBuf,
+    current: std::sync::Mutex<(Option<SystemTime>, HeaderValue)>,
+}
+
+/// An OAuth integration's settings (`--oauth-*`).
+#[derive(Debug, Clone)]
+pub struct OAuthSettings {
+    pub client_id: String,
+    pub client_secret: String,
+    pub redirect_uri: String,
+    /// Where the current tokens are kept (the refresh token above all).
+    pub tokens_file: PathBuf,
+}
+
+/// OAuth tokens and the one refresh that may run at a time.
+pub struct OAuth {
+    settings: OAuthSettings,
+    state: Mutex<Tokens>,
+    /// Why the last refresh was refused, for readiness; `None` while tokens work.
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+/// What the tokens file holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tokens {
+    pub access_token: String,
+    pub refresh_token: String,
+    /// Unix seconds; 0 when unknown (a file holding only a refresh token).
+    #[serde(default)]
+    pub expires_at: u64,
+    /// Unix seconds when the access token was issued (to size the refresh margin).
+    #[serde(default)]
+    pub issued_at: u64,
+}
+
+/// Kommo's token endpoint answer.
+#[derive(Deserialize)]
+struct Granted {
+    access_token: String,
+    refresh_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// Why no usable credential could be had.
+#[derive(Debug, Clone)]
+pub enum CredentialError {
+    /// Kommo refused the refresh token or the client: a person must authorize again.
+    Refused(String),
+    /// Anything else (the token endpoint unreachable, a file unreadable): may pass.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for CredentialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CredentialError::Refused(e) | CredentialError::Unavailable(e) => f.write_str(e),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn bearer(token: &str) -> Result<HeaderValue, CredentialError> {
+    HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        CredentialError::Unavailable("the token holds characters a header cannot carry".into())
+    })
+}
+
+impl Credentials {
+    /// A long-lived token from `path` (surrounding whitespace ignored).
+    pub fn token_file(path: PathBuf) -> Result<Credentials, String> {
+        let (modified, value) = read_token(&path)?;
+        Ok(Credentials::Static(TokenFile {
+            path,
+            current: std::sync::Mutex::new((modified, value)),
+        }))
+    }
+
+    /// OAuth tokens from `settings.tokens_file`, which must exist (`oauth exchange` writes it).
+    pub fn oauth(settings: OAuthSettings) -> Result<Credentials, String> {
+        let tokens = read_tokens(&settings.tokens_file)?;
+        Ok(Credentials::OAuth(OAuth {
+            settings,
+            state: Mutex::new(tokens),
+            refused: std::sync::Mutex::new(None),
+        }))
+    }
+
+    /// The `Authorization` value for the next upstream request: refreshed first when the
+    /// access token is near its expiry.
+    pub async fn authorization(&self, fetcher: &Fetcher) -> Result<HeaderValue, CredentialError> {
+        match self {
+            Credentials::Static(file) => file.current(),
+            Credentials::OAuth(oauth) => oauth.authorization(fetcher, None).await,
+        }
+    }
+
+    /// After Kommo answered `401` to `used`: a new access token (one refresh, unless another
+    /// request already replaced `used`).
+    pub async fn after_unauthorized(
+        &self,
+        fetcher: &Fetcher,
+        used: &HeaderValue,
+    ) -> Result<HeaderValue, CredentialError> {
+        match self {
+            Credentials::Static(file) => file.current(),
+            Credentials::OAuth(oauth) => oauth.authorization(fetcher, Some(used)).await,
+        }
+    }
+
+    /// Why the credential cannot work until a person acts, for readiness.
+    pub fn refused(&self) -> Option<String> {
+        match self {
+            Credentials::Static(_) => None,
+            Credentials::OAuth(oauth) => oauth
+                .refused
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}
+
+/// The token in `path` and the file's modification time.
+fn read_token(path: &Path) -> Result<(Option<SystemTime>, HeaderValue), String> {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("the token file {} is empty", path.display()));
+    }
+    let value = bearer(token).map_err(|e| format!("the token file {}: {e}", path.display()))?;
+    Ok((modified, value))
+}
+
+impl TokenFile {
+    /// The token, read again when the file's modification time changed; a file that cannot be
+    /// read now keeps the last token (and says so).
+    fn current(&self) -> Result<HeaderValue, CredentialError> {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if modified != current.0 {
+            match read_token(&self.path) {
+                Ok(read) => {
+                    info!(file = %self.path.display(), "the account's token file changed: using the new token");
+                    *current = read;
+                }
+                Err(e) => warn!(error = %e, "keeping the last token"),
+            }
+        }
+        Ok(current.1.clone())
+    }
+}
+
+/// The tokens in `path`: the JSON this proxy writes, or a refresh token alone.
+pub fn read_tokens(path: &Path) -> Result<Tokens, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read the OAuth tokens file {}: {e} (run `kommo-fanout oauth exchange` to create it)",
+            path.display()
+        )
+    })?;
+    let text = text.trim();
+    if text.starts_with('{') {
+        return serde_json::from_str(text)
+            .map_err(|e| format!("the OAuth tokens file {}: {e}", path.display()));
+    }
+    if text.is_empty() {
+        return Err(format!("the OAuth tokens file {} is empty", path.display()));
+    }
+    Ok(Tokens {
+        refresh_token: text.to_string(),
+        ..Tokens::default()
+    })
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old file or the new one, never a mix:
+/// a temporary file beside it, synced, renamed over it, the directory synced. Owner-only.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map_or("file".into(), |n| n.to_string_lossy());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl Tokens {
+    /// Whether the access token should be replaced now.
+    fn due(&self, now: u64) -> bool {
+        if self.access_token.is_empty() || self.expires_at == 0 {
+            return true;
+        }
+        let life = self.expires_at.saturating_sub(self.issued_at);
+        let margin = (life / 5).min(MAX_MARGIN.as_secs());
+        now + margin >= self.expires_at
+    }
+
+    fn from_grant(granted: Granted, now: u64) -> Tokens {
+        let expires_at = granted
+            .expires_in
+            .map(|s| now + s)
+            .or_else(|| jwt_exp(&granted.access_token))
+            .unwrap_or(now + 3600);
+        Tokens {
+            access_token: granted.access_token,
+            refresh_token: granted.refresh_token,
+            expires_at,
+            issued_at: now,
+        }
+    }
+}
+
+/// The `exp` claim of a JWT, read without checking its signature (only to schedule a refresh).
+fn jwt_exp(token: &str) -> Option<u64> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64url(payload)?;
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()?
+        .get("exp")?
+        .as_u64()
+}
+
+/// Decodes unpadded base64url (padding tolerated).
+fn base64url(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().take_while(|&c| c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+impl OAuth {
+    /// The current access token, after one refresh when it is due or when it is `stale` (the
+    /// token a `401` answered). Concurrent callers wait for that one refresh.
+    async fn authorization(
+        &self,
+        fetcher: &Fetcher,
+        stale: Option<&HeaderValue>,
+    ) -> Result<HeaderValue, CredentialError> {
+        let mut tokens = self.state.lock().await;
+        let current = bearer(&tokens.access_token);
+        let replaced = match (stale, &current) {
+            (Some(stale), Ok(current)) => current != stale,
+            _ => false,
+        };
+        if replaced || (stale.is_none() && !tokens.due(unix_now())) {
+            return current;
+        }
+        let refreshed = self.refresh(fetcher, &tokens).await?;
+        *tokens = refreshed;
+        bearer(&tokens.access_token)
+    }
+
+    /// One refresh: the new tokens are on disk before they are returned.
+    async fn refresh(&self, fetcher: &Fetcher, tokens: &Tokens) -> Result<Tokens, CredentialError> {
+        let s = &self.settings;
+        let body = serde_json::json!({
+            "client_id": s.client_id,
+            "client_secret": s.client_secret,
+            "grant_type": "refresh_token",
+            "refresh_token": tokens.refresh_token,
+            "redirect_uri": s.redirect_uri,
+        });
+        let now = unix_now();
+        let granted = match exchange(fetcher, &body).await {
+            Ok(granted) => granted,
+            Err(e) => {
+                if let CredentialError::Refused(reason) = &e {
+                    warn!(%reason, "Kommo refused the refresh token: authorize again with `kommo-fanout oauth exchange`");
+                    *self
+                        .refused
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
+                }
+                return Err(e);
+            }
+        };
+        let fresh = Tokens::from_grant(granted, now);
+        let json = serde_json::to_vec_pretty(&fresh).unwrap_or_default();
+        write_atomically(&s.tokens_file, &json).map_err(|e| {
+            // Kommo has rotated the refresh token; the new one exists only in memory now.
+            CredentialError::Unavailable(format!(
+                "cannot save the refreshed tokens to {}: {e}",
+                s.tokens_file.display()
+            ))
+        })?;
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        info!(expires_at = fresh.expires_at, "refreshed the account's OAuth tokens");
+        Ok(fresh)
+    }
+}
+
+/// One call of the token endpoint through the limiter. `400`/`401` mean the grant or the
+/// client was refused.
+async fn exchange(
+    fetcher: &Fetcher,
+    body: &serde_json::Value,
+) -> Result<Granted, CredentialError> {
+    let mut req = Request::new(body::full(Bytes::from(body.to_string())));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = http::Uri::from_static(TOKEN_PATH);
+    req.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let flow = Flow {
+        id: u64::MAX - 1,
+        key: fetcher.upstream.origin().url.as_str().into(),
+        deadline: tokio::time::Instant::now() + Duration::from_secs(30),
+    };
+    let resp = fetcher
+        .send(&flow, req)
+        .await
+        .map_err(|e| CredentialError::Unavailable(format!("the token endpoint: {e}")))?;
+    let status = resp.status();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map_err(|e| CredentialError::Unavailable(format!("the token endpoint: {e}")))?
+        .to_bytes();
+    let detail = || {
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                ["hint", "detail", "title"]
+                    .iter()
+                    .find_map(|k| v.get(k).and_then(|d| d.as_str()).map(str::to_string))
+            })
+            .unwrap_or_else(|| status.to_string())
+    };
+    match status {
+        StatusCode::OK => serde_json::from_slice(&body).map_err(|e| {
+            CredentialError::Unavailable(format!("the token endpoint's answer: {e}"))
+        }),
+        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(
+            CredentialError::Refused(format!("the token endpoint answered {status}: {}", detail())),
+        ),
+        _ => Err(CredentialError::Unavailable(format!(
+            "the token endpoint answered {status}: {}",
+            detail()
+        ))),
+    }
+}
+
+/// `oauth exchange`: trades an authorization code for tokens and writes them.
+pub async fn exchange_code(
+    fetcher: &Fetcher,
+    settings: &OAuthSettings,
+    code: &str,
+) -> Result<Tokens, String> {
+    let body = serde_json::json!({
+        "client_id": settings.client_id,
+        "client_secret": settings.client_secret,
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": settings.redirect_uri,
+    });
+    let granted = exchange(fetcher, &body).await.map_err(|e| e.to_string())?;
+    let tokens = Tokens::from_grant(granted, unix_now());
+    let json = serde_json::to_vec_pretty(&tokens).unwrap_or_default();
+    write_atomically(&settings.tokens_file, &json)
+        .map_err(|e| format!("cannot write {}: {e}", settings.tokens_file.display()))?;
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_exp_is_read_from_the_payload() {
+        // {"alg":"none"} . {"exp":1717203600,"iat":1717200000} . sig
+        let token = "eyJhbGciOiJub25lIn0.eyJleHAiOjE3MTcyMDM2MDAsImlhdCI6MTcxNzIwMDAwMH0.c2ln";
+        assert_eq!(jwt_exp(token), Some(1_717_203_600));
+        assert_eq!(jwt_exp("not-a-jwt"), None);
+        assert_eq!(jwt_exp("a.!!!.c"), None);
+    }
+
+    #[test]
+    fn a_token_is_due_a_fifth_of_its_life_before_expiry_at_most_five_minutes() {
+        let t = |issued_at, expires_at| Tokens {
+            access_token: "a".into(),
+            refresh_token: "r".into(),
+            expires_at,
+            issued_at,
+        };
+        assert!(!t(1000, 1010).due(1007));
+        assert!(t(1000, 1010).due(1008));
+        assert!(!t(0, 86_400).due(86_400 - 301));
+        assert!(t(0, 86_400).due(86_400 - 300));
+        assert!(Tokens::default().due(0), "no token yet");
+    }
+
+    #[test]
+    fn tokens_files_hold_json_or_a_refresh_token_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acme.tokens");
+        std::fs::write(&path, "  r-123\n").unwrap();
+        let t = read_tokens(&path).unwrap();
+        assert_eq!((t.refresh_token.as_str(), t.expires_at), ("r-123", 0));
+        let fresh = Tokens {
+            access_token: "a".into(),
+            refresh_token: "r-2".into(),
+            expires_at: 99,
+            issued_at: 9,
+        };
+        write_atomically(&path, &serde_json::to_vec(&fresh).unwrap()).unwrap();
+        assert_eq!(read_tokens(&path).unwrap().refresh_token, "r-2");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary file is left");
+        assert!(read_tokens(&dir.path().join("missing")).is_err());
+    }
+}
