@@ -18,6 +18,7 @@
 //! - [`error`]: the one place that turns failures into `problem+json` answers.
 //! - [`body`]: the body type shared by all answers.
 //! - [`webhook`]: Kommo's lead webhooks, which drop cached entries.
+//! - [`keys`]: keys clients send instead of a Kommo token: scopes, the hashed keys file.
 //! - [`redis`]: the limiter and cache replicas share through Redis.
 //! - [`sync`]: live views, a replica of a credential's leads that answers views from memory.
 //! - [`credentials`]: the account's own token or OAuth tokens, held by the proxy.
@@ -35,6 +36,7 @@ pub mod error;
 pub mod gateway;
 pub mod headers;
 pub mod json_text;
+pub mod keys;
 pub mod leads;
 pub mod links;
 pub mod metrics;
