@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{FaultRule, JsonStyle, SimConfig, SimRateLimit, TokenSpec};
+use super::{FaultRule, JsonStyle, SimConfig, SimOAuth, SimRateLimit, TokenSpec};
 
 /// Most leads the sim will generate (about 1 GB of memory); more is surely a typo.
 const MAX_LEADS: usize = 2_000_000;
@@ -68,6 +68,25 @@ pub struct SimArgs {
     /// recorded in `GET /api/v4/events`; e.g. `2.5`. 0 keeps the account still.
     #[arg(long, env = "KOMMO_FANOUT_CHURN", default_value_t = 0.0)]
     pub churn: f64,
+
+    /// Serve `POST /oauth2/access_token` as Kommo's OAuth server for the integration with this id
+    /// (with `--oauth-client-secret` and `--oauth-redirect-uri`); an authorization code to trade is
+    /// logged at start.
+    #[arg(long, env = "KOMMO_FANOUT_OAUTH_CLIENT_ID")]
+    pub oauth_client_id: Option<String>,
+
+    /// The integration's secret key, for `--oauth-client-id`.
+    #[arg(long, env = "KOMMO_FANOUT_OAUTH_CLIENT_SECRET", hide_env_values = true)]
+    pub oauth_client_secret: Option<String>,
+
+    /// The integration's redirect URI, for `--oauth-client-id`.
+    #[arg(long, env = "KOMMO_FANOUT_OAUTH_REDIRECT_URI")]
+    pub oauth_redirect_uri: Option<String>,
+
+    /// How long OAuth access tokens live, whole seconds, at least 1s (Kommo's: 24h); with
+    /// `--oauth-client-id` only.
+    #[arg(long, env = "KOMMO_FANOUT_TOKEN_TTL", value_parser = humantime::parse_duration)]
+    pub token_ttl: Option<Duration>,
 }
 
 impl SimArgs {
@@ -116,6 +135,7 @@ impl SimArgs {
                 })
             }
         };
+        let oauth = self.oauth()?;
         Ok(SimConfig {
             leads: self.leads,
             seed: self.seed,
@@ -126,7 +146,54 @@ impl SimArgs {
             faults: self.faults,
             json_style: self.json_style,
             churn: self.churn,
+            oauth,
         })
+    }
+
+    /// The OAuth integration: all three `--oauth-*` flags or none, `--token-ttl` only with them.
+    fn oauth(&self) -> Result<Option<SimOAuth>, String> {
+        let flags = [
+            ("--oauth-client-id", &self.oauth_client_id),
+            ("--oauth-client-secret", &self.oauth_client_secret),
+            ("--oauth-redirect-uri", &self.oauth_redirect_uri),
+        ];
+        let missing: Vec<&str> = flags
+            .iter()
+            .filter(|(_, value)| value.is_none())
+            .map(|(flag, _)| *flag)
+            .collect();
+        if missing.len() == flags.len() {
+            return match self.token_ttl {
+                Some(_) => Err(
+                    "--token-ttl needs --oauth-client-id, --oauth-client-secret and \
+                     --oauth-redirect-uri"
+                        .to_string(),
+                ),
+                None => Ok(None),
+            };
+        }
+        if !missing.is_empty() {
+            return Err(format!("OAuth needs {} as well", missing.join(" and ")));
+        }
+        for (flag, value) in flags {
+            let value = value.as_deref().unwrap_or_default();
+            if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!("{flag} must be non-empty, without spaces"));
+            }
+        }
+        let token_ttl = self.token_ttl.unwrap_or(SimOAuth::KOMMO_TOKEN_TTL);
+        if token_ttl < Duration::from_secs(1) {
+            return Err(
+                "--token-ttl must be at least 1s (expires_in is whole seconds)".to_string(),
+            );
+        }
+        Ok(Some(SimOAuth {
+            client_id: self.oauth_client_id.clone().unwrap_or_default(),
+            client_secret: self.oauth_client_secret.clone().unwrap_or_default(),
+            redirect_uri: self.oauth_redirect_uri.clone().unwrap_or_default(),
+            token_ttl,
+            sees: None,
+        }))
     }
 }
 
@@ -158,6 +225,44 @@ mod tests {
         assert!(cfg.tokens.is_empty() && cfg.faults.is_empty() && cfg.rate_limit.is_none());
         assert_eq!(cfg.json_style, JsonStyle::Compact);
         assert_eq!(cfg.churn, 0.0);
+        assert_eq!(cfg.oauth, None);
+    }
+
+    #[test]
+    fn oauth_flags_map_to_config() {
+        let base = [
+            "--oauth-client-id=c-1",
+            "--oauth-client-secret=s3cret",
+            "--oauth-redirect-uri=https://example.test/cb",
+        ];
+        let cfg = parse(&base).unwrap().into_config().unwrap();
+        let oauth = cfg.oauth.unwrap();
+        assert_eq!(
+            oauth,
+            SimOAuth::new("c-1", "s3cret", "https://example.test/cb")
+        );
+        assert_eq!(oauth.token_ttl, Duration::from_secs(86_400));
+        let mut args = base.to_vec();
+        args.push("--token-ttl=3s");
+        let cfg = parse(&args).unwrap().into_config().unwrap();
+        assert_eq!(cfg.oauth.unwrap().token_ttl, Duration::from_secs(3));
+
+        let err = parse(&base[..2]).unwrap().into_config().unwrap_err();
+        assert!(err.contains("--oauth-redirect-uri"), "{err}");
+        let err = parse(&["--token-ttl=5s"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(err.contains("--token-ttl"), "{err}");
+        let mut args = base.to_vec();
+        args.push("--token-ttl=500ms");
+        let err = parse(&args).unwrap().into_config().unwrap_err();
+        assert!(err.contains("--token-ttl"), "{err}");
+        let err = parse(&[base[0], "--oauth-client-secret=", base[2]])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(err.contains("--oauth-client-secret"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,11 @@
 //! `GET /api/v4/events`. Silent changes ([`Sim::move_lead_silently`]) do neither, for testing a
 //! reconcile. Every answer carries a `Date` header on the sim's clock ([`Sim::now_ts`]).
 //!
+//! With [`SimConfig::oauth`] set it is also Kommo's OAuth server: `POST /oauth2/access_token`
+//! trades authorization codes ([`Sim::oauth_code`]) and single-use refresh tokens for JWT-shaped
+//! access tokens that expire ([`SimOAuth::token_ttl`]). The credentials it mints are the one thing
+//! not drawn from the seed: they are unpredictable, so no two sims ever share a token.
+//!
 //! # Layout
 //! - `rng`: SplitMix64, the seeded PRNG behind the dataset, jitter, fault dice and churn.
 //! - `data`: dataset generation and the `Store` that indexes leads by stage and changes them.
@@ -24,6 +29,7 @@
 //! - `query`: the sim's own parser for Kommo's `GET /api/v4/leads` query language, and HTTP dates.
 //! - `render`: response bodies (HAL pages, events, pipelines, problem+json).
 //! - `faults`: the rate limiter and fault rules.
+//! - `oauth`: the OAuth server: codes, single-use refresh tokens, access tokens and the grants.
 //! - `server`: accept loop, hyper service, routing and handlers.
 //! - `args`: the `kommo-fanout sim` command-line flags.
 #![forbid(unsafe_code)]
@@ -33,6 +39,7 @@ mod churn;
 mod data;
 mod events;
 mod faults;
+mod oauth;
 mod query;
 mod render;
 mod rng;
@@ -54,6 +61,7 @@ pub use events::{SimEvent, SimEventType, SimEventValue};
 
 use data::Store;
 use faults::{FaultSet, Limiter};
+use oauth::Issuer;
 use rng::SplitMix64;
 
 /// The token a sim configured without tokens accepts; it sees every lead.
@@ -81,6 +89,10 @@ pub struct SimConfig {
     /// Changes per second the account undergoes while the server runs (moves, price edits,
     /// creations, deletions, restores; see [`Sim::run`]); 0 keeps it still.
     pub churn: f64,
+    /// Serve `POST /oauth2/access_token` as Kommo's OAuth server for this integration and accept
+    /// the access tokens it mints, besides [`SimConfig::tokens`] (or [`DEMO_TOKEN`] when there are
+    /// none); `None` leaves the path unserved, as before.
+    pub oauth: Option<SimOAuth>,
 }
 
 impl Default for SimConfig {
@@ -95,7 +107,59 @@ impl Default for SimConfig {
             faults: Vec::new(),
             json_style: JsonStyle::Compact,
             churn: 0.0,
+            oauth: None,
         }
+    }
+}
+
+/// The integration an OAuth-serving sim knows, and what its access tokens may read.
+///
+/// Kommo's token endpoint takes `client_id`, `client_secret`, `redirect_uri` and a code or refresh
+/// token, and answers access tokens living `expires_in` = 86400 seconds
+/// (developers.kommo.com/reference/get-token; `kommo-api-notes.md`, "OAuth").
+///
+/// A token is accepted for exactly its TTL of tokio's clock from issue, so `tokio::time::pause`
+/// and `advance` expire it in tests. Its `iat`/`exp` and the answer's `server_time` are whole
+/// seconds of the sim's clock ([`Sim::now_ts`], the `Date` header's, which starts at 2024-06-01):
+/// time a refresh from `expires_in` or `exp - iat`, not by comparing `exp` with the wall clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimOAuth {
+    /// The integration's id (`client_id`).
+    pub client_id: String,
+    /// The integration's secret key (`client_secret`); never logged.
+    pub client_secret: String,
+    /// The integration's redirect URI: required with a code, and must match whenever sent.
+    pub redirect_uri: String,
+    /// How long an access token is accepted, in whole seconds (a fraction is dropped, at least one
+    /// second): `expires_in`, and the JWT's `exp - iat`. Kommo's is 24 hours.
+    pub token_ttl: Duration,
+    /// The responsible users whose leads the OAuth user sees, as [`TokenSpec::responsible_user_ids`]
+    /// (`None`: every lead).
+    pub sees: Option<Vec<i64>>,
+}
+
+impl SimOAuth {
+    /// Kommo's access token lifetime: `"expires_in": 86400` (amocrm-api-php#475).
+    pub const KOMMO_TOKEN_TTL: Duration = Duration::from_secs(86_400);
+
+    /// An integration whose tokens live 24 hours and see every lead.
+    pub fn new(
+        client_id: impl Into<String>,
+        client_secret: impl Into<String>,
+        redirect_uri: impl Into<String>,
+    ) -> Self {
+        Self {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            redirect_uri: redirect_uri.into(),
+            token_ttl: Self::KOMMO_TOKEN_TTL,
+            sees: None,
+        }
+    }
+
+    /// The `expires_in` of its access tokens: [`SimOAuth::token_ttl`] in whole seconds, at least 1.
+    pub fn expires_in(&self) -> u64 {
+        self.token_ttl.as_secs().max(1)
     }
 }
 
@@ -533,6 +597,8 @@ struct Inner {
     started: tokio::time::Instant,
     /// Connections accepted: shows how clients pool and reuse them.
     connections: AtomicU64,
+    /// The OAuth server (codes, refresh and access tokens); off unless [`SimConfig::oauth`] is set.
+    oauth: Issuer,
 }
 
 /// The request log; `generation` lets an answer find its entry again even after a `clear_requests`.
@@ -578,6 +644,7 @@ impl Sim {
             log: Mutex::new(RequestLog::default()),
             started: tokio::time::Instant::now(),
             connections: AtomicU64::new(0),
+            oauth: Issuer::new(cfg.oauth),
         }))
     }
 
@@ -662,6 +729,24 @@ impl Sim {
     /// How many requests arrived (since the last [`Sim::clear_requests`]).
     pub fn request_count(&self) -> usize {
         self.log().entries.len()
+    }
+
+    /// A fresh authorization code for [`SimConfig::oauth`]'s integration: single-use, tradeable at
+    /// `POST /oauth2/access_token` for 20 minutes of tokio's clock, as Kommo's codes are (useless
+    /// when OAuth is off).
+    pub fn oauth_code(&self) -> String {
+        self.0.oauth.mint_code(tokio::time::Instant::now())
+    }
+
+    /// How many `refresh_token` grants were answered with new tokens.
+    pub fn oauth_refreshes(&self) -> u64 {
+        self.0.oauth.refreshes()
+    }
+
+    /// How many token requests were refused (any 4xx of `POST /oauth2/access_token`; not those a
+    /// rate limit or an injected fault answered first).
+    pub fn oauth_refused(&self) -> u64 {
+        self.0.oauth.refused()
     }
 
     /// Forget the recorded requests.
@@ -795,6 +880,7 @@ impl std::fmt::Debug for Sim {
             .field("tokens", &self.0.tokens.len())
             .field("latency", &self.0.latency)
             .field("churn", &self.0.churn)
+            .field("oauth", &self.0.oauth.is_on())
             .finish_non_exhaustive()
     }
 }

@@ -1,6 +1,6 @@
 //! Response bodies in Kommo's shapes: HAL pages of leads, contacts, companies and events, single
-//! leads, contacts and events, pipelines, the account, write results and problem+json errors. Pure:
-//! bytes in, bytes out.
+//! leads, contacts and events, pipelines, the account, write results, the OAuth token endpoint's
+//! answers and problem+json errors. Pure: bytes in, bytes out.
 //!
 //! Every body is written by [`to_vec`] in the sim's [`JsonStyle`]; nothing serializes on its own.
 
@@ -12,6 +12,7 @@ use serde_json::ser::{CharEscape, CompactFormatter, Formatter, PrettyFormatter};
 
 use super::data::{self, CardKind, FieldKind, ACCOUNT_ID, CATALOG_ID, LOSS_REASONS, SOURCES};
 use super::events::{SimEvent, SimEventValue};
+use super::oauth::{Issued, OAuthError};
 use super::query::{LeadsQuery, ListQuery, QueryError, WithSet};
 use super::{JsonStyle, SimCard, SimLead, SimPipeline};
 
@@ -985,6 +986,54 @@ pub(crate) fn internal_error(style: JsonStyle, trace_id: u64) -> Vec<u8> {
     p.type_ = None;
     p.trace_id = Some(format!("{trace_id:016x}"));
     to_vec(style, &p)
+}
+
+/// `POST /oauth2/access_token`'s answer, in the order Kommo's reference lists it
+/// (developers.kommo.com/reference/get-token; amocrm-api-php#475 shows the first four).
+pub(crate) fn oauth_tokens(style: JsonStyle, issued: &Issued) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct TokensJson<'a> {
+        token_type: &'static str,
+        expires_in: u64,
+        access_token: &'a str,
+        refresh_token: &'a str,
+        server_time: i64,
+    }
+    to_vec(
+        style,
+        &TokensJson {
+            token_type: "Bearer",
+            expires_in: issued.expires_in,
+            access_token: &issued.access_token,
+            refresh_token: &issued.refresh_token,
+            server_time: issued.server_time,
+        },
+    )
+}
+
+/// A refused token request: `{"hint", "title", "type", "status", "detail"}` in the order
+/// amocrm-api-php#123 and #315 recorded (no `hint` for a bad client: #235).
+pub(crate) fn oauth_problem(style: JsonStyle, error: &OAuthError) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct OAuthProblemJson<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hint: Option<&'a str>,
+        title: &'a str,
+        #[serde(rename = "type")]
+        type_: &'a str,
+        status: u16,
+        detail: &'a str,
+    }
+    to_vec(
+        style,
+        &OAuthProblemJson {
+            hint: error.hint(),
+            title: error.title(),
+            type_: error.problem_type(),
+            status: error.status(),
+            detail: error.detail(),
+        },
+    )
 }
 
 /// The HTML page a blocked account or IP gets.

@@ -1,7 +1,10 @@
 //! The sim's HTTP side: accept loop with graceful shutdown (and the churn task beside it), the hyper
 //! service, and the per-request pipeline
 //! `record → rate limit → faults → latency → auth → route → handler → Date`.
+//! `POST /oauth2/access_token` (when OAuth is on) is routed before auth: it is how a client gets
+//! its bearer token.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -28,6 +31,7 @@ use super::data::CardKind;
 use super::data::{LeadPatch, Store, USERS};
 use super::events;
 use super::faults::LimitDecision;
+use super::oauth::{self, TokenParams};
 use super::query::{self, LeadsQuery, MAX_LIMIT};
 use super::render::{self, LeadCtx};
 use super::{Fault, JsonStyle, RecordedRequest, Sim, TokenSpec};
@@ -45,6 +49,9 @@ const MAX_BODY: usize = 8 << 20;
 const REQUEST_ID: &str = "x-request-id";
 
 const HAL_JSON: &str = "application/hal+json";
+/// The token endpoint's type: JSON, without a charset (`kommo-api-notes.md`: some clients compare
+/// the whole value).
+const JSON: &str = "application/json";
 const PROBLEM_JSON: &str = "application/problem+json";
 const TEXT_HTML: &str = "text/html; charset=utf-8";
 
@@ -192,6 +199,18 @@ pub(crate) async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let local = listener.local_addr()?;
+    if let Some(config) = sim.0.oauth.config() {
+        // A code to try the exchange by hand; the secret stays out of the log.
+        let code = sim.oauth_code();
+        tracing::info!(
+            client_id = %config.client_id,
+            redirect_uri = %config.redirect_uri,
+            token_ttl = %humantime::format_duration(Duration::from_secs(config.expires_in())),
+            %code,
+            "sim: OAuth on; trade this authorization code at POST {} (single use, valid 20 minutes)",
+            oauth::TOKEN_PATH,
+        );
+    }
     // The churn runs while the server accepts; the guard aborts it on shutdown, or if this future
     // is dropped.
     let rate = sim.0.churn;
@@ -424,12 +443,22 @@ impl Sim {
         token: Option<&str>,
     ) -> Reply {
         let style = self.0.json_style;
-        let Some(spec) = token.and_then(|t| self.0.tokens.iter().find(|s| s.token == t)) else {
+        let trimmed = path.trim_end_matches('/');
+        let method = req.method().clone();
+        if trimmed == oauth::TOKEN_PATH && self.0.oauth.is_on() {
+            return match method {
+                Method::POST => self.access_token(req).await,
+                _ => {
+                    self.0.oauth.count_refused();
+                    Reply::method_not_allowed(style, "POST")
+                }
+            };
+        }
+        let Some(auth) = self.authenticate(token) else {
             return Reply::unauthorized(style);
         };
-        let trimmed = path.trim_end_matches('/');
+        let spec: &TokenSpec = &auth;
         let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
-        let method = req.method().clone();
         match segments.as_slice() {
             ["api", "v4", "leads"] => match method {
                 Method::GET => {
@@ -497,7 +526,75 @@ impl Sim {
         }
     }
 
+    /// What a bearer token may read: a configured [`TokenSpec`], or an unexpired access token the
+    /// OAuth server minted. Anything else, an expired token included, gets the `401` Kommo answers
+    /// (`{"title":"Unauthorized",...,"detail":"Неверный логин или пароль"}` for a token gone
+    /// stale: UsefulWeb/AmoCRM#39, amocrm-api-php#333).
+    fn authenticate(&self, token: Option<&str>) -> Option<Cow<'_, TokenSpec>> {
+        let token = token?;
+        if let Some(spec) = self.0.tokens.iter().find(|s| s.token == token) {
+            return Some(Cow::Borrowed(spec));
+        }
+        self.0.oauth.access(token, Instant::now()).map(Cow::Owned)
+    }
+
     // === handlers ===
+
+    /// `POST /oauth2/access_token`: a JSON object or a form body (by `Content-Type`; by the first
+    /// byte when it names neither), answered with tokens or with Kommo's OAuth problem.
+    async fn access_token(&self, req: Request<Incoming>) -> Reply {
+        let style = self.0.json_style;
+        let content_type = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let body = Limited::new(req.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map(|b| b.to_bytes());
+        let params = match body {
+            Ok(bytes) => {
+                let json = if content_type.contains("json") {
+                    true
+                } else if content_type.contains("x-www-form-urlencoded") {
+                    false
+                } else {
+                    bytes.trim_ascii_start().starts_with(b"{")
+                };
+                if json {
+                    serde_json::from_slice::<Value>(&bytes)
+                        .ok()
+                        .and_then(|v| TokenParams::from_json(&v))
+                } else {
+                    Some(TokenParams::from_form(&bytes))
+                }
+            }
+            Err(_) => None,
+        };
+        let Some(params) = params else {
+            self.0.oauth.count_refused();
+            let error = oauth::OAuthError::InvalidRequest {
+                status: 400,
+                hint: "Send a JSON object or an application/x-www-form-urlencoded body".to_string(),
+            };
+            return Reply::problem(error.status(), render::oauth_problem(style, &error));
+        };
+        let now = Instant::now();
+        match self.0.oauth.grant(&params, now, self.now_ts()) {
+            Ok(issued) => {
+                let mut reply = Reply::new(200, JSON, render::oauth_tokens(style, &issued));
+                // RFC 6749 §5.1: token answers must not be cached.
+                reply
+                    .headers
+                    .push(("cache-control", "no-store".to_string()));
+                reply.headers.push(("pragma", "no-cache".to_string()));
+                reply
+            }
+            Err(error) => Reply::problem(error.status(), render::oauth_problem(style, &error)),
+        }
+    }
 
     /// `GET /api/v4/leads`; `since` is a parsed `If-Modified-Since` (Kommo recommends the header
     /// for "recently updated entities": amocrm/amocrm-api-php#162): only leads updated at or after

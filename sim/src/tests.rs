@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::*;
 
 mod changes;
+mod oauth;
 
 const TOKEN: &str = "t-all";
 const LIMITED: &str = "t-limited";
