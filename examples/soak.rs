@@ -1296,6 +1296,7 @@ async fn run(args: Args, binary: PathBuf) -> ExitCode {
         faults,
         json_style: Default::default(),
         churn: 0.0,
+        oauth: None,
     })
     .await
     .expect("the simulator starts");
