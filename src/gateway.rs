@@ -11,6 +11,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
+use http::StatusCode;
 use tokio::time::Instant;
 
 use std::sync::{Arc, OnceLock};
@@ -76,6 +77,16 @@ pub struct Bounds {
     pub max_connections: usize,
 }
 
+/// Who may use the account's credential: the holders of its keys.
+pub struct Auth {
+    /// The keys file, read again when it changes.
+    pub keys: Arc<crate::keys::WatchedKeys>,
+    /// The account's name: a key reaches only its own account.
+    pub account: String,
+    /// Also pass requests carrying a client's own Kommo token, as they came.
+    pub allow_client_tokens: bool,
+}
+
 /// The Redis backends replicas share, kept concrete for readiness and metrics.
 pub struct Shared {
     pub limiter: Arc<RedisLimiter>,
@@ -102,6 +113,9 @@ pub struct Gateway {
     pub shared: Option<Shared>,
     /// Live views (`--sync`): replicas that answer multi-stage views from memory.
     pub live: Option<crate::sync::live::Live>,
+    /// Clients' keys, when the proxy holds the account's credential; `None`: clients bring
+    /// their own Kommo tokens.
+    pub auth: Option<Auth>,
     /// Keys credential fingerprints: generated at start, so a fingerprint means nothing
     /// outside this process and cannot be reversed to the token.
     fingerprint_keys: FingerprintKey,
@@ -256,6 +270,7 @@ impl Gateway {
             cache,
             shared: None,
             live: None,
+            auth: None,
             fingerprint_keys: FingerprintKey::random(),
             request_id_key: FingerprintKey::random(),
             next_flow: AtomicU64::new(1),
@@ -438,6 +453,68 @@ impl Gateway {
     pub fn fingerprint(&self, headers: &HeaderMap) -> Option<String> {
         let auth = headers.get(header::AUTHORIZATION)?;
         Some(self.fingerprint_keys.hash_hex(auth.as_bytes()))
+    }
+
+    /// Requires keys of clients, and authorizes their requests with the account's credential.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Checks the client's key and puts the account's credential (as [`PLACEHOLDER`]) in its
+    /// place; returns the key's name. Without keys configured, the request goes as it came.
+    ///
+    /// [`PLACEHOLDER`]: crate::credentials::PLACEHOLDER
+    pub fn authorize(&self, parts: &mut Parts) -> Result<Option<String>, ProxyError> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.get(..7).filter(|b| b.eq_ignore_ascii_case("bearer ")).map(|_| v[7..].trim()));
+        let keys = auth.keys.current();
+        if let Some(entry) = presented.and_then(|p| keys.find(p)) {
+            if entry.account != auth.account {
+                return Err(ProxyError::Rejected(
+                    StatusCode::FORBIDDEN,
+                    format!("the key {:?} belongs to another account", entry.name),
+                ));
+            }
+            let (method, path) = (&parts.method, parts.uri.path());
+            if !entry.scope.allows(method, path) {
+                return Err(ProxyError::Rejected(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "the key {:?} has the scope {}; {method} {path} needs the scope {}",
+                        entry.name,
+                        entry.scope,
+                        crate::keys::Scope::needed(method, path)
+                    ),
+                ));
+            }
+            parts
+                .headers
+                .insert(header::AUTHORIZATION, crate::credentials::PLACEHOLDER);
+            return Ok(Some(entry.name.clone()));
+        }
+        // A client's own token, never a key-like string nor the proxy's own placeholder.
+        let own = presented.filter(|p| {
+            !crate::keys::looks_like_key(p)
+                && !crate::credentials::PLACEHOLDER
+                    .to_str()
+                    .is_ok_and(|ph| ph.ends_with(*p))
+        });
+        if auth.allow_client_tokens && own.is_some() {
+            return Ok(None);
+        }
+        Err(ProxyError::Rejected(
+            StatusCode::UNAUTHORIZED,
+            "a missing or unknown key: send `Authorization: Bearer <key>` with a key made by \
+             `kommo-fanout keys add`"
+                .into(),
+        ))
     }
 
     /// Turns live views on.

@@ -113,6 +113,7 @@ where
         route,
         fanout = tracing::field::Empty,
         cache = tracing::field::Empty,
+        key = tracing::field::Empty,
     );
     let mut resp = match inner.oneshot(req).instrument(span.clone()).await {
         Ok(resp) => resp,
@@ -170,7 +171,16 @@ async fn route(
         .get::<Peer>()
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |p| p.0.ip());
     let is_leads = is_leads(&req);
-    let (parts, incoming) = req.into_parts();
+    let (mut parts, incoming) = req.into_parts();
+    let key = match gw.authorize(&mut parts) {
+        Ok(key) => key,
+        Err(e) => return Ok(e.into_response()),
+    };
+    if let Some(key) = &key {
+        tracing::Span::current().record("key", key.as_str());
+    }
+    let audit = key.filter(|_| !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS));
+    let audit = audit.map(|key| (key, parts.method.clone(), parts.uri.path().to_string()));
     let request_id = parts
         .headers
         .get(REQUEST_ID)
@@ -197,6 +207,9 @@ async fn route(
     });
     resp.extensions_mut()
         .insert(UpstreamCalls(ctx.upstream_calls()));
+    if let Some((key, method, path)) = audit {
+        info!(target: "audit", key, %method, path, status = resp.status().as_u16(), "write by key");
+    }
     Ok(resp)
 }
 
