@@ -10,12 +10,15 @@
 //! check. Every upstream request, verify's and the proxy's, goes through the gateway's one
 //! fetcher: one limiter, and a hard cap of `--max-requests` attempts.
 
+use std::borrow::Cow;
+use std::cmp::Ordering;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -27,9 +30,11 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::config::{ServeConfig, VerifyArgs};
+use crate::error::PROBLEM_JSON;
 use crate::gateway::Gateway;
 use crate::json_text::{edit_strings, Edit, Seg};
-use crate::leads::query::{pair_params, StagePair};
+use crate::leads::query::{Direction, Order, OrderField};
+use crate::leads::HAL_JSON;
 use crate::links::{ItemQuery, LinkRewrite};
 use crate::metrics::UpstreamKind;
 use crate::upstream::fetch::{FetchError, Flow, Verdict};
@@ -46,7 +51,14 @@ const MAX_WALK: usize = 20;
 const PREDECESSOR_WAIT: Duration = Duration::from_secs(5);
 /// Where recorded hrefs point instead of the account's origin.
 pub const RECORDED_ORIGIN: &str = "https://example.kommo.com";
-const HAL_JSON: &str = "application/hal+json";
+/// The two orders checked: the default (`id` ascending), and the one integrations sync by.
+const ORDERS: [Order; 2] = [
+    Order::DEFAULT,
+    Order {
+        field: OrderField::UpdatedAt,
+        direction: Direction::Desc,
+    },
+];
 
 /// One stage: `(pipeline_id, status_id)`.
 pub type Stage = (i64, i64);
@@ -72,7 +84,7 @@ impl Options {
         let text = std::fs::read_to_string(&args.token_file)
             .map_err(|e| format!("--token-file {path}: cannot read it: {e}"))?;
         let token = text.trim();
-        if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if token.is_empty() || token.contains(|c: char| c.is_whitespace() || c.is_control()) {
             return Err(format!(
                 "--token-file {path}: expected one bearer token (no spaces inside)"
             ));
@@ -94,6 +106,18 @@ pub struct Check {
     pub name: String,
     /// What was seen, or for a failure what differed (and where).
     pub detail: String,
+}
+
+/// A check named `name`: passed with `ok_detail` when nothing differs, else failed on the
+/// first difference.
+fn check(name: String, diffs: Vec<String>, ok_detail: String) -> Check {
+    let detail = match diffs.as_slice() {
+        [] => ok_detail,
+        [only] => only.clone(),
+        [first, rest @ ..] => format!("{first} (and {} more differences)", rest.len()),
+    };
+    let ok = diffs.is_empty();
+    Check { ok, name, detail }
 }
 
 /// What a run found.
@@ -139,26 +163,20 @@ impl Report {
             let mark = if c.ok { "ok  " } else { "FAIL" };
             out += &format!("{mark} {}: {}\n", c.name, c.detail);
         }
-        for n in &self.notes {
-            out += &format!("note: {n}\n");
-        }
-        if let Some(e) = &self.error {
-            out += &format!("error: {e}\n");
-        }
+        out.extend(self.notes.iter().map(|n| format!("note: {n}\n")));
+        out.extend(self.error.iter().map(|e| format!("error: {e}\n")));
         let verdict = match self.exit_code() {
             0 => "PASS",
             1 => "MISMATCH",
             _ => "INCOMPLETE",
         };
-        out += &format!(
-            "summary: {verdict}: {} checks, {} ok, {} failed; {} of {} upstream requests spent\n",
-            self.checks.len(),
-            self.checks.len() - self.failed(),
-            self.failed(),
-            self.requests_spent,
-            self.max_requests
-        );
-        out
+        let (checks, failed) = (self.checks.len(), self.failed());
+        let (spent, max) = (self.requests_spent, self.max_requests);
+        out + &format!(
+            "summary: {verdict}: {checks} checks, {} ok, {failed} failed; {spent} of {max} \
+             upstream requests spent\n",
+            checks - failed
+        )
     }
 
     pub fn json(&self) -> String {
@@ -176,90 +194,24 @@ pub async fn run(opts: &Options) -> Report {
         max_requests: opts.max_requests,
         ..Report::default()
     };
-    match Verifier::start(opts).await {
-        Ok(mut v) => {
-            let outcome = v.all(&mut report).await;
-            report.requests_spent = v.gw.fetcher.requests_sent();
-            if let Err(e) = outcome {
-                report.error = Some(if report.requests_spent >= opts.max_requests {
-                    format!(
-                        "budget exhausted: the run needed more than --max-requests {} upstream \
-                         requests ({e})",
-                        opts.max_requests
-                    )
-                } else {
-                    e
-                });
-            }
-            if let Some(rec) = &v.recorder {
-                if let Err(e) = rec.finish() {
-                    report.error.get_or_insert(e);
-                }
-            }
-        }
-        Err(e) => report.error = Some(e),
-    }
+    report.error = Verifier::run(opts, &mut report).await.err();
     report
 }
 
-/// The order of a view, kept apart from the proxy's types: the expectation is computed here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ViewOrder {
-    field: &'static str,
-    desc: bool,
+/// `order[field]=dir`, as the report names an order.
+fn order_name(order: Order) -> String {
+    let (field, dir) = (order.field.as_str(), order.direction.as_str());
+    format!("order[{field}]={dir}")
 }
 
-const ORDERS: [ViewOrder; 2] = [
-    ViewOrder {
-        field: "id",
-        desc: false,
-    },
-    ViewOrder {
-        field: "updated_at",
-        desc: true,
-    },
-];
-
-impl ViewOrder {
-    fn dir(self) -> &'static str {
-        if self.desc {
-            "desc"
-        } else {
-            "asc"
-        }
-    }
-
-    fn param(self) -> String {
-        format!("order%5B{}%5D={}", self.field, self.dir())
-    }
-
-    fn name(self) -> String {
-        format!("order[{}]={}", self.field, self.dir())
-    }
-
-    /// The sort key: the field (a missing or null value first ascending), then the id.
-    fn key(self, lead: &Lead) -> (Option<i64>, i64) {
-        let v = match self.field {
-            "id" => Some(lead.id),
-            f => lead.fields.get(f).and_then(Value::as_i64),
-        };
-        (v, lead.id)
-    }
-
-    /// Whether `a` may come before `b`.
-    fn before(self, a: &Lead, b: &Lead) -> bool {
-        (self.key(a) <= self.key(b)) != self.desc || self.key(a) == self.key(b)
-    }
-
-    fn sort(self, leads: &mut [Lead]) {
-        leads.sort_by(|a, b| {
-            let o = self.key(a).cmp(&self.key(b));
-            if self.desc {
-                o.reverse()
-            } else {
-                o
-            }
-        });
+/// Leads in `order`, computed here rather than by the proxy's merge: the field (a missing or
+/// null value first ascending), then the id, both in the order's direction.
+fn cmp(order: Order, a: &Lead, b: &Lead) -> Ordering {
+    let key = |l: &Lead| (l.fields[order.field.as_str()].as_i64(), l.id);
+    let ascending = key(a).cmp(&key(b));
+    match order.direction {
+        Direction::Asc => ascending,
+        Direction::Desc => ascending.reverse(),
     }
 }
 
@@ -276,23 +228,14 @@ struct Lead {
 
 impl Lead {
     fn parse(v: &Value) -> Result<Lead, String> {
-        let int = |k: &str| v.get(k).and_then(Value::as_i64);
-        let id = int("id").ok_or("a lead without an integer id")?;
-        let stage = (
-            int("pipeline_id").unwrap_or(0),
-            int("status_id").unwrap_or(0),
-        );
-        let self_href = v
-            .pointer("/_links/self/href")
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let id_or_0 = |k: &str| v[k].as_i64().unwrap_or(0);
         let mut fields = v.clone();
         strip_links(&mut fields);
         Ok(Lead {
-            id,
-            stage,
+            id: v["id"].as_i64().ok_or("a lead without an integer id")?,
+            stage: (id_or_0("pipeline_id"), id_or_0("status_id")),
             fields,
-            self_href,
+            self_href: v["_links"]["self"]["href"].as_str().map(str::to_string),
         })
     }
 }
@@ -308,31 +251,24 @@ fn strip_links(v: &mut Value) {
     }
 }
 
+/// The leads of a leads page.
+fn parse_leads(doc: &Value) -> Result<Vec<Lead>, String> {
+    let leads = doc["_embedded"]["leads"].as_array();
+    let leads = leads.ok_or("no `_embedded.leads` list")?;
+    leads.iter().map(Lead::parse).collect()
+}
+
 fn stage_name((p, s): Stage) -> String {
     format!("{p}/{s}")
 }
 
-fn stages_name(stages: &[Stage]) -> String {
-    stages
-        .iter()
-        .map(|&s| stage_name(s))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// The leads of a `200` leads page (a `204` has none).
-fn parse_leads(body: &[u8]) -> Result<Vec<Lead>, String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    v.pointer("/_embedded/leads")
-        .and_then(Value::as_array)
-        .ok_or("no `_embedded.leads` list")?
-        .iter()
-        .map(Lead::parse)
-        .collect()
+/// The raw parameters that select `stage` as the `i`th of a request's stages.
+fn stage_params(i: usize, (p, s): Stage) -> String {
+    let key = |member| format!("filter%5Bstatuses%5D%5B{i}%5D%5B{member}%5D");
+    format!("{}={p}&{}={s}", key("pipeline_id"), key("status_id"))
 }
 
 /// One stage read directly: its leads, and whether they are the whole stage.
-#[derive(Clone)]
 struct StageRead {
     stage: Stage,
     leads: Vec<Lead>,
@@ -342,67 +278,50 @@ struct StageRead {
 /// The merge the proxy should answer, computed from direct reads: every lead sorted in `order`,
 /// each once at its first position, cut where the reads stop being certain (past the last lead
 /// of a stage that holds more than one page). `true` when that is the whole union.
-fn expected(reads: &[&StageRead], order: ViewOrder) -> (Vec<Lead>, bool) {
+fn expected(reads: &[&StageRead], order: Order) -> (Vec<Lead>, bool) {
     let mut all: Vec<Lead> = reads.iter().flat_map(|r| r.leads.clone()).collect();
-    order.sort(&mut all);
+    all.sort_by(|a, b| cmp(order, a, b));
     let mut seen = HashSet::new();
     all.retain(|l| seen.insert(l.id));
-    let bound = reads
-        .iter()
-        .filter(|r| !r.complete)
+    let partial = reads.iter().filter(|r| !r.complete);
+    let bound = partial
         .filter_map(|r| r.leads.last())
-        .reduce(|a, b| if order.before(a, b) { a } else { b });
-    match bound {
-        None => (all, true),
-        Some(b) => {
-            let b = b.clone();
-            all.retain(|l| order.before(l, &b));
-            (all, false)
-        }
+        .min_by(|a, b| cmp(order, a, b));
+    if let Some(bound) = bound {
+        all.retain(|l| cmp(order, l, bound).is_le());
     }
+    (all, bound.is_none())
 }
 
-/// A view: stages, an order (`explicit: false` leaves it to the default, `id` ascending), a
-/// page size.
+/// A view: stages, an order (`None` leaves it to the default, `id` ascending), a page size.
 struct View {
     stages: Vec<Stage>,
-    order: ViewOrder,
-    explicit: bool,
+    order: Option<Order>,
     limit: usize,
 }
 
 impl View {
-    fn query(&self, page: usize) -> String {
-        let mut q: Vec<String> = self
-            .stages
-            .iter()
-            .enumerate()
-            .flat_map(|(i, (p, s))| {
-                [
-                    format!("filter%5Bstatuses%5D%5B{i}%5D%5Bpipeline_id%5D={p}"),
-                    format!("filter%5Bstatuses%5D%5B{i}%5D%5Bstatus_id%5D={s}"),
-                ]
-            })
-            .collect();
-        if self.explicit {
-            q.push(self.order.param());
+    fn new(stages: Vec<Stage>, order: Option<Order>, limit: usize) -> View {
+        View {
+            stages,
+            order,
+            limit,
         }
-        q.push(format!("limit={}", self.limit));
-        q.push(format!("page={page}"));
+    }
+
+    fn query(&self, page: usize) -> String {
+        let stages = self.stages.iter().enumerate();
+        let mut q: Vec<String> = stages.map(|(i, &s)| stage_params(i, s)).collect();
+        q.extend(self.order.map(Order::to_param));
+        q.push(format!("limit={}&page={page}", self.limit));
         q.join("&")
     }
 
     fn name(&self) -> String {
-        let order = if self.explicit {
-            self.order.name()
-        } else {
-            "order (default)".into()
-        };
-        format!(
-            "view {order} limit={} stages {}",
-            self.limit,
-            stages_name(&self.stages)
-        )
+        let order = self.order.map_or("order (default)".into(), order_name);
+        let stages: Vec<String> = self.stages.iter().map(|&s| stage_name(s)).collect();
+        let stages = stages.join(",");
+        format!("view {order} limit={} stages {stages}", self.limit)
     }
 }
 
@@ -419,11 +338,11 @@ fn pages_to_walk(leads: usize, complete: bool, limit: usize) -> Vec<usize> {
     pages
 }
 
-/// An answer of the in-process proxy.
-struct Answer {
-    status: StatusCode,
-    content_type: String,
-    body: Bytes,
+/// A difference when the answer's content type is not exactly `want`.
+fn content_type_diff(answer: &Buffered, want: &str) -> Option<String> {
+    let got = answer.headers.get(header::CONTENT_TYPE);
+    let got = got.and_then(|v| v.to_str().ok()).unwrap_or("");
+    (got != want).then(|| format!("content type {got:?}, expected exactly {want:?}"))
 }
 
 struct Verifier {
@@ -462,95 +381,84 @@ impl Verifier {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let bind = || TcpListener::bind("127.0.0.1:0");
-        let (listener, admin) = (bind().await, bind().await);
-        let (listener, admin) = listener
-            .and_then(|l| Ok((l, admin?)))
+        let bound = async { Ok::<_, std::io::Error>((bind().await?, bind().await?)) };
+        let (listener, admin) = bound
+            .await
             .map_err(|e| format!("cannot listen on 127.0.0.1: {e}"))?;
-        let proxy = format!(
-            "http://{}",
-            listener.local_addr().map_err(|e| e.to_string())?
-        );
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = gw.clone();
         tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.await;
-            };
+            let shutdown = stopped.map(drop);
             if let Err(e) = crate::serve(&config, served, listener, admin, shutdown).await {
                 tracing::error!(error = %e, "the in-process proxy stopped");
             }
         });
-        let mut auth = HeaderMap::new();
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", opts.token))
+        let mut token = HeaderValue::from_str(&format!("Bearer {}", opts.token))
             .map_err(|_| "the token is not a valid header value".to_string())?;
-        value.set_sensitive(true);
-        auth.insert(header::AUTHORIZATION, value);
-        let recorder = match &opts.record {
-            Some(dir) => Some(Recorder::new(dir, &gw.fetcher.upstream.origin().url)?),
-            None => None,
-        };
+        token.set_sensitive(true);
+        let record = opts.record.as_deref();
         Ok(Verifier {
-            origin: gw.fetcher.upstream.origin().url.clone(),
+            recorder: record.map(|dir| Recorder::new(dir, &origin)).transpose()?,
+            origin,
             gw,
-            proxy,
+            proxy: format!("http://{addr}"),
             client: Client::builder(TokioExecutor::new()).build_http(),
-            auth,
+            auth: HeaderMap::from_iter([(header::AUTHORIZATION, token)]),
             max_requests: opts.max_requests,
-            recorder,
             _stop: stop,
         })
+    }
+
+    /// Starts, runs every check and saves the recording; an `Err` is why the run stopped.
+    async fn run(opts: &Options, report: &mut Report) -> Result<(), String> {
+        let mut v = Verifier::start(opts).await?;
+        let outcome = v.all(report).await;
+        report.requests_spent = v.gw.fetcher.requests_sent();
+        let recorded = v.recorder.as_ref().map_or(Ok(()), Recorder::finish);
+        match outcome {
+            Err(e) if report.requests_spent >= opts.max_requests => Err(format!(
+                "budget exhausted: the run needed more than --max-requests {} upstream requests ({e})",
+                opts.max_requests
+            )),
+            outcome => outcome.and(recorded),
+        }
     }
 
     /// Every check, in order; an `Err` stops the run.
     async fn all(&mut self, report: &mut Report) -> Result<(), String> {
         let stages = self.plan(report).await?;
         report.stages = stages.iter().map(|&s| stage_name(s)).collect();
-        let mut first_reads: Option<Vec<StageRead>> = None;
+        let mut first_reads = Vec::new();
         for (i, order) in ORDERS.into_iter().enumerate() {
             let reads = self.direct_reads(&stages, order).await?;
-            report
-                .checks
-                .push(direct_check(&reads, order, first_reads.as_deref()));
+            let checks = &mut report.checks;
+            checks.push(direct_check(&reads, order, &first_reads));
             let all: Vec<&StageRead> = reads.iter().collect();
             let (expect, complete) = expected(&all, order);
             // The second view of the first order leaves the order to the proxy's default.
             for (limit, explicit) in [(7, true), (50, i > 0)] {
-                let view = View {
-                    stages: stages.clone(),
-                    order,
-                    explicit,
-                    limit,
-                };
-                report
-                    .checks
-                    .push(self.walk(&view, &expect, complete).await?);
-            }
-            if first_reads.is_none() {
-                first_reads = Some(reads.clone());
-            }
-            if complete {
-                continue;
+                let view = View::new(stages.clone(), explicit.then_some(order), limit);
+                checks.push(self.walk(&view, &expect, complete).await?);
             }
             // The end of the list, on the stages read whole: their pages are cached already.
             let whole: Vec<&StageRead> = reads.iter().filter(|r| r.complete).collect();
-            if whole.len() < 2 {
+            if !complete && whole.len() < 2 {
                 report.notes.push(format!(
                     "{}: the end of the list was not walked: fewer than 2 stages hold under \
                      {FULL_PAGE} leads, and reading on would cost more upstream requests",
-                    order.name()
+                    order_name(order)
                 ));
-                continue;
+            } else if !complete {
+                let view = View::new(whole.iter().map(|r| r.stage).collect(), Some(order), 50);
+                let (expect, _) = expected(&whole, order);
+                checks.push(self.walk(&view, &expect, true).await?);
             }
-            let view = View {
-                stages: whole.iter().map(|r| r.stage).collect(),
-                order,
-                explicit: true,
-                limit: 50,
-            };
-            let (expect, _) = expected(&whole, order);
-            report.checks.push(self.walk(&view, &expect, true).await?);
+            if i == 0 {
+                first_reads = reads;
+            }
         }
-        if let Some(read) = first_reads.as_ref().and_then(|r| r.first()) {
+        if let Some(read) = first_reads.first() {
             report.checks.push(self.relay_check(read).await?);
         }
         report.checks.push(self.error_check(&stages).await?);
@@ -561,7 +469,10 @@ impl Verifier {
     async fn plan(&mut self, report: &mut Report) -> Result<Vec<Stage>, String> {
         let target = "/api/v4/leads/pipelines";
         let answer = self.direct(target).await?;
-        self.record(target, &answer, json!({"kind": "pipelines"}))?;
+        if let Some(r) = &mut self.recorder {
+            let meta = json!({"kind": "pipelines", "target": target});
+            r.save("pipelines", &answer, meta)?;
+        }
         if answer.status != StatusCode::OK {
             return Err(format!(
                 "GET {target} answered {}; cannot plan",
@@ -570,29 +481,23 @@ impl Verifier {
         }
         let v: Value = serde_json::from_slice(&answer.body)
             .map_err(|e| format!("GET {target}: the answer is not JSON: {e}"))?;
-        let pipelines = v
-            .pointer("/_embedded/pipelines")
-            .and_then(Value::as_array)
-            .ok_or(format!("GET {target}: no `_embedded.pipelines` list"))?;
+        let pipelines = v["_embedded"]["pipelines"].as_array();
+        let pipelines = pipelines.ok_or(format!("GET {target}: no `_embedded.pipelines` list"))?;
         let listed: Vec<(i64, Vec<i64>)> = pipelines
             .iter()
             .filter_map(|p| {
-                let statuses = p.pointer("/_embedded/statuses")?.as_array()?;
-                let ids = statuses.iter().filter_map(|s| s.get("id")?.as_i64());
-                Some((p.get("id")?.as_i64()?, ids.collect()))
+                let statuses = p["_embedded"]["statuses"].as_array()?;
+                let ids = statuses.iter().filter_map(|s| s["id"].as_i64());
+                Some((p["id"].as_i64()?, ids.collect()))
             })
             .collect();
         let (plan, stages) = pick_stages(&listed, self.max_requests);
         report.plan = plan;
-        report.checks.push(Check {
-            ok: true,
-            name: "pipelines".into(),
-            detail: format!(
-                "{} pipelines, {} stages",
-                listed.len(),
-                listed.iter().map(|(_, s)| s.len()).sum::<usize>()
-            ),
-        });
+        let count: usize = listed.iter().map(|(_, s)| s.len()).sum();
+        let detail = format!("{} pipelines, {count} stages", listed.len());
+        report
+            .checks
+            .push(check("pipelines".into(), Vec::new(), detail));
         if stages.len() < 2 {
             return Err("the account has fewer than 2 stages: nothing to merge".into());
         }
@@ -607,43 +512,24 @@ impl Verifier {
             key: Arc::from(self.origin.as_str()),
             deadline: Instant::now() + Duration::from_secs(120),
         };
-        let fetcher = &self.gw.fetcher;
-        let got = fetcher
-            .get(UpstreamKind::Single, &flow, target, &self.auth, |b| {
-                Verdict::Done(b)
-            })
-            .await;
-        let answer = match got {
-            Ok(b) => b,
-            Err(FetchError::Status(b)) => b,
-            Err(e @ FetchError::Transport(_)) => {
-                return Err(format!("cannot reach {}: {e}", self.origin))
-            }
-            Err(e) => {
-                return Err(format!(
-                    "GET {}: {e}",
-                    target.split('?').next().unwrap_or("")
-                ))
-            }
+        let (fetcher, kind) = (&self.gw.fetcher, UpstreamKind::Single);
+        let got = fetcher.get(kind, &flow, target, &self.auth, Verdict::Done);
+        let path = target.split('?').next().unwrap_or("");
+        let origin = &self.origin;
+        let answer = match got.await {
+            Ok(b) | Err(FetchError::Status(b)) => b,
+            Err(e @ FetchError::Transport(_)) => return Err(format!("cannot reach {origin}: {e}")),
+            Err(e) => return Err(format!("GET {path}: {e}")),
         };
         match answer.status.as_u16() {
             401 => Err(format!(
-                "{} refused the token (401 Unauthorized): check --token-file",
-                self.origin
+                "{origin} refused the token (401 Unauthorized): check --token-file"
             )),
             403 => Err(format!(
-                "{} answered 403 Forbidden: the token's user may not read this, or the address is blocked",
-                self.origin
+                "{origin} answered 403 Forbidden: the token's user may not read this, or the address is blocked"
             )),
             200 | 204 => Ok(answer),
-            s => Err(format!("GET {} answered {s}", target.split('?').next().unwrap_or(""))),
-        }
-    }
-
-    fn record(&mut self, target: &str, answer: &Buffered, meta: Value) -> Result<(), String> {
-        match &mut self.recorder {
-            Some(r) => r.save(target, answer, meta),
-            None => Ok(()),
+            s => Err(format!("GET {path} answered {s}")),
         }
     }
 
@@ -652,72 +538,70 @@ impl Verifier {
     async fn direct_reads(
         &mut self,
         stages: &[Stage],
-        order: ViewOrder,
+        order: Order,
     ) -> Result<Vec<StageRead>, String> {
-        let targets: Vec<String> = stages
-            .iter()
-            .map(|&(pipeline_id, status_id)| {
-                let [pipeline, status] = pair_params(StagePair {
-                    pipeline_id,
-                    status_id,
-                });
-                format!(
-                    "/api/v4/leads?{pipeline}&{status}&{}&limit={FULL_PAGE}",
-                    order.param()
-                )
-            })
-            .collect();
+        let param = order.to_param();
+        let target = |s| {
+            format!(
+                "/api/v4/leads?{}&{param}&limit={FULL_PAGE}",
+                stage_params(0, s)
+            )
+        };
+        let targets: Vec<String> = stages.iter().map(|&s| target(s)).collect();
         let answers = futures::future::join_all(targets.iter().map(|t| self.direct(t))).await;
         let mut reads = Vec::new();
         for ((&stage, target), answer) in stages.iter().zip(&targets).zip(answers) {
             let answer = answer?;
-            let meta = json!({"kind": "leads", "pipeline_id": stage.0, "status_id": stage.1,
-                              "order_field": order.field, "direction": order.dir(), "page": 1});
-            self.record(target, &answer, meta)?;
+            if let Some(r) = &mut self.recorder {
+                let (field, dir) = (order.field.as_str(), order.direction.as_str());
+                let file = format!("leads-{}-{}-{field}-{dir}", stage.0, stage.1);
+                let meta = json!({"kind": "leads", "target": target, "pipeline_id": stage.0,
+                                  "status_id": stage.1, "order_field": field, "direction": dir,
+                                  "page": 1});
+                r.save(&file, &answer, meta)?;
+            }
             let leads = match answer.status {
-                StatusCode::OK => parse_leads(&answer.body)
+                StatusCode::OK => serde_json::from_slice(&answer.body)
+                    .map_err(|e| format!("not JSON: {e}"))
+                    .and_then(|doc| parse_leads(&doc))
                     .map_err(|e| format!("the direct read of {}: {e}", stage_name(stage)))?,
                 _ => Vec::new(),
             };
+            let complete = leads.len() < FULL_PAGE;
             reads.push(StageRead {
                 stage,
-                complete: leads.len() < FULL_PAGE,
                 leads,
+                complete,
             });
         }
         Ok(reads)
     }
 
-    async fn get_proxy(&self, query: &str) -> Result<Answer, String> {
+    async fn get_proxy(&self, query: &str) -> Result<Buffered, String> {
         let url = format!("{}/api/v4/leads?{query}", self.proxy);
         let mut req = Request::get(&url)
-            .body(Full::new(Bytes::new()))
+            .body(Full::default())
             .map_err(|e| format!("GET {url}: {e}"))?;
         *req.headers_mut() = self.auth.clone();
-        let sent = tokio::time::timeout(Duration::from_secs(120), async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
-            let (parts, body) = resp.into_parts();
-            let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-            Ok::<_, String>((parts, body))
-        });
-        let (parts, body) = sent
+        let sent = async {
+            let (parts, body) = self.client.request(req).await?.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok::<_, Box<dyn std::error::Error>>(Buffered {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(120), sent)
             .await
             .map_err(|_| "the in-process proxy did not answer within 120s".to_string())?
             .map_err(|e| format!("the in-process proxy: {e}"))?;
         // The proxy could not reach the account for lack of budget: the run's failure, not
         // the proxy's.
-        if parts.status.is_server_error() && self.gw.fetcher.requests_sent() >= self.max_requests {
-            return Err(format!("the proxy answered {}", parts.status));
+        if answer.status.is_server_error() && self.gw.fetcher.requests_sent() >= self.max_requests {
+            return Err(format!("the proxy answered {}", answer.status));
         }
-        let content_type = parts.headers.get(header::CONTENT_TYPE);
-        Ok(Answer {
-            status: parts.status,
-            content_type: content_type
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string(),
-            body,
-        })
+        Ok(answer)
     }
 
     /// Walks the pages of `view` and compares each with `expect` (the whole union when
@@ -727,92 +611,62 @@ impl Verifier {
         let mut seen = HashSet::new();
         let mut failures = Vec::new();
         for &page in &pages {
-            let query = view.query(page);
-            let answer = self.get_proxy(&query).await?;
-            let from = ((page - 1) * view.limit).min(expect.len());
-            let slice = &expect[from..(page * view.limit).min(expect.len())];
-            let more = page * view.limit < expect.len();
-            let diffs = self.page_diffs(view, page, &query, &answer, slice, Some(more), &mut seen);
-            if let Some(first) = diffs.first() {
-                failures.push(format!("page {page}: {first}"));
-            }
+            let slice = expect.chunks(view.limit).nth(page - 1).unwrap_or_default();
+            let more = Some(page * view.limit < expect.len());
+            let diffs = self.page_diffs(view, page, slice, more, &mut seen).await?;
+            failures.extend(diffs.first().map(|d| format!("page {page}: {d}")));
         }
-        Ok(match failures.first() {
-            None => Check {
-                ok: true,
-                name: view.name(),
-                detail: match (complete, pages.split_last()) {
-                    (true, Some((end, rest))) if !rest.is_empty() => format!(
-                        "pages {} (all {} leads), page {end}: 204",
-                        ranges(rest),
-                        expect.len()
-                    ),
-                    (true, _) => "page 1: 204 (no leads)".into(),
-                    _ => format!(
-                        "pages {} (of {} leads certain)",
-                        ranges(&pages),
-                        expect.len()
-                    ),
-                },
-            },
-            Some(first) => Check {
-                ok: false,
-                name: view.name(),
-                detail: format!(
-                    "{first} ({} of {} pages differ)",
-                    failures.len(),
-                    pages.len()
-                ),
-            },
-        })
+        let (n, differ, walked) = (expect.len(), failures.len(), pages.len());
+        let detail = match (failures.first(), complete, pages.split_last()) {
+            (Some(first), ..) => format!("{first} ({differ} of {walked} pages differ)"),
+            (None, true, Some((end, rest))) if !rest.is_empty() => {
+                format!("pages {} (all {n} leads), page {end}: 204", ranges(rest))
+            }
+            (None, true, _) => "page 1: 204 (no leads)".into(),
+            (None, false, _) => format!("pages {} (of {n} leads certain)", ranges(&pages)),
+        };
+        let (ok, name) = (failures.is_empty(), view.name());
+        Ok(Check { ok, name, detail })
     }
 
-    /// What is wrong with one answer of the proxy, first difference first. `more`: whether a
-    /// `next` link must be present (`None`: the upstream's links, relayed, are not checked).
-    #[allow(clippy::too_many_arguments)]
-    fn page_diffs(
+    /// Reads one page of `view` from the proxy and says what is wrong with it, first difference
+    /// first. `more`: whether a `next` link must be present (`None`: the upstream's links,
+    /// relayed, are not checked).
+    async fn page_diffs(
         &self,
         view: &View,
         page: usize,
-        query: &str,
-        answer: &Answer,
         expect: &[Lead],
         more: Option<bool>,
         seen: &mut HashSet<i64>,
-    ) -> Vec<String> {
+    ) -> Result<Vec<String>, String> {
+        let query = view.query(page);
+        let answer = self.get_proxy(&query).await?;
+        let (status, body) = (answer.status, &answer.body);
         if expect.is_empty() {
-            return match (answer.status, answer.body.is_empty()) {
+            return Ok(match (status, body.is_empty()) {
                 (StatusCode::NO_CONTENT, true) => Vec::new(),
-                (s, _) => vec![format!(
-                    "expected 204 with no body past the end, got {s} with {} bytes",
-                    answer.body.len()
+                _ => vec![format!(
+                    "expected 204 with no body past the end, got {status} with {} bytes",
+                    body.len()
                 )],
-            };
+            });
         }
-        if answer.status != StatusCode::OK {
-            let body = String::from_utf8_lossy(&answer.body);
-            return vec![format!(
-                "expected 200 with {} leads, got {}: {}",
-                expect.len(),
-                answer.status,
-                body.chars().take(200).collect::<String>()
-            )];
+        if status != StatusCode::OK {
+            let body: String = String::from_utf8_lossy(body).chars().take(200).collect();
+            let n = expect.len();
+            return Ok(vec![format!(
+                "expected 200 with {n} leads, got {status}: {body}"
+            )]);
         }
-        let mut diffs = Vec::new();
-        if answer.content_type != HAL_JSON {
-            diffs.push(format!(
-                "content type {:?}, expected exactly {HAL_JSON:?}",
-                answer.content_type
-            ));
-        }
-        let doc: Value = match serde_json::from_slice(&answer.body) {
+        let doc: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
-            Err(e) => return vec![format!("the answer is not JSON: {e}")],
+            Err(e) => return Ok(vec![format!("the answer is not JSON: {e}")]),
         };
-        diffs.extend(self.link_diffs(&doc));
+        let mut diffs: Vec<String> = content_type_diff(&answer, HAL_JSON).into_iter().collect();
+        self.link_diffs(&doc, None, &mut diffs);
         if let Some(more) = more {
-            let base = format!("{}/api/v4/leads?", self.proxy);
-            let other = |p: usize| format!("{base}{}", view.query(p));
+            let other = |p: usize| format!("{}/api/v4/leads?{}", self.proxy, view.query(p));
             let want = [
                 ("self", Some(other(page))),
                 ("first", Some(other(1))),
@@ -820,193 +674,145 @@ impl Verifier {
                 ("next", more.then(|| other(page + 1))),
             ];
             for (rel, want) in want {
-                let got = doc
-                    .pointer(&format!("/_links/{rel}/href"))
-                    .and_then(Value::as_str);
+                let got = doc["_links"][rel]["href"].as_str();
                 if got != want.as_deref() {
                     diffs.push(format!("`{rel}` link {got:?}, expected {want:?}"));
                 }
             }
-            if doc.get("_page").and_then(Value::as_u64) != Some(page as u64) {
+            if doc["_page"].as_u64() != Some(page as u64) {
                 diffs.push(format!("`_page` {:?}, expected {page}", doc.get("_page")));
             }
         }
-        let got = match doc.pointer("/_embedded/leads").and_then(Value::as_array) {
-            Some(leads) => leads.iter().map(Lead::parse).collect::<Result<Vec<_>, _>>(),
-            None => Err("no `_embedded.leads` list".into()),
-        };
-        let got = match got {
-            Ok(g) => g,
+        let got = match parse_leads(&doc) {
+            Ok(got) => got,
             Err(e) => {
                 diffs.push(e);
-                return diffs;
+                return Ok(diffs);
             }
         };
         for lead in &got {
+            let (id, stage) = (lead.id, stage_name(lead.stage));
             if !view.stages.contains(&lead.stage) {
                 diffs.push(format!(
-                    "lead {} listed under {}, not a requested stage",
-                    lead.id,
-                    stage_name(lead.stage)
+                    "lead {id} listed under {stage}, not a requested stage"
                 ));
             }
-            if !seen.insert(lead.id) {
-                diffs.push(format!("lead {} listed twice", lead.id));
+            if !seen.insert(id) {
+                diffs.push(format!("lead {id} listed twice"));
             }
-            let want = format!("{}/api/v4/leads/{}?{query}", self.proxy, lead.id);
+            let want = format!("{}/api/v4/leads/{id}?{query}", self.proxy);
             if lead.self_href.as_deref() != Some(want.as_str()) {
-                diffs.push(format!(
-                    "lead {} self link {:?}, expected {want:?}",
-                    lead.id, lead.self_href
-                ));
+                let got = &lead.self_href;
+                diffs.push(format!("lead {id} self link {got:?}, expected {want:?}"));
             }
         }
         for (i, (want, got)) in expect.iter().zip(&got).enumerate() {
             if want.id != got.id {
+                let (id, at) = (want.id, i + 1);
                 diffs.push(format!(
-                    "lead {} expected at position {}, got {}",
-                    want.id,
-                    i + 1,
+                    "lead {id} expected at position {at}, got {}",
                     got.id
                 ));
             } else if want.fields != got.fields {
+                let what = first_difference(&want.fields, &got.fields);
                 diffs.push(format!(
-                    "lead {} differs from the upstream's: {}",
-                    want.id,
-                    first_difference(&want.fields, &got.fields)
+                    "lead {} differs from the upstream's: {what}",
+                    want.id
                 ));
             }
         }
         if got.len() != expect.len() {
             diffs.push(format!("{} leads, expected {}", got.len(), expect.len()));
         }
-        diffs
+        Ok(diffs)
     }
 
-    /// Hrefs not at the proxy, and any string at the upstream's origin.
-    fn link_diffs(&self, doc: &Value) -> Vec<String> {
-        let mut diffs = Vec::new();
-        let origin = self.origin.to_ascii_lowercase();
-        let proxy = format!("{}/", self.proxy);
-        walk_strings(doc, None, &mut |key, s| {
-            let at_origin = s
-                .get(..origin.len())
-                .is_some_and(|p| p.eq_ignore_ascii_case(&origin));
-            if at_origin {
-                diffs.push(format!("{s:?} is at the upstream's origin"));
-            } else if key == Some("href") && !s.starts_with(&proxy) {
-                diffs.push(format!("href {s:?} is not at the proxy"));
+    /// Hrefs in `v` not at the proxy, and any string at the upstream's origin. `key` names the
+    /// member holding `v`.
+    fn link_diffs(&self, v: &Value, key: Option<&str>, diffs: &mut Vec<String>) {
+        match v {
+            Value::String(s) => {
+                let origin = &self.origin;
+                let at_origin = s
+                    .get(..origin.len())
+                    .is_some_and(|p| p.eq_ignore_ascii_case(origin));
+                if at_origin {
+                    diffs.push(format!("{s:?} is at the upstream's origin"));
+                } else if key == Some("href") && !s.starts_with(&format!("{}/", self.proxy)) {
+                    diffs.push(format!("href {s:?} is not at the proxy"));
+                }
             }
-        });
-        diffs
+            Value::Array(a) => a.iter().for_each(|x| self.link_diffs(x, None, diffs)),
+            Value::Object(m) => m
+                .iter()
+                .for_each(|(k, x)| self.link_diffs(x, Some(k), diffs)),
+            _ => {}
+        }
     }
 
     /// A one-stage view is relayed: its leads are the direct read's first ones, its links moved.
     async fn relay_check(&self, read: &StageRead) -> Result<Check, String> {
-        let view = View {
-            stages: vec![read.stage],
-            order: ORDERS[0],
-            explicit: true,
-            limit: 7,
-        };
-        let query = view.query(1);
-        let answer = self.get_proxy(&query).await?;
+        let view = View::new(vec![read.stage], Some(ORDERS[0]), 7);
         let expect = &read.leads[..read.leads.len().min(view.limit)];
-        let diffs = self.page_diffs(&view, 1, &query, &answer, expect, None, &mut HashSet::new());
-        Ok(check(
-            format!("one-stage {} page 1 (relayed)", view.name()),
-            diffs,
-            format!("{} leads, links at the proxy", expect.len()),
-        ))
+        let seen = &mut HashSet::new();
+        let diffs = self.page_diffs(&view, 1, expect, None, seen).await?;
+        let name = format!("one-stage {} page 1 (relayed)", view.name());
+        let ok = format!("{} leads, links at the proxy", expect.len());
+        Ok(check(name, diffs, ok))
     }
 
     /// An invalid request is the proxy's own `400` in `application/problem+json`.
     async fn error_check(&self, stages: &[Stage]) -> Result<Check, String> {
-        let view = View {
-            stages: stages.to_vec(),
-            order: ORDERS[0],
-            explicit: true,
-            limit: 0,
-        };
+        let view = View::new(stages.to_vec(), Some(ORDERS[0]), 0);
         let answer = self.get_proxy(&view.query(1)).await?;
         let mut diffs = Vec::new();
         if answer.status != StatusCode::BAD_REQUEST {
             diffs.push(format!("status {}, expected 400", answer.status));
         }
-        if answer.content_type != crate::error::PROBLEM_JSON {
-            diffs.push(format!(
-                "content type {:?}, expected exactly {:?}",
-                answer.content_type,
-                crate::error::PROBLEM_JSON
-            ));
-        }
+        diffs.extend(content_type_diff(&answer, PROBLEM_JSON));
         match serde_json::from_slice::<Value>(&answer.body) {
-            Ok(v) if v.get("status").and_then(Value::as_u64) == Some(400) => {}
+            Ok(v) if v["status"].as_u64() == Some(400) => {}
             _ => diffs.push("the body is not a problem document with status 400".into()),
         }
-        Ok(check(
-            "error answer (limit=0)".into(),
-            diffs,
-            "400 application/problem+json".into(),
-        ))
-    }
-}
-
-fn check(name: String, diffs: Vec<String>, ok_detail: String) -> Check {
-    match diffs.split_first() {
-        None => Check {
-            ok: true,
-            name,
-            detail: ok_detail,
-        },
-        Some((first, rest)) => Check {
-            ok: false,
-            name,
-            detail: if rest.is_empty() {
-                first.clone()
-            } else {
-                format!("{first} (and {} more differences)", rest.len())
-            },
-        },
+        let ok = "400 application/problem+json".into();
+        Ok(check("error answer (limit=0)".into(), diffs, ok))
     }
 }
 
 /// The direct reads themselves: each lead under its own stage, each page in the order asked
 /// for (ties by id in the same direction, as the proxy assumes), no lead twice, and a stage
-/// read whole in two orders the same leads both times.
-fn direct_check(reads: &[StageRead], order: ViewOrder, before: Option<&[StageRead]>) -> Check {
+/// read whole in two orders (`reads` and `before`) the same leads both times.
+fn direct_check(reads: &[StageRead], order: Order, before: &[StageRead]) -> Check {
+    let name = order_name(order);
     let mut diffs = Vec::new();
     for r in reads {
         let mut ids = HashSet::new();
+        let stage = stage_name(r.stage);
         for (i, lead) in r.leads.iter().enumerate() {
+            let id = lead.id;
             if lead.stage != r.stage {
+                let own = stage_name(lead.stage);
                 diffs.push(format!(
-                    "the upstream listed lead {} under {}, but its stage is {}",
-                    lead.id,
-                    stage_name(r.stage),
-                    stage_name(lead.stage)
+                    "the upstream listed lead {id} under {stage}, but its stage is {own}"
                 ));
             }
-            if !ids.insert(lead.id) {
-                diffs.push(format!("the upstream listed lead {} twice", lead.id));
+            if !ids.insert(id) {
+                diffs.push(format!("the upstream listed lead {id} twice"));
             }
-            if let Some(prev) = i.checked_sub(1).map(|j| &r.leads[j]) {
-                if !order.before(prev, lead) {
-                    diffs.push(format!(
-                        "the upstream's page of {} is not in {} (ties by id): lead {} before {}",
-                        stage_name(r.stage),
-                        order.name(),
-                        prev.id,
-                        lead.id
-                    ));
-                }
+            let prev = i.checked_sub(1).map(|j| &r.leads[j]);
+            if let Some(prev) = prev.filter(|prev| cmp(order, prev, lead).is_gt()) {
+                diffs.push(format!(
+                    "the upstream's page of {stage} is not in {name} (ties by id): lead {} before {id}",
+                    prev.id
+                ));
             }
         }
     }
-    for (r, b) in reads.iter().zip(before.unwrap_or_default()) {
-        if !(r.complete && b.complete) {
-            continue;
-        }
+    let read_whole_twice = reads
+        .iter()
+        .zip(before)
+        .filter(|(r, b)| r.complete && b.complete);
+    for (r, b) in read_whole_twice {
         let ids = |r: &StageRead| r.leads.iter().map(|l| l.id).collect::<HashSet<_>>();
         let (now, then) = (ids(r), ids(b));
         if let Some(id) = now.symmetric_difference(&then).min() {
@@ -1018,16 +824,14 @@ fn direct_check(reads: &[StageRead], order: ViewOrder, before: Option<&[StageRea
             ));
         }
     }
-    let leads: usize = reads.iter().map(|r| r.leads.len()).sum();
+    let (stages, leads) = (
+        reads.len(),
+        reads.iter().map(|r| r.leads.len()).sum::<usize>(),
+    );
     let whole = reads.iter().filter(|r| r.complete).count();
-    check(
-        format!("direct reads {}", order.name()),
-        diffs,
-        format!(
-            "{} stages ({whole} read whole), {leads} leads, each under its own stage",
-            reads.len()
-        ),
-    )
+    let detail =
+        format!("{stages} stages ({whole} read whole), {leads} leads, each under its own stage");
+    check(format!("direct reads {name}"), diffs, detail)
 }
 
 /// `1,2,3,7` as `1-3,7`.
@@ -1046,29 +850,13 @@ fn ranges(pages: &[usize]) -> String {
     text.collect::<Vec<_>>().join(",")
 }
 
-/// Where two decoded leads first differ, by member.
+/// Where two decoded leads (objects) first differ, by member.
 fn first_difference(want: &Value, got: &Value) -> String {
-    match (want, got) {
-        (Value::Object(w), Value::Object(g)) => {
-            let keys = w.keys().chain(g.keys().filter(|k| !w.contains_key(*k)));
-            for k in keys {
-                if w.get(k) != g.get(k) {
-                    return format!("`{k}` is {:?}, upstream {:?}", g.get(k), w.get(k));
-                }
-            }
-            "no difference".into()
-        }
-        _ => "not an object".into(),
-    }
-}
-
-/// Calls `f` with every string value of `v` and the name of the member holding it.
-fn walk_strings(v: &Value, key: Option<&str>, f: &mut impl FnMut(Option<&str>, &str)) {
-    match v {
-        Value::String(s) => f(key, s),
-        Value::Array(a) => a.iter().for_each(|x| walk_strings(x, None, f)),
-        Value::Object(m) => m.iter().for_each(|(k, x)| walk_strings(x, Some(k), f)),
-        _ => {}
+    let members = [want, got].into_iter().filter_map(Value::as_object);
+    let mut keys = members.flat_map(|m| m.keys());
+    match keys.find(|&k| want.get(k) != got.get(k)) {
+        Some(k) => format!("`{k}` is {:?}, upstream {:?}", got.get(k), want.get(k)),
+        None => "no difference".into(),
     }
 }
 
@@ -1076,25 +864,17 @@ fn walk_strings(v: &Value, key: Option<&str>, f: &mut impl FnMut(Option<&str>, &
 /// every other pipeline, taken in turn, as many as `max_requests` pays for (each stage costs
 /// 4 upstream requests: a direct and a proxy read in each of 2 orders).
 fn pick_stages(pipelines: &[(i64, Vec<i64>)], max_requests: u64) -> (String, Vec<Stage>) {
-    let Some((largest, statuses)) = pipelines
-        .iter()
-        .max_by_key(|(_, s)| s.len())
-        .map(|(p, s)| (*p, s.iter().map(|&s| (*p, s)).collect::<Vec<Stage>>()))
-    else {
+    let Some((largest, statuses)) = pipelines.iter().max_by_key(|(_, s)| s.len()) else {
         return ("the account lists no pipelines".into(), Vec::new());
     };
-    let closed: Vec<Stage> = pipelines
+    let stages = pipelines
         .iter()
-        .filter(|(p, _)| *p != largest)
-        .flat_map(|(p, s)| {
-            s.iter()
-                .filter(|&&s| s == 142 || s == 143)
-                .map(|&s| (*p, s))
-        })
-        .collect();
+        .flat_map(|(p, s)| s.iter().map(move |&s| (*p, s)));
+    let won_lost = |&(p, s): &Stage| p != *largest && (s == 142 || s == 143);
+    let closed: Vec<Stage> = stages.filter(won_lost).collect();
     let mut all = Vec::new();
     for i in 0..statuses.len().max(closed.len()) {
-        all.extend(statuses.get(i));
+        all.extend(statuses.get(i).map(|&s| (*largest, s)));
         all.extend(closed.get(i));
     }
     // The pipelines, the one-stage relay check, and a reserve for retries.
@@ -1132,30 +912,22 @@ impl Recorder {
     fn new(dir: &Path, origin: &str) -> Result<Recorder, String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("--record {}: cannot create it: {e}", dir.display()))?;
+        let (dir, origin) = (dir.to_path_buf(), origin.to_string());
         Ok(Recorder {
-            dir: dir.to_path_buf(),
-            origin: origin.to_string(),
+            dir,
+            origin,
             entries: Vec::new(),
         })
     }
 
-    fn save(&mut self, target: &str, answer: &Buffered, mut meta: Value) -> Result<(), String> {
-        let name = match (meta["pipeline_id"].as_i64(), meta["status_id"].as_i64()) {
-            (Some(p), Some(s)) => format!(
-                "{:02}-leads-{p}-{s}-{}-{}.json",
-                self.entries.len(),
-                meta["order_field"].as_str().unwrap_or(""),
-                meta["direction"].as_str().unwrap_or("")
-            ),
-            _ => format!("{:02}-pipelines.json", self.entries.len()),
-        };
-        let body = redact(&answer.body, &self.origin);
-        let path = self.dir.join(&name);
-        std::fs::write(&path, &body)
-            .map_err(|e| format!("--record: cannot write {}: {e}", path.display()))?;
+    /// Saves `answer` as the next file, named after `what`, and its entry in the manifest:
+    /// `meta` (the request target, what was read) with the file and the answer's status and
+    /// content type.
+    fn save(&mut self, what: &str, answer: &Buffered, mut meta: Value) -> Result<(), String> {
+        let name = format!("{:02}-{what}.json", self.entries.len());
+        self.write(&name, &redact(&answer.body, &self.origin))?;
         let content_type = answer.headers.get(header::CONTENT_TYPE);
         meta["file"] = json!(name);
-        meta["target"] = json!(target);
         meta["status"] = json!(answer.status.as_u16());
         meta["content_type"] = json!(content_type.and_then(|v| v.to_str().ok()));
         self.entries.push(meta);
@@ -1164,9 +936,13 @@ impl Recorder {
 
     fn finish(&self) -> Result<(), String> {
         let manifest = json!({"upstream": RECORDED_ORIGIN, "answers": self.entries});
-        let path = self.dir.join("manifest.json");
         let text = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
-        std::fs::write(&path, text)
+        self.write("manifest.json", text.as_bytes())
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, bytes)
             .map_err(|e| format!("--record: cannot write {}: {e}", path.display()))
     }
 }
@@ -1183,16 +959,11 @@ pub fn redact(body: &[u8], origin: &str) -> Vec<u8> {
         }
         _ => false,
     };
-    let redacted = edit_strings(body, |v| {
-        if personal(v.path) {
-            Edit::Replace("redacted".into())
-        } else {
-            Edit::Keep
-        }
+    let redacted = edit_strings(body, |v| match personal(v.path) {
+        true => Edit::Replace("redacted".into()),
+        false => Edit::Keep,
     });
-    let redacted = redacted
-        .map(|b| b.into_owned())
-        .unwrap_or_else(|_| body.to_vec());
+    let redacted = redacted.unwrap_or(Cow::Borrowed(body));
     LinkRewrite::new(origin, RECORDED_ORIGIN)
         .rewrite(&redacted, ItemQuery::Kept)
         .into_owned()
