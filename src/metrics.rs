@@ -74,46 +74,91 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
-/// Every metric the proxy keeps.
-pub struct Metrics {
-    registry: Registry,
-    pub client_requests: Family<RouteLabels, Counter>,
-    pub in_flight: Gauge,
+/// Declares [`Metrics`] from one table: each metric once, with its type, how it is made, its
+/// name, unit and help.
+macro_rules! metrics {
+    ($($(#[doc = $doc:literal])* $field:ident: $ty:ty = $init:expr, $name:literal, $unit:expr, $help:literal;)*) => {
+        /// Every metric the proxy keeps.
+        pub struct Metrics {
+            registry: Registry,
+            $($(#[doc = $doc])* pub $field: $ty,)*
+        }
+
+        impl Metrics {
+            pub fn new() -> Metrics {
+                let mut registry = Registry::with_prefix("kommo_fanout");
+                $(let $field: $ty = $init;
+                register(&mut registry, $name, $help, $unit, $field.clone());)*
+                Metrics { registry, $($field,)* }
+            }
+        }
+    };
+}
+
+metrics! {
+    client_requests: Family<RouteLabels, Counter> = Family::default(), "client_requests", None,
+        "Client requests answered, by route (leads, passthrough) and status";
+    in_flight: Gauge = Gauge::default(), "in_flight_requests", None,
+        "Client requests being served";
     /// Client connections of the proxy listener open now (at most `--max-connections`).
-    pub open_connections: Gauge,
-    pub upstream_requests: Family<UpstreamLabels, Counter>,
-    pub upstream_seconds: Family<KindLabels, Histogram>,
-    pub fanout_width: Histogram,
-    pub limiter_wait_seconds: Histogram,
-    pub limiter_queued: Gauge,
-    pub limiter_in_window: Gauge,
-    pub rate_limited: Counter,
-    pub blocks: Counter,
-    pub retries: Family<KindLabels, Counter>,
-    pub cache_lookups: Family<CacheLabels, Counter>,
-    pub cache_evictions: Counter,
-    pub cache_bytes: Gauge<u64, AtomicU64>,
-    pub redis_degraded: Gauge,
+    open_connections: Gauge = Gauge::default(), "open_connections", None,
+        "Client connections open on the proxy listener";
+    upstream_requests: Family<UpstreamLabels, Counter> = Family::default(), "upstream_requests", None,
+        "Upstream requests sent, by kind (stream, single, passthrough, sync) and status (0: no answer)";
+    upstream_seconds: Family<KindLabels, Histogram> = Family::new_with_constructor(latency_histogram), "upstream_latency", Some(Unit::Seconds),
+        "Time to a complete upstream answer, by kind";
+    fanout_width: Histogram = Histogram::new([1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0]), "fanout_width", None,
+        "Distinct stages per fanned-out leads request";
+    limiter_wait_seconds: Histogram = latency_histogram(), "limiter_wait", Some(Unit::Seconds),
+        "Time an upstream request waited for a rate-limit slot";
+    limiter_queued: Gauge = Gauge::default(), "limiter_queued", None,
+        "Upstream requests waiting for a slot";
+    limiter_in_window: Gauge = Gauge::default(), "limiter_slots_taken", None,
+        "Rate-limit slots taken (in flight, or freed less than a window ago)";
+    rate_limited: Counter = Counter::default(), "upstream_429", None,
+        "429 answers from the upstream";
+    blocks: Counter = Counter::default(), "upstream_blocks", None,
+        "403 answers taken as a block of this address";
+    retries: Family<KindLabels, Counter> = Family::default(), "upstream_retries", None,
+        "Upstream attempts retried, by kind";
+    cache_lookups: Family<CacheLabels, Counter> = Family::default(), "cache_lookups", None,
+        "Cache lookups by level (page, answer, shared: the Redis cache) and outcome (hit, miss, coalesced)";
+    cache_evictions: Counter = Counter::default(), "cache_evictions", None,
+        "Entries evicted for size";
+    cache_bytes: Gauge<u64, AtomicU64> = Gauge::default(), "cache", Some(Unit::Bytes),
+        "Bytes held by the cache";
+    redis_degraded: Gauge = Gauge::default(), "redis_degraded", None,
+        "1 while Redis is configured but unreachable (local fallback in use)";
     /// Upstream calls booked by admitted requests and not yet granted (or queued, if more).
-    pub admission_backlog: Gauge,
+    admission_backlog: Gauge = Gauge::default(), "admission_backlog", None,
+        "Upstream calls booked by admitted client requests and not yet sent";
     /// When the budget could start a new request's first call.
-    pub admission_estimated_wait: Gauge<f64, AtomicU64>,
+    admission_estimated_wait: Gauge<f64, AtomicU64> = Gauge::default(), "admission_estimated_wait", Some(Unit::Seconds),
+        "Estimated time until the upstream budget could start a new request";
     /// Client requests refused at once because the budget is booked past their deadline.
-    pub admission_refused: Counter,
+    admission_refused: Counter = Counter::default(), "admission_refused", None,
+        "Client requests refused at once: the upstream budget is booked past their deadline";
     /// Live-view replicas by state.
-    pub sync_replicas: Family<StateLabels, Gauge>,
+    sync_replicas: Family<StateLabels, Gauge> = Family::default(), "sync_replicas", None,
+        "Live-view replicas by state (loading, live, stale)";
     /// Leads held by all replicas.
-    pub sync_leads: Gauge,
+    sync_leads: Gauge = Gauge::default(), "sync_leads", None,
+        "Leads held by the live-view replicas";
     /// Bytes held by all replicas (at most `--sync-max-bytes`).
-    pub sync_bytes: Gauge<u64, AtomicU64>,
+    sync_bytes: Gauge<u64, AtomicU64> = Gauge::default(), "sync", Some(Unit::Bytes),
+        "Bytes held by the live-view replicas";
     /// Deltas applied (`ok`) or failed (`failed`).
-    pub sync_deltas: Family<OutcomeLabels, Counter>,
+    sync_deltas: Family<OutcomeLabels, Counter> = Family::default(), "sync_deltas", None,
+        "Live-view deltas by outcome (ok, failed)";
     /// Leads the reconcile found wrong in a replica and repaired: the feed missed a change.
-    pub sync_repairs: Counter,
+    sync_repairs: Counter = Counter::default(), "sync_reconcile_repairs", None,
+        "Leads a reconcile found wrong in a replica and repaired (the change feed missed them)";
     /// Client answers served from a replica.
-    pub sync_answers: Counter,
+    sync_answers: Counter = Counter::default(), "sync_answers", None,
+        "Client answers served from a live-view replica";
     /// Replicas dropped, by reason (`unauthorized`, `memory`, `idle`).
-    pub sync_dropped: Family<OutcomeLabels, Counter>,
+    sync_dropped: Family<OutcomeLabels, Counter> = Family::default(), "sync_dropped", None,
+        "Live-view replicas dropped, by reason (unauthorized, memory, idle)";
 }
 
 fn latency_histogram() -> Histogram {
@@ -134,225 +179,6 @@ where
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("kommo_fanout");
-        let r = &mut registry;
-        let seconds = Some(Unit::Seconds);
-        let client_requests = register(
-            r,
-            "client_requests",
-            "Client requests answered, by route (leads, passthrough) and status",
-            None,
-            Family::default(),
-        );
-        let in_flight = register(
-            r,
-            "in_flight_requests",
-            "Client requests being served",
-            None,
-            Gauge::default(),
-        );
-        let open_connections = register(
-            r,
-            "open_connections",
-            "Client connections open on the proxy listener",
-            None,
-            Gauge::default(),
-        );
-        let upstream_requests = register(
-            r,
-            "upstream_requests",
-            "Upstream requests sent, by kind (stream, single, passthrough) and status \
-             (0: no answer)",
-            None,
-            Family::default(),
-        );
-        let upstream_seconds: Family<KindLabels, Histogram> = register(
-            r,
-            "upstream_latency",
-            "Time to a complete upstream answer, by kind",
-            seconds.clone(),
-            Family::new_with_constructor(latency_histogram),
-        );
-        let fanout_width = register(
-            r,
-            "fanout_width",
-            "Distinct stages per fanned-out leads request",
-            None,
-            Histogram::new([1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0]),
-        );
-        let limiter_wait_seconds = register(
-            r,
-            "limiter_wait",
-            "Time an upstream request waited for a rate-limit slot",
-            seconds.clone(),
-            latency_histogram(),
-        );
-        let limiter_queued = register(
-            r,
-            "limiter_queued",
-            "Upstream requests waiting for a slot",
-            None,
-            Gauge::default(),
-        );
-        let limiter_in_window = register(
-            r,
-            "limiter_slots_taken",
-            "Rate-limit slots taken (in flight, or freed less than a window ago)",
-            None,
-            Gauge::default(),
-        );
-        let rate_limited = register(
-            r,
-            "upstream_429",
-            "429 answers from the upstream",
-            None,
-            Counter::default(),
-        );
-        let blocks = register(
-            r,
-            "upstream_blocks",
-            "403 answers taken as a block of this address",
-            None,
-            Counter::default(),
-        );
-        let retries = register(
-            r,
-            "upstream_retries",
-            "Upstream attempts retried, by kind",
-            None,
-            Family::default(),
-        );
-        let cache_lookups = register(
-            r,
-            "cache_lookups",
-            "Cache lookups by level (page, answer, shared: the Redis cache) and outcome \
-             (hit, miss, coalesced)",
-            None,
-            Family::default(),
-        );
-        let cache_evictions = register(
-            r,
-            "cache_evictions",
-            "Entries evicted for size",
-            None,
-            Counter::default(),
-        );
-        let cache_bytes = register(
-            r,
-            "cache",
-            "Bytes held by the cache",
-            Some(Unit::Bytes),
-            Gauge::default(),
-        );
-        let redis_degraded = register(
-            r,
-            "redis_degraded",
-            "1 while Redis is configured but unreachable (local fallback in use)",
-            None,
-            Gauge::default(),
-        );
-        let admission_backlog = register(
-            r,
-            "admission_backlog",
-            "Upstream calls booked by admitted client requests and not yet sent",
-            None,
-            Gauge::default(),
-        );
-        let admission_estimated_wait = register(
-            r,
-            "admission_estimated_wait",
-            "Estimated time until the upstream budget could start a new request",
-            seconds,
-            Gauge::default(),
-        );
-        let admission_refused = register(
-            r,
-            "admission_refused",
-            "Client requests refused at once: the upstream budget is booked past their deadline",
-            None,
-            Counter::default(),
-        );
-        let sync_replicas = register(
-            r,
-            "sync_replicas",
-            "Live-view replicas by state (loading, live, stale)",
-            None,
-            Family::default(),
-        );
-        let sync_leads = register(
-            r,
-            "sync_leads",
-            "Leads held by the live-view replicas",
-            None,
-            Gauge::default(),
-        );
-        let sync_bytes = register(
-            r,
-            "sync",
-            "Bytes held by the live-view replicas",
-            Some(Unit::Bytes),
-            Gauge::default(),
-        );
-        let sync_deltas = register(
-            r,
-            "sync_deltas",
-            "Live-view deltas by outcome (ok, failed)",
-            None,
-            Family::default(),
-        );
-        let sync_repairs = register(
-            r,
-            "sync_reconcile_repairs",
-            "Leads a reconcile found wrong in a replica and repaired (the change feed missed them)",
-            None,
-            Counter::default(),
-        );
-        let sync_answers = register(
-            r,
-            "sync_answers",
-            "Client answers served from a live-view replica",
-            None,
-            Counter::default(),
-        );
-        let sync_dropped = register(
-            r,
-            "sync_dropped",
-            "Live-view replicas dropped, by reason (unauthorized, memory, idle)",
-            None,
-            Family::default(),
-        );
-        Metrics {
-            registry,
-            sync_replicas,
-            sync_leads,
-            sync_bytes,
-            sync_deltas,
-            sync_repairs,
-            sync_answers,
-            sync_dropped,
-            client_requests,
-            in_flight,
-            open_connections,
-            upstream_requests,
-            upstream_seconds,
-            fanout_width,
-            limiter_wait_seconds,
-            limiter_queued,
-            limiter_in_window,
-            rate_limited,
-            blocks,
-            retries,
-            cache_lookups,
-            cache_evictions,
-            cache_bytes,
-            redis_degraded,
-            admission_backlog,
-            admission_estimated_wait,
-            admission_refused,
-        }
-    }
-
     /// Records a client request answered on `route` with `status`.
     pub fn answered(&self, route: &'static str, status: u16) {
         self.client_requests
