@@ -149,7 +149,7 @@ pub struct RequestContext {
     /// need none).
     pub upstream_headers: HeaderMap,
     /// The proxy's base URL as this client reaches it.
-    base: PublicBase,
+    base: Arc<str>,
     /// Moves upstream hrefs to the public base; built on first use (pass-through never needs it).
     rewrite: OnceLock<LinkRewrite>,
     /// The upstream origin, for the rewrite.
@@ -174,7 +174,7 @@ pub struct RequestContext {
 impl RequestContext {
     /// The proxy's base URL as this client reaches it (see `Gateway::public_base`).
     pub fn public_base(&self) -> &str {
-        self.base.as_str()
+        &self.base
     }
 
     /// The rewrite of upstream hrefs to this client's base URL.
@@ -473,7 +473,11 @@ impl Gateway {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.get(..7).filter(|b| b.eq_ignore_ascii_case("bearer ")).map(|_| v[7..].trim()));
+            .and_then(|v| {
+                v.get(..7)
+                    .filter(|b| b.eq_ignore_ascii_case("bearer "))
+                    .map(|_| v[7..].trim())
+            });
         let keys = auth.keys.current();
         if let Some(entry) = presented.and_then(|p| keys.find(p)) {
             if entry.account != auth.account {
@@ -572,87 +576,34 @@ impl Gateway {
     /// `:authority`). The host is used only when it is a plain host name or address with an
     /// optional port (the server refuses other values with `400`), and it is part of the key of
     /// every cached answer, so one client's `Host` never appears in another's answer.
-    fn public_base(&self, parts: &Parts) -> PublicBase {
-        let from = match &self.settings.public_url {
-            Some(url) => BaseFrom::Configured(url.clone()),
-            None => BaseFrom::Request(RequestNames {
-                forwarded: self.settings.trust_forwarded.then(|| {
-                    let h = |name| parts.headers.get(name).cloned();
-                    (h("x-forwarded-host"), h("x-forwarded-proto"))
-                }),
-                host: parts.headers.get(header::HOST).cloned(),
-                authority: parts.uri.authority().cloned(),
-                fallback: self.origin.clone(),
-            }),
-        };
-        PublicBase {
-            from,
-            url: OnceLock::new(),
+    fn public_base(&self, parts: &Parts) -> Arc<str> {
+        if let Some(url) = &self.settings.public_url {
+            return url.clone();
         }
+        let text = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let forwarded = (self.settings.trust_forwarded)
+            .then(|| (text("x-forwarded-host"), text("x-forwarded-proto")));
+        let authority = parts.uri.authority().map(http::uri::Authority::as_str);
+        base_url(forwarded, text("host"), authority, &self.origin)
     }
 }
 
-/// The proxy's base URL as one client reaches it. What it is made of is taken as the request
-/// arrives (clones of its header values: reference counts, not copies), and the URL is built
-/// on first use: a request relayed as it came reads it only if the answer is a redirect.
-#[derive(Clone)]
-struct PublicBase {
-    from: BaseFrom,
-    url: OnceLock<String>,
-}
-
-#[derive(Clone)]
-enum BaseFrom {
-    /// `--public-url`.
-    Configured(Arc<str>),
-    /// The names the request gives the proxy, checked when the URL is built.
-    Request(RequestNames),
-}
-
-#[derive(Clone)]
-struct RequestNames {
-    /// `X-Forwarded-Host` and `-Proto`, taken only with `--trust-forwarded`.
-    forwarded: Option<(Option<HeaderValue>, Option<HeaderValue>)>,
-    host: Option<HeaderValue>,
-    authority: Option<http::uri::Authority>,
-    /// Where links point when the request names no usable host: the upstream origin.
-    fallback: Arc<str>,
-}
-
-impl PublicBase {
-    /// The URL, built the first time it is asked for.
-    fn as_str(&self) -> &str {
-        match &self.from {
-            BaseFrom::Configured(url) => url,
-            BaseFrom::Request(names) => self.url.get_or_init(|| names.url()),
-        }
+/// The first usable of the names a request gives the proxy (see [`Gateway::public_base`]);
+/// `fallback` (the upstream origin) when none is.
+fn base_url(
+    forwarded: Option<(Option<&str>, Option<&str>)>,
+    host: Option<&str>,
+    authority: Option<&str>,
+    fallback: &Arc<str>,
+) -> Arc<str> {
+    if let Some((Some(host), proto)) = forwarded.filter(|(h, _)| h.is_some_and(valid_host)) {
+        let https = proto.is_some_and(|p| p.eq_ignore_ascii_case("https"));
+        return format!("{}://{host}", if https { "https" } else { "http" }).into();
     }
-}
-
-impl RequestNames {
-    fn url(&self) -> String {
-        if let Some((forwarded_host, proto)) = &self.forwarded {
-            if let Some(host) = text(forwarded_host).filter(|h| valid_host(h)) {
-                let scheme = match text(proto) {
-                    Some(p) if p.eq_ignore_ascii_case("https") => "https",
-                    _ => "http",
-                };
-                return [scheme, "://", host].concat();
-            }
-        }
-        match text(&self.host)
-            .or(self.authority.as_ref().map(http::uri::Authority::as_str))
-            .filter(|h| valid_host(h))
-        {
-            Some(host) => ["http://", host].concat(),
-            None => self.fallback.to_string(),
-        }
+    match host.or(authority).filter(|h| valid_host(h)) {
+        Some(host) => format!("http://{host}").into(),
+        None => fallback.clone(),
     }
-}
-
-/// A header value as text, if it is.
-fn text(value: &Option<HeaderValue>) -> Option<&str> {
-    value.as_ref().and_then(|v| v.to_str().ok())
 }
 
 /// The secret of credential fingerprints: 256 bits, two SipHash-2-4 keys (SipHash is a keyed
@@ -743,7 +694,7 @@ async fn probe_tcp(origin: &crate::upstream::Origin) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{FingerprintKey, Gateway, RequestNames};
+    use super::{base_url, FingerprintKey, Gateway};
     use http::HeaderValue;
 
     #[tokio::test]
@@ -779,44 +730,47 @@ mod tests {
 
     #[test]
     fn public_base_takes_the_first_usable_name() {
-        let v = |s: &'static str| Some(HeaderValue::from_static(s));
-        let names = |forwarded, host, authority: Option<&'static str>| RequestNames {
-            forwarded,
-            host,
-            authority: authority.map(|a| a.parse().expect("authority")),
-            fallback: "https://sub.kommo.com".into(),
-        };
+        let fallback: std::sync::Arc<str> = "https://sub.kommo.com".into();
+        let names = |forwarded, host, authority| base_url(forwarded, host, authority, &fallback);
         let cases = [
             (
-                names(None, v("proxy:8080"), Some("other")),
+                names(None, Some("proxy:8080"), Some("other")),
                 "http://proxy:8080",
             ),
             (names(None, None, Some("h2.internal")), "http://h2.internal"),
             // A Host that is no host name is not replaced by another name: links go upstream.
             (
-                names(None, v("a b"), Some("h2.internal")),
+                names(None, Some("a b"), Some("h2.internal")),
                 "https://sub.kommo.com",
             ),
             (names(None, None, None), "https://sub.kommo.com"),
             (
-                names(Some((v("crm.example.com"), v("HTTPS"))), v("proxy"), None),
+                names(
+                    Some((Some("crm.example.com"), Some("HTTPS"))),
+                    Some("proxy"),
+                    None,
+                ),
                 "https://crm.example.com",
             ),
             (
-                names(Some((v("crm.example.com"), None)), v("proxy"), None),
+                names(Some((Some("crm.example.com"), None)), Some("proxy"), None),
                 "http://crm.example.com",
             ),
             (
-                names(Some((v("evil.com/x"), v("https"))), v("proxy"), None),
+                names(
+                    Some((Some("evil.com/x"), Some("https"))),
+                    Some("proxy"),
+                    None,
+                ),
                 "http://proxy",
             ),
             (
-                names(Some((None, v("https"))), v("proxy"), None),
+                names(Some((None, Some("https"))), Some("proxy"), None),
                 "http://proxy",
             ),
         ];
-        for (names, want) in cases {
-            assert_eq!(names.url(), want);
+        for (got, want) in cases {
+            assert_eq!(&*got, want);
         }
     }
 }
