@@ -234,7 +234,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path.file_name().map_or("file".into(), |n| n.to_string_lossy());
+    let name = path
+        .file_name()
+        .map_or("file".into(), |n| n.to_string_lossy());
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -366,17 +368,17 @@ impl OAuth {
             .refused
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-        info!(expires_at = fresh.expires_at, "refreshed the account's OAuth tokens");
+        info!(
+            expires_at = fresh.expires_at,
+            "refreshed the account's OAuth tokens"
+        );
         Ok(fresh)
     }
 }
 
 /// One call of the token endpoint through the limiter. `400`/`401` mean the grant or the
 /// client was refused.
-async fn exchange(
-    fetcher: &Fetcher,
-    body: &serde_json::Value,
-) -> Result<Granted, CredentialError> {
+async fn exchange(fetcher: &Fetcher, body: &serde_json::Value) -> Result<Granted, CredentialError> {
     let mut req = Request::new(body::full(Bytes::from(body.to_string())));
     *req.method_mut() = Method::POST;
     *req.uri_mut() = http::Uri::from_static(TOKEN_PATH);
@@ -409,12 +411,14 @@ async fn exchange(
             .unwrap_or_else(|| status.to_string())
     };
     match status {
-        StatusCode::OK => serde_json::from_slice(&body).map_err(|e| {
-            CredentialError::Unavailable(format!("the token endpoint's answer: {e}"))
-        }),
-        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(
-            CredentialError::Refused(format!("the token endpoint answered {status}: {}", detail())),
-        ),
+        StatusCode::OK => serde_json::from_slice(&body)
+            .map_err(|e| CredentialError::Unavailable(format!("the token endpoint's answer: {e}"))),
+        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            Err(CredentialError::Refused(format!(
+                "the token endpoint answered {status}: {}",
+                detail()
+            )))
+        }
         _ => Err(CredentialError::Unavailable(format!(
             "the token endpoint answered {status}: {}",
             detail()

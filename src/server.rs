@@ -179,7 +179,8 @@ async fn route(
     if let Some(key) = &key {
         tracing::Span::current().record("key", key.as_str());
     }
-    let audit = key.filter(|_| !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS));
+    let audit =
+        key.filter(|_| !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS));
     let audit = audit.map(|key| (key, parts.method.clone(), parts.uri.path().to_string()));
     let request_id = parts
         .headers
