@@ -72,25 +72,16 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
-                    if this.seen > this.max {
-                        this.exceeded.store(true, Ordering::Release);
-                        return Poll::Ready(Some(Err(format!(
-                            "the request body is larger than {} bytes",
-                            this.max
-                        )
-                        .into())));
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+            this.seen += data.len() as u64;
+            if this.seen > this.max {
+                this.exceeded.store(true, Ordering::Release);
+                let error = format!("the request body is larger than {} bytes", this.max);
+                return Poll::Ready(Some(Err(error.into())));
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
         }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -13,6 +13,7 @@
 //! webhook bumps the generation: entries filled before it are never served again, even a fill
 //! that was in flight when it arrived.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -94,16 +95,9 @@ impl Entry {
 
     fn weight(&self, key: &CacheKey) -> u32 {
         // The body dominates; parsed leads share its bytes and add their own small records.
-        let leads = self
-            .leads
-            .as_ref()
-            .map_or(0, |l| l.len() * std::mem::size_of::<LeadRef>());
-        let headers: usize = self
-            .answer
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 32)
-            .sum();
+        let leads = self.leads.as_ref().map_or(0, Vec::len) * std::mem::size_of::<LeadRef>();
+        let headers = self.answer.headers.iter();
+        let headers: usize = headers.map(|(k, v)| k.as_str().len() + v.len() + 32).sum();
         let total = self.answer.body.len() + leads + headers + key.0.len() + 128;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
@@ -184,6 +178,12 @@ pub fn decode(bytes: &Bytes) -> Option<Buffered> {
     })
 }
 
+/// What a lookup found and where, or why its fill produced nothing to store.
+pub type Found<E> = Result<(Arc<Entry>, Outcome), FillError<E>>;
+
+/// What a fill made, or why it produced nothing to store.
+pub type Filled<E> = Result<Arc<Entry>, FillError<E>>;
+
 /// Why a fill produced nothing to store.
 #[derive(Debug, Clone)]
 pub enum FillError<E> {
@@ -196,10 +196,8 @@ pub enum FillError<E> {
 impl<E> FillError<E> {
     /// The answer of a lookup whose fill produced nothing to store: an uncacheable answer is
     /// still the answer (a miss); a failure is the caller's error.
-    pub fn settle(
-        result: Result<(Arc<Entry>, Outcome), FillError<E>>,
-    ) -> Result<(Arc<Entry>, Outcome), E> {
-        match result {
+    pub fn settle(found: Found<E>) -> Result<(Arc<Entry>, Outcome), E> {
+        match found {
             Ok(found) => Ok(found),
             Err(FillError::Uncacheable(entry)) => Ok((entry, Outcome::Miss)),
             Err(FillError::Failed(e)) => Err(e),
@@ -235,10 +233,8 @@ impl Cache {
                 .weigher(|k: &CacheKey, v: &Arc<Entry>| v.weight(k))
                 .time_to_live(ttl)
                 .eviction_listener(move |_, _, cause| {
-                    if cause == RemovalCause::Size {
-                        if let Some(m) = metrics.get() {
-                            m.cache_evictions.inc();
-                        }
+                    if let Some(m) = metrics.get().filter(|_| cause == RemovalCause::Size) {
+                        m.cache_evictions.inc();
                     }
                 })
                 .build()
@@ -292,13 +288,8 @@ impl Cache {
     /// The key of an upstream request; `variant`: the client's headers that change an answer
     /// (see `RequestContext::variant`).
     pub fn page_key(credential: &str, target: &str, variant: &str) -> CacheKey {
-        CacheKey(
-            format!(
-                "p\u{1f}{credential}\u{1f}{}\u{1f}{variant}",
-                canonical_target(target),
-            )
-            .into(),
-        )
+        let target = canonical_target(target);
+        CacheKey(format!("p\u{1f}{credential}\u{1f}{target}\u{1f}{variant}").into())
     }
 
     /// The key of a client answer.
@@ -316,32 +307,24 @@ impl Cache {
 
     /// A fresh upstream page, or the result of one coalesced `fill`. With `refresh`, the
     /// stored entry is ignored and replaced.
-    pub async fn page<E, F>(
+    pub async fn page<E: Clone + Send + Sync + 'static>(
         &self,
         key: CacheKey,
         refresh: bool,
-        fill: F,
-    ) -> Result<(Arc<Entry>, Outcome), FillError<E>>
-    where
-        E: Clone + Send + Sync + 'static,
-        F: std::future::Future<Output = Result<Arc<Entry>, FillError<E>>>,
-    {
+        fill: impl Future<Output = Filled<E>>,
+    ) -> Found<E> {
         self.lookup("page", &self.pages, key, refresh, self.config.ttl, fill)
             .await
     }
 
     /// A client answer, fresh or (within stale-while-revalidate) stale, or the result of one
     /// coalesced `fill`. The caller refreshes a stale answer when [`Cache::claim_refresh`] says so.
-    pub async fn answer<E, F>(
+    pub async fn answer<E: Clone + Send + Sync + 'static>(
         &self,
         key: CacheKey,
         refresh: bool,
-        fill: F,
-    ) -> Result<(Arc<Entry>, Outcome), FillError<E>>
-    where
-        E: Clone + Send + Sync + 'static,
-        F: std::future::Future<Output = Result<Arc<Entry>, FillError<E>>>,
-    {
+        fill: impl Future<Output = Filled<E>>,
+    ) -> Found<E> {
         let usable = self.config.ttl + self.config.stale_while_revalidate;
         self.lookup("answer", &self.answers, key, refresh, usable, fill)
             .await
@@ -360,19 +343,15 @@ impl Cache {
             && !entry.refreshing.swap(true, Ordering::AcqRel)
     }
 
-    async fn lookup<E, F>(
+    async fn lookup<E: Clone + Send + Sync + 'static>(
         &self,
         name: &'static str,
         level: &Moka<CacheKey, Arc<Entry>>,
         key: CacheKey,
         refresh: bool,
         usable_for: Duration,
-        fill: F,
-    ) -> Result<(Arc<Entry>, Outcome), FillError<E>>
-    where
-        E: Clone + Send + Sync + 'static,
-        F: std::future::Future<Output = Result<Arc<Entry>, FillError<E>>>,
-    {
+        fill: impl Future<Output = Filled<E>>,
+    ) -> Found<E> {
         if refresh {
             self.count(name, "miss");
             let entry = fill.await?;
@@ -553,7 +532,7 @@ mod tests {
             .map(|_| {
                 let (c, fills, key) = (c.clone(), fills.clone(), key.clone());
                 tokio::spawn(async move {
-                    c.page::<String, _>(key, false, async {
+                    c.page::<String>(key, false, async {
                         fills.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         Ok(entry(&c, 200, "body"))
@@ -571,17 +550,17 @@ mod tests {
 
         let other = Cache::page_key("fp", "/y", "");
         let failed = c
-            .page::<String, _>(other.clone(), false, async {
+            .page::<String>(other.clone(), false, async {
                 Err(FillError::Failed("boom".to_string()))
             })
             .await;
         assert!(matches!(failed, Err(FillError::Failed(_))));
         let uncacheable = c
-            .page::<String, _>(other.clone(), false, async { Ok(entry(&c, 401, "no")) })
+            .page::<String>(other.clone(), false, async { Ok(entry(&c, 401, "no")) })
             .await;
         assert!(matches!(uncacheable, Err(FillError::Uncacheable(e)) if e.answer.status == 401));
         let (e, outcome) = c
-            .page::<String, _>(other, false, async { Ok(entry(&c, 204, "")) })
+            .page::<String>(other, false, async { Ok(entry(&c, 204, "")) })
             .await
             .map_err(|_| ())
             .unwrap();
@@ -596,11 +575,11 @@ mod tests {
         c.invalidate_all();
         // A fill that began in the old generation completes after the webhook: not stored.
         let r = c
-            .page::<String, _>(key.clone(), false, async { Ok(stale) })
+            .page::<String>(key.clone(), false, async { Ok(stale) })
             .await;
         assert!(matches!(r, Err(FillError::Uncacheable(_))));
         let (e, outcome) = c
-            .page::<String, _>(key, false, async { Ok(entry(&c, 200, "new")) })
+            .page::<String>(key, false, async { Ok(entry(&c, 200, "new")) })
             .await
             .map_err(|_| ())
             .unwrap();
@@ -617,7 +596,7 @@ mod tests {
             let key = Cache::page_key("fp", &format!("/x?i={i}"), "");
             let body = "x".repeat(2_000);
             let _ = c
-                .page::<String, _>(key, false, async { Ok(entry(&c, 200, &body)) })
+                .page::<String>(key, false, async { Ok(entry(&c, 200, &body)) })
                 .await;
         }
         assert!(c.weighted_bytes().await <= 200_000);

@@ -14,6 +14,7 @@ use clap::{ArgMatches, Args, FromArgMatches, Parser};
 use crate::cache::CacheConfig;
 use crate::gateway::{Bounds, GatewaySettings, RateLimitKey};
 use crate::upstream::fetch::FetchPolicy;
+use crate::upstream::handover::lock_path;
 use crate::upstream::limiter::LimiterConfig;
 use crate::upstream::{Origin, UpstreamConfig};
 
@@ -248,14 +249,11 @@ impl ServeArgs {
             "--upstream is required: give it as a flag, as KOMMO_FANOUT_UPSTREAM, or as `upstream` in the --config file",
         )?;
         let origin = Origin::parse(upstream).map_err(|e| format!("--upstream: {e}"))?;
-        let public_url = self
-            .public_url
-            .map(|u| {
-                Origin::parse(&u)
-                    .map(|o| Arc::from(o.url))
-                    .map_err(|e| format!("--public-url: {e}"))
-            })
-            .transpose()?;
+        let public_url = match self.public_url.as_deref().map(Origin::parse) {
+            Some(Ok(origin)) => Some(Arc::from(origin.url)),
+            Some(Err(e)) => return Err(format!("--public-url: {e}")),
+            None => None,
+        };
         if self.upstream_timeout.is_zero() {
             return Err("--upstream-timeout must be more than zero".into());
         }
@@ -299,11 +297,8 @@ impl ServeArgs {
             }
         }
         if let Some(url) = &self.redis {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("redis+unix://")
-                || url.starts_with("unix://"))
-            {
+            let schemes = ["redis://", "rediss://", "redis+unix://", "unix://"];
+            if !schemes.iter().any(|s| url.starts_with(s)) {
                 return Err("--redis must be a redis:// or rediss:// URL".into());
             }
             if self.replicas > self.rate_limit {
@@ -322,13 +317,10 @@ impl ServeArgs {
                 self.listen
             ));
         }
-        let limiter_lock = match self.limiter_lock_dir {
-            Some(dir) if dir.as_os_str() == "off" => None,
-            dir => Some(crate::upstream::handover::lock_path(
-                &dir.unwrap_or_else(|| std::env::temp_dir().join("kommo-fanout")),
-                &origin.url,
-            )),
-        };
+        let default_dir = || std::env::temp_dir().join("kommo-fanout");
+        let lock_dir = self.limiter_lock_dir.unwrap_or_else(default_dir);
+        let limiter_lock =
+            (lock_dir.as_os_str() != "off").then(|| lock_path(&lock_dir, &origin.url));
         Ok(ServeConfig {
             listen: self.listen,
             admin_listen: self.admin_listen,
@@ -387,7 +379,7 @@ impl ServeArgs {
 /// Parses the command line `C`, whose `serve` subcommand holds [`ServeArgs`] (the binary
 /// composes it); for `serve`, merges the `--config` file under the flags and environment
 /// variables. `clap::Error::exit` prints help and version (exit 0) or the error (exit 2).
-pub fn parse_args<C: Parser>(args: Vec<OsString>) -> Result<C, clap::Error> {
+pub fn parse_args<C: Parser>(mut args: Vec<OsString>) -> Result<C, clap::Error> {
     let mut command = C::command();
     let matches = command.try_get_matches_from_mut(&args)?;
     let Some(("serve", serve)) = matches.subcommand() else {
@@ -398,7 +390,6 @@ pub fn parse_args<C: Parser>(args: Vec<OsString>) -> Result<C, clap::Error> {
     };
     let extra = file_args(path, serve)
         .map_err(|e| command.error(clap::error::ErrorKind::ValueValidation, e))?;
-    let mut args = args;
     args.extend(extra);
     C::try_parse_from(&args)
 }
@@ -417,26 +408,20 @@ fn file_args(path: &Path, given: &ArgMatches) -> Result<Vec<OsString>, String> {
     for (key, value) in table {
         let id = key.replace('-', "_");
         let bad = |why: String| format!("--config {}: key `{key}`: {why}", path.display());
-        let arg = command
-            .get_arguments()
-            .find(|a| a.get_id() == id.as_str() && id != "config")
-            .ok_or_else(|| {
-                bad(
-                    "unknown key (the keys are the flags of `serve`, e.g. rate_limit, cache_ttl)"
-                        .into(),
-                )
-            })?;
+        let mut flags = command.get_arguments();
+        let Some(arg) = flags.find(|a| a.get_id() == id.as_str() && id != "config") else {
+            let known = "the keys are the flags of `serve`, e.g. rate_limit, cache_ttl";
+            return Err(bad(format!("unknown key ({known})")));
+        };
         let flag = format!("--{}", arg.get_long().unwrap_or(&id));
-        let value = match value {
-            toml::Value::String(s) => Some(s),
-            toml::Value::Integer(i) => Some(i.to_string()),
-            toml::Value::Float(f) => Some(f.to_string()),
-            toml::Value::Boolean(b) => {
-                if !matches!(arg.get_action(), clap::ArgAction::SetTrue) {
-                    return Err(bad("expected a value, not true/false".into()));
-                }
-                b.then(String::new)
+        let args = match value {
+            toml::Value::String(s) => vec![flag, s],
+            toml::Value::Integer(i) => vec![flag, i.to_string()],
+            toml::Value::Float(f) => vec![flag, f.to_string()],
+            toml::Value::Boolean(_) if !matches!(arg.get_action(), clap::ArgAction::SetTrue) => {
+                return Err(bad("expected a value, not true/false".into()));
             }
+            toml::Value::Boolean(on) => on.then_some(flag).into_iter().collect(),
             other => {
                 return Err(bad(format!(
                     "expected a string, number or boolean, got {}",
@@ -444,32 +429,20 @@ fn file_args(path: &Path, given: &ArgMatches) -> Result<Vec<OsString>, String> {
                 )))
             }
         };
+        let args: Vec<String> = args.into_iter().filter(|a| !a.is_empty()).collect();
         // Each value is checked on its own, so the error names the key.
-        let mut probe: Vec<OsString> = vec!["serve".into(), flag.clone().into()];
-        if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
-            probe.push(v.into());
-        }
-        if let Err(e) = command.clone().try_get_matches_from(&probe) {
+        let probe = std::iter::once("serve".to_string()).chain(args.iter().cloned());
+        if let Err(e) = command.clone().try_get_matches_from(probe) {
             let first = e.render().to_string();
-            let first = first
-                .lines()
-                .next()
-                .unwrap_or("invalid value")
-                .trim_start_matches("error: ");
-            return Err(bad(first.to_string()));
+            let first = first.lines().next().unwrap_or("invalid value");
+            return Err(bad(first.trim_start_matches("error: ").to_string()));
         }
         let source = given.value_source(&id);
-        if matches!(
+        if !matches!(
             source,
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
         ) {
-            continue;
-        }
-        if let Some(v) = value {
-            out.push(flag.into());
-            if !v.is_empty() {
-                out.push(v.into());
-            }
+            out.extend(args.into_iter().map(OsString::from));
         }
     }
     Ok(out)
@@ -478,113 +451,57 @@ fn file_args(path: &Path, given: &ArgMatches) -> Result<Vec<OsString>, String> {
 impl ServeConfig {
     /// The effective configuration, one `key = value` line each, secrets withheld.
     pub fn describe(&self) -> String {
-        let d = |d: Duration| format!("\"{}\"", humantime::format_duration(d));
+        let (g, c, f) = (&self.gateway, &self.cache, &self.fetch);
+        let b = &g.bounds;
+        let q = |s: &dyn std::fmt::Display| format!("\"{s}\"");
+        let d = |d: Duration| q(&humantime::format_duration(d));
+        let set = |on: bool| q(&if on { "(set)" } else { "(off)" });
+        let public_url = g.public_url.as_deref().unwrap_or("(from Host)");
+        let lock = self.limiter_lock.as_ref().map(|p| p.display().to_string());
+        let key = format!("{:?}", g.rate_limit_key).to_lowercase();
+        let client_rate = g.client_rate_limit.map(|n| n.to_string());
+        let replicas = self.redis.as_ref().map_or(1, |r| r.replicas);
+        let threads = self.worker_threads.map(|n| n.to_string());
         let mut lines = vec![
-            ("upstream", format!("\"{}\"", self.upstream.origin.url)),
-            ("listen", format!("\"{}\"", self.listen)),
-            ("admin_listen", format!("\"{}\"", self.admin_listen)),
-            (
-                "public_url",
-                format!(
-                    "{:?}",
-                    self.gateway.public_url.as_deref().unwrap_or("(from Host)")
-                ),
-            ),
-            ("max_pairs", self.gateway.max_pairs.to_string()),
+            ("upstream", q(&self.upstream.origin.url)),
+            ("listen", q(&self.listen)),
+            ("admin_listen", q(&self.admin_listen)),
+            ("public_url", q(&public_url)),
+            ("max_pairs", g.max_pairs.to_string()),
             (
                 "max_upstream_per_request",
-                self.gateway.max_upstream_per_request.to_string(),
+                g.max_upstream_per_request.to_string(),
             ),
             ("rate_limit", self.limiter.requests.to_string()),
             ("rate_window", d(self.limiter.window)),
             ("rate_margin", d(self.limiter.margin)),
-            (
-                "limiter_lock",
-                self.limiter_lock
-                    .as_ref()
-                    .map_or("off".into(), |p| p.display().to_string()),
-            ),
-            (
-                "rate_limit_key",
-                format!(
-                    "{:?}",
-                    format!("{:?}", self.gateway.rate_limit_key).to_lowercase()
-                ),
-            ),
-            ("max_wait", d(self.fetch.max_wait)),
-            ("retries", self.fetch.retries.to_string()),
-            ("block_cooldown", d(self.fetch.block_cooldown)),
+            ("limiter_lock", lock.unwrap_or("off".into())),
+            ("rate_limit_key", q(&key)),
+            ("max_wait", d(f.max_wait)),
+            ("retries", f.retries.to_string()),
+            ("block_cooldown", d(f.block_cooldown)),
             ("upstream_timeout", d(self.upstream.timeout)),
-            ("request_timeout", d(self.gateway.request_timeout)),
-            (
-                "client_rate_limit",
-                self.gateway
-                    .client_rate_limit
-                    .map_or("0 (off)".into(), |n| n.to_string()),
-            ),
+            ("request_timeout", d(g.request_timeout)),
+            ("client_rate_limit", client_rate.unwrap_or("0 (off)".into())),
             ("max_upstream_body", self.upstream.max_body.to_string()),
-            ("cache_ttl", d(self.cache.ttl)),
-            ("cache_max_bytes", self.cache.max_bytes.to_string()),
-            (
-                "stale_while_revalidate",
-                d(self.cache.stale_while_revalidate),
-            ),
-            ("cache_passthrough", self.cache.passthrough.to_string()),
+            ("cache_ttl", d(c.ttl)),
+            ("cache_max_bytes", c.max_bytes.to_string()),
+            ("stale_while_revalidate", d(c.stale_while_revalidate)),
+            ("cache_passthrough", c.passthrough.to_string()),
             ("sync", self.sync.is_some().to_string()),
-            (
-                "webhook_secret",
-                if self.webhook_secret.is_some() {
-                    "\"(set)\""
-                } else {
-                    "\"(off)\""
-                }
-                .to_string(),
-            ),
-            ("trust_forwarded", self.gateway.trust_forwarded.to_string()),
-            ("max_uri_len", self.gateway.bounds.max_uri_len.to_string()),
-            (
-                "max_header_bytes",
-                self.gateway.bounds.max_header_bytes.to_string(),
-            ),
-            (
-                "max_body_bytes",
-                self.gateway.bounds.max_body_bytes.to_string(),
-            ),
-            (
-                "max_query_params",
-                self.gateway.bounds.max_query_params.to_string(),
-            ),
-            (
-                "max_concurrent_requests",
-                self.gateway.bounds.max_concurrent.to_string(),
-            ),
-            (
-                "header_read_timeout",
-                d(self.gateway.bounds.header_read_timeout),
-            ),
-            (
-                "max_connections",
-                self.gateway.bounds.max_connections.to_string(),
-            ),
-            (
-                "redis",
-                if self.redis.is_some() {
-                    "\"(set)\""
-                } else {
-                    "\"(off)\""
-                }
-                .to_string(),
-            ),
-            (
-                "replicas",
-                self.redis.as_ref().map_or(1, |r| r.replicas).to_string(),
-            ),
+            ("webhook_secret", set(self.webhook_secret.is_some())),
+            ("trust_forwarded", g.trust_forwarded.to_string()),
+            ("max_uri_len", b.max_uri_len.to_string()),
+            ("max_header_bytes", b.max_header_bytes.to_string()),
+            ("max_body_bytes", b.max_body_bytes.to_string()),
+            ("max_query_params", b.max_query_params.to_string()),
+            ("max_concurrent_requests", b.max_concurrent.to_string()),
+            ("header_read_timeout", d(b.header_read_timeout)),
+            ("max_connections", b.max_connections.to_string()),
+            ("redis", set(self.redis.is_some())),
+            ("replicas", replicas.to_string()),
             ("shutdown_grace", d(self.shutdown_grace)),
-            (
-                "worker_threads",
-                self.worker_threads
-                    .map_or_else(|| "\"(one per CPU)\"".to_string(), |n| n.to_string()),
-            ),
+            ("worker_threads", threads.unwrap_or(q(&"(one per CPU)"))),
         ];
         if let Some(sync) = &self.sync {
             lines.extend([

@@ -4,9 +4,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures::FutureExt;
 use kommo_fanout::config::ServeConfig;
 use kommo_sim::{Sim, SimConfig, DEMO_TOKEN};
-use tokio::net::TcpListener;
+
+use super::bind;
 
 /// Flags of `demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -46,11 +48,6 @@ pub async fn run(
         latency: args.latency,
         ..SimConfig::default()
     });
-    let bind = |addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))
-    };
     let sim_listener = bind(args.sim_listen).await?;
     let listener = bind(args.listen).await?;
     let admin = bind(args.admin_listen).await?;
@@ -61,28 +58,12 @@ pub async fn run(
     config.listen = proxy_addr;
     config.admin_listen = admin.local_addr().map_err(|e| e.to_string())?;
 
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
-    let sim_task = tokio::spawn(sim.clone().run(sim_listener, stopped()));
-    println!(
-        "{}",
-        instructions(
-            &sim,
-            &format!("http://{proxy_addr}"),
-            &format!("http://{sim_addr}"),
-            &config
-        )
-    );
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    kommo_fanout::run(&config, listener, admin, stopped()).await?;
+    // Both servers stop when `shutdown` completes.
+    let shutdown = shutdown.shared();
+    let sim_task = tokio::spawn(sim.clone().run(sim_listener, shutdown.clone()));
+    let (proxy, upstream) = (format!("http://{proxy_addr}"), format!("http://{sim_addr}"));
+    println!("{}", instructions(&sim, &proxy, &upstream, &config));
+    kommo_fanout::run(&config, listener, admin, shutdown).await?;
     let _ = sim_task.await;
     Ok(())
 }
@@ -113,31 +94,18 @@ fn instructions(sim: &Sim, proxy: &str, upstream: &str, config: &ServeConfig) ->
     };
     let won: Vec<(i64, i64)> = pipelines.iter().map(|p| (p.id, 142)).collect();
     let auth = format!("-H 'Authorization: Bearer {DEMO_TOKEN}'");
-    let mut out = String::new();
-    out.push_str(&format!(
-        "kommo-fanout demo\n  simulated Kommo account: {upstream} ({} pipelines)\n  proxy:                   {proxy}\n  admin:                   http://{}/healthz\n\n",
+    format!(
+        "kommo-fanout demo\n  simulated Kommo account: {upstream} ({} pipelines)\n  proxy:                   {proxy}\n  admin:                   http://{}/healthz\n\n\
+         Try (the proxy answers exactly as Kommo would, for many stages at once):\n\n\
+         # Won deals of every pipeline, newest first, one merged page:\ncurl -sg {auth} '{proxy}/api/v4/leads?{}&order[created_at]=desc&limit=5'\n\n\
+         # Six stages across pipelines, page 2 of 10, with contacts:\ncurl -sg {auth} '{proxy}/api/v4/leads?{}&with=contacts&limit=10&page=2'\n\n\
+         # What Kommo itself says to more than one stage (the reason this proxy exists):\ncurl -sg {auth} '{upstream}/api/v4/leads?{}'\n\n\
+         # A mistake gets a problem+json that names it:\ncurl -sg {auth} '{proxy}/api/v4/leads?filter[statuses][0][pipeline_id]=x&limit=500'\n\n\
+         # Everything else passes through:\ncurl -sg {auth} '{proxy}/api/v4/leads/pipelines'\n\nStop with Ctrl-C.\n",
         pipelines.len(),
-        config.admin_listen
-    ));
-    out.push_str("Try (the proxy answers exactly as Kommo would, for many stages at once):\n\n");
-    out.push_str(&format!(
-        "# Won deals of every pipeline, newest first, one merged page:\ncurl -sg {auth} '{proxy}/api/v4/leads?{}&order[created_at]=desc&limit=5'\n\n",
-        stage_params(&won)
-    ));
-    let first = pairs.iter().take(6).copied().collect::<Vec<_>>();
-    out.push_str(&format!(
-        "# Six stages across pipelines, page 2 of 10, with contacts:\ncurl -sg {auth} '{proxy}/api/v4/leads?{}&with=contacts&limit=10&page=2'\n\n",
-        stage_params(&first)
-    ));
-    out.push_str(&format!(
-        "# What Kommo itself says to more than one stage (the reason this proxy exists):\ncurl -sg {auth} '{upstream}/api/v4/leads?{}'\n\n",
-        stage_params(&won[..won.len().min(2)])
-    ));
-    out.push_str(&format!(
-        "# A mistake gets a problem+json that names it:\ncurl -sg {auth} '{proxy}/api/v4/leads?filter[statuses][0][pipeline_id]=x&limit=500'\n\n"
-    ));
-    out.push_str(&format!(
-        "# Everything else passes through:\ncurl -sg {auth} '{proxy}/api/v4/leads/pipelines'\n\nStop with Ctrl-C.\n"
-    ));
-    out
+        config.admin_listen,
+        stage_params(&won),
+        stage_params(&pairs[..pairs.len().min(6)]),
+        stage_params(&won[..won.len().min(2)]),
+    )
 }

@@ -88,24 +88,21 @@ impl ProxyError {
     /// The `problem+json` answer for this failure.
     pub fn into_response(self) -> Response<ProxyBody> {
         let status = self.status();
-        let mut retry_after = None;
+        let retry_after = match self {
+            ProxyError::Unavailable { retry_after, .. } => retry_after,
+            ProxyError::TooManyRequests { retry_after, .. } => Some(retry_after),
+            _ => None,
+        };
         let (detail, extra) = match self {
             ProxyError::InvalidQuery(params) => {
                 let list: Vec<Value> = params
                     .iter()
                     .map(|p| json!({"name": p.name, "reason": p.reason}))
                     .collect();
+                let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
                 let detail = match params.as_slice() {
                     [one] => format!("invalid parameter {}: {}", one.name, one.reason),
-                    _ => format!(
-                        "{} invalid parameters: {}",
-                        params.len(),
-                        params
-                            .iter()
-                            .map(|p| p.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
+                    _ => format!("{} invalid parameters: {}", names.len(), names.join(", ")),
                 };
                 (detail, Some(("invalid-params", Value::Array(list))))
             }
@@ -118,17 +115,17 @@ impl ProxyError {
                                "upstream_status": f.status, "reason": f.reason})
                     })
                     .collect();
+                let each: Vec<String> = failures
+                    .iter()
+                    .map(|f| match f.status {
+                        Some(s) => format!("({}) upstream status {s}: {}", f.pair, f.reason),
+                        None => format!("({}) {}", f.pair, f.reason),
+                    })
+                    .collect();
                 let detail = format!(
                     "{} of the requested stages could not be read from the upstream, so no partial list is returned: {}",
                     failures.len(),
-                    failures
-                        .iter()
-                        .map(|f| match f.status {
-                            Some(s) => format!("({}) upstream status {s}: {}", f.pair, f.reason),
-                            None => format!("({}) {}", f.pair, f.reason),
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; ")
+                    each.join("; ")
                 );
                 (detail, Some(("failed-stages", Value::Array(list))))
             }
@@ -137,21 +134,9 @@ impl ProxyError {
             | ProxyError::Rejected(_, d)
             | ProxyError::MethodNotAllowed(d)
             | ProxyError::Timeout(d)
-            | ProxyError::Internal(d) => (d, None),
-            ProxyError::Unavailable {
-                detail,
-                retry_after: hint,
-            } => {
-                retry_after = hint;
-                (detail, None)
-            }
-            ProxyError::TooManyRequests {
-                detail,
-                retry_after: hint,
-            } => {
-                retry_after = Some(hint);
-                (detail, None)
-            }
+            | ProxyError::Internal(d)
+            | ProxyError::Unavailable { detail: d, .. }
+            | ProxyError::TooManyRequests { detail: d, .. } => (d, None),
         };
         let mut resp = problem(status, &detail, extra);
         if let Some(after) = retry_after {

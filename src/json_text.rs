@@ -68,11 +68,12 @@ pub fn edit_strings<'a>(
     src: &'a [u8],
     visit: impl FnMut(&StringValue<'_>) -> Edit,
 ) -> Result<Cow<'a, [u8]>, NotJson> {
+    // serde_json checks the grammar; the scanner below only finds the strings.
+    serde_json::from_slice::<serde::de::IgnoredAny>(src).map_err(|e| NotJson(e.to_string()))?;
     let text = std::str::from_utf8(src)
         .map_err(|e| NotJson(format!("not UTF-8 at byte {}", e.valid_up_to())))?;
     let mut scanner = Scanner {
         src: text,
-        b: src,
         pos: 0,
         out: None,
         copied: 0,
@@ -80,10 +81,6 @@ pub fn edit_strings<'a>(
         visit,
     };
     scanner.value(0)?;
-    scanner.ws();
-    if scanner.pos != src.len() {
-        return Err(scanner.error("text after the JSON value"));
-    }
     Ok(match scanner.out {
         None => Cow::Borrowed(src),
         Some(mut out) => {
@@ -93,9 +90,10 @@ pub fn edit_strings<'a>(
     })
 }
 
+/// Walks a text serde_json has checked, so it only looks for where each string starts and
+/// what it sits under.
 struct Scanner<'a, F> {
     src: &'a str,
-    b: &'a [u8],
     pos: usize,
     /// The edited text, once something changed.
     out: Option<Vec<u8>>,
@@ -110,25 +108,17 @@ impl<'a, F: FnMut(&StringValue<'_>) -> Edit> Scanner<'a, F> {
         NotJson(format!("{what} at byte {}", self.pos))
     }
 
-    fn ws(&mut self) {
-        while matches!(self.b.get(self.pos), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+    /// Skips whitespace; the byte after it.
+    fn peek(&mut self) -> Option<u8> {
+        let b = self.src.as_bytes();
+        while matches!(b.get(self.pos), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.pos += 1;
         }
-    }
-
-    fn expect(&mut self, byte: u8) -> Result<(), NotJson> {
-        self.ws();
-        if self.b.get(self.pos) == Some(&byte) {
-            self.pos += 1;
-            Ok(())
-        } else {
-            Err(self.error(&format!("expected `{}`", byte as char)))
-        }
+        b.get(self.pos).copied()
     }
 
     fn value(&mut self, depth: usize) -> Result<(), NotJson> {
-        self.ws();
-        match self.b.get(self.pos) {
+        match self.peek() {
             Some(b'{' | b'[') if depth >= MAX_DEPTH => Err(self.error("nesting too deep")),
             Some(b'{') => self.container(b'}', depth),
             Some(b'[') => self.container(b']', depth),
@@ -138,11 +128,14 @@ impl<'a, F: FnMut(&StringValue<'_>) -> Edit> Scanner<'a, F> {
                 self.visit_string(start, &text);
                 Ok(())
             }
-            Some(b't') => self.literal("true"),
-            Some(b'f') => self.literal("false"),
-            Some(b'n') => self.literal("null"),
-            Some(b'-' | b'0'..=b'9') => self.number(),
-            _ => Err(self.error("expected a value")),
+            None => Err(self.error("expected a value")),
+            // A number or a literal: it ends where the next token starts.
+            Some(_) => {
+                let rest = &self.src.as_bytes()[self.pos..];
+                let end = rest.iter().position(|b| b",]} \t\n\r".contains(b));
+                self.pos += end.unwrap_or(rest.len());
+                Ok(())
+            }
         }
     }
 
@@ -150,20 +143,12 @@ impl<'a, F: FnMut(&StringValue<'_>) -> Edit> Scanner<'a, F> {
     /// step of the path.
     fn container(&mut self, close: u8, depth: usize) -> Result<(), NotJson> {
         self.pos += 1;
-        self.ws();
-        if self.b.get(self.pos) == Some(&close) {
-            self.pos += 1;
-            return Ok(());
-        }
         let mut index = 0;
-        loop {
+        while self.peek() != Some(close) {
             let step = if close == b'}' {
-                self.ws();
-                if self.b.get(self.pos) != Some(&b'"') {
-                    return Err(self.error("expected a member name"));
-                }
                 let key = self.string()?;
-                self.expect(b':')?;
+                self.peek(); // the `:`
+                self.pos += 1;
                 Seg::Key(key)
             } else {
                 Seg::Index(index)
@@ -172,61 +157,11 @@ impl<'a, F: FnMut(&StringValue<'_>) -> Edit> Scanner<'a, F> {
             self.value(depth + 1)?;
             self.path.pop();
             index += 1;
-            self.ws();
-            match self.b.get(self.pos) {
-                Some(b',') => self.pos += 1,
-                Some(&c) if c == close => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                _ => return Err(self.error(&format!("expected `,` or `{}`", close as char))),
-            }
-        }
-    }
-
-    fn literal(&mut self, word: &str) -> Result<(), NotJson> {
-        if self.b[self.pos..].starts_with(word.as_bytes()) {
-            self.pos += word.len();
-            Ok(())
-        } else {
-            Err(self.error("expected a value"))
-        }
-    }
-
-    fn digits(&mut self) -> usize {
-        let start = self.pos;
-        while self.b.get(self.pos).is_some_and(u8::is_ascii_digit) {
-            self.pos += 1;
-        }
-        self.pos - start
-    }
-
-    fn number(&mut self) -> Result<(), NotJson> {
-        if self.b[self.pos] == b'-' {
-            self.pos += 1;
-        }
-        match self.b.get(self.pos) {
-            Some(b'0') => self.pos += 1,
-            Some(b'1'..=b'9') => {
-                self.digits();
-            }
-            _ => return Err(self.error("invalid number")),
-        }
-        if self.b.get(self.pos) == Some(&b'.') {
-            self.pos += 1;
-            if self.digits() == 0 {
-                return Err(self.error("invalid number"));
-            }
-        }
-        if matches!(self.b.get(self.pos), Some(b'e' | b'E')) {
-            self.pos += 1;
-            if matches!(self.b.get(self.pos), Some(b'+' | b'-')) {
+            if self.peek() == Some(b',') {
                 self.pos += 1;
             }
-            if self.digits() == 0 {
-                return Err(self.error("invalid number"));
-            }
         }
+        self.pos += 1;
         Ok(())
     }
 
@@ -235,15 +170,21 @@ impl<'a, F: FnMut(&StringValue<'_>) -> Edit> Scanner<'a, F> {
     fn string(&mut self) -> Result<Cow<'a, str>, NotJson> {
         let src: &'a str = self.src;
         let start = self.pos + 1;
-        let plain = src.as_bytes()[start..]
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+        let plain = src.as_bytes().get(start..).and_then(|rest| {
+            rest.iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        });
         if let Some(len) = plain.filter(|&len| src.as_bytes()[start + len] == b'"') {
             self.pos = start + len + 1;
             return Ok(Cow::Borrowed(&src[start..start + len]));
         }
-        let (text, len) = decode(&src[self.pos..]).map_err(|what| self.error(what))?;
-        self.pos += len;
+        // Escaped: serde_json decodes the token and says where it ends.
+        let token = serde_json::Deserializer::from_str(&src[self.pos..]);
+        let mut token = token.into_iter::<String>();
+        let Some(Ok(text)) = token.next() else {
+            return Err(self.error("invalid string"));
+        };
+        self.pos += token.byte_offset();
         Ok(Cow::Owned(text))
     }
 
@@ -253,93 +194,36 @@ impl<'a, F: FnMut(&StringValue<'_>) -> Edit> Scanner<'a, F> {
             text,
             path: &self.path,
         };
-        let replacement = match (self.visit)(&value) {
+        // The new text, and the part of the old one kept as written.
+        let (with, kept) = match (self.visit)(&value) {
             Edit::Keep => return,
-            Edit::Replace(with) => encode(&with, Spelling::of(raw, text), ""),
+            Edit::Replace(with) => (with, ""),
             Edit::ReplacePrefix { len, with } => match raw_offset_after(raw, len) {
-                Some(at) => encode(&with, Spelling::of(raw, text), &raw[at..raw.len() - 1]),
-                None => {
-                    let whole = format!("{with}{}", text.get(len..).unwrap_or(""));
-                    encode(&whole, Spelling::of(raw, text), "")
-                }
+                Some(at) => (with, &raw[at..raw.len() - 1]),
+                None => (with + text.get(len..).unwrap_or(""), ""),
             },
         };
+        let replacement = encode(&with, Spelling::of(raw, text), kept);
         let out = self
             .out
-            .get_or_insert_with(|| Vec::with_capacity(self.b.len() + 256));
-        out.extend_from_slice(&self.b[self.copied..start]);
+            .get_or_insert_with(|| Vec::with_capacity(self.src.len() + 256));
+        out.extend_from_slice(&self.src.as_bytes()[self.copied..start]);
         out.extend_from_slice(replacement.as_bytes());
         self.copied = self.pos;
     }
 }
 
-/// Decodes the string token at the start of `s`: its text and the token's length in bytes.
-fn decode(s: &str) -> Result<(String, usize), &'static str> {
-    let b = s.as_bytes();
-    let mut text = String::new();
-    let mut i = 1;
-    let mut run = 1;
-    loop {
-        match b.get(i) {
-            None => return Err("unterminated string"),
-            Some(b'"') => {
-                text.push_str(&s[run..i]);
-                return Ok((text, i + 1));
-            }
-            Some(b'\\') => {
-                text.push_str(&s[run..i]);
-                let (c, len) = unescape(&s[i..])?;
-                text.push(c);
-                i += len;
-                run = i;
-            }
-            Some(c) if *c < 0x20 => return Err("control character in a string"),
-            Some(_) => i += 1,
-        }
-    }
-}
-
 /// The character an escape at the start of `s` stands for, and the escape's length.
-fn unescape(s: &str) -> Result<(char, usize), &'static str> {
-    let b = s.as_bytes();
-    let c = match b.get(1) {
-        Some(b'"') => '"',
-        Some(b'\\') => '\\',
-        Some(b'/') => '/',
-        Some(b'b') => '\u{8}',
-        Some(b'f') => '\u{c}',
-        Some(b'n') => '\n',
-        Some(b'r') => '\r',
-        Some(b't') => '\t',
-        Some(b'u') => {
-            let unit = hex4(s.get(2..6))?;
-            if (0xD800..0xDC00).contains(&unit) {
-                // A high surrogate: its low half must follow as a second escape.
-                if s.get(6..8) != Some("\\u") {
-                    return Err("lone surrogate in a string");
-                }
-                let low = hex4(s.get(8..12))?;
-                if !(0xDC00..0xE000).contains(&low) {
-                    return Err("lone surrogate in a string");
-                }
-                let code = 0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00);
-                return char::from_u32(code)
-                    .map(|c| (c, 12))
-                    .ok_or("invalid escape");
-            }
-            return char::from_u32(unit)
-                .map(|c| (c, 6))
-                .ok_or("lone surrogate in a string");
-        }
-        _ => return Err("invalid escape"),
+fn unescape(s: &str) -> Option<(char, usize)> {
+    let unit = |at: usize| u32::from_str_radix(s.get(at..at + 4)?, 16).ok();
+    let len = match s.as_bytes().get(1)? {
+        // A high surrogate, whose low half follows as a second escape.
+        b'u' if (0xD800..0xDC00).contains(&unit(2)?) => 12,
+        b'u' => 6,
+        _ => 2,
     };
-    Ok((c, 2))
-}
-
-fn hex4(s: Option<&str>) -> Result<u32, &'static str> {
-    s.filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .and_then(|h| u32::from_str_radix(h, 16).ok())
-        .ok_or("invalid \\u escape")
+    let text: String = serde_json::from_str(&format!("\"{}\"", s.get(..len)?)).ok()?;
+    Some((text.chars().next()?, len))
 }
 
 /// Where in `raw` (a token, quotes included) the first `len` decoded bytes end, if that is
@@ -350,7 +234,7 @@ fn raw_offset_after(raw: &str, len: usize) -> Option<usize> {
     while decoded < len {
         let rest = raw.get(i..raw.len().checked_sub(1)?)?;
         let (c, width) = if rest.starts_with('\\') {
-            unescape(rest).ok()?
+            unescape(rest)?
         } else {
             let c = rest.chars().next()?;
             (c, c.len_utf8())
@@ -375,12 +259,10 @@ struct Spelling {
 impl Spelling {
     fn of(raw: &str, text: &str) -> Self {
         const HTML: [&[u8]; 5] = [b"\\u0026", b"\\u003c", b"\\u003e", b"\\u0027", b"\\u0022"];
+        let html = |w: &[u8]| HTML.iter().any(|e| w.eq_ignore_ascii_case(e));
         Spelling {
             slash: raw.contains("\\/"),
-            html: raw
-                .as_bytes()
-                .windows(6)
-                .any(|w| HTML.iter().any(|e| w.eq_ignore_ascii_case(e))),
+            html: raw.as_bytes().windows(6).any(html),
             ascii: raw.is_ascii() && !text.is_ascii(),
         }
     }
@@ -392,49 +274,28 @@ fn encode(text: &str, spelling: Spelling, raw_tail: &str) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(text.len() + raw_tail.len() + 16);
     out.push('"');
-    // Bytes that need no escape are copied in runs: a link may carry a long query.
-    let bytes = text.as_bytes();
-    let (mut run, mut i) = (0, 0);
-    while i < bytes.len() {
-        let special = match bytes[i] {
-            b'"' | b'\\' | 0..=0x1f => true,
-            b'/' => spelling.slash,
-            b'&' | b'<' | b'>' | b'\'' => spelling.html,
-            0x80.. => spelling.ascii,
-            _ => false,
-        };
-        if !special {
-            i += 1;
-            continue;
-        }
-        out.push_str(&text[run..i]);
-        // `i` is at a character's first byte: runs stop only there.
-        let Some(c) = text[i..].chars().next() else {
-            break;
-        };
-        i += c.len_utf8();
-        run = i;
+    for c in text.chars() {
         match c {
             '"' if spelling.html => out.push_str("\\u0022"),
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            '/' => out.push_str("\\/"),
+            '/' if spelling.slash => out.push_str("\\/"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             // PHP writes these in upper-case hex (`\u0026`), the spelling kept here.
-            '&' | '<' | '>' | '\'' => {
+            '&' | '<' | '>' | '\'' if spelling.html => {
                 let _ = write!(out, "\\u{:04X}", c as u32);
             }
-            c => {
+            c if c < ' ' || (spelling.ascii && !c.is_ascii()) => {
                 let mut units = [0u16; 2];
                 for unit in c.encode_utf16(&mut units) {
                     let _ = write!(out, "\\u{unit:04x}");
                 }
             }
+            c => out.push(c),
         }
     }
-    out.push_str(&text[run..]);
     out.push_str(raw_tail);
     out.push('"');
     out

@@ -51,12 +51,11 @@ impl LinkRewrite {
             let Some(len) = self.prefix_len(v.text) else {
                 return Edit::Keep;
             };
+            let page_links = v.path.first() == Some(&Seg::Key("_links".into()));
             let item_query = match query {
                 ItemQuery::Kept => None,
                 ItemQuery::All(q) => Some(q),
-                ItemQuery::Items(q) => {
-                    (v.path.first() != Some(&Seg::Key("_links".into()))).then_some(q)
-                }
+                ItemQuery::Items(q) => (!page_links).then_some(q),
             };
             let rest = &v.text[len..];
             match item_query {
@@ -64,12 +63,8 @@ impl LinkRewrite {
                 Some(q) if rest.contains('?') => {
                     let (path, fragment) = split_at_any(rest, '#');
                     let (path, _) = split_at_any(path, '?');
-                    let query = if q.is_empty() {
-                        String::new()
-                    } else {
-                        format!("?{q}")
-                    };
-                    Edit::Replace(format!("{}{path}{query}{fragment}", self.public))
+                    let mark = if q.is_empty() { "" } else { "?" };
+                    Edit::Replace(format!("{}{path}{mark}{q}{fragment}", self.public))
                 }
                 _ => Edit::ReplacePrefix {
                     len,
@@ -131,11 +126,8 @@ impl<'a> Origin<'a> {
     /// href of every answer passes here.
     fn split(url: &'a str) -> Option<(Origin<'a>, usize)> {
         let (scheme, rest) = url.split_once("://")?;
-        if scheme.is_empty()
-            || !scheme
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
-        {
+        let scheme_byte = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.');
+        if scheme.is_empty() || !scheme.bytes().all(scheme_byte) {
             return None;
         }
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -144,27 +136,18 @@ impl<'a> Origin<'a> {
             return None;
         }
         let (host, port) = match authority.rsplit_once(':') {
-            Some((host, port)) if !port.contains(']') => {
-                let port = if port.is_empty() {
-                    None
-                } else {
-                    Some(port.parse::<u16>().ok()?)
-                };
-                (host, port)
-            }
+            Some((host, "")) => (host, None),
+            Some((host, port)) if !port.contains(']') => (host, Some(port.parse::<u16>().ok()?)),
             _ => (authority, None),
         };
-        let default = if scheme.eq_ignore_ascii_case("http") {
-            Some(80)
-        } else if scheme.eq_ignore_ascii_case("https") {
-            Some(443)
-        } else {
-            None
-        };
+        let defaults = [("http", 80), ("https", 443)];
+        let default = defaults
+            .iter()
+            .find(|(s, _)| scheme.eq_ignore_ascii_case(s));
         let origin = Origin {
             scheme,
             host,
-            port: port.or(default),
+            port: port.or(default.map(|(_, port)| *port)),
         };
         Some((origin, url.len() - rest.len() + end))
     }

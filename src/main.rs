@@ -7,6 +7,7 @@
 mod demo;
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -59,77 +60,56 @@ fn main() -> ExitCode {
     };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
     match cli.log_format {
         // Colours only for a person at a terminal, not in a file or a log collector.
-        LogFormat::Pretty => tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_env_filter(filter)
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
+        LogFormat::Pretty => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .with_env_filter(filter)
             .init(),
     }
     if matches!(cli.command, Command::Serve(_) | Command::Demo(_)) {
         open_files();
     }
-    match cli.command {
+    run(cli.command).unwrap_or_else(|(code, message)| fail(code, &message))
+}
+
+/// Runs `command`; an error is the exit code and what to print.
+fn run(command: Command) -> Result<ExitCode, (u8, String)> {
+    let usage = |e| (USAGE, e);
+    match command {
         Command::Serve(args) => {
             // Validated before anything starts: `--check` prints it and exits.
             let check = args.check;
-            let config = match args.validate() {
-                Ok(c) => c,
-                Err(e) => return fail(USAGE, &e),
-            };
+            let config = args.validate().map_err(usage)?;
             if check {
                 print!("{}", config.describe());
-                return ExitCode::SUCCESS;
-            }
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = config.worker_threads {
-                builder.worker_threads(n);
-            }
-            match builder.enable_all().build() {
-                Ok(rt) => rt.block_on(serve(config)),
-                Err(e) => fail(1, &format!("cannot start the runtime: {e}")),
+            } else {
+                block_on(config.worker_threads, serve(config))?;
             }
         }
-        Command::Sim(args) => match runtime() {
-            Ok(rt) => rt.block_on(sim(args)),
-            Err(code) => code,
-        },
-        Command::Demo(args) => match runtime() {
-            Ok(rt) => rt.block_on(async {
-                match demo::run(args, kommo_fanout::shutdown_signal()).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => fail(1, &e),
-                }
-            }),
-            Err(code) => code,
-        },
+        Command::Sim(args) => {
+            let listen = args.listen();
+            let config = args.into_config().map_err(usage)?;
+            block_on(None, sim(listen, config))?;
+        }
+        Command::Demo(args) => block_on(None, demo::run(args, kommo_fanout::shutdown_signal()))?,
         Command::Verify(args) => {
-            let opts = match kommo_fanout::verify::Options::from_args(&args) {
-                Ok(o) => o,
-                Err(e) => return fail(USAGE, &e),
-            };
-            match runtime() {
-                Ok(rt) => {
-                    let report = rt.block_on(kommo_fanout::verify::run(&opts));
-                    if args.json {
-                        println!("{}", report.json());
-                    } else {
-                        print!("{}", report.text());
-                    }
-                    ExitCode::from(report.exit_code())
-                }
-                Err(code) => code,
+            let opts = kommo_fanout::verify::Options::from_args(&args).map_err(usage)?;
+            let report = block_on(None, async { Ok(kommo_fanout::verify::run(&opts).await) })?;
+            if args.json {
+                println!("{}", report.json());
+            } else {
+                print!("{}", report.text());
             }
+            return Ok(ExitCode::from(report.exit_code()));
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Raises the soft limit on open files to the hard one (see
@@ -143,54 +123,44 @@ fn open_files() {
     }
 }
 
-/// A multi-threaded runtime with one thread per CPU.
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| fail(1, &format!("cannot start the runtime: {e}")))
+/// Runs `job` on a multi-threaded runtime of `threads` (default: one per CPU); a failure
+/// exits with code 1.
+fn block_on<T>(
+    threads: Option<usize>,
+    job: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, (u8, String)> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let runtime = builder.enable_all().build();
+    let runtime = runtime.map_err(|e| (1, format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(job).map_err(|e| (1, e))
 }
 
-async fn serve(config: config::ServeConfig) -> ExitCode {
-    let (listener, admin) = match (
-        TcpListener::bind(config.listen).await,
-        TcpListener::bind(config.admin_listen).await,
-    ) {
-        (Ok(l), Ok(a)) => (l, a),
-        (Err(e), _) => return fail(1, &format!("cannot listen on {}: {e}", config.listen)),
-        (_, Err(e)) => return fail(1, &format!("cannot listen on {}: {e}", config.admin_listen)),
-    };
+async fn serve(config: config::ServeConfig) -> Result<(), String> {
+    let (listener, admin) = (bind(config.listen).await?, bind(config.admin_listen).await?);
     // The bound addresses: with port 0 the system picked the port.
     let bound = |l: &TcpListener| {
         l.local_addr()
             .map_or_else(|e| e.to_string(), |a| a.to_string())
     };
     tracing::info!(listen = %bound(&listener), admin = %bound(&admin), upstream = %config.upstream.origin.url, "serving");
-    match kommo_fanout::run(&config, listener, admin, kommo_fanout::shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(1, &e),
-    }
+    kommo_fanout::run(&config, listener, admin, kommo_fanout::shutdown_signal()).await
 }
 
-async fn sim(args: SimArgs) -> ExitCode {
-    let listen = args.listen();
-    let config = match args.into_config() {
-        Ok(c) => c,
-        Err(e) => return fail(USAGE, &e),
-    };
-    let listener = match TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => return fail(1, &format!("cannot listen on {listen}: {e}")),
-    };
+async fn sim(listen: SocketAddr, config: kommo_sim::SimConfig) -> Result<(), String> {
+    let listener = bind(listen).await?;
     let listen = listener.local_addr().unwrap_or(listen);
     tracing::info!(%listen, "simulated Kommo account serving");
-    match kommo_sim::Sim::new(config)
-        .run(listener, kommo_fanout::shutdown_signal())
-        .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(1, &e.to_string()),
-    }
+    let sim = kommo_sim::Sim::new(config).run(listener, kommo_fanout::shutdown_signal());
+    sim.await.map_err(|e| e.to_string())
+}
+
+/// A listener on `addr`; the error names the address.
+async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    let listener = TcpListener::bind(addr).await;
+    listener.map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
 fn fail(code: u8, message: &str) -> ExitCode {

@@ -34,16 +34,12 @@ pub async fn forward(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if req.method() == Method::CONNECT {
-        return Err(ProxyError::MethodNotAllowed(
-            "CONNECT is not supported: this is a gateway to one Kommo account, not a forward proxy"
-                .into(),
-        ));
+        let why =
+            "CONNECT is not supported: this is a gateway to one Kommo account, not a forward proxy";
+        return Err(ProxyError::MethodNotAllowed(why.into()));
     }
-    if let Some(cache) = gw
-        .cache
-        .as_ref()
-        .filter(|_| is_cached(gw, req.method(), ctx.credential.is_some()))
-    {
+    let cached = is_cached(gw, req.method(), ctx.credential.is_some());
+    if let Some(cache) = gw.cache.as_ref().filter(|_| cached) {
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         // Boxed: the cache's future is several times the size of the plain relay below,
         // and every pass-through request would carry (and copy) it unboxed.
@@ -51,28 +47,24 @@ pub async fn forward(
         return Box::pin(cached_get(gw, cache, &ctx, target)).await;
     }
     let max_body = gw.settings.bounds.max_body_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = req.headers().get(header::CONTENT_LENGTH);
+    let declared = declared.and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max_body) {
         return Err(too_large(max_body));
     }
-    let (parts, incoming) = req.into_parts();
+    let (mut parts, incoming) = req.into_parts();
     let is_head = parts.method == Method::HEAD;
     let (incoming, exceeded) = CappedBody::new(incoming, max_body);
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    // After the removals: the id usually takes a freed place instead of growing the map.
+    parts.headers.insert(REQUEST_ID, ctx.request_id.clone());
     // Only the path and query of the request are used, even of an absolute-form request
     // (`GET http://other.host/x`): `Upstream::send` puts them at the configured origin.
     let mut upstream_req = Request::new(body::boxed(incoming));
     *upstream_req.method_mut() = parts.method;
     *upstream_req.uri_mut() = parts.uri;
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    // After the removals: the id usually takes a freed place instead of growing the map.
-    headers.insert(REQUEST_ID, ctx.request_id.clone());
-    *upstream_req.headers_mut() = headers;
+    *upstream_req.headers_mut() = parts.headers;
 
     let _admitted = gw.fetcher.admit(&ctx.flow, 1)?;
     ctx.count_upstream_call();
@@ -86,13 +78,9 @@ pub async fn forward(
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // A redirect to the account is a redirect to the proxy.
-    if let Some(location) = parts
-        .headers
-        .get(header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| ctx.rewrite().location(v))
-        .and_then(|v| HeaderValue::from_str(&v).ok())
-    {
+    let location = parts.headers.get(header::LOCATION);
+    let location = location.and_then(|v| ctx.rewrite().location(v.to_str().ok()?));
+    if let Some(location) = location.and_then(|v| HeaderValue::from_str(&v).ok()) {
         parts.headers.insert(header::LOCATION, location);
     }
     if is_head || !crate::links::is_json(&parts.headers) {
@@ -126,7 +114,7 @@ async fn read_up_to(mut incoming: Incoming, max: usize) -> Read {
     // Past the bound, at trailers or at an error: what was read, then the rest as it comes.
     let stop = loop {
         match incoming.frame().await {
-            None => return Read::Whole(concat(chunks, len)),
+            None => return Read::Whole(concat(chunks)),
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     len += data.len();
@@ -147,14 +135,11 @@ async fn read_up_to(mut incoming: Incoming, max: usize) -> Read {
     )))
 }
 
-fn concat(chunks: Vec<Bytes>, len: usize) -> Bytes {
-    match <[Bytes; 1]>::try_from(chunks) {
-        Ok([one]) => one,
-        Err(chunks) => {
-            let mut out = Vec::with_capacity(len);
-            chunks.iter().for_each(|c| out.extend_from_slice(c));
-            out.into()
-        }
+/// The chunks as one, copied only when there are several.
+fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        1 => chunks.pop().unwrap_or_default(),
+        _ => chunks.concat().into(),
     }
 }
 
@@ -172,11 +157,8 @@ async fn cached_get(
     ctx: &RequestContext,
     target: &str,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let Some(credential) = &ctx.credential else {
-        return Err(ProxyError::Internal(
-            "cached GET without a credential".into(),
-        ));
-    };
+    let missing = || ProxyError::Internal("cached GET without a credential".into());
+    let credential = ctx.credential.as_ref().ok_or_else(missing)?;
     let key = Cache::answer_key(credential, &ctx.variant, ctx.public_base(), target, "");
     let fill = async {
         let generation = cache.generation();

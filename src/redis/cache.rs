@@ -13,12 +13,13 @@
 //! would add a timeout to each) and probes it about once a second; errors are logged at warn at
 //! most every 30 s, and [`RedisCache::degraded`] says so for readiness and metrics.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
-use ::redis::Script;
+use ::redis::{AsyncCommands, RedisResult, Script};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
@@ -66,25 +67,21 @@ struct Health {
 }
 
 /// The entry under the current generation. KEYS: the generation. ARGV: entry prefix, key.
-static GET: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+static GET: LazyLock<Script> = script!(
+    r"
 local g = redis.call('GET', KEYS[1]) or '0'
 return redis.call('GET', ARGV[1] .. g .. ':' .. ARGV[2])
-",
-    )
-});
+"
+);
 
 /// Stores under the current generation. KEYS: the generation. ARGV: entry prefix, key, value,
 /// ttl ms.
-static PUT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+static PUT: LazyLock<Script> = script!(
+    r"
 local g = redis.call('GET', KEYS[1]) or '0'
 return redis.call('SET', ARGV[1] .. g .. ':' .. ARGV[2], ARGV[3], 'PX', ARGV[4])
-",
-    )
-});
+"
+);
 
 // === impl RedisCache ===
 
@@ -110,14 +107,8 @@ impl RedisCache {
 
     /// The shared generation, `None` when Redis does not answer.
     pub async fn generation(&self) -> Option<u64> {
-        let mut conn = self.conn.clone();
-        let r: Result<Option<u64>, String> = timed(
-            ::redis::cmd("GET")
-                .arg(&self.generation)
-                .query_async(&mut conn),
-        )
-        .await;
-        self.outcome(r).map(|g| g.unwrap_or(0))
+        let generation = self.call(self.conn.clone().get(&self.generation)).await;
+        generation.map(|g: Option<u64>| g.unwrap_or(0))
     }
 
     /// Whether to call Redis now: always when healthy, once per probe interval when not. A
@@ -141,20 +132,15 @@ impl RedisCache {
     /// `INCR`s the shared generation; remembers to do it later if Redis does not answer.
     async fn bump(&self) -> bool {
         let mut conn = self.conn.clone();
-        let r: Result<u64, String> = timed(
-            ::redis::cmd("INCR")
-                .arg(&self.generation)
-                .query_async(&mut conn),
-        )
-        .await;
-        let done = self.outcome(r).is_some();
+        let incremented = self.call(conn.incr::<_, _, u64>(&self.generation, 1)).await;
+        let done = incremented.is_some();
         self.invalidation_pending.store(!done, Ordering::Release);
         done
     }
 
-    /// Records how a call went; an error becomes `None`.
-    fn outcome<T>(&self, r: Result<T, String>) -> Option<T> {
-        match r {
+    /// One call to Redis, under [`timed`]: how it went is recorded, an error becomes `None`.
+    async fn call<T>(&self, call: impl Future<Output = RedisResult<T>>) -> Option<T> {
+        match timed(call).await {
             Ok(v) => {
                 if self.degraded.swap(false, Ordering::AcqRel) {
                     info!("Redis answers again: the shared cache is back");
@@ -184,15 +170,11 @@ impl SharedCache for RedisCache {
             if !self.may_call().await {
                 return None;
             }
-            let mut conn = self.conn.clone();
-            let r: Result<Option<Vec<u8>>, String> = timed(
-                GET.key(&self.generation)
-                    .arg(&self.entries)
-                    .arg(key)
-                    .invoke_async(&mut conn),
-            )
-            .await;
-            self.outcome(r).flatten().map(Bytes::from)
+            let mut get = GET.key(&self.generation);
+            get.arg(&self.entries).arg(key);
+            let entry: Option<Option<Vec<u8>>> =
+                self.call(get.invoke_async(&mut self.conn.clone())).await;
+            entry.flatten().map(Bytes::from)
         })
     }
 
@@ -202,17 +184,10 @@ impl SharedCache for RedisCache {
             if ms == 0 || !self.may_call().await {
                 return;
             }
-            let mut conn = self.conn.clone();
-            let r: Result<(), String> = timed(
-                PUT.key(&self.generation)
-                    .arg(&self.entries)
-                    .arg(key)
-                    .arg(value.as_ref())
-                    .arg(ms)
-                    .invoke_async(&mut conn),
-            )
-            .await;
-            self.outcome(r);
+            let mut put = PUT.key(&self.generation);
+            put.arg(&self.entries).arg(key).arg(value.as_ref()).arg(ms);
+            self.call(put.invoke_async::<()>(&mut self.conn.clone()))
+                .await;
         })
     }
 

@@ -57,11 +57,9 @@
 //! Redis is behind a `SlotStore` trait, so the logic above is unit-tested against an in-memory
 //! stand-in; the end-to-end tests run it against a real `redis-server`.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -70,7 +68,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::slots::{millis, Hold, Limits, RedisStore, SlotStore, Take};
-use super::REDIS_TIMEOUT;
+use super::timed;
 use crate::upstream::fair::FairQueue;
 use crate::upstream::limiter::{
     FlowId, GrantId, LimitError, LimiterConfig, LimiterSnapshot, LocalLimiter, UpstreamLimiter,
@@ -120,8 +118,6 @@ struct Core<S> {
     replica: String,
     /// Serves while Redis is unreachable, and mirrors pauses and blocks meanwhile.
     fallback: LocalLimiter,
-    /// Mirrors `state.mode == Fallback` for a lock-free `degraded()`.
-    degraded: AtomicBool,
     /// Source of slot numbers (unique per replica; the replica id makes them global).
     next_slot: AtomicU64,
     /// All mutable state behind one blocking mutex: every critical section is short and never
@@ -194,7 +190,7 @@ struct Taking<'a, S: SlotStore> {
 }
 
 /// Counts a fallback acquire until it resolves.
-struct FallbackWaiting<'a, S>(&'a Core<S>);
+struct FallbackWaiting<'a, S: SlotStore>(&'a Core<S>);
 
 // === impl RedisLimiter ===
 
@@ -213,23 +209,6 @@ impl RedisLimiter {
     pub fn degraded(&self) -> bool {
         self.core.degraded()
     }
-
-    /// This replica's id in Redis (slot ids, membership).
-    pub fn replica_id(&self) -> &str {
-        &self.core.replica
-    }
-}
-
-/// A random id for this process: no two replicas (or restarts) may share slot ids.
-fn replica_id() -> String {
-    let mut h = RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    h.write_u128(nanos);
-    format!("{:016x}", h.finish())
 }
 
 impl UpstreamLimiter for RedisLimiter {
@@ -277,12 +256,12 @@ impl<S: SlotStore> Core<S> {
                 replicas,
                 share,
             },
-            replica: replica_id(),
+            // Random per process: no two replicas (or restarts) may share slot ids.
+            replica: super::random_hex(1),
             fallback: LocalLimiter::new(LimiterConfig {
                 requests: share,
                 ..cfg.limiter
             }),
-            degraded: AtomicBool::new(true),
             next_slot: AtomicU64::new(0),
             state: Mutex::new(State {
                 degraded_since: Some(Instant::now()),
@@ -293,7 +272,6 @@ impl<S: SlotStore> Core<S> {
             Ok(()) => {
                 let mut st = core.lock();
                 (st.mode, st.degraded_since) = (Mode::Shared, None);
-                core.degraded.store(false, Ordering::Release);
                 info!(replica = %core.replica, requests, replicas, "shared upstream limiter on Redis");
             }
             Err(e) => error!(
@@ -307,7 +285,7 @@ impl<S: SlotStore> Core<S> {
     }
 
     fn degraded(&self) -> bool {
-        self.degraded.load(Ordering::Acquire)
+        self.lock().mode == Mode::Fallback
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -333,12 +311,6 @@ impl<S: SlotStore> Core<S> {
         format!("{}:{n}", self.replica)
     }
 
-    /// One store call, given up after [`REDIS_TIMEOUT`]: a stalled Redis must not stall requests.
-    async fn call<T>(&self, op: impl Future<Output = Result<T, String>>) -> Result<T, String> {
-        (tokio::time::timeout(REDIS_TIMEOUT, op).await)
-            .unwrap_or_else(|_| Err(format!("no answer from Redis within {REDIS_TIMEOUT:?}")))
-    }
-
     /// Grant ids: a Redis slot's number times two, or a fallback grant's id times two plus one.
     async fn acquire(
         self: &Arc<Self>,
@@ -355,20 +327,16 @@ impl<S: SlotStore> Core<S> {
                 fallback.then(|| FallbackWaiting(self))
             };
             if let Some(_waiting) = waiting {
+                let last_release = kq.seen().last_release;
                 let hold = {
                     let st = self.lock();
-                    let last_release = kq.seen().last_release;
-                    [st.degraded_since, st.member_until, last_release]
-                        .into_iter()
-                        .flatten()
-                        .max()
+                    st.degraded_since.max(st.member_until).max(last_release)
                 };
-                if let Some(hold) = hold.map(|t| t + self.limits.span) {
-                    // Until the others see this replica gone and its Redis slots have freed, it
-                    // may not grant locally: a pause of the fallback is exactly that wait.
-                    if hold > Instant::now() {
-                        self.fallback.pause(key, hold);
-                    }
+                // Until the others see this replica gone and its Redis slots have freed, it may
+                // not grant locally: a pause of the fallback is exactly that wait.
+                let hold = hold.map(|t| t + self.limits.span);
+                if let Some(hold) = hold.filter(|&hold| hold > Instant::now()) {
+                    self.fallback.pause(key, hold);
                 }
                 let grant = self.fallback.acquire(key, flow, deadline).await?;
                 return Ok(grant << 1 | 1);
@@ -390,7 +358,7 @@ impl<S: SlotStore> Core<S> {
 
     /// Why a waiter must stop now: Redis was lost, a block, or no slot before its deadline.
     fn check(&self, kq: &KeyQueue, key: &str, deadline: Instant) -> Result<(), Stop> {
-        if self.lock().mode == Mode::Fallback {
+        if self.degraded() {
             return Err(Stop::Fallback);
         }
         let local = self.fallback.snapshot(key);
@@ -422,19 +390,14 @@ impl<S: SlotStore> Core<S> {
             }
             let n = self.next_slot.fetch_add(1, Ordering::Relaxed);
             let slot = self.slot(n);
-            let reply = self.call(self.store.take(key, &slot, self.limits));
+            let reply = timed(self.store.take(key, &slot, self.limits));
             let mut taking = Taking {
                 core: self,
                 key,
                 slot: Some(slot.clone()),
             };
-            let reply = match reply.await {
-                Ok(reply) => reply,
-                Err(e) => {
-                    self.degrade(&e);
-                    return Err(Stop::Fallback);
-                }
-            };
+            let reply = reply.await.inspect_err(|e| self.degrade(e));
+            let reply = reply.map_err(|_| Stop::Fallback)?;
             self.took(kq, key, reply);
             if reply.granted {
                 // Never grant at or after the deadline: the caller has given up by then.
@@ -477,15 +440,15 @@ impl<S: SlotStore> Core<S> {
     /// A timeout with a hint: when a request arriving now would likely be served, the queue
     /// ahead of it included.
     fn timeout(&self, kq: &KeyQueue) -> LimitError {
-        let free = kq.seen().free_at;
-        let free = free.map_or(Duration::ZERO, |t| {
-            t.saturating_duration_since(Instant::now())
-        });
+        let free = kq
+            .seen()
+            .free_at
+            .map(|t| t.saturating_duration_since(Instant::now()));
         let rounds = kq.fair.len() / self.limits.requests as usize;
         let rounds = u32::try_from(rounds).unwrap_or(u32::MAX).saturating_add(1);
-        LimitError::Timeout {
-            retry_after: free.max(self.limits.span.saturating_mul(rounds) / 2),
-        }
+        let retry_after =
+            (self.limits.span.saturating_mul(rounds) / 2).max(free.unwrap_or_default());
+        LimitError::Timeout { retry_after }
     }
 
     fn release(self: &Arc<Self>, key: &str, grant: GrantId) {
@@ -494,14 +457,14 @@ impl<S: SlotStore> Core<S> {
         }
         let now = Instant::now();
         self.key(key).seen().last_release = Some(now);
-        if self.lock().mode == Mode::Fallback {
+        if self.degraded() {
             // Sent under Redis, completed under the fallback: the fallback waits for it.
             self.fallback.pause(key, now + self.limits.span);
         }
         let (core, key, slot) = (self.clone(), key.to_owned(), self.slot(grant >> 1));
         spawn(async move {
             let released = core.store.release(&key, &slot, core.limits.span);
-            if let Err(e) = core.call(released).await {
+            if let Err(e) = timed(released).await {
                 // The slot keeps its lease: the budget shrinks until it ends, never grows.
                 debug!(error = %e, "could not release a slot in Redis");
             }
@@ -528,7 +491,7 @@ impl<S: SlotStore> Core<S> {
         }
         let (core, key) = (self.clone(), key.to_owned());
         spawn(async move {
-            if let Err(e) = core.call(core.store.hold(&key, hold, left)).await {
+            if let Err(e) = timed(core.store.hold(&key, hold, left)).await {
                 warn!(error = %e, key, "could not share a pause or block through Redis");
                 core.degrade(&e);
             }
@@ -538,7 +501,7 @@ impl<S: SlotStore> Core<S> {
     fn snapshot(&self, key: &str) -> LimiterSnapshot {
         let local = self.fallback.snapshot(key);
         let kq = self.key(key);
-        let fallback = self.lock().mode == Mode::Fallback;
+        let fallback = self.degraded();
         LimiterSnapshot {
             queued: kq.fair.len() + local.queued,
             in_window: if fallback {
@@ -567,7 +530,7 @@ impl<S: SlotStore> Core<S> {
             redis_ms.saturating_add(ms(now - at) + ms(REGISTER_VALID))
         };
         let register = self.store.register(&self.replica, MEMBER_TTL, deadline);
-        if self.call(register).await? {
+        if timed(register).await? {
             return Ok(());
         }
         // Slow, or the clocks moved: measure again before the next try.
@@ -578,7 +541,7 @@ impl<S: SlotStore> Core<S> {
     /// Reads Redis's clock: proves Redis answers, and measures its clock against this host's.
     async fn read_clock(&self) -> Result<(), String> {
         let sent = Instant::now();
-        let redis_ms = self.call(self.store.time()).await?;
+        let redis_ms = timed(self.store.time()).await?;
         let half = (Instant::now() - sent) / 2;
         self.lock().clock = Some((sent + half, redis_ms, half + Duration::from_millis(1)));
         Ok(())
@@ -594,7 +557,6 @@ impl<S: SlotStore> Core<S> {
             (st.mode, st.degraded_since) = (Mode::Fallback, Some(Instant::now()));
             st.keys.values().cloned().collect()
         };
-        self.degraded.store(true, Ordering::Release);
         error!(
             error = why,
             fallback_requests = self.limits.share,
@@ -629,7 +591,6 @@ impl<S: SlotStore> Core<S> {
                     let mut st = self.lock();
                     if st.mode == Mode::Fallback {
                         st.mode = Mode::Recovering;
-                        self.degraded.store(false, Ordering::Release);
                         info!("Redis answers again: the upstream limiter is shared again");
                     }
                 }
@@ -686,7 +647,7 @@ impl<S: SlotStore> Drop for Taking<'_, S> {
         // Sent after the take on the same connection, so it runs after it, even late.
         let (core, key) = (self.core.clone(), self.key.to_owned());
         spawn(async move {
-            if let Err(e) = core.call(core.store.give_back(&key, &slot)).await {
+            if let Err(e) = timed(core.store.give_back(&key, &slot)).await {
                 // The lease frees it; meanwhile the budget is smaller, never larger.
                 debug!(error = %e, "could not return an unused slot to Redis");
             }
@@ -694,10 +655,9 @@ impl<S: SlotStore> Drop for Taking<'_, S> {
     }
 }
 
-impl<S> Drop for FallbackWaiting<'_, S> {
+impl<S: SlotStore> Drop for FallbackWaiting<'_, S> {
     fn drop(&mut self) {
-        let mut st = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
-        st.fallback_waiting -= 1;
+        self.0.lock().fallback_waiting -= 1;
     }
 }
 

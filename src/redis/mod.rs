@@ -17,6 +17,20 @@
 //! with a transparent `EVAL` fallback after a server restart empties the script cache, and
 //! `rediss://` over rustls (the TLS stack the proxy already uses).
 
+/// A Lua script, compiled once. A `clock` script first reads Redis's time, in ms, into `now`.
+macro_rules! script {
+    (clock, $body:literal) => {
+        script!(concat!(
+            "local t = redis.call('TIME')\n",
+            "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n",
+            $body
+        ))
+    };
+    ($body:expr) => {
+        std::sync::LazyLock::new(|| ::redis::Script::new($body))
+    };
+}
+
 pub mod cache;
 pub mod limiter;
 mod slots;
@@ -49,12 +63,11 @@ pub(crate) fn connection(url: &str) -> Result<ConnectionManager, String> {
 }
 
 /// Runs one Redis call under [`REDIS_TIMEOUT`]; a timeout is an error like any other.
-pub(crate) async fn timed<T>(
-    call: impl std::future::Future<Output = ::redis::RedisResult<T>>,
+pub(crate) async fn timed<T, E: ToString>(
+    call: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, String> {
     match tokio::time::timeout(REDIS_TIMEOUT, call).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(answer) => answer.map_err(|e| e.to_string()),
         Err(_) => Err(format!("no answer from Redis within {REDIS_TIMEOUT:?}")),
     }
 }
@@ -63,46 +76,27 @@ pub(crate) async fn timed<T>(
 /// shared across replicas: the first replica stores a random one (`SET NX`), the others read
 /// it. `None` when Redis does not answer (the caller keeps a local secret and says so).
 pub async fn shared_fingerprint_secret(url: &str, key_prefix: &str) -> Option<[u8; 32]> {
+    use ::redis::{AsyncCommands, ExistenceCheck, SetOptions};
     let mut conn = connection(url).ok()?;
     let key = format!("{key_prefix}fingerprint-secret");
-    let candidate = random_hex32();
-    let _: Option<String> = timed(
-        ::redis::cmd("SET")
-            .arg(&key)
-            .arg(&candidate)
-            .arg("NX")
-            .query_async(&mut conn),
-    )
-    .await
-    .ok()?;
-    let stored: String = timed(::redis::cmd("GET").arg(&key).query_async(&mut conn))
+    let only_new = SetOptions::default().conditional_set(ExistenceCheck::NX);
+    let _: Option<String> = timed(conn.set_options(&key, random_hex(4), only_new))
         .await
         .ok()?;
+    let stored: String = timed(conn.get(&key)).await.ok()?;
     decode_hex32(&stored)
 }
 
-/// 32 random bytes in hex, from the process's random source.
-fn random_hex32() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    (0..4)
-        .map(|_| {
-            format!(
-                "{:016x}",
-                std::collections::hash_map::RandomState::new()
-                    .build_hasher()
-                    .finish()
-            )
-        })
-        .collect()
+/// `words` random 64-bit words in hex, from the process's random source (std's hasher keys
+/// are random per process and differ for every `RandomState`).
+pub(crate) fn random_hex(words: usize) -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let word = || RandomState::new().hash_one(());
+    (0..words).map(|_| format!("{:016x}", word())).collect()
 }
 
 fn decode_hex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
+    let byte = |i: usize| u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok();
+    let bytes: Option<Vec<u8>> = (0..32).map(byte).collect();
+    bytes.filter(|_| s.len() == 64)?.try_into().ok()
 }

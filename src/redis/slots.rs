@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
-use ::redis::Script;
+use ::redis::{AsyncCommands, FromRedisValue, RedisError, Script, ScriptInvocation};
 
 /// The numbers a take decides with, fixed at construction.
 #[derive(Debug, Clone, Copy)]
@@ -60,45 +60,30 @@ pub(crate) trait SlotStore: Send + Sync + 'static {
     /// Takes the slot named `slot` under `key`, unless a block or pause is in force or the
     /// window is full: `N` less a reserve of `share` for every configured replica that is not
     /// a member, since it may be granting from its fallback.
-    fn take(
-        &self,
-        key: &str,
-        slot: &str,
-        limits: Limits,
-    ) -> impl Future<Output = Result<Take, String>> + Send;
+    fn take(&self, key: &str, slot: &str, limits: Limits) -> impl Reply<Take>;
 
     /// The request of `slot` completed: the slot frees `span` from now. A slot whose lease
     /// already ran out is not brought back.
-    fn release(
-        &self,
-        key: &str,
-        slot: &str,
-        span: Duration,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    fn release(&self, key: &str, slot: &str, span: Duration) -> impl Reply<()>;
 
     /// A slot whose request was never sent frees at once.
-    fn give_back(&self, key: &str, slot: &str) -> impl Future<Output = Result<(), String>> + Send;
+    fn give_back(&self, key: &str, slot: &str) -> impl Reply<()>;
 
     /// Extends (never shortens) a pause or block of `key` to `d` from now.
-    fn hold(
-        &self,
-        key: &str,
-        hold: Hold,
-        d: Duration,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    fn hold(&self, key: &str, hold: Hold, d: Duration) -> impl Reply<()>;
 
     /// Makes `replica` a member for `ttl`, unless the store's clock is past `deadline` (Unix
     /// ms): then false, and nothing changes.
-    fn register(
-        &self,
-        replica: &str,
-        ttl: Duration,
-        deadline: i64,
-    ) -> impl Future<Output = Result<bool, String>> + Send;
+    fn register(&self, replica: &str, ttl: Duration, deadline: i64) -> impl Reply<bool>;
 
     /// The store's clock, Unix ms.
-    fn time(&self) -> impl Future<Output = Result<i64, String>> + Send;
+    fn time(&self) -> impl Reply<i64>;
 }
+
+/// What a store's step returns: its answer, or why the store did not give one.
+pub(crate) trait Reply<T>: Future<Output = Result<T, String>> + Send {}
+
+impl<T, F: Future<Output = Result<T, String>> + Send> Reply<T> for F {}
 
 /// The store in Redis.
 pub(crate) struct RedisStore {
@@ -111,11 +96,9 @@ pub(crate) struct RedisStore {
 
 /// Takes one slot. KEYS: slots, pause, block, members. ARGV: N, span ms, lease ms, replicas,
 /// share, slot. Returns {granted, wait ms, pause ms, block ms, taken}.
-static TAKE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+static TAKE: LazyLock<Script> = script!(
+    clock,
+    r"
 local block_ms = math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0') - now)
 local pause_ms = math.max(0, tonumber(redis.call('GET', KEYS[2]) or '0') - now)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -138,42 +121,33 @@ if nth[2] then
   wait_ms = math.max(1, math.min(span, tonumber(nth[2]) - now))
 end
 return {0, wait_ms, 0, 0, taken}
-",
-    )
-});
+"
+);
 
 /// KEYS: slots. ARGV: slot, span ms. `XX`: a slot whose lease already ran out is not brought back.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+static RELEASE: LazyLock<Script> = script!(
+    clock,
+    r"
 return redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
-",
-    )
-});
+"
+);
 
 /// KEYS: the pause or block. ARGV: ms from now.
-static EXTEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+static EXTEND: LazyLock<Script> = script!(
+    clock,
+    r"
 local ms = tonumber(ARGV[1])
 if now + ms > tonumber(redis.call('GET', KEYS[1]) or '0') then
   redis.call('SET', KEYS[1], now + ms, 'PX', ms)
 end
 return 1
-",
-    )
-});
+"
+);
 
 /// KEYS: members. ARGV: id, ttl ms, deadline (Unix ms). Returns -1 past the deadline.
-static REGISTER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+static REGISTER: LazyLock<Script> = script!(
+    clock,
+    r"
 if now > tonumber(ARGV[3]) then
   return -1
 end
@@ -181,16 +155,11 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return redis.call('ZCARD', KEYS[1])
-",
-    )
-});
+"
+);
 
 pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn failed(e: ::redis::RedisError) -> String {
-    e.to_string()
 }
 
 // === impl RedisStore ===
@@ -203,24 +172,28 @@ impl RedisStore {
     fn key(&self, key: &str, what: &str) -> String {
         format!("{}limiter:{key}:{what}", self.prefix)
     }
+
+    fn members(&self) -> String {
+        format!("{}limiter:members", self.prefix)
+    }
+
+    /// Runs `script` on a handle of the shared connection.
+    async fn invoke<T: FromRedisValue>(&self, script: &ScriptInvocation<'_>) -> Result<T, String> {
+        let reply = script.invoke_async(&mut self.conn.clone()).await;
+        reply.map_err(|e| e.to_string())
+    }
 }
 
 impl SlotStore for RedisStore {
     async fn take(&self, key: &str, slot: &str, lim: Limits) -> Result<Take, String> {
-        let reply: Vec<u64> = TAKE
-            .key(self.key(key, "slots"))
-            .key(self.key(key, "pause"))
-            .key(self.key(key, "block"))
-            .key(format!("{}limiter:members", self.prefix))
-            .arg(lim.requests)
+        let mut take = TAKE.key(self.key(key, "slots"));
+        let (pause, block) = (self.key(key, "pause"), self.key(key, "block"));
+        take.key(pause).key(block).key(self.members());
+        take.arg(lim.requests)
             .arg(millis(lim.span))
-            .arg(millis(lim.lease))
-            .arg(lim.replicas)
-            .arg(lim.share)
-            .arg(slot)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(failed)?;
+            .arg(millis(lim.lease));
+        take.arg(lim.replicas).arg(lim.share).arg(slot);
+        let reply: Vec<u64> = self.invoke(&take).await?;
         let ms = Duration::from_millis;
         match reply[..] {
             [granted, wait, paused, blocked, taken] => Ok(Take {
@@ -235,24 +208,13 @@ impl SlotStore for RedisStore {
     }
 
     async fn release(&self, key: &str, slot: &str, span: Duration) -> Result<(), String> {
-        let _: i64 = RELEASE
-            .key(self.key(key, "slots"))
-            .arg(slot)
-            .arg(millis(span))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(failed)?;
-        Ok(())
+        let mut release = RELEASE.key(self.key(key, "slots"));
+        self.invoke(release.arg(slot).arg(millis(span))).await
     }
 
     async fn give_back(&self, key: &str, slot: &str) -> Result<(), String> {
-        let _: i64 = ::redis::cmd("ZREM")
-            .arg(self.key(key, "slots"))
-            .arg(slot)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(failed)?;
-        Ok(())
+        let removed = self.conn.clone().zrem(self.key(key, "slots"), slot).await;
+        removed.map_err(|e: RedisError| e.to_string())
     }
 
     async fn hold(&self, key: &str, hold: Hold, d: Duration) -> Result<(), String> {
@@ -260,30 +222,21 @@ impl SlotStore for RedisStore {
             Hold::Pause => "pause",
             Hold::Block => "block",
         };
-        let _: i64 = (EXTEND.key(self.key(key, what)).arg(millis(d).max(1)))
-            .invoke_async(&mut self.conn.clone())
+        self.invoke(EXTEND.key(self.key(key, what)).arg(millis(d).max(1)))
             .await
-            .map_err(failed)?;
-        Ok(())
     }
 
     async fn register(&self, replica: &str, ttl: Duration, deadline: i64) -> Result<bool, String> {
-        let members: i64 = REGISTER
-            .key(format!("{}limiter:members", self.prefix))
-            .arg(replica)
-            .arg(millis(ttl))
-            .arg(deadline)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(failed)?;
-        Ok(members >= 0)
+        let mut register = REGISTER.key(self.members());
+        register.arg(replica).arg(millis(ttl)).arg(deadline);
+        Ok(self.invoke::<i64>(&register).await? >= 0)
     }
 
     async fn time(&self) -> Result<i64, String> {
-        let (secs, micros): (i64, i64) = ::redis::cmd("TIME")
+        let time = ::redis::cmd("TIME")
             .query_async(&mut self.conn.clone())
-            .await
-            .map_err(failed)?;
+            .await;
+        let (secs, micros): (i64, i64) = time.map_err(|e| e.to_string())?;
         Ok(secs * 1000 + micros / 1000)
     }
 }
@@ -488,22 +441,12 @@ pub(crate) mod mem {
     }
 
     impl SlotStore for MemStore {
-        fn take(
-            &self,
-            key: &str,
-            slot: &str,
-            lim: Limits,
-        ) -> impl Future<Output = Result<Take, String>> + Send {
+        fn take(&self, key: &str, slot: &str, lim: Limits) -> impl Reply<Take> {
             let (key, slot) = (key.to_owned(), slot.to_owned());
             self.run(move |d, now| d.take(&key, &slot, lim, now))
         }
 
-        fn release(
-            &self,
-            key: &str,
-            slot: &str,
-            span: Duration,
-        ) -> impl Future<Output = Result<(), String>> + Send {
+        fn release(&self, key: &str, slot: &str, span: Duration) -> impl Reply<()> {
             let (key, slot) = (key.to_owned(), slot.to_owned());
             self.run(move |d, now| {
                 let slots = d.slots.get_mut(&key);
@@ -513,23 +456,14 @@ pub(crate) mod mem {
             })
         }
 
-        fn give_back(
-            &self,
-            key: &str,
-            slot: &str,
-        ) -> impl Future<Output = Result<(), String>> + Send {
+        fn give_back(&self, key: &str, slot: &str) -> impl Reply<()> {
             let (key, slot) = (key.to_owned(), slot.to_owned());
             self.run(move |d, _| {
                 d.slots.get_mut(&key).map(|s| s.remove(&slot));
             })
         }
 
-        fn hold(
-            &self,
-            key: &str,
-            hold: Hold,
-            d: Duration,
-        ) -> impl Future<Output = Result<(), String>> + Send {
+        fn hold(&self, key: &str, hold: Hold, d: Duration) -> impl Reply<()> {
             let key = key.to_owned();
             self.run(move |data, now| {
                 let until = data.holds.entry((key, hold)).or_default();
@@ -537,12 +471,7 @@ pub(crate) mod mem {
             })
         }
 
-        fn register(
-            &self,
-            replica: &str,
-            ttl: Duration,
-            deadline: i64,
-        ) -> impl Future<Output = Result<bool, String>> + Send {
+        fn register(&self, replica: &str, ttl: Duration, deadline: i64) -> impl Reply<bool> {
             let replica = replica.to_owned();
             self.run(move |d, now| {
                 if now > deadline {
@@ -553,7 +482,7 @@ pub(crate) mod mem {
             })
         }
 
-        fn time(&self) -> impl Future<Output = Result<i64, String>> + Send {
+        fn time(&self) -> impl Reply<i64> {
             self.run(|_, now| now)
         }
     }

@@ -119,10 +119,8 @@ impl Book {
     /// no booking (a lower bound: a booked call may be queued too).
     pub fn outlook(&self, pace: Pace, queued: u64) -> Outlook {
         let backlog = self.reserved.max(queued);
-        Outlook {
-            backlog,
-            wait: pace.start_after(backlog),
-        }
+        let wait = pace.start_after(backlog);
+        Outlook { backlog, wait }
     }
 
     /// Books `cost` calls for `flow` if the budget can start them all by `deadline` and every
@@ -142,17 +140,11 @@ impl Book {
         let fits = |grants: u64, deadline: Instant| {
             in_time(now, pace.start_after(grants.saturating_sub(1)), deadline)
         };
-        let refusal = Refusal {
-            cost,
-            busy_for: self.outlook(pace, queued).wait,
-        };
-        let idle = Pace { taken: 0, ..pace };
-        let alone = in_time(
-            now,
-            idle.start_after(u64::from(cost).saturating_sub(1)),
-            deadline,
-        );
-        if !alone {
+        let busy_for = self.outlook(pace, queued).wait;
+        let refusal = Refusal { cost, busy_for };
+        // Its last call on an idle budget.
+        let alone = Pace { taken: 0, ..pace }.start_after(u64::from(cost).saturating_sub(1));
+        if !in_time(now, alone, deadline) {
             if self.flows.is_empty() && unbooked == 0 {
                 self.book(flow, cost, deadline, false);
                 return Ok(());
@@ -195,12 +187,8 @@ impl Book {
         self.reserved += u64::from(cost);
     }
 
-    /// One call of `flow` was granted: one unit of its booking is used, if it has one left.
-    pub fn consume(&mut self, flow: FlowId) {
-        self.give_back(flow, 1);
-    }
-
-    /// Gives back up to `units` of `flow`'s booking (what a dropped ticket booked and is left).
+    /// Gives back up to `units` of `flow`'s booking: one per call granted, and what a dropped
+    /// ticket booked and is left.
     pub fn give_back(&mut self, flow: FlowId, units: u32) {
         let Some(b) = self.flows.get_mut(&flow) else {
             return;
@@ -238,13 +226,7 @@ pub struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut books = self.admission.lock();
-        if let Some(book) = books.get_mut(&*self.key) {
-            book.give_back(self.flow, self.cost);
-            if book.is_empty() {
-                books.remove(&*self.key);
-            }
-        }
+        self.admission.give_back(&self.key, self.flow, self.cost);
     }
 }
 
@@ -308,17 +290,10 @@ impl Admission {
         deadline: Instant,
         limiter: LimiterSnapshot,
     ) -> Result<Ticket, Refusal> {
-        let pace = self.pace(limiter.in_window);
+        let (pace, queued) = (self.pace(limiter.in_window), limiter.queued as u64);
         let mut books = self.lock();
         let book = books.entry(key.clone()).or_default();
-        let admitted = book.admit(
-            flow,
-            cost,
-            deadline,
-            Instant::now(),
-            pace,
-            limiter.queued as u64,
-        );
+        let admitted = book.admit(flow, cost, deadline, Instant::now(), pace, queued);
         if book.is_empty() {
             books.remove(&**key);
         }
@@ -332,9 +307,13 @@ impl Admission {
 
     /// One call of `flow` under `key` was granted.
     pub fn consume(&self, key: &str, flow: FlowId) {
+        self.give_back(key, flow, 1);
+    }
+
+    fn give_back(&self, key: &str, flow: FlowId, units: u32) {
         let mut books = self.lock();
         if let Some(book) = books.get_mut(key) {
-            book.consume(flow);
+            book.give_back(flow, units);
             if book.is_empty() {
                 books.remove(key);
             }
@@ -345,10 +324,9 @@ impl Admission {
     pub fn outlook(&self, key: &str, limiter: LimiterSnapshot) -> Outlook {
         let pace = self.pace(limiter.in_window);
         let queued = limiter.queued as u64;
-        match self.lock().get(key) {
-            Some(book) => book.outlook(pace, queued),
-            None => Book::default().outlook(pace, queued),
-        }
+        let books = self.lock();
+        let book = books.get(key);
+        book.unwrap_or(&Book::default()).outlook(pace, queued)
     }
 
     /// The keys with bookings.
@@ -401,16 +379,16 @@ mod tests {
         book.admit(1, 5, d, now, pace(0), 0).unwrap();
         book.admit(2, 3, d, now, pace(0), 0).unwrap();
         assert_eq!(book.outlook(pace(0), 0).backlog, 8);
-        book.consume(1);
-        book.consume(1);
-        book.consume(9); // no booking: nothing changes
+        book.give_back(1, 1);
+        book.give_back(1, 1);
+        book.give_back(9, 1); // no booking: nothing changes
         assert_eq!(book.outlook(pace(0), 0).backlog, 6);
         // The limiter's queue counts when it is longer than the bookings.
         assert_eq!(book.outlook(pace(0), 10).backlog, 10);
         book.give_back(1, 5);
         assert_eq!(book.outlook(pace(0), 0).backlog, 3);
         for _ in 0..3 {
-            book.consume(2);
+            book.give_back(2, 1);
         }
         assert!(book.is_empty());
         // Giving back after everything was used changes nothing.
@@ -473,7 +451,7 @@ mod tests {
         // With every slot taken, flow 1 is late: the budget is overbooked.
         assert!(book.admit(2, 1, now + ms(5000), now, pace(7), 0).is_err());
         for _ in 0..7 {
-            book.consume(1);
+            book.give_back(1, 1);
         }
         book.admit(2, 1, now + ms(5000), now, pace(7), 0).unwrap();
     }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 use tokio::time::Instant;
 
@@ -84,17 +84,14 @@ impl Classifier {
 
     /// What `answer`, received under limiter key `key`, means.
     pub fn classify(&self, key: &str, answer: &impl Answer) -> Class {
-        let status = answer.status();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            self.last_429().insert(key.to_string(), Instant::now());
-            Class::RateLimited(retry_after(answer).unwrap_or(self.default_retry_after))
-        } else if status == StatusCode::FORBIDDEN && (looks_blocked(answer) || self.after_429(key))
-        {
-            Class::Blocked
-        } else if status.is_server_error() {
-            Class::ServerError
-        } else {
-            Class::Answered
+        match answer.status() {
+            StatusCode::TOO_MANY_REQUESTS => {
+                self.last_429().insert(key.to_string(), Instant::now());
+                Class::RateLimited(retry_after(answer).unwrap_or(self.default_retry_after))
+            }
+            StatusCode::FORBIDDEN if looks_blocked(answer) || self.after_429(key) => Class::Blocked,
+            status if status.is_server_error() => Class::ServerError,
+            _ => Class::Answered,
         }
     }
 
@@ -113,34 +110,25 @@ impl Classifier {
 /// An HTML page, or a read body that is not JSON: Kommo's API answers in JSON, its gateway's
 /// block page does not.
 fn looks_blocked(answer: &impl Answer) -> bool {
-    let html = answer
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.contains("html"));
-    html || answer
-        .body()
-        .is_some_and(|b| serde_json::from_slice::<serde::de::IgnoredAny>(b).is_err())
+    let html = |ct: &HeaderValue| ct.to_str().is_ok_and(|ct| ct.contains("html"));
+    let not_json = |b: &[u8]| serde_json::from_slice::<serde::de::IgnoredAny>(b).is_err();
+    let content_type = answer.headers().get(header::CONTENT_TYPE);
+    content_type.is_some_and(html) || answer.body().is_some_and(not_json)
 }
 
 /// Kommo's `retry_after` (seconds, a number or a string, in a JSON body), else a
 /// `Retry-After` header in seconds.
 pub fn retry_after(answer: &impl Answer) -> Option<Duration> {
-    answer
-        .body()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-        .and_then(|v| {
-            let r = v.get("retry_after")?;
-            r.as_f64()
-                .or_else(|| r.as_str().and_then(|s| s.trim().parse().ok()))
-        })
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(86_400.0)))
-        .or_else(|| {
-            let seconds = answer.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
-            let seconds = seconds.trim().parse::<u64>().ok()?;
-            Some(Duration::from_secs(seconds.min(86_400)))
-        })
+    let body: Option<serde_json::Value> =
+        answer.body().and_then(|b| serde_json::from_slice(b).ok());
+    let given = body.as_ref().and_then(|v| v.get("retry_after"));
+    let seconds = given.and_then(|r| r.as_f64().or_else(|| r.as_str()?.trim().parse().ok()));
+    if let Some(seconds) = seconds.filter(|s| s.is_finite() && *s >= 0.0) {
+        return Some(Duration::from_secs_f64(seconds.min(86_400.0)));
+    }
+    let seconds = answer.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
+    let seconds = seconds.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(seconds.min(86_400)))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::HeaderMap;
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
@@ -24,8 +24,6 @@ use super::retry::{Outcome, Retries};
 use super::{Buffered, Upstream, UpstreamError};
 use crate::body::{self, ProxyBody};
 use crate::metrics::{Metrics, UpstreamKind};
-
-pub use super::classify::retry_after;
 
 /// Retry and protection settings.
 #[derive(Debug, Clone)]
@@ -177,11 +175,12 @@ impl Fetcher {
     pub fn admit(&self, flow: &Flow, cost: u32) -> Result<Ticket, Refusal> {
         let deadline = flow.deadline.min(Instant::now() + self.policy.max_wait);
         let limiter = self.limiter.snapshot(&flow.key);
-        self.admission
-            .admit(&flow.key, flow.id, cost, deadline, limiter)
-            .inspect_err(|_| {
-                self.metrics.admission_refused.inc();
-            })
+        let admitted = self
+            .admission
+            .admit(&flow.key, flow.id, cost, deadline, limiter);
+        admitted.inspect_err(|_| {
+            self.metrics.admission_refused.inc();
+        })
     }
 
     /// The booked work of the busiest key (`origin` or one with bookings) and when the budget
@@ -209,19 +208,16 @@ impl Fetcher {
 
     /// A buffered, idempotent GET of `target` (path and query): limited, retried, and read by
     /// `read`.
-    pub async fn get<T>(
+    pub async fn get<T: Send>(
         &self,
         kind: UpstreamKind,
         flow: &Flow,
         target: &str,
         headers: &HeaderMap,
         read: impl Fn(Buffered) -> Verdict<T> + Sync,
-    ) -> Result<T, FetchError>
-    where
-        T: Send,
-    {
+    ) -> Result<T, FetchError> {
+        // A GET: the method of a new request.
         let mut req = Request::new(body::empty());
-        *req.method_mut() = Method::GET;
         *req.uri_mut() = target.parse().map_err(|e| {
             FetchError::Transport(UpstreamError::Connect(format!(
                 "invalid request target {target:?}: {e}"
@@ -316,23 +312,19 @@ impl Fetcher {
         // Counted before the wait, so concurrent attempts cannot pass the cap together; given
         // back when no permit comes (a wait withdrawn midway stays counted: the count errs high).
         let cap = self.cap.load(Ordering::SeqCst);
-        if self
+        let count = |n| (n < cap).then_some(n + 1);
+        let counted = self
             .sent
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < cap).then_some(n + 1)
-            })
-            .is_err()
-        {
-            return Err(FetchError::Limited(LimitError::Timeout {
-                retry_after: Duration::ZERO,
-            }));
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, count);
+        if counted.is_err() {
+            let retry_after = Duration::ZERO;
+            return Err(FetchError::Limited(LimitError::Timeout { retry_after }));
         }
         let start = Instant::now();
         let deadline = flow.deadline.min(start + self.policy.max_wait);
         let grant = self.limiter.acquire(&flow.key, flow.id, deadline).await;
-        self.metrics
-            .limiter_wait_seconds
-            .observe(start.elapsed().as_secs_f64());
+        let waited = start.elapsed().as_secs_f64();
+        self.metrics.limiter_wait_seconds.observe(waited);
         let grant = grant.map_err(|e| {
             self.sent.fetch_sub(1, Ordering::SeqCst);
             FetchError::Limited(e)

@@ -51,16 +51,7 @@ struct State {
 
 /// The lock file of `origin` in `dir`: one per account origin.
 pub fn lock_path(dir: &Path, origin: &str) -> PathBuf {
-    let name: String = origin
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let name = origin.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', "_");
     dir.join(format!("{name}.lock"))
 }
 
@@ -90,7 +81,10 @@ impl<L: UpstreamLimiter> Handover<L> {
         if let Some(file) = self.state.file.get() {
             // Best effort: a failed write only makes a successor's wait shorter than it could
             // be, and the successor still waits for the lock.
-            let _ = file.write_at(&unix_millis(SystemTime::now()).to_le_bytes(), 0);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let _ = file.write_at(&(now.as_millis() as u64).to_le_bytes(), 0);
         }
     }
 }
@@ -106,14 +100,12 @@ async fn take_turn(path: PathBuf, state: Arc<State>, ready: watch::Sender<bool>)
             return;
         }
     };
-    let mut waited = false;
-    loop {
+    for attempt in 0u64.. {
         match file.try_lock() {
             Ok(()) => break,
             Err(TryLockError::WouldBlock) => {
-                if !waited {
+                if attempt == 0 {
                     warn!(path = %path.display(), "another kommo-fanout process sends to this account: waiting for it to finish before sending");
-                    waited = true;
                 }
                 tokio::time::sleep(RETRY).await;
             }
@@ -156,11 +148,6 @@ fn open(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-fn unix_millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 impl<L: UpstreamLimiter> UpstreamLimiter for Handover<L> {
     fn acquire<'a>(
         &'a self,
@@ -172,16 +159,14 @@ impl<L: UpstreamLimiter> UpstreamLimiter for Handover<L> {
             if !*self.ready.borrow() {
                 // Known to start past the deadline: fail now rather than at the deadline.
                 if let Some(&at) = self.state.start_at.get().filter(|&&at| at >= deadline) {
-                    return Err(LimitError::Timeout {
-                        retry_after: at.saturating_duration_since(Instant::now()),
-                    });
+                    let retry_after = at.saturating_duration_since(Instant::now());
+                    return Err(LimitError::Timeout { retry_after });
                 }
                 let mut ready = self.ready.clone();
                 let opened = tokio::time::timeout_at(deadline, ready.wait_for(|r| *r)).await;
                 if !matches!(opened, Ok(Ok(_))) {
-                    return Err(LimitError::Timeout {
-                        retry_after: self.state.span,
-                    });
+                    let retry_after = self.state.span;
+                    return Err(LimitError::Timeout { retry_after });
                 }
             }
             let grant = self.inner.acquire(key, flow, deadline).await?;

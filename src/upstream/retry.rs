@@ -66,11 +66,10 @@ impl<'a> Retries<'a> {
     /// Exponential backoff with jitter: a uniform wait in [b/2, b] for
     /// b = base·2^(retry-1), capped.
     fn backoff(&self, retry: u32) -> Duration {
-        let exp = self
-            .settings
-            .backoff_base
+        let (base, max) = (self.settings.backoff_base, self.settings.backoff_max);
+        let exp = base
             .saturating_mul(1 << retry.saturating_sub(1).min(16))
-            .min(self.settings.backoff_max);
+            .min(max);
         // Random enough to spread retries: std's hasher keys are random per thread and differ
         // for every `RandomState`.
         let z = RandomState::new().hash_one(retry);
@@ -103,20 +102,14 @@ impl<T, A: Answer> tower::retry::Policy<Request<ProxyBody>, Outcome<T, A>, Fetch
             Err(e @ FetchError::Transport(_)) => e,
             Ok(Outcome::Done(_)) | Err(_) => return None,
         };
-        if self.retries >= self.settings.retries {
-            return None;
-        }
         let backoff = self.backoff(self.retries + 1);
-        if Instant::now() + backoff >= self.deadline {
+        if self.retries >= self.settings.retries || Instant::now() + backoff >= self.deadline {
             return None;
         }
         self.retries += 1;
-        self.metrics
-            .retries
-            .get_or_create(&KindLabels {
-                kind: self.kind.as_str(),
-            })
-            .inc();
+        let kind = self.kind.as_str();
+        let counter = self.metrics.retries.get_or_create(&KindLabels { kind });
+        counter.inc();
         warn!(method = %req.method(), path = req.uri().path(), attempt = self.retries, error = %failure, "retrying upstream request");
         Some(tokio::time::sleep(backoff))
     }
