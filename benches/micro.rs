@@ -5,7 +5,10 @@
 //! `render::render_page` of 250 leads with the href rewrite (`render/*`), `cache::canonical_target`
 //! of the 30-stage query (`query/canonical_30_pairs`), and a hit of the in-process answer cache
 //! (`cached_answer/*`): the key built from credential, base and raw query, the lookup, and the
-//! response made from the stored page, for a rendered 250-lead page.
+//! response made from the stored page, for a rendered 250-lead page. `replica_page_*` times a
+//! page of an 8-stage view (`order[updated_at]=desc`, 250 leads) from a live view's replica of
+//! every lead of a 100 000-lead account: the first page, a page at offset 5000, and the first
+//! page rendered as the answer (`render::render_page`).
 //!
 //! Three groups time a baseline beside the proxy's code, on the same input, checked to give
 //! the same result: `page/parse_250_value_baseline` parses the page into a `serde_json::Value`
@@ -17,6 +20,8 @@
 //! and reads `GET /api/v4/leads?filter[statuses][0][...]&limit=250&order[created_at]=asc`
 //! pages from it once, before anything is timed. A few leads are listed under a second stage
 //! too (`Sim::add_ghost`, as Kommo does while a lead moves), so the merge also deduplicates.
+//! The replica is read the same way from a second simulator of 100 000 leads, every page of
+//! `GET /api/v4/leads?limit=250&order[id]=asc`, parsed by `replica::parse_page`.
 //!
 //! Run all:        `cargo bench --bench micro`
 //! Run one group:  `cargo bench --bench micro -- merge`
@@ -40,11 +45,13 @@ use kommo_fanout::leads::merge::{LeadRef, Merger, Step};
 use kommo_fanout::leads::page::parse_page;
 use kommo_fanout::leads::plan;
 use kommo_fanout::leads::query::{
-    self, Direction, LeadsQuery, Order, OrderField, QueryLimits, MAX_LIMIT,
+    self, Direction, LeadsQuery, Order, OrderField, QueryLimits, StagePair, MAX_LIMIT,
 };
 use kommo_fanout::leads::render::{render_page, PageLinks};
 use kommo_fanout::leads::respond;
 use kommo_fanout::links::LinkRewrite;
+use kommo_fanout::sync::replica::{self, Replica};
+use kommo_fanout::sync::view;
 use kommo_sim::{Sim, SimConfig, DEMO_TOKEN};
 use serde_json::{json, Value};
 
@@ -543,9 +550,161 @@ fn bench_render(c: &mut Criterion) {
     g.finish();
 }
 
+/// The replica of `replica_page_*`: every live lead of a 100 000-lead simulated account, read
+/// from it once, and where its leads' hrefs point.
+struct ReplicaFixture {
+    sim_base: String,
+    replica: Replica,
+}
+
+/// Leads in the replica of `replica_page_*`.
+const REPLICA_LEADS: usize = 100_000;
+/// Stages in the view of `replica_page_*`.
+const VIEW_STAGES: usize = 8;
+/// The deep page's offset in `replica_page_*`.
+const DEEP_OFFSET: u64 = 5000;
+
+fn replica_fixture() -> &'static ReplicaFixture {
+    static FIXTURE: OnceLock<ReplicaFixture> = OnceLock::new();
+    FIXTURE.get_or_init(load_replica_fixture)
+}
+
+/// Reads every live lead of a fresh simulated account page by page (nothing changes it
+/// meanwhile) and upserts them into a replica, as the live view's load does.
+fn load_replica_fixture() -> ReplicaFixture {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fixture = rt.block_on(async {
+        let sim = Sim::spawn(SimConfig {
+            leads: REPLICA_LEADS,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let base = sim.base_url();
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let mut replica = Replica::new();
+        for page in 1.. {
+            let uri = format!("{base}/api/v4/leads?limit={PAGE}&order[id]=asc&page={page}");
+            let req = Request::get(uri)
+                .header(header::AUTHORIZATION, format!("Bearer {DEMO_TOKEN}"))
+                .body(Empty::new())
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            match status {
+                StatusCode::OK => {
+                    for lead in replica::parse_page(&body).unwrap() {
+                        assert!(replica.upsert(lead));
+                    }
+                }
+                StatusCode::NO_CONTENT => break,
+                s => panic!("simulator answered {s} to a leads page"),
+            }
+        }
+        let live = sim.leads().iter().filter(|l| !l.is_deleted).count();
+        assert_eq!(replica.len(), live, "the replica holds every live lead");
+        ReplicaFixture {
+            sim_base: base,
+            replica,
+        }
+    });
+    drop(rt);
+    let r = &fixture.replica;
+    let raw = r.ids().filter_map(|id| r.get(id)).map(|l| l.raw.len());
+    eprintln!(
+        "replica fixture: {} leads over {} stages, {} bytes of lead JSON, {} bytes counted",
+        r.len(),
+        r.stage_ids().count(),
+        raw.sum::<usize>(),
+        r.bytes()
+    );
+    fixture
+}
+
+/// A page of an 8-stage view (`order[updated_at]=desc`, `limit=250`) from the replica of a
+/// 100 000-lead account: the first page, a deep one, and the first rendered as the answer is.
+fn bench_replica_page(c: &mut Criterion) {
+    let f = replica_fixture();
+    let replica = &f.replica;
+    // The largest stages: the view spans the most leads, and the deep page exists.
+    let mut stages: Vec<(StagePair, usize)> = replica
+        .stage_ids()
+        .map(|(stage, ids)| (stage, ids.len()))
+        .collect();
+    stages.sort_by_key(|&(stage, n)| (std::cmp::Reverse(n), stage));
+    let stages: Vec<StagePair> = stages.iter().take(VIEW_STAGES).map(|&(s, _)| s).collect();
+    assert_eq!(stages.len(), VIEW_STAGES);
+    let raw: String = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "filter%5Bstatuses%5D%5B{i}%5D%5Bpipeline_id%5D={}&\
+                 filter%5Bstatuses%5D%5B{i}%5D%5Bstatus_id%5D={}&",
+                s.pipeline_id, s.status_id
+            )
+        })
+        .chain(["order%5Bupdated_at%5D=desc&limit=250".to_string()])
+        .collect();
+    let parsed = query::parse(&raw, LIMITS).unwrap();
+    let held = view::held(&[]).unwrap();
+    let view = view::view(&parsed, &held).unwrap();
+
+    // Sanity: both pages are the view's leads in its order, ties by id, as a sort of all of
+    // them gives.
+    let mut truth: Vec<(i64, i64)> = replica
+        .ids()
+        .filter_map(|id| replica.get(id))
+        .filter(|l| stages.contains(&l.stage))
+        .map(|l| (l.updated_at, l.id))
+        .collect();
+    truth.sort_unstable_by(|a, b| b.cmp(a));
+    assert!(truth.len() as u64 > DEEP_OFFSET + PAGE as u64);
+    for offset in [0, DEEP_OFFSET] {
+        let (leads, has_next) = replica.page(&view, offset, PAGE);
+        assert!(has_next);
+        let at = offset as usize;
+        let want: Vec<i64> = truth[at..at + PAGE].iter().map(|&(_, id)| id).collect();
+        assert_eq!(leads.iter().map(|l| l.id).collect::<Vec<_>>(), want);
+    }
+
+    let base = format!("{PUBLIC_URL}{}", plan::LEADS_PATH);
+    let rewrite = LinkRewrite::new(&f.sim_base, PUBLIC_URL);
+    let rendered = || {
+        let (leads, has_next) = replica.page(black_box(&view), 0, PAGE);
+        let links = PageLinks {
+            base: &base,
+            params: &parsed.link_params,
+        };
+        render_page(parsed.page, links, has_next, &leads, &rewrite, &raw)
+    };
+    let sample = rendered();
+    let text = String::from_utf8_lossy(&sample);
+    assert!(text.contains(&format!("\"href\":\"{PUBLIC_URL}/api/v4/leads/")));
+    assert!(!text.contains(&f.sim_base));
+
+    let mut g = c.benchmark_group("replica_page_250_of_8_stages_100k");
+    g.throughput(Throughput::Elements(PAGE as u64));
+    g.bench_function("page_1", |b| {
+        b.iter(|| replica.page(black_box(&view), 0, PAGE))
+    });
+    g.bench_function("offset_5000", |b| {
+        b.iter(|| replica.page(black_box(&view), DEEP_OFFSET, PAGE))
+    });
+    g.bench_function("page_1_rendered", |b| b.iter(&rendered));
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_query, bench_page, bench_merge, bench_render, bench_cached_answer
+    targets = bench_query, bench_page, bench_merge, bench_render, bench_cached_answer,
+        bench_replica_page
 }
 criterion_main!(benches);

@@ -123,6 +123,8 @@ pub struct ServeArgs {
     pub sendfile_min_bytes: Option<usize>,
     #[command(flatten)]
     pub sync: crate::sync::live::SyncArgs,
+    #[command(flatten)]
+    pub credentials: crate::credentials::CredentialArgs,
     /// Shared secret of POST /webhooks/kommo on the admin listener (in `?secret=` or the
     /// X-Webhook-Secret header); the endpoint is off without it.
     #[arg(long, env = "KOMMO_FANOUT_WEBHOOK_SECRET", hide_env_values = true)]
@@ -234,6 +236,9 @@ pub struct ServeConfig {
     pub worker_threads: Option<usize>,
     /// Live views; `None`: `--sync` is off.
     pub sync: Option<crate::sync::live::SyncSettings>,
+    /// The account's credential and the keys that reach it; `None`: clients bring their own
+    /// Kommo tokens.
+    pub holding: Option<crate::credentials::Holding>,
 }
 
 impl ServeArgs {
@@ -372,6 +377,7 @@ impl ServeArgs {
             limiter_lock,
             worker_threads: self.worker_threads.map(usize::from),
             sync: self.sync.validate()?,
+            holding: self.credentials.validate()?,
         })
     }
 }
@@ -462,6 +468,13 @@ impl ServeConfig {
         let client_rate = g.client_rate_limit.map(|n| n.to_string());
         let replicas = self.redis.as_ref().map_or(1, |r| r.replicas);
         let threads = self.worker_threads.map(|n| n.to_string());
+        let held = self.holding.as_ref().map(|h| {
+            let source = match h.source {
+                crate::credentials::CredentialSource::TokenFile(_) => "token file",
+                crate::credentials::CredentialSource::OAuth(_) => "OAuth",
+            };
+            (source, h.keys_file.display().to_string())
+        });
         let mut lines = vec![
             ("upstream", q(&self.upstream.origin.url)),
             ("listen", q(&self.listen)),
@@ -489,6 +502,14 @@ impl ServeConfig {
             ("stale_while_revalidate", d(c.stale_while_revalidate)),
             ("cache_passthrough", c.passthrough.to_string()),
             ("sync", self.sync.is_some().to_string()),
+            (
+                "credential",
+                q(&held.as_ref().map_or("(the clients' own)", |h| h.0)),
+            ),
+            (
+                "keys_file",
+                q(&held.as_ref().map_or("(off)".into(), |h| h.1.clone())),
+            ),
             ("webhook_secret", set(self.webhook_secret.is_some())),
             ("trust_forwarded", g.trust_forwarded.to_string()),
             ("max_uri_len", b.max_uri_len.to_string()),

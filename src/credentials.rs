@@ -31,6 +31,130 @@ pub const TOKEN_PATH: &str = "/oauth2/access_token";
 /// The longest an access token is used before its expiry: a fifth of its life, at most this.
 const MAX_MARGIN: Duration = Duration::from_secs(300);
 
+/// The flags of the account's credential and the clients' keys (part of `serve`'s).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CredentialArgs {
+    /// The account's name: keys made with `keys add --account NAME` reach it.
+    #[arg(long, env = "KOMMO_FANOUT_ACCOUNT", default_value = "default")]
+    pub account: String,
+    /// A file holding the account's long-lived token (read again when it changes); clients
+    /// then send keys (--keys-file), not tokens.
+    #[arg(long, env = "KOMMO_FANOUT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub oauth: OAuthArgs,
+    /// The keys clients send instead of a Kommo token (`kommo-fanout keys add`); read again
+    /// when it changes. Required with --token-file or --oauth-tokens-file.
+    #[arg(long, env = "KOMMO_FANOUT_KEYS_FILE")]
+    pub keys_file: Option<PathBuf>,
+    /// Also pass requests that carry a client's own Kommo token, as they came.
+    #[arg(long, env = "KOMMO_FANOUT_ALLOW_CLIENT_TOKENS")]
+    pub allow_client_tokens: bool,
+}
+
+/// The OAuth integration's flags, of `serve` and of `oauth exchange`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OAuthArgs {
+    /// The integration's ID (Kommo: Settings > Integrations > Keys and scopes).
+    #[arg(long, env = "KOMMO_FANOUT_OAUTH_CLIENT_ID")]
+    pub oauth_client_id: Option<String>,
+    /// A file holding the integration's secret key.
+    #[arg(long, env = "KOMMO_FANOUT_OAUTH_CLIENT_SECRET_FILE")]
+    pub oauth_client_secret_file: Option<PathBuf>,
+    /// The integration's redirect URI, exactly as registered in Kommo.
+    #[arg(long, env = "KOMMO_FANOUT_OAUTH_REDIRECT_URI")]
+    pub oauth_redirect_uri: Option<String>,
+    /// Where the OAuth tokens are kept (`oauth exchange` writes it; each refresh replaces it
+    /// before the new token is used). Owner-only.
+    #[arg(long, env = "KOMMO_FANOUT_OAUTH_TOKENS_FILE")]
+    pub oauth_tokens_file: Option<PathBuf>,
+}
+
+impl OAuthArgs {
+    /// The settings, when any `--oauth-*` flag is given; the error names the missing flag.
+    pub fn validate(&self) -> Result<Option<OAuthSettings>, String> {
+        let given = self.oauth_client_id.is_some()
+            || self.oauth_client_secret_file.is_some()
+            || self.oauth_redirect_uri.is_some()
+            || self.oauth_tokens_file.is_some();
+        if !given {
+            return Ok(None);
+        }
+        let need = |flag: &str| format!("--{flag} is required with the other --oauth-* flags");
+        let client_id = self
+            .oauth_client_id
+            .clone()
+            .ok_or(need("oauth-client-id"))?;
+        let secret_file =
+            (self.oauth_client_secret_file.as_ref()).ok_or(need("oauth-client-secret-file"))?;
+        let redirect_uri = (self.oauth_redirect_uri.clone()).ok_or(need("oauth-redirect-uri"))?;
+        let tokens_file = (self.oauth_tokens_file.clone()).ok_or(need("oauth-tokens-file"))?;
+        let secret = std::fs::read_to_string(secret_file)
+            .map_err(|e| format!("--oauth-client-secret-file {}: {e}", secret_file.display()))?;
+        let client_secret = secret.trim().to_string();
+        if client_secret.is_empty() {
+            return Err(format!(
+                "--oauth-client-secret-file {} is empty",
+                secret_file.display()
+            ));
+        }
+        Ok(Some(OAuthSettings {
+            client_id,
+            client_secret,
+            redirect_uri,
+            tokens_file,
+        }))
+    }
+}
+
+/// Where the account's credential comes from.
+#[derive(Debug, Clone)]
+pub enum CredentialSource {
+    TokenFile(PathBuf),
+    OAuth(OAuthSettings),
+}
+
+/// What `serve` holds for its clients: the account's credential and the keys that reach it.
+#[derive(Debug, Clone)]
+pub struct Holding {
+    pub account: String,
+    pub source: CredentialSource,
+    pub keys_file: PathBuf,
+    pub allow_client_tokens: bool,
+}
+
+impl CredentialArgs {
+    /// The holding, when a credential is configured; the error names the flag.
+    pub fn validate(&self) -> Result<Option<Holding>, String> {
+        let oauth = self.oauth.validate()?;
+        let source = match (&self.token_file, oauth) {
+            (Some(_), Some(_)) => {
+                return Err("--token-file and --oauth-* are two ways to give the account's credential: give one".into())
+            }
+            (Some(path), None) => CredentialSource::TokenFile(path.clone()),
+            (None, Some(oauth)) => CredentialSource::OAuth(oauth),
+            (None, None) => {
+                if self.keys_file.is_some() || self.allow_client_tokens {
+                    return Err("--keys-file and --allow-client-tokens need the account's credential: give --token-file or the --oauth-* flags".into());
+                }
+                return Ok(None);
+            }
+        };
+        let keys_file = self.keys_file.clone().ok_or(
+            "--keys-file is required when the proxy holds the account's credential: clients send keys made by `kommo-fanout keys add`",
+        )?;
+        if self.account.is_empty() {
+            return Err("--account must not be empty".into());
+        }
+        Ok(Some(Holding {
+            account: self.account.clone(),
+            source,
+            keys_file,
+            allow_client_tokens: self.allow_client_tokens,
+        }))
+    }
+}
+
 /// The account's credential.
 pub enum Credentials {
     /// A long-lived token in a file, read again when the file changes.
@@ -57,9 +181,15 @@ pub struct OAuthSettings {
 /// OAuth tokens and the one refresh that may run at a time.
 pub struct OAuth {
     settings: OAuthSettings,
-    state: Mutex<Tokens>,
+    state: Mutex<Held>,
     /// Why the last refresh was refused, for readiness; `None` while tokens work.
     refused: std::sync::Mutex<Option<String>>,
+}
+
+/// The tokens in use and the tokens file's modification time when they were read or written.
+struct Held {
+    tokens: Tokens,
+    modified: Option<SystemTime>,
 }
 
 /// What the tokens file holds.
@@ -102,9 +232,13 @@ impl std::fmt::Display for CredentialError {
 }
 
 fn unix_now() -> u64 {
+    unix_now_ms() / 1000
+}
+
+fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn bearer(token: &str) -> Result<HeaderValue, CredentialError> {
@@ -126,9 +260,10 @@ impl Credentials {
     /// OAuth tokens from `settings.tokens_file`, which must exist (`oauth exchange` writes it).
     pub fn oauth(settings: OAuthSettings) -> Result<Credentials, String> {
         let tokens = read_tokens(&settings.tokens_file)?;
+        let modified = modified(&settings.tokens_file);
         Ok(Credentials::OAuth(OAuth {
             settings,
-            state: Mutex::new(tokens),
+            state: Mutex::new(Held { tokens, modified }),
             refused: std::sync::Mutex::new(None),
         }))
     }
@@ -170,7 +305,7 @@ impl Credentials {
 
 /// The token in `path` and the file's modification time.
 fn read_token(path: &Path) -> Result<(Option<SystemTime>, HeaderValue), String> {
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let modified = modified(path);
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
     let token = text.trim();
@@ -189,9 +324,7 @@ impl TokenFile {
             .current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
+        let modified = modified(&self.path);
         if modified != current.0 {
             match read_token(&self.path) {
                 Ok(read) => {
@@ -251,14 +384,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 impl Tokens {
-    /// Whether the access token should be replaced now.
-    fn due(&self, now: u64) -> bool {
+    /// Whether the access token should be replaced at `now_ms` (Unix milliseconds).
+    fn due(&self, now_ms: u64) -> bool {
         if self.access_token.is_empty() || self.expires_at == 0 {
             return true;
         }
-        let life = self.expires_at.saturating_sub(self.issued_at);
-        let margin = (life / 5).min(MAX_MARGIN.as_secs());
-        now + margin >= self.expires_at
+        let life_ms = self.expires_at.saturating_sub(self.issued_at) * 1000;
+        let margin_ms = (life_ms / 5).min(MAX_MARGIN.as_millis() as u64);
+        now_ms + margin_ms >= self.expires_at * 1000
     }
 
     fn from_grant(granted: Granted, now: u64) -> Tokens {
@@ -310,25 +443,51 @@ fn base64url(s: &str) -> Option<Vec<u8>> {
 }
 
 impl OAuth {
+    fn set_refused(&self, reason: Option<String>) {
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
+    }
+
     /// The current access token, after one refresh when it is due or when it is `stale` (the
-    /// token a `401` answered). Concurrent callers wait for that one refresh.
+    /// token a `401` answered). Concurrent callers wait for that one refresh. Tokens written to
+    /// the file by someone else (`oauth exchange` while the proxy runs) replace the held ones;
+    /// after Kommo refused the refresh token, nothing is sent until they do.
     async fn authorization(
         &self,
         fetcher: &Fetcher,
         stale: Option<&HeaderValue>,
     ) -> Result<HeaderValue, CredentialError> {
-        let mut tokens = self.state.lock().await;
-        let current = bearer(&tokens.access_token);
+        let mut held = self.state.lock().await;
+        let path = &self.settings.tokens_file;
+        let on_disk = modified(path);
+        if on_disk != held.modified {
+            held.modified = on_disk;
+            match read_tokens(path) {
+                Ok(tokens) if tokens.refresh_token != held.tokens.refresh_token => {
+                    info!(file = %path.display(), "the OAuth tokens file changed: using its tokens");
+                    held.tokens = tokens;
+                    self.set_refused(None);
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "keeping the OAuth tokens held in memory"),
+            }
+        }
+        if let Some(reason) = self.refused.lock().ok().and_then(|r| r.clone()) {
+            return Err(CredentialError::Refused(reason));
+        }
+        let current = bearer(&held.tokens.access_token);
         let replaced = match (stale, &current) {
             (Some(stale), Ok(current)) => current != stale,
             _ => false,
         };
-        if replaced || (stale.is_none() && !tokens.due(unix_now())) {
+        if replaced || (stale.is_none() && !held.tokens.due(unix_now_ms())) {
             return current;
         }
-        let refreshed = self.refresh(fetcher, &tokens).await?;
-        *tokens = refreshed;
-        bearer(&tokens.access_token)
+        held.tokens = self.refresh(fetcher, &held.tokens).await?;
+        held.modified = modified(path);
+        bearer(&held.tokens.access_token)
     }
 
     /// One refresh: the new tokens are on disk before they are returned.
@@ -342,19 +501,12 @@ impl OAuth {
             "redirect_uri": s.redirect_uri,
         });
         let now = unix_now();
-        let granted = match exchange(fetcher, &body).await {
-            Ok(granted) => granted,
-            Err(e) => {
-                if let CredentialError::Refused(reason) = &e {
-                    warn!(%reason, "Kommo refused the refresh token: authorize again with `kommo-fanout oauth exchange`");
-                    *self
-                        .refused
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
-                }
-                return Err(e);
+        let granted = exchange(fetcher, &body).await.inspect_err(|e| {
+            if let CredentialError::Refused(reason) = e {
+                warn!(%reason, "Kommo refused the refresh token: authorize again with `kommo-fanout oauth exchange`");
+                self.set_refused(Some(reason.clone()));
             }
-        };
+        })?;
         let fresh = Tokens::from_grant(granted, now);
         let json = serde_json::to_vec_pretty(&fresh).unwrap_or_default();
         write_atomically(&s.tokens_file, &json).map_err(|e| {
@@ -364,16 +516,17 @@ impl OAuth {
                 s.tokens_file.display()
             ))
         })?;
-        *self
-            .refused
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         info!(
             expires_at = fresh.expires_at,
             "refreshed the account's OAuth tokens"
         );
         Ok(fresh)
     }
+}
+
+/// A file's modification time, if it can be read.
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// One call of the token endpoint through the limiter. `400`/`401` mean the grant or the
@@ -392,7 +545,7 @@ async fn exchange(fetcher: &Fetcher, body: &serde_json::Value) -> Result<Granted
         deadline: tokio::time::Instant::now() + Duration::from_secs(30),
     };
     let resp = fetcher
-        .send(&flow, req)
+        .send_once(&flow, req)
         .await
         .map_err(|e| CredentialError::Unavailable(format!("the token endpoint: {e}")))?;
     let status = resp.status();
@@ -447,6 +600,51 @@ pub async fn exchange_code(
     Ok(tokens)
 }
 
+/// `kommo-fanout oauth`: the integration's authorization, done once by a person.
+#[derive(Debug, clap::Subcommand)]
+pub enum OAuthCommand {
+    /// Trade an authorization code (from the integration's settings in Kommo, or its redirect)
+    /// for tokens, and write them to --oauth-tokens-file for `serve`. Takes the flags and
+    /// KOMMO_FANOUT_* variables `serve` takes; a running proxy picks the new tokens up.
+    Exchange {
+        /// The Kommo account origin, e.g. https://example.kommo.com.
+        #[arg(long, env = "KOMMO_FANOUT_UPSTREAM")]
+        upstream: String,
+        #[command(flatten)]
+        oauth: OAuthArgs,
+        /// The authorization code (valid 20 minutes, once).
+        #[arg(long)]
+        code: String,
+    },
+}
+
+/// Runs an `oauth` command; what to print, or why it failed.
+pub async fn run_oauth(command: OAuthCommand) -> Result<String, String> {
+    let OAuthCommand::Exchange {
+        upstream,
+        oauth,
+        code,
+    } = command;
+    let settings = oauth.validate()?.ok_or(
+        "the --oauth-* flags are required: client id, secret file, redirect URI, tokens file",
+    )?;
+    let config = crate::config::ServeConfig::for_upstream(&upstream)?;
+    let limiter = crate::upstream::limiter::LocalLimiter::new(config.limiter);
+    let fetcher = Fetcher::new(
+        crate::upstream::Upstream::new(config.upstream)?,
+        std::sync::Arc::new(limiter),
+        config.fetch,
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+    );
+    let tokens = exchange_code(&fetcher, &settings, code.trim()).await?;
+    let expires = UNIX_EPOCH + Duration::from_secs(tokens.expires_at);
+    Ok(format!(
+        "wrote the account's OAuth tokens to {} (the access token expires {}; the proxy refreshes it)",
+        settings.tokens_file.display(),
+        httpdate::fmt_http_date(expires)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,10 +666,15 @@ mod tests {
             expires_at,
             issued_at,
         };
-        assert!(!t(1000, 1010).due(1007));
-        assert!(t(1000, 1010).due(1008));
-        assert!(!t(0, 86_400).due(86_400 - 301));
-        assert!(t(0, 86_400).due(86_400 - 300));
+        assert!(!t(1000, 1010).due(1_007_999));
+        assert!(t(1000, 1010).due(1_008_000));
+        assert!(
+            !t(1000, 1004).due(1_003_199),
+            "short lives are timed in milliseconds"
+        );
+        assert!(t(1000, 1004).due(1_003_200));
+        assert!(!t(0, 86_400).due((86_400 - 301) * 1000));
+        assert!(t(0, 86_400).due((86_400 - 300) * 1000));
         assert!(Tokens::default().due(0), "no token yet");
     }
 

@@ -8,6 +8,7 @@ use http::{Response, StatusCode};
 use serde_json::{json, Value};
 
 use crate::body::{self, ProxyBody};
+use crate::credentials::CredentialError;
 use crate::leads::plan::OverBudget;
 use crate::leads::query::{InvalidParam, StagePair};
 use crate::upstream::admission::Refusal;
@@ -199,6 +200,16 @@ impl From<FetchError> for ProxyError {
             FetchError::Limited(LimitError::Blocked { retry_after }) => ProxyError::Unavailable {
                 detail: "Kommo answered like a block of this proxy's address (403), so no requests are sent to it until the cool-down (--block-cooldown) ends".into(),
                 retry_after: Some(retry_after),
+            },
+            FetchError::Credential(CredentialError::Refused(reason)) => ProxyError::Unavailable {
+                detail: format!(
+                    "Kommo refused the account's OAuth tokens ({reason}); nothing can be sent until the integration is authorized again: get a new authorization code and run `kommo-fanout oauth exchange --code CODE` with this proxy's --oauth-* settings"
+                ),
+                retry_after: None,
+            },
+            FetchError::Credential(CredentialError::Unavailable(reason)) => ProxyError::Unavailable {
+                detail: format!("the account's credential is not available: {reason}"),
+                retry_after: Some(Duration::from_secs(5)),
             },
         }
     }

@@ -355,10 +355,23 @@ impl Gateway {
         // With Redis, this replica's bookings only (see `upstream::admission`).
         let outlook = self.fetcher.admission_outlook(&origin.url);
         let booked_up = outlook.wait > self.fetcher.policy.max_wait;
+        // Kommo refused the account's OAuth tokens: nothing works until a person acts.
+        let refused = self.fetcher.credentials.as_ref().and_then(|c| c.refused());
         let ready = reachable.is_ok()
             && blocked.is_none()
             && !snapshot.waiting_for_predecessor
-            && !booked_up;
+            && !booked_up
+            && refused.is_none();
+        let credentials = self.fetcher.credentials.as_ref().map(|_| match &refused {
+            Some(reason) => format!(
+                "refused: {reason}; authorize again with `kommo-fanout oauth exchange --code CODE`"
+            ),
+            None => "ok".into(),
+        });
+        let keys = self
+            .auth
+            .as_ref()
+            .map(|a| a.keys.problem().unwrap_or("ok".into()));
         let redis = self.shared.as_ref().map(|s| {
             if s.degraded() {
                 "degraded: Redis unreachable, running on the local fallback (limit / replicas, local cache)"
@@ -370,6 +383,8 @@ impl Gateway {
             "ready": ready,
             "redis": redis,
             "upstream": match &reachable { Ok(()) => "reachable".to_string(), Err(e) => e.clone() },
+            "credentials": credentials,
+            "keys": keys,
             "block_cooldown_remaining_s": blocked,
             "paused_for_429": snapshot.paused_until.is_some(),
             "limiter": {
@@ -504,11 +519,10 @@ impl Gateway {
             return Ok(Some(entry.name.clone()));
         }
         // A client's own token, never a key-like string nor the proxy's own placeholder.
+        let placeholder = crate::credentials::PLACEHOLDER;
         let own = presented.filter(|p| {
             !crate::keys::looks_like_key(p)
-                && !crate::credentials::PLACEHOLDER
-                    .to_str()
-                    .is_ok_and(|ph| ph.ends_with(*p))
+                && placeholder.to_str().ok().and_then(|ph| ph.get(7..)) != Some(*p)
         });
         if auth.allow_client_tokens && own.is_some() {
             return Ok(None);

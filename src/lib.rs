@@ -55,6 +55,7 @@ use tokio::net::TcpListener;
 
 use cache::Cache;
 use config::ServeConfig;
+use credentials::{CredentialSource, Credentials};
 use gateway::Gateway;
 use gateway::{FingerprintKey, Shared};
 use metrics::Metrics;
@@ -106,10 +107,26 @@ pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
     };
     let metrics = Arc::new(Metrics::new());
     let upstream = Upstream::new(config.upstream.clone())?;
-    let fetcher = Fetcher::new(upstream, limiter, config.fetch.clone(), metrics.clone())
+    let mut fetcher = Fetcher::new(upstream, limiter, config.fetch.clone(), metrics.clone())
         .with_admission(config.limiter);
+    let mut auth = None;
+    if let Some(holding) = &config.holding {
+        let credentials = match &holding.source {
+            CredentialSource::TokenFile(path) => Credentials::token_file(path.clone())?,
+            CredentialSource::OAuth(settings) => Credentials::oauth(settings.clone())?,
+        };
+        fetcher = fetcher.with_credentials(Arc::new(credentials));
+        auth = Some(gateway::Auth {
+            keys: keys::WatchedKeys::start(&holding.keys_file)?,
+            account: holding.account.clone(),
+            allow_client_tokens: holding.allow_client_tokens,
+        });
+    }
     let cache = Cache::new(config.cache.clone());
     let mut gw = Gateway::new(fetcher, config.gateway.clone(), cache, metrics.clone());
+    if let Some(auth) = auth {
+        gw = gw.with_auth(auth);
+    }
     if let Some(sync) = &config.sync {
         gw = gw.with_live(sync::live::Live::new(sync.clone(), metrics)?);
     }

@@ -46,6 +46,12 @@ enum Command {
     Demo(DemoArgs),
     /// Compare the proxy's merged views with direct one-stage reads of a real account.
     Verify(VerifyArgs),
+    /// Manage the keys clients send instead of a Kommo token.
+    #[command(subcommand)]
+    Keys(kommo_fanout::keys::KeysCommand),
+    /// Authorize the proxy's OAuth integration with the account.
+    #[command(subcommand)]
+    Oauth(kommo_fanout::credentials::OAuthCommand),
 }
 
 /// Invalid flags or values: the same code clap uses for usage errors.
@@ -107,6 +113,15 @@ fn run(command: Command) -> Result<ExitCode, (u8, String)> {
                 print!("{}", report.text());
             }
             return Ok(ExitCode::from(report.exit_code()));
+        }
+        Command::Keys(command) => {
+            print!("{}", kommo_fanout::keys::run(command).map_err(|e| (1, e))?)
+        }
+        Command::Oauth(command) => {
+            println!(
+                "{}",
+                block_on(None, kommo_fanout::credentials::run_oauth(command))?
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

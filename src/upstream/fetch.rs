@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::HeaderMap;
-use http::{Request, Response};
+use http::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
@@ -23,6 +23,7 @@ use super::limiter::{FlowId, GrantId, LimitError, LimiterConfig, UpstreamLimiter
 use super::retry::{Outcome, Retries};
 use super::{Buffered, Upstream, UpstreamError};
 use crate::body::{self, ProxyBody};
+use crate::credentials::{CredentialError, Credentials, PLACEHOLDER};
 use crate::metrics::{Metrics, UpstreamKind};
 
 /// Retry and protection settings.
@@ -75,6 +76,8 @@ pub enum FetchError {
     RateLimited { retry_after: Duration },
     /// No permit within `--max-wait` (or the deadline), or a block cool-down is in force.
     Limited(LimitError),
+    /// The account's credential, held by the proxy, could not be had.
+    Credential(CredentialError),
 }
 
 impl FetchError {
@@ -101,6 +104,7 @@ impl std::fmt::Display for FetchError {
                 retry_after.as_secs_f64().ceil()
             ),
             FetchError::Limited(e) => write!(f, "{e}"),
+            FetchError::Credential(e) => write!(f, "{e}"),
         }
     }
 }
@@ -142,6 +146,8 @@ pub struct Fetcher {
     /// Which client requests may start their upstream work now (see [`Admission`]); admits
     /// everything until [`Fetcher::with_admission`] names the limiter's settings.
     pub admission: Arc<Admission>,
+    /// The account's credential, put in place of [`PLACEHOLDER`] as each attempt is sent.
+    pub credentials: Option<Arc<Credentials>>,
 }
 
 impl Fetcher {
@@ -160,7 +166,14 @@ impl Fetcher {
             sent: AtomicU64::new(0),
             cap: AtomicU64::new(u64::MAX),
             admission: Arc::new(Admission::unlimited()),
+            credentials: None,
         }
+    }
+
+    /// Sends the account's credential on requests that carry [`PLACEHOLDER`].
+    pub fn with_credentials(mut self, credentials: Arc<Credentials>) -> Self {
+        self.credentials = Some(credentials);
+        self
     }
 
     /// Admits client requests by what the limiter of `limits` can serve before their deadlines.
@@ -227,7 +240,7 @@ impl Fetcher {
         let read = &read;
         let attempts = ServiceBuilder::new()
             .retry(self.retries(kind, flow))
-            .service_fn(move |req| self.attempt(kind, flow, self.upstream.read(req), read));
+            .service_fn(move |req| self.attempt(kind, flow, req, |r| self.upstream.read(r), read));
         let outcome = boxed(attempts.oneshot(req)).await?;
         match outcome {
             Outcome::Done(t) => Ok(t),
@@ -236,6 +249,10 @@ impl Fetcher {
             }
             Outcome::ServerError(answer) => Err(FetchError::Status(answer)),
             Outcome::Unusable(reason) => Err(FetchError::Unusable { reason }),
+            Outcome::Unauthorized(answer) => match read(answer) {
+                Verdict::Done(t) => Ok(t),
+                Verdict::Unusable(reason) => Err(FetchError::Unusable { reason }),
+            },
         }
     }
 
@@ -251,13 +268,14 @@ impl Fetcher {
         let attempts = ServiceBuilder::new()
             .retry(self.retries(kind, flow))
             .service_fn(move |req| {
-                self.attempt(kind, flow, self.upstream.send(req), Verdict::Done)
+                self.attempt(kind, flow, req, |r| self.upstream.send(r), Verdict::Done)
             });
         let outcome = boxed(attempts.oneshot(req)).await?;
         match outcome {
             Outcome::Done(answer)
             | Outcome::RateLimited { answer, .. }
-            | Outcome::ServerError(answer) => Ok(answer),
+            | Outcome::ServerError(answer)
+            | Outcome::Unauthorized(answer) => Ok(answer),
             Outcome::Unusable(reason) => Err(FetchError::Unusable { reason }),
         }
     }
@@ -266,17 +284,40 @@ impl Fetcher {
         Retries::new(&self.policy, &self.metrics, kind, flow.deadline)
     }
 
-    /// One attempt: a permit, then `exchange` within the per-attempt timeout. The permit is
-    /// released once the exchange completed (a streamed answer's head, a buffered answer's
-    /// whole body): the limiter counts a request until the upstream has answered it. The
-    /// answer is classified; usable ones are read by `read`.
-    async fn attempt<A: Answer, T>(
+    /// One attempt: the account's credential, then [`Fetcher::exchange`]. The answer is
+    /// classified; usable ones are read by `read`.
+    async fn attempt<A: Answer, T, F: Future<Output = Result<A, UpstreamError>>>(
+        &self,
+        kind: UpstreamKind,
+        flow: &Flow,
+        mut req: Request<ProxyBody>,
+        exchange: impl FnOnce(Request<ProxyBody>) -> F,
+        read: impl FnOnce(A) -> Verdict<T>,
+    ) -> Result<Outcome<T, A>, FetchError> {
+        let used = self.put_credential(req.headers_mut()).await?;
+        let answer = self.exchange(kind, flow, exchange(req)).await?;
+        if let (Some(used), Some(credentials)) = (used, &self.credentials) {
+            if answer.status() == StatusCode::UNAUTHORIZED {
+                // Kommo no longer takes the account's token: a new one (one refresh for all
+                // the requests that saw this), and one more attempt if it differs.
+                let fresh = credentials.after_unauthorized(self, &used).await;
+                if fresh.map_err(FetchError::Credential)? != used {
+                    return Ok(Outcome::Unauthorized(answer));
+                }
+            }
+        }
+        Ok(self.judge(flow, answer, read))
+    }
+
+    /// A permit, then `exchange` within the per-attempt timeout. The permit is released once
+    /// the exchange completed (a streamed answer's head, a buffered answer's whole body): the
+    /// limiter counts a request until the upstream has answered it.
+    async fn exchange<A: Answer>(
         &self,
         kind: UpstreamKind,
         flow: &Flow,
         exchange: impl Future<Output = Result<A, UpstreamError>>,
-        read: impl FnOnce(A) -> Verdict<T>,
-    ) -> Result<Outcome<T, A>, FetchError> {
+    ) -> Result<A, FetchError> {
         let permit = self.permit(flow).await?;
         let sent = Instant::now();
         let timeout = self.upstream.config().timeout;
@@ -287,8 +328,18 @@ impl Fetcher {
         self.admission.observe(sent.elapsed());
         let status = answer.as_ref().map_or(0, |a| a.status().as_u16());
         self.metrics.upstream(kind, status, sent.elapsed());
-        let answer = answer.map_err(FetchError::Transport)?;
-        Ok(match self.classifier.classify(&flow.key, &answer) {
+        answer.map_err(FetchError::Transport)
+    }
+
+    /// What an answer means: a `429` pauses the key, a block stops it; a usable answer is
+    /// read by `read`.
+    fn judge<A: Answer, T>(
+        &self,
+        flow: &Flow,
+        answer: A,
+        read: impl FnOnce(A) -> Verdict<T>,
+    ) -> Outcome<T, A> {
+        match self.classifier.classify(&flow.key, &answer) {
             Class::RateLimited(after) => {
                 self.pause(&flow.key, after);
                 Outcome::RateLimited { after, answer }
@@ -303,7 +354,44 @@ impl Fetcher {
                     Verdict::Unusable(reason) => Outcome::Unusable(reason),
                 }
             }
+        }
+    }
+
+    /// Sends `req` once as it is, under the limiter, with no credential put in: the way to
+    /// Kommo's token endpoint (which must not wait for the credential it renews).
+    pub async fn send_once(
+        &self,
+        flow: &Flow,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, FetchError> {
+        let kind = UpstreamKind::Passthrough;
+        let answer = self.exchange(kind, flow, self.upstream.send(req)).await?;
+        Ok(match self.judge(flow, answer, Verdict::Done) {
+            Outcome::Done(answer)
+            | Outcome::RateLimited { answer, .. }
+            | Outcome::ServerError(answer)
+            | Outcome::Unauthorized(answer) => answer,
+            Outcome::Unusable(reason) => return Err(FetchError::Unusable { reason }),
         })
+    }
+
+    /// Puts the account's credential in place of [`PLACEHOLDER`]; the value sent, if any.
+    async fn put_credential(
+        &self,
+        headers: &mut HeaderMap,
+    ) -> Result<Option<HeaderValue>, FetchError> {
+        let Some(credentials) = &self.credentials else {
+            return Ok(None);
+        };
+        if headers.get(AUTHORIZATION) != Some(&PLACEHOLDER) {
+            return Ok(None);
+        }
+        let value = credentials
+            .authorization(self)
+            .await
+            .map_err(FetchError::Credential)?;
+        headers.insert(AUTHORIZATION, value.clone());
+        Ok(Some(value))
     }
 
     /// Waits for a permit for one attempt of `flow`; the permit's slot is released when the

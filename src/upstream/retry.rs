@@ -29,6 +29,8 @@ pub enum Outcome<T, A> {
     ServerError(A),
     /// A `200` the caller could not use (truncated, unparsable).
     Unusable(String),
+    /// `401` to the account's credential, which has been renewed since: worth one more try.
+    Unauthorized(A),
 }
 
 /// `429`s one request waits out before giving up, beyond which the upstream is overloaded.
@@ -44,6 +46,8 @@ pub struct Retries<'a> {
     deadline: Instant,
     retries: u32,
     waits_429: u32,
+    /// Whether the one attempt after a renewed credential was made.
+    renewed: bool,
 }
 
 impl<'a> Retries<'a> {
@@ -60,6 +64,7 @@ impl<'a> Retries<'a> {
             deadline,
             retries: 0,
             waits_429: 0,
+            renewed: false,
         }
     }
 
@@ -96,6 +101,11 @@ impl<T, A: Answer> tower::retry::Policy<Request<ProxyBody>, Outcome<T, A>, Fetch
                     self.waits_429 < MAX_429_WAITS && Instant::now() + *after < self.deadline;
                 self.waits_429 += u32::from(wait);
                 return wait.then(|| tokio::time::sleep(Duration::ZERO));
+            }
+            Ok(Outcome::Unauthorized(_)) => {
+                let again = !self.renewed && Instant::now() < self.deadline;
+                self.renewed = true;
+                return again.then(|| tokio::time::sleep(Duration::ZERO));
             }
             Ok(Outcome::ServerError(answer)) => &answer.status(),
             Ok(Outcome::Unusable(reason)) => reason,

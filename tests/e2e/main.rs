@@ -10,6 +10,7 @@ mod fanout;
 mod fidelity;
 mod fixtures;
 mod hardening;
+mod keys;
 mod limits;
 mod ops;
 mod overload;
