@@ -59,7 +59,7 @@ use credentials::{CredentialSource, Credentials};
 use gateway::Gateway;
 use gateway::{FingerprintKey, Shared};
 use metrics::Metrics;
-use redis::{RedisCache, RedisCacheConfig, RedisLimiter, RedisLimiterConfig};
+use redis::{RedisCache, RedisCacheConfig, RedisLimiter, RedisLimiterConfig, RedisTokens};
 use upstream::fetch::Fetcher;
 use upstream::handover::Handover;
 use upstream::limiter::{LocalLimiter, UpstreamLimiter};
@@ -111,9 +111,14 @@ pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
         .with_admission(config.limiter);
     let mut auth = None;
     if let Some(holding) = &config.holding {
-        let credentials = match &holding.source {
-            CredentialSource::TokenFile(path) => Credentials::token_file(path.clone())?,
-            CredentialSource::OAuth(settings) => Credentials::oauth(settings.clone())?,
+        let credentials = match (&holding.source, &config.redis) {
+            (CredentialSource::TokenFile(path), _) => Credentials::token_file(path.clone())?,
+            (CredentialSource::OAuth(settings), None) => Credentials::oauth(settings.clone())?,
+            (CredentialSource::OAuth(settings), Some(redis)) => {
+                let (account, secret) = (&holding.account, &settings.client_secret);
+                let shared = RedisTokens::new(&redis.url, &redis.prefix, account, secret)?;
+                Credentials::oauth(settings.clone())?.with_shared(Box::new(shared))
+            }
         };
         fetcher = fetcher.with_credentials(Arc::new(credentials));
         auth = Some(gateway::Auth {
