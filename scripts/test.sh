@@ -49,5 +49,8 @@ cargo test --workspace --all-targets 2>&1 | tee -a "$log"
 for style in php pretty; do
   KOMMO_FANOUT_TEST_JSON_STYLE=$style cargo test --test e2e -- fanout:: passthrough:: 2>&1 | tee -a "$log"
 done
+# The console in headless Chromium against a running demo (installs Chromium and jq from
+# Debian's packages when missing; screenshot at target/console.png).
+scripts/browser-test.sh 2>&1 | tee -a "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -193,6 +193,8 @@ impl Console {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let mut state = self.lock();
+        // One row a second, each its own second, even when a sample comes late or early.
+        let at = state.history.last().map_or(at, |last| at.max(last.at + 1));
         let previous = state.scrapes.back().map(|(_, s)| s.clone());
         let second = Second::between(at, previous.as_deref(), &scrape);
         state.history.push(second);

@@ -123,7 +123,7 @@ fn chart(status: &Value) -> String {
         .iter()
         .chain(&slots)
         .copied()
-        .fold(limit.max(1.0), f64::max);
+        .fold(limit.max(1.0) * 1.25, f64::max);
     let y = |v: f64| TOP + H - (v / max) * H;
     let x0 = W - sent.len() as f64;
     let mut bars = String::new();
@@ -156,7 +156,7 @@ fn chart(status: &Value) -> String {
         svg,
         "<line x1=\"0\" x2=\"{W}\" y1=\"{ly:.1}\" y2=\"{ly:.1}\" stroke=\"#c2410c\" stroke-dasharray=\"6 4\"/>\
          <text x=\"4\" y=\"{:.1}\" fill=\"#c2410c\" font-size=\"11\">limit {} per {window} s</text>",
-        ly - 3.0,
+        ly + 13.0,
         fmt(get(status, "budget.limit")),
     );
     svg
