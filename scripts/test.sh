@@ -33,6 +33,7 @@ need_package() { # need_package COMMAND PACKAGE
 need_package redis-server redis-server
 need_package docker-compose docker-compose
 docker-compose -f docker-compose.yml config -q
+docker-compose -f docker-compose.yml --profile monitoring config -q
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

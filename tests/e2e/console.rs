@@ -330,3 +330,167 @@ async fn the_admin_token_file_is_read_at_start_and_checked() {
     let err = parse(&file).unwrap_err();
     assert!(err.contains("at least 16"), "{err}");
 }
+
+/// The sample names a running proxy's `/metrics` exports: every sample line's name, and for
+/// each declared family the names its samples take (counters' `_total`, histograms'
+/// `_bucket`, `_sum` and `_count`), as families with labels appear only once used.
+fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Some(decl) = line.strip_prefix("# TYPE ") {
+            let mut parts = decl.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        } else if !line.starts_with('#') {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            names.insert(name.to_string());
+        }
+    }
+    names
+}
+
+/// Every `kommo_fanout_…` name in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("kommo_fanout_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        out.push(name);
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_grafana_dashboard_graphs_only_metrics_the_proxy_exports_and_all_the_console_reads() {
+    // Families with labels appear once used: traffic that uses each (a fan-out through the
+    // cache, a retried 500, a live view that takes deltas).
+    let s = stack_with(sim_config(1000), |c| {
+        c.cache.ttl = Duration::from_secs(60);
+        c.sync = Some(kommo_fanout::sync::live::SyncSettings {
+            interval: Duration::from_millis(200),
+            max_staleness: Duration::from_secs(600),
+            with: Vec::new(),
+            max_bytes: 64 * 1024 * 1024,
+            idle: Duration::from_secs(600),
+            reconcile: Duration::from_secs(3600),
+        });
+    })
+    .await;
+    s.sim
+        .inject(kommo_sim::FaultRule::always(kommo_sim::Fault::Status500).times(1));
+    assert_eq!(s.get("/api/v4/leads/pipelines", TOKEN).await.status, 200);
+    let set = largest_stages(&s, 2);
+    assert_eq!(s.leads(&stages(&set)).await.status, 200);
+    let until = tokio::time::Instant::now() + WAIT;
+    let text = loop {
+        let scrape = s.admin_get("/metrics", None).await;
+        let text = String::from_utf8_lossy(&scrape.body).into_owned();
+        let families = [
+            "sync_deltas_total",
+            "upstream_retries_total",
+            "cache_lookups_total",
+        ];
+        if families
+            .iter()
+            .all(|n| text.contains(&format!("kommo_fanout_{n}{{")))
+        {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "not every family in use: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let exported = exported_names(&text);
+    assert!(exported.contains("kommo_fanout_upstream_requests_total"));
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/kommo-fanout.json");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("the dashboard is there"))
+            .expect("the dashboard is JSON");
+    let mut panels: Vec<&Value> = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        panels.push(panel);
+        panels.extend(panel["panels"].as_array().into_iter().flatten());
+    }
+    let mut graphed = std::collections::BTreeSet::new();
+    let mut queried = 0;
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or("?");
+        let Some(targets) = panel["targets"].as_array() else {
+            assert!(
+                matches!(panel["type"].as_str(), Some("row" | "text")),
+                "{title}: a panel without queries"
+            );
+            continue;
+        };
+        assert!(!targets.is_empty(), "{title}: no queries");
+        for target in targets {
+            let expr = target["expr"].as_str().expect("a PromQL expr");
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{title}: {expr} names no metric");
+            for name in names {
+                assert!(
+                    exported.contains(&name),
+                    "{title}: {name} is not exported by the proxy"
+                );
+                graphed.insert(name);
+            }
+            queried += 1;
+        }
+    }
+    assert!(queried >= 15, "{queried} queries");
+    // The same figures as the console: each metric it reads is on a panel.
+    for name in kommo_fanout::console::METRICS {
+        assert!(
+            graphed.iter().any(|g| g.starts_with(name)),
+            "the console reads {name}, no panel graphs it"
+        );
+    }
+}
+
+#[tokio::test]
+async fn live_views_show_each_replica_by_its_place_never_by_its_fingerprint_name() {
+    let s = stack_with(sim_config(1000), |c| {
+        c.sync = Some(kommo_fanout::sync::live::SyncSettings {
+            interval: Duration::from_millis(200),
+            max_staleness: Duration::from_secs(600),
+            with: Vec::new(),
+            max_bytes: 64 * 1024 * 1024,
+            idle: Duration::from_secs(600),
+            reconcile: Duration::from_secs(3600),
+        });
+    })
+    .await;
+    let set = largest_stages(&s, 2);
+    assert_eq!(s.leads(&stages(&set)).await.status, 200);
+    let status = s
+        .status_when("a live replica", |v| {
+            v["live"]["replicas"][0]["state"] == "live"
+        })
+        .await;
+    let replica = &status["live"]["replicas"][0];
+    assert_eq!(replica["replica"], 1);
+    assert!(replica["leads"].as_u64().unwrap() > 0);
+    assert!(replica["upstream_requests"].as_u64().unwrap() > 0);
+    // `/sync` names the replica by a prefix of the credential's fingerprint: not the console.
+    let sync = s.admin_get("/sync", None).await.json();
+    let name = sync["replicas"][0]["replica"].as_str().unwrap().to_string();
+    assert!(!status.to_string().contains(&name));
+    let page = s.admin_get("/", None).await;
+    let html = String::from_utf8_lossy(&page.body);
+    assert!(!html.contains(&name));
+    assert!(html.contains("<td>1</td><td>live</td>"));
+}
