@@ -66,8 +66,9 @@ console=$(sed -n 's/^  console: *//p' "$work/demo.out" | head -n1)
 # The console's address is among the demo's first lines.
 head -n3 "$work/demo.out" | grep -q "^  console:" || { echo "console not among the first lines" >&2; exit 1; }
 status() { curl -sf "${console}status.json"; }
-# The demo's dashboards have spent some of the budget.
-eventually 'status | jq -e "[.history.sent[]] | add > 0" >/dev/null' "the demo's load reaches the upstream"
+# The demo's dashboards have spent some of the budget, and the chart has ten seconds to show.
+eventually 'status | jq -e "([.history.sent[]] | add > 0) and (.history.at | length >= 10)" >/dev/null' \
+  "the demo's load reaches the upstream"
 
 chrome() {
   # --no-sandbox: Chromium refuses to run as root with its sandbox (CI containers run as root).
