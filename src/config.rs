@@ -129,6 +129,10 @@ pub struct ServeArgs {
     /// X-Webhook-Secret header); the endpoint is off without it.
     #[arg(long, env = "KOMMO_FANOUT_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// A file holding the bearer token the console (`/`, `/status.json`) and `/metrics` of the
+    /// admin listener require; open to anyone who reaches the admin listener without it.
+    #[arg(long, env = "KOMMO_FANOUT_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Share the upstream budget and the cache with other replicas through this Redis
     /// (`redis://host:6379` or `rediss://...`).
     #[arg(long, env = "KOMMO_FANOUT_REDIS", hide_env_values = true)]
@@ -225,6 +229,8 @@ pub struct ServeConfig {
     pub cache: CacheConfig,
     /// The secret of the webhook endpoint; `None` turns it off.
     pub webhook_secret: Option<String>,
+    /// The token of `--admin-token-file` (only its hash); `None`: the console is open.
+    pub admin_token: Option<crate::console::AdminToken>,
     /// Replicas share the limiter and the cache through this Redis.
     pub redis: Option<RedisSettings>,
     pub fetch: FetchPolicy,
@@ -360,6 +366,11 @@ impl ServeArgs {
                 passthrough: self.cache_passthrough,
             },
             webhook_secret: self.webhook_secret,
+            admin_token: self
+                .admin_token_file
+                .as_deref()
+                .map(crate::console::AdminToken::read)
+                .transpose()?,
             redis: self.redis.map(|url| RedisSettings {
                 url,
                 prefix: self.redis_prefix,
@@ -511,6 +522,7 @@ impl ServeConfig {
                 q(&held.as_ref().map_or("(off)".into(), |h| h.1.clone())),
             ),
             ("webhook_secret", set(self.webhook_secret.is_some())),
+            ("admin_token", set(self.admin_token.is_some())),
             ("trust_forwarded", g.trust_forwarded.to_string()),
             ("max_uri_len", b.max_uri_len.to_string()),
             ("max_header_bytes", b.max_header_bytes.to_string()),

@@ -516,6 +516,7 @@ impl Gateway {
             parts
                 .headers
                 .insert(header::AUTHORIZATION, crate::credentials::PLACEHOLDER);
+            auth.keys.touch(&entry.name);
             return Ok(Some(entry.name.clone()));
         }
         // A client's own token, never a key-like string nor the proxy's own placeholder.

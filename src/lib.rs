@@ -14,6 +14,7 @@
 //! - [`cache`]: upstream pages and client answers, coalesced and isolated by credential.
 //! - [`passthrough`]: everything that is not the leads list.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
+//! - [`console`]: the operator's console on the admin listener (`/`, `/status.json`).
 //! - [`headers`]: header names and checks every stage shares.
 //! - [`error`]: the one place that turns failures into `problem+json` answers.
 //! - [`body`]: the body type shared by all answers.
@@ -31,6 +32,7 @@
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod console;
 pub mod credentials;
 pub mod error;
 pub mod gateway;
@@ -193,10 +195,17 @@ pub async fn serve(
     let (tx, rx) = tokio::sync::watch::channel(false);
     let admin_rx = rx.clone();
     let secret = config.webhook_secret.as_deref().map(Arc::from);
-    let admin_task = tokio::spawn(server::run_admin(admin, gw.clone(), secret, async move {
-        let mut rx = admin_rx;
-        let _ = rx.wait_for(|stop| *stop).await;
-    }));
+    let console = console::Console::start(console::ConsoleSettings::of(config), &gw);
+    let admin_task = tokio::spawn(server::run_admin(
+        admin,
+        gw.clone(),
+        secret,
+        console,
+        async move {
+            let mut rx = admin_rx;
+            let _ = rx.wait_for(|stop| *stop).await;
+        },
+    ));
     tokio::spawn(async move {
         shutdown.await;
         let _ = tx.send(true);

@@ -26,6 +26,7 @@ use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::body::{self, ProxyBody};
+use crate::console::Console;
 use crate::error::{problem, ProxyError};
 use crate::gateway::{Bounds, Gateway};
 use crate::headers::{valid_host, REQUEST_ID};
@@ -300,16 +301,18 @@ pub async fn run(
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes: `GET /healthz`,
-/// `/readyz`, `/metrics`, and `POST /webhooks/kommo` when a webhook secret is configured.
+/// `/readyz`, `/metrics`, the console (`/`, `/status.json`), and `POST /webhooks/kommo` when
+/// a webhook secret is configured.
 pub async fn run_admin(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     webhook_secret: Option<Arc<str>>,
+    console: Arc<Console>,
     shutdown: impl Future<Output = ()>,
 ) {
     let admin = service_fn(move |req: Request<Incoming>| {
-        let (gw, secret) = (gateway.clone(), webhook_secret.clone());
-        async move { Ok::<_, Infallible>(admin(&gw, secret.as_deref(), req).await) }
+        let (gw, secret, console) = (gateway.clone(), webhook_secret.clone(), console.clone());
+        async move { Ok::<_, Infallible>(admin(&gw, secret.as_deref(), &console, req).await) }
     });
     let limits = ConnLimits::ADMIN;
     let open = Gauge::default();
@@ -325,7 +328,16 @@ pub async fn run_admin(
 }
 
 /// Answers one request of the admin listener.
-async fn admin(gw: &Gateway, secret: Option<&str>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn admin(
+    gw: &Gateway,
+    secret: Option<&str>,
+    console: &Console,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    // The console's pages, and the admin token's check of them and of `/metrics`.
+    if let Some(resp) = console.answer(gw, req.method(), req.uri().path(), req.headers()) {
+        return resp;
+    }
     let typed = |body: String, content_type: &'static str| {
         let mut resp = Response::new(body::full(body));
         resp.headers_mut().insert(
