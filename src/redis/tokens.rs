@@ -145,8 +145,9 @@ impl SharedTokens for RedisTokens {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sealed_tokens_open_with_the_same_secret_only() {
+    /// (A runtime: the lazy connection is set up on one, and never used here.)
+    #[tokio::test]
+    async fn sealed_tokens_open_with_the_same_secret_only() {
         let tokens = Tokens {
             access_token: "a".into(),
             refresh_token: "r".into(),
