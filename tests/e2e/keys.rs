@@ -343,7 +343,8 @@ async fn a_hundred_requests_at_expiry_cause_one_refresh_and_no_401() {
 
 #[tokio::test]
 async fn a_401_forces_one_refresh_and_the_request_is_answered() {
-    let sim = oauth_sim(Duration::from_secs(1)).await;
+    // Long enough that the refreshed token, its expiry kept in whole seconds, is not due at once.
+    let sim = oauth_sim(Duration::from_secs(3)).await;
     let dir = tempfile::tempdir().unwrap();
     exchange(&sim, dir.path()).await;
     // A file that claims a long life: only Kommo's 401 tells the token is gone.
