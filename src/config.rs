@@ -12,7 +12,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches, Parser};
 
 use crate::cache::CacheConfig;
-use crate::credentials::{CredentialSource, OAuthArgs};
+use crate::credentials::{CredentialSource, OAuthArgs, OAuthSettings};
 use crate::gateway::{Bounds, GatewaySettings, RateLimitKey};
 use crate::headers::{host_name, valid_host};
 use crate::upstream::fetch::FetchPolicy;
@@ -550,6 +550,24 @@ fn accounts_in(path: &Path, rate_limit: u32) -> Result<Vec<AccountConfig>, Strin
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("--config {}: cannot read it: {e}", path.display()))?;
     parse_accounts(&text, rate_limit).map_err(|e| format!("--config {}: {e}", path.display()))
+}
+
+/// The upstream and OAuth settings of the account `name` of the config file at `path`, for
+/// `oauth exchange --account`.
+pub fn oauth_account(path: &Path, name: &str) -> Result<(String, OAuthSettings), String> {
+    let accounts = accounts_in(path, 1)?;
+    let Some(account) = accounts.into_iter().find(|a| a.name == name) else {
+        return Err(format!(
+            "--account {name}: --config {} declares no [accounts.{name}]",
+            path.display()
+        ));
+    };
+    match account.holding.map(|h| h.source) {
+        Some(CredentialSource::OAuth(settings)) => Ok((account.origin.url, settings)),
+        _ => Err(format!(
+            "[accounts.{name}] has no `oauth` table: nothing to authorize"
+        )),
+    }
 }
 
 /// The accounts of a config file's text (see [`accounts_in`]).

@@ -608,8 +608,18 @@ pub enum OAuthCommand {
     /// KOMMO_FANOUT_* variables `serve` takes; a running proxy picks the new tokens up.
     Exchange {
         /// The Kommo account origin, e.g. https://example.kommo.com.
-        #[arg(long, env = "KOMMO_FANOUT_UPSTREAM")]
-        upstream: String,
+        #[arg(
+            long,
+            env = "KOMMO_FANOUT_UPSTREAM",
+            required_unless_present = "account"
+        )]
+        upstream: Option<String>,
+        /// An account of the --config file: its `upstream` and `oauth` table are used.
+        #[arg(long, requires = "config", conflicts_with_all = ["upstream", "oauth_client_id", "oauth_client_secret_file", "oauth_redirect_uri", "oauth_tokens_file"])]
+        account: Option<String>,
+        /// The config file `serve` reads, for --account.
+        #[arg(long, env = "KOMMO_FANOUT_CONFIG")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         oauth: OAuthArgs,
         /// The authorization code (valid 20 minutes, once).
@@ -622,12 +632,20 @@ pub enum OAuthCommand {
 pub async fn run_oauth(command: OAuthCommand) -> Result<String, String> {
     let OAuthCommand::Exchange {
         upstream,
+        account,
+        config,
         oauth,
         code,
     } = command;
-    let settings = oauth.validate()?.ok_or(
-        "the --oauth-* flags are required: client id, secret file, redirect URI, tokens file",
-    )?;
+    let (upstream, settings) = match (account, config) {
+        (Some(name), Some(path)) => crate::config::oauth_account(&path, &name)?,
+        _ => {
+            let settings = oauth.validate()?.ok_or(
+                "the --oauth-* flags are required: client id, secret file, redirect URI, tokens file",
+            )?;
+            (upstream.unwrap_or_default(), settings)
+        }
+    };
     let config = crate::config::ServeConfig::for_upstream(&upstream)?;
     let limiter = crate::upstream::limiter::LocalLimiter::new(config.limiter);
     let fetcher = Fetcher::new(

@@ -369,7 +369,9 @@ impl Gateway {
             && refused.is_none();
         let credentials = self.fetcher.credentials.as_ref().map(|_| match &refused {
             Some(reason) => format!(
-                "refused: {reason}; authorize again with `kommo-fanout oauth exchange --code CODE`"
+                "refused: {reason}; authorize again with `kommo-fanout oauth exchange --code CODE` \
+                 (with `--config FILE --account {}` for an account of the config file)",
+                self.auth.as_ref().map_or("NAME", |a| a.account.as_str())
             ),
             None => "ok".into(),
         });

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use http::Method;
-use kommo_fanout::config::{AccountConfig, ServeConfig};
+use kommo_fanout::config::{AccountConfig, ServeArgs, ServeConfig};
 use kommo_fanout::credentials::{CredentialSource, Holding};
 use kommo_fanout::keys::{self, KeysCommand, Scope};
 use kommo_fanout::upstream::Origin;
-use kommo_sim::{Fault, FaultRule, Sim, SimConfig, SimHandle, SimRateLimit};
+use kommo_sim::{Fault, FaultRule, Sim, SimConfig, SimHandle, SimOAuth, SimRateLimit};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -99,6 +99,23 @@ async fn two(
     b.host = Some(BETA_HOST.into());
     tweak(&mut config, &mut a, &mut b);
     config.accounts = vec![a, b];
+    let (proxy, admin, stop) = serve(config).await;
+    Two {
+        acme,
+        beta,
+        proxy,
+        admin,
+        acme_key,
+        beta_key,
+        client: Client::default(),
+        _dir: dir,
+        _stop: stop,
+    }
+}
+
+/// Serves `config`'s accounts on loopback: the proxy's and the admin listener's base URLs, and
+/// what stops them when dropped.
+async fn serve(config: ServeConfig) -> (String, String, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let proxy = format!("http://{}", listener.local_addr().expect("bound"));
@@ -115,17 +132,7 @@ async fn two(
             .await
             .expect("the proxy serves");
     });
-    Two {
-        acme,
-        beta,
-        proxy,
-        admin: admin_url,
-        acme_key,
-        beta_key,
-        client: Client::default(),
-        _dir: dir,
-        _stop: stop,
-    }
+    (proxy, admin_url, stop)
 }
 
 /// Two accounts of different data.
@@ -390,4 +397,98 @@ fn check_prints_the_accounts_and_config_errors_name_the_account_and_key() {
         assert_eq!(code, 2, "{text}: {err}");
         assert!(err.contains(needle), "{text}: {err}");
     }
+}
+
+/// `serve`'s command line, parsed and validated as the binary does (the config file merged).
+fn serve_config(args: &[&str]) -> ServeConfig {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Serve,
+    }
+    #[derive(clap::Subcommand)]
+    enum Serve {
+        Serve(Box<ServeArgs>),
+    }
+    let argv = ["kommo-fanout", "serve"].iter().chain(args).map(Into::into);
+    let cli: Cli = kommo_fanout::config::parse_args(argv.collect()).expect("valid flags");
+    let Serve::Serve(args) = cli.command;
+    args.validate().expect("a valid configuration")
+}
+
+#[tokio::test]
+async fn an_oauth_account_of_the_config_file_is_authorized_by_name_and_served() {
+    let mut oauth = SimOAuth::new("client-1", "secret-1", "https://example.test/cb");
+    oauth.token_ttl = Duration::from_secs(3600);
+    let acme = Sim::spawn(SimConfig {
+        oauth: Some(oauth),
+        ..sim_config(300)
+    });
+    let beta = Sim::spawn(sim_config(300));
+    let (acme, beta) = (acme.await.unwrap(), beta.await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(file("secret"), "secret-1\n").unwrap();
+    std::fs::write(file("beta.token"), format!("{TOKEN}\n")).unwrap();
+    let acme_key = add_key(&dir.path().join("keys.toml"), "acme");
+    let beta_key = add_key(&dir.path().join("keys.toml"), "beta");
+    let config = file("kommo.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "keys_file = \"{keys}\"\ncache_ttl = \"0s\"\n\
+             [accounts.acme]\nupstream = \"{acme}\"\n\
+             oauth = {{ client_id = \"client-1\", client_secret_file = \"{secret}\", redirect_uri = \"https://example.test/cb\", refresh_token_file = \"{tokens}\" }}\n\
+             [accounts.beta]\nupstream = \"{beta}\"\ntoken_file = \"{token}\"\n",
+            keys = file("keys.toml"),
+            acme = acme.base_url(),
+            beta = beta.base_url(),
+            secret = file("secret"),
+            tokens = file("acme.tokens"),
+            token = file("beta.token"),
+        ),
+    )
+    .unwrap();
+    let code = acme.oauth_code();
+    let args = [
+        "oauth",
+        "exchange",
+        "--config",
+        &config,
+        "--account",
+        "acme",
+        "--code",
+        &code,
+    ]
+    .map(String::from);
+    let (status, out, err) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&args)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 0, "{err}");
+    assert!(out.contains("acme.tokens"), "{out}");
+
+    let config = serve_config(&["--config", &config, "--limiter-lock-dir", "off"]);
+    let (proxy, _admin, _stop) = serve(config).await;
+    let client = Client::default();
+    let pipelines = "api/v4/leads/pipelines";
+    let a = client
+        .get(&format!("{proxy}/acme/{pipelines}"), &acme_key)
+        .await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let sent = acme.requests().last().unwrap().token.clone().unwrap();
+    assert!(
+        sent != TOKEN && sent.matches('.').count() == 2,
+        "an OAuth access token"
+    );
+    let b = client
+        .get(&format!("{proxy}/beta/{pipelines}"), &beta_key)
+        .await;
+    assert_eq!(b.status, 200);
+    assert_eq!(
+        beta.requests().last().unwrap().token.as_deref(),
+        Some(TOKEN)
+    );
 }
