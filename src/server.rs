@@ -124,7 +124,7 @@ where
         key = tracing::field::Empty,
         account = tracing::field::Empty,
     );
-    let answer = match routed {
+    let mut resp = match routed {
         Ok(account) => {
             if accounts.is_named() {
                 span.record("account", account.name.as_str());
@@ -139,7 +139,6 @@ where
         // Not counted: no account's metrics are the right place for it.
         Err(e) => e.into_response(),
     };
-    let mut resp = answer;
     let status = resp.status().as_u16();
     let upstream_calls = resp.extensions().get::<UpstreamCalls>().map_or(0, |c| c.0);
     span.in_scope(|| {
