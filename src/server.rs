@@ -25,7 +25,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::accounts::{Accounts, Routed};
+use crate::accounts::{Account, Accounts, Routed};
 use crate::body::{self, ProxyBody};
 use crate::error::{problem, ProxyError};
 use crate::gateway::{Bounds, Gateway};
@@ -347,8 +347,9 @@ pub async fn run_admin(
 
 /// Answers one request of the admin listener. With several accounts, `/readyz` is ready
 /// only when every account is (a load balancer cannot send one account's requests elsewhere
-/// alone) and reports each; `/sync` and `/metrics` cover every account; the webhook drops every
-/// account's cached entries.
+/// alone) and reports each; `/sync` and `/metrics` cover every account; the webhook at
+/// `/webhooks/kommo/NAME` drops one account's cached entries, at `/webhooks/kommo` every
+/// account's.
 async fn admin(
     accounts: &Accounts,
     secret: Option<&str>,
@@ -392,9 +393,27 @@ async fn admin(
             let report = serde_json::json!({ "accounts": each });
             typed(report.to_string(), "application/json")
         }
-        (&Method::POST, webhook::PATH) if secret.is_some() => {
+        (&Method::POST, path) if secret.is_some() && path.starts_with(webhook::PATH) => {
+            // `/webhooks/kommo/NAME`: one account's entries; `/webhooks/kommo`: every account's.
+            let name = match &path[webhook::PATH.len()..] {
+                "" => None,
+                rest => Some(rest.strip_prefix('/').unwrap_or(rest)),
+            };
+            let chosen: Vec<&Account> = accounts
+                .iter()
+                .filter(|a| name.is_none_or(|n| n == a.name))
+                .collect();
+            if chosen.is_empty() {
+                let detail = format!(
+                    "no such account: post to {}/NAME for one of the {} accounts, or to {} for all",
+                    webhook::PATH,
+                    accounts.iter().count(),
+                    webhook::PATH
+                );
+                return problem(StatusCode::NOT_FOUND, &detail, None);
+            }
             let changed = || async {
-                for account in accounts.iter() {
+                for account in chosen {
                     changed(&account.gateway).await;
                 }
             };

@@ -341,6 +341,53 @@ async fn one_accounts_block_cool_down_does_not_pause_the_other() {
     assert_eq!(report["accounts"]["beta"]["ready"], true, "{report}");
 }
 
+#[tokio::test]
+async fn a_webhook_for_one_account_drops_only_its_cached_answers() {
+    const SECRET: &str = "a-webhook-secret-of-the-test";
+    let t = two(sims(300), |c, _, _| {
+        c.cache.ttl = Duration::from_secs(600);
+        c.webhook_secret = Some(SECRET.into());
+    })
+    .await;
+    let cache = |name: &'static str, key: &str| {
+        let key = key.to_string();
+        let t = &t;
+        async move {
+            let a = t
+                .get(&format!("/{name}/api/v4/leads?limit=5"), &key, &[])
+                .await;
+            assert_eq!(a.status, 200);
+            a.headers["x-cache"].to_str().unwrap().to_string()
+        }
+    };
+    for (name, key) in [("acme", &t.acme_key), ("beta", &t.beta_key)] {
+        assert_eq!(cache(name, key).await, "MISS");
+        assert_eq!(cache(name, key).await, "HIT");
+    }
+    let body = "leads[update][0][id]=1&account[subdomain]=acme";
+    let post = |path: &'static str| {
+        let url = format!("{}{path}", t.admin);
+        let headers = [
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("x-webhook-secret", SECRET),
+        ];
+        let t = &t;
+        async move {
+            let a = t
+                .client
+                .request_with(Method::POST, &url, None, body, &headers);
+            a.await.status
+        }
+    };
+    assert_eq!(post("/webhooks/kommo/gamma").await, 404);
+    assert_eq!(post("/webhooks/kommo/acme").await, 200);
+    assert_eq!(cache("acme", &t.acme_key).await, "MISS");
+    assert_eq!(cache("beta", &t.beta_key).await, "HIT");
+    assert_eq!(post("/webhooks/kommo").await, 200);
+    assert_eq!(cache("acme", &t.acme_key).await, "MISS");
+    assert_eq!(cache("beta", &t.beta_key).await, "MISS");
+}
+
 /// Runs the binary with `args`: its exit code, stdout and stderr.
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kommo-fanout"))
