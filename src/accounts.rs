@@ -64,17 +64,20 @@ impl Accounts {
         self.list.iter()
     }
 
-    /// The account of `req`, by `Host` or path prefix; a prefix is stripped from the request's
-    /// target and kept as its [`BasePath`], so links in the answer keep it. An unknown host or
-    /// prefix is a `404` that gives the number of accounts, never their names.
+    /// The account of `req`, by `Host` (or, with `--trust-forwarded`, `X-Forwarded-Host`) or
+    /// path prefix; a prefix is stripped from the request's target and kept as its
+    /// [`BasePath`], so links in the answer keep it. An unknown host or prefix is a `404` that
+    /// gives the number of accounts, never their names; a key sent to an account whose
+    /// clients bring their own tokens is a `403`, so it never reaches Kommo.
     pub fn route<B>(&self, req: &mut Request<B>) -> Result<&Account, ProxyError> {
         if !self.named {
             return Ok(&self.list[0]);
         }
-        let host = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
+        let header = |name| req.headers().get(name).and_then(|h| h.to_str().ok());
+        let forwarded =
+            header("x-forwarded-host").filter(|_| self.front().settings.trust_forwarded);
+        let host = forwarded
+            .or(header(http::header::HOST.as_str()))
             .or(req.uri().authority().map(|a| a.as_str()));
         let keys = self
             .list
@@ -90,6 +93,12 @@ impl Accounts {
             ));
         };
         let account = &self.list[index];
+        if account.gateway.auth.is_none() && sends_a_key(req) {
+            return Err(ProxyError::Rejected(
+                StatusCode::FORBIDDEN,
+                "this account takes its clients' own Kommo tokens, not keys of this proxy: send a Kommo token, or use the key at the account it was made for".into(),
+            ));
+        }
         if prefix > 0 {
             strip_prefix(req, prefix)?;
             let base = BasePath(format!("/{}", account.name).into());
@@ -97,6 +106,20 @@ impl Accounts {
         }
         Ok(account)
     }
+}
+
+/// Whether `req` carries a key of this proxy as its bearer token.
+fn sends_a_key<B>(req: &Request<B>) -> bool {
+    let bearer = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|b| b.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        });
+    bearer.is_some_and(|b| crate::keys::looks_like_key(b.trim()))
 }
 
 /// Which of `accounts` (name, host) a request for `host` and `path` is for, and how many bytes

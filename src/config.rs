@@ -997,6 +997,10 @@ mod tests {
         let one = c.for_account(beta);
         assert_eq!(one.upstream.origin.url, "http://127.0.0.1:1");
         assert_eq!(one.limiter.requests, 3);
+        assert!(one.accounts.is_empty());
+        let with_redis = from_args(&["--config", f.0.to_str().unwrap(), "--redis", "redis://r"]);
+        let one = with_redis.unwrap().for_account(beta);
+        assert_eq!(one.redis.unwrap().prefix, "kommo-fanout:beta-2:");
     }
 
     #[test]

@@ -268,6 +268,18 @@ async fn a_key_of_one_account_is_refused_on_the_other() {
 }
 
 #[tokio::test]
+async fn a_key_never_reaches_an_account_whose_clients_bring_their_own_tokens() {
+    let t = two(sims(200), |_, _, b| b.holding = None).await;
+    let a = t.get("/beta/api/v4/leads", &t.acme_key, &[]).await;
+    assert_eq!(a.status, 403);
+    assert_eq!(a.content_type(), "application/problem+json");
+    assert_eq!(t.beta.request_count(), 0);
+    let own = t.get("/beta/api/v4/leads?limit=5", TOKEN, &[]).await;
+    assert_eq!(own.status, 200);
+    assert_eq!(t.beta.requests()[0].token.as_deref(), Some(TOKEN));
+}
+
+#[tokio::test]
 async fn each_account_keeps_to_its_own_budget_while_both_are_loaded() {
     let window = Duration::from_millis(300);
     let limited = |n: u32, sim: SimConfig| SimConfig {
