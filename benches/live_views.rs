@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench live_views` (5 measured minutes plus the replica's load; `-- --minutes
 //! M` for another length, `-- --leads N` for another account size) starts everything in this
-//! process on `127.0.0.1` with free ports and prints a markdown report; it writes no file. Under
+//! process on `127.0.0.1` with free ports and prints a markdown report; a run of the default
+//! length and size also puts it in BENCHMARKS.md as its `Live views` section. Under
 //! `cargo test --all-targets` (no `--bench` argument) it exits at once.
 //!
 //! Four lanes run at once, so whatever else the machine runs falls on all of them alike. Each
@@ -269,6 +270,28 @@ fn main() {
         .expect("tokio runtime");
     let report = runtime.block_on(run(&args));
     println!("{report}");
+    if args.minutes == 5.0 && args.leads == 100_000 {
+        write_section(&report);
+    } else {
+        println!("(not the issue's 5 minutes of 100 000 leads: BENCHMARKS.md left as it is)");
+    }
+}
+
+/// Puts `report` in BENCHMARKS.md in place of its `## Live views` section (or at its end).
+fn write_section(report: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let (before, after) = match old.find("\n## Live views") {
+        Some(at) => {
+            let rest = &old[at + 1..];
+            let end = rest.find("\n## ").map_or(old.len(), |e| at + 1 + e);
+            (&old[..at], &old[end..])
+        }
+        None => (old.trim_end(), ""),
+    };
+    let text = format!("{before}\n\n{}\n{after}", report.trim_end());
+    std::fs::write(&path, text).expect("write BENCHMARKS.md");
+    println!("wrote the Live views section of {}", path.display());
 }
 
 fn sim_config(leads: usize) -> SimConfig {
@@ -410,6 +433,8 @@ fn dashboard(sim: &Sim) -> Vec<View> {
 /// What the live lane's load took.
 struct Load {
     took: Duration,
+    /// From the first view request to the end of the first delta after the load.
+    with_first_delta: Duration,
     /// Upstream requests the simulator saw from the first view request to the replica's
     /// `live` state.
     upstream: usize,
@@ -419,7 +444,10 @@ struct Load {
     bytes: u64,
 }
 
-/// Starts the live lane's replica with one view request and waits for it to be live.
+/// Starts the live lane's replica with one view request and waits for it to be live and for
+/// its first delta: that delta reads again the leads changed while the load ran and in the
+/// overlap before it (with the simulator's seed, every lead whose `updated_at` is the account's
+/// start time), a cost of the load that the measured period should not carry.
 async fn load_replica(lane: &Lane, view: &View) -> Load {
     lane.sim.clear_requests();
     let started = Instant::now();
@@ -431,22 +459,31 @@ async fn load_replica(lane: &Lane, view: &View) -> Load {
     .expect("the first view answers");
     assert_eq!(first.status, StatusCode::OK, "the first view request");
     let deadline = started + LOAD_DEADLINE;
+    let mut loaded_at = None;
     loop {
         let report = sync_report(lane).await;
         if let Some(r) = first_replica(&report).filter(|r| r["state"] == "live") {
-            return Load {
-                took: started.elapsed(),
-                upstream: lane.sim.request_count(),
-                sync: r["upstream_requests"].as_u64().unwrap_or(0),
-                leads: r["leads"].as_u64().unwrap_or(0),
-                bytes: r["bytes"].as_u64().unwrap_or(0),
-            };
+            let watermark = r["watermark"].as_i64();
+            match loaded_at {
+                None => loaded_at = Some((watermark, started.elapsed())),
+                Some((at, took)) if at != watermark => {
+                    return Load {
+                        took,
+                        with_first_delta: started.elapsed(),
+                        upstream: lane.sim.request_count(),
+                        sync: r["upstream_requests"].as_u64().unwrap_or(0),
+                        leads: r["leads"].as_u64().unwrap_or(0),
+                        bytes: r["bytes"].as_u64().unwrap_or(0),
+                    };
+                }
+                Some(_) => {}
+            }
         }
         assert!(
             Instant::now() < deadline,
             "the replica did not load within {LOAD_DEADLINE:?}: {report}"
         );
-        sleep(Duration::from_millis(250)).await;
+        sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -785,9 +822,11 @@ fn render(args: &Args, views: &[Arc<View>], load: &Load, rows: &[Row], took: Dur
     let _ = writeln!(
         out,
         "Live replica load (before the measured period): {:.1} s from the first view request \
-         to `live`, {} upstream requests ({} of them the sync's, the rest the first view's \
-         fan-out), {} leads, {} bytes.\n",
+         to `live`, {:.1} s to the end of the first delta after it (which reads again what \
+         changed during the load and in the overlap before it); {} upstream requests until \
+         then ({} of them the sync's, the rest the first view's fan-out), {} leads, {} bytes.\n",
         load.took.as_secs_f64(),
+        load.with_first_delta.as_secs_f64(),
         load.upstream,
         load.sync,
         load.leads,
@@ -843,6 +882,19 @@ fn render(args: &Args, views: &[Arc<View>], load: &Load, rows: &[Row], took: Dur
         ttl5.per_minute / live.per_minute.max(f64::MIN_POSITIVE),
         verdict(live.per_minute <= ttl5.per_minute / 20.0)
     );
+    let demand = views.len() * STAGES_PER_VIEW * 60 / POLL.as_secs() as usize;
+    let _ = writeln!(
+        out,
+        "| the same against what the 5 s TTL cache needs for that freshness ({} views x \
+         {STAGES_PER_VIEW} stages every {} s; the limiter caps what it gets at {} a minute) | \
+         {:.1} vs {demand} req/min (ratio 1/{:.1}) | {} |",
+        views.len(),
+        POLL.as_secs(),
+        RATE as u64 * 60,
+        live.per_minute,
+        demand as f64 / live.per_minute.max(f64::MIN_POSITIVE),
+        verdict(live.per_minute <= demand as f64 / 20.0)
+    );
     let _ = writeln!(
         out,
         "| live views fewer upstream requests than the 30 s TTL cache | {:.1} vs {:.1} req/min \
@@ -872,13 +924,16 @@ fn render(args: &Args, views: &[Arc<View>], load: &Load, rows: &[Row], took: Dur
             .join("; "),
         verdict(held)
     );
-    let demand = views.len() * STAGES_PER_VIEW * 60 / POLL.as_secs() as usize;
     let _ = writeln!(
         out,
         "\nThe 5 s TTL cache would need about {demand} upstream requests a minute to refill \
          every view's {STAGES_PER_VIEW} stages each TTL ({} views x {STAGES_PER_VIEW} stages \
          every {} s, each a first page of at most 250 leads); the limiter holds every lane to at \
-         most {} a minute ({RATE} per 1 s). Against that demand, live views spent 1/{:.1} of it.",
+         most {} a minute ({RATE} per 1 s). Against that demand, live views spent 1/{:.1} of it. \
+         A replica spends two upstream requests per interval (the leads changed since its last \
+         delta, and the events feed for deletions and restores) plus one per batch of restored \
+         leads that kept their `updated_at`, whatever the dashboard asks: one twentieth of what \
+         the limiter lets the 5 s TTL cache spend is less than that at a 5 s interval.",
         views.len(),
         POLL.as_secs(),
         RATE as u64 * 60,

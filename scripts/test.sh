@@ -33,6 +33,7 @@ need_package() { # need_package COMMAND PACKAGE
 need_package redis-server redis-server
 need_package docker-compose docker-compose
 docker-compose -f docker-compose.yml config -q
+docker-compose -f docker-compose.yml --profile monitoring config -q
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
@@ -49,5 +50,8 @@ cargo test --workspace --all-targets 2>&1 | tee -a "$log"
 for style in php pretty; do
   KOMMO_FANOUT_TEST_JSON_STYLE=$style cargo test --test e2e -- fanout:: passthrough:: 2>&1 | tee -a "$log"
 done
+# The console in headless Chromium against a running demo (installs Chromium and jq from
+# Debian's packages when missing; screenshot at target/console.png).
+scripts/browser-test.sh 2>&1 | tee -a "$log"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -12,7 +12,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches, Parser};
 
 use crate::cache::CacheConfig;
-use crate::credentials::{CredentialSource, OAuthArgs, OAuthSettings};
+use crate::credentials::{CredentialSource, OAuthArgs};
 use crate::gateway::{Bounds, GatewaySettings, RateLimitKey};
 use crate::headers::{host_name, valid_host};
 use crate::upstream::fetch::FetchPolicy;
@@ -131,6 +131,10 @@ pub struct ServeArgs {
     /// X-Webhook-Secret header); the endpoint is off without it.
     #[arg(long, env = "KOMMO_FANOUT_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// A file holding the bearer token the console (`/`, `/status.json`) and `/metrics` of the
+    /// admin listener require; open to anyone who reaches the admin listener without it.
+    #[arg(long, env = "KOMMO_FANOUT_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Share the upstream budget and the cache with other replicas through this Redis
     /// (`redis://host:6379` or `rediss://...`).
     #[arg(long, env = "KOMMO_FANOUT_REDIS", hide_env_values = true)]
@@ -227,6 +231,8 @@ pub struct ServeConfig {
     pub cache: CacheConfig,
     /// The secret of the webhook endpoint; `None` turns it off.
     pub webhook_secret: Option<String>,
+    /// The token of `--admin-token-file` (only its hash); `None`: the console is open.
+    pub admin_token: Option<crate::console::AdminToken>,
     /// Replicas share the limiter and the cache through this Redis.
     pub redis: Option<RedisSettings>,
     pub fetch: FetchPolicy,
@@ -404,6 +410,11 @@ impl ServeArgs {
                 passthrough: self.cache_passthrough,
             },
             webhook_secret: self.webhook_secret,
+            admin_token: self
+                .admin_token_file
+                .as_deref()
+                .map(crate::console::AdminToken::read)
+                .transpose()?,
             redis: self.redis.map(|url| RedisSettings {
                 url,
                 prefix: self.redis_prefix,
@@ -550,24 +561,6 @@ fn accounts_in(path: &Path, rate_limit: u32) -> Result<Vec<AccountConfig>, Strin
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("--config {}: cannot read it: {e}", path.display()))?;
     parse_accounts(&text, rate_limit).map_err(|e| format!("--config {}: {e}", path.display()))
-}
-
-/// The upstream and OAuth settings of the account `name` of the config file at `path`, for
-/// `oauth exchange --account`.
-pub fn oauth_account(path: &Path, name: &str) -> Result<(String, OAuthSettings), String> {
-    let accounts = accounts_in(path, 1)?;
-    let Some(account) = accounts.into_iter().find(|a| a.name == name) else {
-        return Err(format!(
-            "--account {name}: --config {} declares no [accounts.{name}]",
-            path.display()
-        ));
-    };
-    match account.holding.map(|h| h.source) {
-        Some(CredentialSource::OAuth(settings)) => Ok((account.origin.url, settings)),
-        _ => Err(format!(
-            "[accounts.{name}] has no `oauth` table: nothing to authorize"
-        )),
-    }
 }
 
 /// The accounts of a config file's text (see [`accounts_in`]).
@@ -750,6 +743,7 @@ impl ServeConfig {
                 q(&held.as_ref().map_or("(off)".into(), |h| h.1.clone())),
             ),
             ("webhook_secret", set(self.webhook_secret.is_some())),
+            ("admin_token", set(self.admin_token.is_some())),
             ("trust_forwarded", g.trust_forwarded.to_string()),
             ("max_uri_len", b.max_uri_len.to_string()),
             ("max_header_bytes", b.max_header_bytes.to_string()),

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -184,7 +185,25 @@ pub struct OAuth {
     state: Mutex<Held>,
     /// Why the last refresh was refused, for readiness; `None` while tokens work.
     refused: std::sync::Mutex<Option<String>>,
+    /// Where replicas share the tokens and take turns refreshing (with `--redis`).
+    shared: Option<Box<dyn SharedTokens>>,
 }
+
+/// Where replicas share an account's OAuth tokens and the lock that lets one of them at a
+/// time refresh them ([`crate::redis::RedisTokens`]).
+pub trait SharedTokens: Send + Sync {
+    /// The tokens the replicas share, if any were stored.
+    fn load(&self) -> BoxFuture<'_, Result<Option<Tokens>, String>>;
+    /// Takes the refresh lock for at most `ttl`; `false` while another replica holds it.
+    fn lock(&self, ttl: Duration) -> BoxFuture<'_, Result<bool, String>>;
+    /// Stores refreshed tokens (the lock is still held).
+    fn store(&self, tokens: &Tokens) -> BoxFuture<'_, Result<(), String>>;
+    /// Releases the lock, if this replica still holds it.
+    fn unlock(&self) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// How long a replica holds the refresh lock at most, and waits for another's refresh.
+const SHARED_REFRESH: Duration = Duration::from_secs(30);
 
 /// The tokens in use and the tokens file's modification time when they were read or written.
 struct Held {
@@ -265,7 +284,17 @@ impl Credentials {
             settings,
             state: Mutex::new(Held { tokens, modified }),
             refused: std::sync::Mutex::new(None),
+            shared: None,
         }))
+    }
+
+    /// Shares OAuth tokens with other replicas through `shared` (a long-lived token needs
+    /// nothing shared).
+    pub fn with_shared(mut self, shared: Box<dyn SharedTokens>) -> Credentials {
+        if let Credentials::OAuth(oauth) = &mut self {
+            oauth.shared = Some(shared);
+        }
+        self
     }
 
     /// The `Authorization` value for the next upstream request: refreshed first when the
@@ -485,9 +514,85 @@ impl OAuth {
         if replaced || (stale.is_none() && !held.tokens.due(unix_now_ms())) {
             return current;
         }
-        held.tokens = self.refresh(fetcher, &held.tokens).await?;
+        let refreshed = match &self.shared {
+            None => self.refresh(fetcher, &held.tokens).await,
+            Some(shared) => {
+                self.refresh_shared(fetcher, shared.as_ref(), &held.tokens)
+                    .await
+            }
+        };
+        match refreshed {
+            Ok(tokens) => held.tokens = tokens,
+            // Refreshed early for a passing failure: the token works until it expires.
+            Err(CredentialError::Unavailable(e))
+                if stale.is_none() && unix_now() < held.tokens.expires_at =>
+            {
+                warn!(error = %e, "cannot refresh the OAuth tokens yet: using the current access token until it expires");
+                return current;
+            }
+            Err(e) => return Err(e),
+        }
         held.modified = modified(path);
         bearer(&held.tokens.access_token)
+    }
+
+    /// A refresh among replicas: tokens another replica refreshed meanwhile are taken as they
+    /// are; else the one replica that takes the lock refreshes and stores, and the others
+    /// wait for its tokens. Without Redis, nothing is refreshed: a refresh without the lock
+    /// could burn the token another replica is refreshing.
+    async fn refresh_shared(
+        &self,
+        fetcher: &Fetcher,
+        shared: &dyn SharedTokens,
+        held: &Tokens,
+    ) -> Result<Tokens, CredentialError> {
+        let redis = |e: String| {
+            CredentialError::Unavailable(format!(
+                "the OAuth refresh waits for the replicas' shared lock: {e}"
+            ))
+        };
+        let deadline = tokio::time::Instant::now() + SHARED_REFRESH;
+        loop {
+            let newer =
+                shared.load().await.map_err(redis)?.filter(|t| {
+                    t.refresh_token != held.refresh_token && t.issued_at >= held.issued_at
+                });
+            if let Some(tokens) = newer.as_ref().filter(|t| !t.due(unix_now_ms())) {
+                info!("took the OAuth tokens another replica refreshed");
+                self.save(tokens)?;
+                return Ok(tokens.clone());
+            }
+            if shared.lock(SHARED_REFRESH).await.map_err(redis)? {
+                // Newer tokens that are due themselves are the ones to refresh.
+                let base = newer.unwrap_or_else(|| held.clone());
+                let refreshed = self.refresh(fetcher, &base).await;
+                if let Ok(tokens) = &refreshed {
+                    if let Err(e) = shared.store(tokens).await {
+                        warn!(error = %e, "the refreshed OAuth tokens are saved to the tokens file but not shared: other replicas will find the refresh token they hold refused");
+                    }
+                }
+                if let Err(e) = shared.unlock().await {
+                    warn!(error = %e, "the OAuth refresh lock is released when it expires");
+                }
+                return refreshed;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(redis("another replica's refresh did not finish".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Writes `tokens` to the tokens file (atomically, owner-only).
+    fn save(&self, tokens: &Tokens) -> Result<(), CredentialError> {
+        let path = &self.settings.tokens_file;
+        let json = serde_json::to_vec_pretty(tokens).unwrap_or_default();
+        write_atomically(path, &json).map_err(|e| {
+            CredentialError::Unavailable(format!(
+                "cannot save the OAuth tokens to {}: {e}",
+                path.display()
+            ))
+        })
     }
 
     /// One refresh: the new tokens are on disk before they are returned.
@@ -508,14 +613,8 @@ impl OAuth {
             }
         })?;
         let fresh = Tokens::from_grant(granted, now);
-        let json = serde_json::to_vec_pretty(&fresh).unwrap_or_default();
-        write_atomically(&s.tokens_file, &json).map_err(|e| {
-            // Kommo has rotated the refresh token; the new one exists only in memory now.
-            CredentialError::Unavailable(format!(
-                "cannot save the refreshed tokens to {}: {e}",
-                s.tokens_file.display()
-            ))
-        })?;
+        // Kommo has rotated the refresh token: unsaved, the new one exists only in memory.
+        self.save(&fresh)?;
         info!(
             expires_at = fresh.expires_at,
             "refreshed the account's OAuth tokens"
@@ -608,18 +707,8 @@ pub enum OAuthCommand {
     /// KOMMO_FANOUT_* variables `serve` takes; a running proxy picks the new tokens up.
     Exchange {
         /// The Kommo account origin, e.g. https://example.kommo.com.
-        #[arg(
-            long,
-            env = "KOMMO_FANOUT_UPSTREAM",
-            required_unless_present = "account"
-        )]
-        upstream: Option<String>,
-        /// An account of the --config file: its `upstream` and `oauth` table are used.
-        #[arg(long, requires = "config", conflicts_with_all = ["upstream", "oauth_client_id", "oauth_client_secret_file", "oauth_redirect_uri", "oauth_tokens_file"])]
-        account: Option<String>,
-        /// The config file `serve` reads, for --account.
-        #[arg(long, env = "KOMMO_FANOUT_CONFIG")]
-        config: Option<PathBuf>,
+        #[arg(long, env = "KOMMO_FANOUT_UPSTREAM")]
+        upstream: String,
         #[command(flatten)]
         oauth: OAuthArgs,
         /// The authorization code (valid 20 minutes, once).
@@ -632,20 +721,12 @@ pub enum OAuthCommand {
 pub async fn run_oauth(command: OAuthCommand) -> Result<String, String> {
     let OAuthCommand::Exchange {
         upstream,
-        account,
-        config,
         oauth,
         code,
     } = command;
-    let (upstream, settings) = match (account, config) {
-        (Some(name), Some(path)) => crate::config::oauth_account(&path, &name)?,
-        _ => {
-            let settings = oauth.validate()?.ok_or(
-                "the --oauth-* flags are required: client id, secret file, redirect URI, tokens file",
-            )?;
-            (upstream.unwrap_or_default(), settings)
-        }
-    };
+    let settings = oauth.validate()?.ok_or(
+        "the --oauth-* flags are required: client id, secret file, redirect URI, tokens file",
+    )?;
     let config = crate::config::ServeConfig::for_upstream(&upstream)?;
     let limiter = crate::upstream::limiter::LocalLimiter::new(config.limiter);
     let fetcher = Fetcher::new(

@@ -369,9 +369,7 @@ impl Gateway {
             && refused.is_none();
         let credentials = self.fetcher.credentials.as_ref().map(|_| match &refused {
             Some(reason) => format!(
-                "refused: {reason}; authorize again with `kommo-fanout oauth exchange --code CODE` \
-                 (with `--config FILE --account {}` for an account of the config file)",
-                self.auth.as_ref().map_or("NAME", |a| a.account.as_str())
+                "refused: {reason}; authorize again with `kommo-fanout oauth exchange --code CODE`"
             ),
             None => "ok".into(),
         });
@@ -523,6 +521,7 @@ impl Gateway {
             parts
                 .headers
                 .insert(header::AUTHORIZATION, crate::credentials::PLACEHOLDER);
+            auth.keys.touch(&entry.name);
             return Ok(Some(entry.name.clone()));
         }
         // A client's own token, never a key-like string nor the proxy's own placeholder.

@@ -14,11 +14,13 @@
 //! created = "2025-01-31T12:00:00Z"  # RFC 3339, or Unix seconds
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -91,6 +93,10 @@ pub struct WatchedKeys {
     current: RwLock<Arc<Keys>>,
     /// Why the file on disk is not what `current` holds, while it is not.
     problem: Mutex<Option<String>>,
+    /// When each key name was last presented (Unix seconds), for the console. A `RwLock` of
+    /// atomics: a request takes the read lock and stores a number; only a name's first use
+    /// writes.
+    last_used: RwLock<HashMap<String, Arc<AtomicU64>>>,
 }
 
 /// `kommo-fanout keys ...`: make, list and revoke the keys clients send instead of a Kommo
@@ -415,6 +421,7 @@ impl WatchedKeys {
             path,
             current: RwLock::new(Arc::new(keys)),
             problem: Mutex::new(None),
+            last_used: RwLock::default(),
         });
         runtime.spawn(watch(Arc::downgrade(&watched), seen, every));
         Ok(watched)
@@ -435,6 +442,37 @@ impl WatchedKeys {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Notes that the key `name` was presented now.
+    pub fn touch(&self, name: &str) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Some(at) = self
+            .last_used
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+        {
+            at.store(now, Ordering::Relaxed);
+            return;
+        }
+        self.last_used
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .store(now, Ordering::Relaxed);
+    }
+
+    /// When the key `name` was last presented (Unix seconds), if it was since the start.
+    pub fn last_used(&self, name: &str) -> Option<u64> {
+        self.last_used
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .map(|at| at.load(Ordering::Relaxed))
     }
 
     /// The file the keys are read from.

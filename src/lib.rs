@@ -15,6 +15,7 @@
 //! - [`cache`]: upstream pages and client answers, coalesced and isolated by credential.
 //! - [`passthrough`]: everything that is not the leads list.
 //! - [`metrics`]: Prometheus metrics for the admin listener.
+//! - [`console`]: the operator's console on the admin listener (`/`, `/status.json`).
 //! - [`headers`]: header names and checks every stage shares.
 //! - [`error`]: the one place that turns failures into `problem+json` answers.
 //! - [`body`]: the body type shared by all answers.
@@ -33,6 +34,7 @@ pub mod accounts;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod console;
 pub mod credentials;
 pub mod error;
 pub mod gateway;
@@ -62,7 +64,7 @@ use credentials::{CredentialSource, Credentials};
 use gateway::Gateway;
 use gateway::{FingerprintKey, Shared};
 use metrics::Metrics;
-use redis::{RedisCache, RedisCacheConfig, RedisLimiter, RedisLimiterConfig};
+use redis::{RedisCache, RedisCacheConfig, RedisLimiter, RedisLimiterConfig, RedisTokens};
 use upstream::fetch::Fetcher;
 use upstream::handover::Handover;
 use upstream::limiter::{LocalLimiter, UpstreamLimiter};
@@ -141,9 +143,14 @@ async fn build(config: &ServeConfig, metrics: Metrics) -> Result<Arc<Gateway>, S
         .with_admission(config.limiter);
     let mut auth = None;
     if let Some(holding) = &config.holding {
-        let credentials = match &holding.source {
-            CredentialSource::TokenFile(path) => Credentials::token_file(path.clone())?,
-            CredentialSource::OAuth(settings) => Credentials::oauth(settings.clone())?,
+        let credentials = match (&holding.source, &config.redis) {
+            (CredentialSource::TokenFile(path), _) => Credentials::token_file(path.clone())?,
+            (CredentialSource::OAuth(settings), None) => Credentials::oauth(settings.clone())?,
+            (CredentialSource::OAuth(settings), Some(redis)) => {
+                let (account, secret) = (&holding.account, &settings.client_secret);
+                let shared = RedisTokens::new(&redis.url, &redis.prefix, account, secret)?;
+                Credentials::oauth(settings.clone())?.with_shared(Box::new(shared))
+            }
         };
         fetcher = fetcher.with_credentials(Arc::new(credentials));
         auth = Some(gateway::Auth {
@@ -231,10 +238,20 @@ pub async fn serve_accounts(
     let (tx, rx) = tokio::sync::watch::channel(false);
     let admin_rx = rx.clone();
     let secret = config.webhook_secret.as_deref().map(Arc::from);
-    let admin_task = tokio::spawn(server::run_admin(admin, gw.clone(), secret, async move {
-        let mut rx = admin_rx;
-        let _ = rx.wait_for(|stop| *stop).await;
-    }));
+    // The console follows the first account, with its own budget.
+    let first = config.accounts.first().map(|a| config.for_account(a));
+    let settings = console::ConsoleSettings::of(first.as_ref().unwrap_or(config));
+    let console = console::Console::start(settings, gw.front());
+    let admin_task = tokio::spawn(server::run_admin(
+        admin,
+        gw.clone(),
+        secret,
+        console,
+        async move {
+            let mut rx = admin_rx;
+            let _ = rx.wait_for(|stop| *stop).await;
+        },
+    ));
     tokio::spawn(async move {
         shutdown.await;
         let _ = tx.send(true);

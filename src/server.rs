@@ -27,6 +27,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::accounts::{Account, Accounts, Routed};
 use crate::body::{self, ProxyBody};
+use crate::console::Console;
 use crate::error::{problem, ProxyError};
 use crate::gateway::{Bounds, Gateway};
 use crate::headers::{valid_host, REQUEST_ID};
@@ -321,16 +322,18 @@ pub async fn run(
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes: `GET /healthz`,
-/// `/readyz`, `/metrics`, and `POST /webhooks/kommo` when a webhook secret is configured.
+/// `/readyz`, `/metrics`, the console (`/`, `/status.json`), and `POST /webhooks/kommo` when
+/// a webhook secret is configured.
 pub async fn run_admin(
     listener: TcpListener,
     gateway: Arc<Accounts>,
     webhook_secret: Option<Arc<str>>,
+    console: Arc<Console>,
     shutdown: impl Future<Output = ()>,
 ) {
     let admin = service_fn(move |req: Request<Incoming>| {
-        let (gw, secret) = (gateway.clone(), webhook_secret.clone());
-        async move { Ok::<_, Infallible>(admin(&gw, secret.as_deref(), req).await) }
+        let (gw, secret, console) = (gateway.clone(), webhook_secret.clone(), console.clone());
+        async move { Ok::<_, Infallible>(admin(&gw, secret.as_deref(), &console, req).await) }
     });
     let limits = ConnLimits::ADMIN;
     let open = Gauge::default();
@@ -350,12 +353,19 @@ pub async fn run_admin(
 /// alone) and reports each; `/sync` and `/metrics` cover every account; the webhook at
 /// `/webhooks/kommo/NAME` drops one account's cached entries, at `/webhooks/kommo` every
 /// account's.
+///
+/// The console shows the first account (its settings are every account's but the budget).
 async fn admin(
     accounts: &Accounts,
     secret: Option<&str>,
+    console: &Console,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let front = accounts.front();
+    // The console's pages, and the admin token's check of them and of `/metrics`.
+    if let Some(resp) = console.answer(front, req.method(), req.uri().path(), req.headers()) {
+        return resp;
+    }
     if !accounts.is_named() {
         return admin_one(front, secret, req).await;
     }

@@ -34,6 +34,7 @@ macro_rules! script {
 pub mod cache;
 pub mod limiter;
 mod slots;
+pub mod tokens;
 
 use std::time::Duration;
 
@@ -41,6 +42,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use cache::{RedisCache, RedisCacheConfig};
 pub use limiter::{RedisLimiter, RedisLimiterConfig};
+pub use tokens::RedisTokens;
 
 /// The longest one Redis call may take before the backend treats Redis as unreachable. Loopback
 /// or same-zone calls take well under a millisecond; a stalled server must not stall requests.

@@ -130,6 +130,18 @@ fn boxed<'a, O>(
     Box::pin(attempts)
 }
 
+/// The answer a pass-through relays: the last one, whatever its status.
+#[allow(clippy::result_large_err)] // as every fetch result: moved once, never held
+fn relayed<A>(outcome: Outcome<A, A>) -> Result<A, FetchError> {
+    match outcome {
+        Outcome::Done(answer)
+        | Outcome::RateLimited { answer, .. }
+        | Outcome::ServerError(answer)
+        | Outcome::Unauthorized(answer) => Ok(answer),
+        Outcome::Unusable(reason) => Err(FetchError::Unusable { reason }),
+    }
+}
+
 /// The protected way to the upstream.
 pub struct Fetcher {
     pub upstream: Upstream,
@@ -270,14 +282,7 @@ impl Fetcher {
             .service_fn(move |req| {
                 self.attempt(kind, flow, req, |r| self.upstream.send(r), Verdict::Done)
             });
-        let outcome = boxed(attempts.oneshot(req)).await?;
-        match outcome {
-            Outcome::Done(answer)
-            | Outcome::RateLimited { answer, .. }
-            | Outcome::ServerError(answer)
-            | Outcome::Unauthorized(answer) => Ok(answer),
-            Outcome::Unusable(reason) => Err(FetchError::Unusable { reason }),
-        }
+        relayed(boxed(attempts.oneshot(req)).await?)
     }
 
     fn retries<'a>(&'a self, kind: UpstreamKind, flow: &Flow) -> Retries<'a> {
@@ -366,13 +371,7 @@ impl Fetcher {
     ) -> Result<Response<Incoming>, FetchError> {
         let kind = UpstreamKind::Passthrough;
         let answer = self.exchange(kind, flow, self.upstream.send(req)).await?;
-        Ok(match self.judge(flow, answer, Verdict::Done) {
-            Outcome::Done(answer)
-            | Outcome::RateLimited { answer, .. }
-            | Outcome::ServerError(answer)
-            | Outcome::Unauthorized(answer) => answer,
-            Outcome::Unusable(reason) => return Err(FetchError::Unusable { reason }),
-        })
+        relayed(self.judge(flow, answer, Verdict::Done))
     }
 
     /// Puts the account's credential in place of [`PLACEHOLDER`]; the value sent, if any.

@@ -476,7 +476,7 @@ fn serve_config(args: &[&str]) -> ServeConfig {
 }
 
 #[tokio::test]
-async fn an_oauth_account_of_the_config_file_is_authorized_by_name_and_served() {
+async fn an_oauth_account_of_the_config_file_is_served_with_its_tokens() {
     let mut oauth = SimOAuth::new("client-1", "secret-1", "https://example.test/cb");
     oauth.token_ttl = Duration::from_secs(3600);
     let acme = Sim::spawn(SimConfig {
@@ -509,13 +509,20 @@ async fn an_oauth_account_of_the_config_file_is_authorized_by_name_and_served() 
     )
     .unwrap();
     let code = acme.oauth_code();
+    // The account's `upstream` and `oauth` values, as flags.
     let args = [
         "oauth",
         "exchange",
-        "--config",
-        &config,
-        "--account",
-        "acme",
+        "--upstream",
+        &acme.base_url(),
+        "--oauth-client-id",
+        "client-1",
+        "--oauth-client-secret-file",
+        &file("secret"),
+        "--oauth-redirect-uri",
+        "https://example.test/cb",
+        "--oauth-tokens-file",
+        &file("acme.tokens"),
         "--code",
         &code,
     ]

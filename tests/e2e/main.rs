@@ -7,6 +7,7 @@ mod budget;
 mod cache;
 mod cli;
 mod connections;
+mod console;
 mod fanout;
 mod fidelity;
 mod fixtures;

@@ -742,3 +742,102 @@ async fn a_view_fetched_through_one_replica_is_answered_by_another() {
     assert_eq!(after.headers["x-cache"], "MISS");
     assert_eq!(sim.request_count(), before + 3);
 }
+
+/// Two replicas on one Redis holding one OAuth integration, their access tokens expiring at
+/// once under load: one refresh reaches Kommo, every request is answered, and both replicas
+/// save the same rotated tokens.
+#[tokio::test]
+async fn two_replicas_refresh_the_oauth_tokens_once_between_them() {
+    use kommo_fanout::credentials::{self, CredentialSource, Holding, OAuthArgs, OAuthCommand};
+    use kommo_fanout::keys::{self, KeysCommand, Scope};
+    let redis = RedisServer::start();
+    let ttl = Duration::from_secs(4);
+    let mut oauth = kommo_sim::SimOAuth::new("client-1", "secret-1", "https://example.test/cb");
+    oauth.token_ttl = ttl;
+    let sim = Sim::spawn(SimConfig {
+        leads: 500,
+        oauth: Some(oauth),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "secret-1").unwrap();
+    let args = |tokens: &str| OAuthArgs {
+        oauth_client_id: Some("client-1".into()),
+        oauth_client_secret_file: Some(secret.clone()),
+        oauth_redirect_uri: Some("https://example.test/cb".into()),
+        oauth_tokens_file: Some(dir.path().join(tokens)),
+    };
+    credentials::run_oauth(OAuthCommand::Exchange {
+        upstream: sim.base_url(),
+        oauth: args("a.tokens"),
+        code: sim.oauth_code(),
+    })
+    .await
+    .unwrap();
+    let issued = Instant::now();
+    std::fs::copy(dir.path().join("a.tokens"), dir.path().join("b.tokens")).unwrap();
+    let keys_file = dir.path().join("keys.toml");
+    let added = keys::run(KeysCommand::Add {
+        keys_file: keys_file.clone(),
+        account: "default".into(),
+        name: "dash".into(),
+        scope: Scope::Read,
+    })
+    .unwrap();
+    let key = added.lines().last().unwrap().trim().to_string();
+    let mut replicas = Vec::new();
+    for tokens in ["a.tokens", "b.tokens"] {
+        let mut config = ServeConfig::for_upstream(&sim.base_url()).unwrap();
+        config.limiter.requests = 1000;
+        config.cache.ttl = Duration::ZERO;
+        config.redis = Some(RedisSettings {
+            url: redis.url(),
+            prefix: "oauth-test:".into(),
+            replicas: 2,
+        });
+        config.holding = Some(Holding {
+            account: "default".into(),
+            source: CredentialSource::OAuth(args(tokens).validate().unwrap().unwrap()),
+            keys_file: keys_file.clone(),
+            allow_client_tokens: false,
+        });
+        replicas.push(crate::support::serve_proxy(config).await);
+    }
+    let client = Client::default();
+    let urls: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("{}/api/v4/leads/pipelines", r.proxy))
+        .collect();
+    for url in &urls {
+        assert_eq!(client.get(url, &key).await.status, 200);
+    }
+    assert_eq!(sim.oauth_refreshes(), 0);
+    // Within the refresh margin (a fifth of the life), before the expiry.
+    tokio::time::sleep_until(issued + ttl * 17 / 20).await;
+    let answers = join_all((0..60).map(|i| client.get(&urls[i % 2], &key))).await;
+    for a in &answers {
+        assert_eq!(a.status, 200, "{:?}", a.body);
+    }
+    assert_eq!(sim.oauth_refreshes(), 1, "one refresh between the replicas");
+    assert_eq!(sim.oauth_refused(), 0);
+    let saved = |f: &str| credentials::read_tokens(&dir.path().join(f)).unwrap();
+    assert_eq!(
+        saved("a.tokens").refresh_token,
+        saved("b.tokens").refresh_token
+    );
+    // The shared tokens are sealed: Redis does not hold the refresh token in the clear.
+    let mut conn = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    conn.write_all(b"GET oauth-test:oauth:default:tokens\r\n")
+        .unwrap();
+    let mut reply = vec![0u8; 4096];
+    let n = conn.read(&mut reply).unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(
+        reply.starts_with('$') && !reply.starts_with("$-1"),
+        "{reply}"
+    );
+    assert!(!reply.contains(&saved("a.tokens").refresh_token));
+}
