@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use http::Method;
 use kommo_fanout::config::{AccountConfig, ServeArgs, ServeConfig};
+use kommo_fanout::console::AdminToken;
 use kommo_fanout::credentials::{CredentialSource, Holding};
 use kommo_fanout::keys::{self, KeysCommand, Scope};
 use kommo_fanout::upstream::Origin;
@@ -152,7 +153,11 @@ fn largest(sim: &SimHandle, n: usize) -> Vec<(i64, i64)> {
 
 #[tokio::test]
 async fn each_prefix_reaches_its_own_account_and_links_keep_the_prefix() {
-    let t = two(sims(3000), |_, _, _| {}).await;
+    const ADMIN_TOKEN: &str = "an-admin-token-of-the-test";
+    let t = two(sims(3000), |c, _, _| {
+        c.admin_token = Some(AdminToken::new(ADMIN_TOKEN).unwrap());
+    })
+    .await;
     for (name, sim, key, other) in [
         ("acme", &t.acme, &t.acme_key, &t.beta),
         ("beta", &t.beta, &t.beta_key, &t.acme),
@@ -196,7 +201,14 @@ async fn each_prefix_reaches_its_own_account_and_links_keep_the_prefix() {
         assert_eq!(seen[0].path, "/api/v4/account");
         assert_eq!(seen[0].token.as_deref(), Some(TOKEN));
     }
-    let metrics = t.admin("/metrics").await;
+    assert_eq!(
+        t.admin("/metrics").await.status,
+        401,
+        "the admin token guards it"
+    );
+    let url = format!("{}/metrics", t.admin);
+    let metrics = t.client.get(&url, ADMIN_TOKEN).await;
+    assert_eq!(metrics.status, 200);
     let text = String::from_utf8_lossy(&metrics.body);
     for name in ["acme", "beta"] {
         let line = format!(
