@@ -12,7 +12,9 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches, Parser};
 
 use crate::cache::CacheConfig;
+use crate::credentials::{CredentialSource, OAuthArgs};
 use crate::gateway::{Bounds, GatewaySettings, RateLimitKey};
+use crate::headers::{host_name, valid_host};
 use crate::upstream::fetch::FetchPolicy;
 use crate::upstream::handover::lock_path;
 use crate::upstream::limiter::LimiterConfig;
@@ -245,6 +247,8 @@ pub struct ServeConfig {
     /// The account's credential and the keys that reach it; `None`: clients bring their own
     /// Kommo tokens.
     pub holding: Option<crate::credentials::Holding>,
+    /// The `[accounts.NAME]` of the config file; empty: one account, `--upstream`, no prefix.
+    pub accounts: Vec<AccountConfig>,
 }
 
 impl ServeArgs {
@@ -256,10 +260,28 @@ impl ServeArgs {
                  removed in the next release: remove it from the command line or config file"
             );
         }
-        let upstream = self.upstream.as_deref().ok_or(
-            "--upstream is required: give it as a flag, as KOMMO_FANOUT_UPSTREAM, or as `upstream` in the --config file",
-        )?;
-        let origin = Origin::parse(upstream).map_err(|e| format!("--upstream: {e}"))?;
+        let accounts = match &self.config {
+            Some(path) => accounts_in(path, self.rate_limit)?,
+            None => Vec::new(),
+        };
+        let origin = match (accounts.first(), self.upstream.as_deref()) {
+            (None, None) => return Err(
+                "--upstream is required: give it as a flag, as KOMMO_FANOUT_UPSTREAM, or as `upstream` in the --config file (or declare [accounts.NAME] tables there)".into(),
+            ),
+            (None, Some(upstream)) => {
+                Origin::parse(upstream).map_err(|e| format!("--upstream: {e}"))?
+            }
+            (Some(_), Some(_)) => return Err(
+                "--upstream and [accounts.NAME] tables are two ways to name the upstream: give one (each account sets its own `upstream`)".into(),
+            ),
+            (Some(first), None) => first.origin.clone(),
+        };
+        let holding = if accounts.is_empty() {
+            self.credentials.validate()?
+        } else {
+            check_account_flags(&self.credentials, &accounts)?;
+            None
+        };
         let public_url = match self.public_url.as_deref().map(Origin::parse) {
             Some(Ok(origin)) => Some(Arc::from(origin.url)),
             Some(Err(e)) => return Err(format!("--public-url: {e}")),
@@ -330,8 +352,30 @@ impl ServeArgs {
         }
         let default_dir = || std::env::temp_dir().join("kommo-fanout");
         let lock_dir = self.limiter_lock_dir.unwrap_or_else(default_dir);
-        let limiter_lock =
-            (lock_dir.as_os_str() != "off").then(|| lock_path(&lock_dir, &origin.url));
+        if let (Some(_), Some(a)) = (
+            &self.redis,
+            accounts.iter().find(|a| a.rate_limit < self.replicas),
+        ) {
+            return Err(format!(
+                "--replicas {} is more than the `rate_limit` {} of [accounts.{}]: the fallback of one request per window each would exceed it",
+                self.replicas, a.rate_limit, a.name
+            ));
+        }
+        let lock = |origin: &Origin| {
+            (lock_dir.as_os_str() != "off").then(|| lock_path(&lock_dir, &origin.url))
+        };
+        let limiter_lock = lock(&origin);
+        let accounts = accounts
+            .into_iter()
+            .map(|a| AccountConfig {
+                limiter_lock: lock(&a.origin),
+                holding: a.holding.map(|h| crate::credentials::Holding {
+                    keys_file: self.credentials.keys_file.clone().unwrap_or_default(),
+                    ..h
+                }),
+                ..a
+            })
+            .collect();
         Ok(ServeConfig {
             listen: self.listen,
             admin_listen: self.admin_listen,
@@ -388,7 +432,8 @@ impl ServeArgs {
             limiter_lock,
             worker_threads: self.worker_threads.map(usize::from),
             sync: self.sync.validate()?,
-            holding: self.credentials.validate()?,
+            holding,
+            accounts,
         })
     }
 }
@@ -423,6 +468,10 @@ fn file_args(path: &Path, given: &ArgMatches) -> Result<Vec<OsString>, String> {
     let command = ServeArgs::augment_args(clap::Command::new("serve"));
     let mut out = Vec::new();
     for (key, value) in table {
+        // Parsed on its own, by `validate` (see [`accounts_in`]).
+        if key == "accounts" {
+            continue;
+        }
         let id = key.replace('-', "_");
         let bad = |why: String| format!("--config {}: key `{key}`: {why}", path.display());
         let mut flags = command.get_arguments();
@@ -465,7 +514,175 @@ fn file_args(path: &Path, given: &ArgMatches) -> Result<Vec<OsString>, String> {
     Ok(out)
 }
 
+/// One account of the config file, validated.
+#[derive(Debug, Clone)]
+pub struct AccountConfig {
+    /// The name in `[accounts.NAME]`: the path prefix `/NAME`, the `account` metrics label,
+    /// and the account keys are made for.
+    pub name: String,
+    pub origin: Origin,
+    /// Requests with this `Host` (lowercase, no port) reach the account without a prefix.
+    pub host: Option<String>,
+    /// The account's own budget per window (`rate_limit`, default `--rate-limit`).
+    pub rate_limit: u32,
+    /// The account's credential; `None`: its clients bring their own Kommo tokens.
+    pub holding: Option<crate::credentials::Holding>,
+    /// The account's lock file (see [`crate::upstream::handover`]); `None`: turned off.
+    pub limiter_lock: Option<PathBuf>,
+}
+
+/// An `[accounts.NAME]` table as written.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountFile {
+    upstream: String,
+    token_file: Option<PathBuf>,
+    oauth: Option<OAuthFile>,
+    #[serde(default)]
+    allow_client_tokens: bool,
+    host: Option<String>,
+    rate_limit: Option<u32>,
+}
+
+/// An account's `oauth = { ... }`, as written.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OAuthFile {
+    client_id: String,
+    client_secret_file: PathBuf,
+    redirect_uri: String,
+    #[serde(alias = "refresh_token_file")]
+    tokens_file: PathBuf,
+}
+
+/// The `[accounts.NAME]` tables of the config file at `path`, each checked; an error names the
+/// account and the key. `rate_limit` is the default budget of an account.
+fn accounts_in(path: &Path, rate_limit: u32) -> Result<Vec<AccountConfig>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--config {}: cannot read it: {e}", path.display()))?;
+    parse_accounts(&text, rate_limit).map_err(|e| format!("--config {}: {e}", path.display()))
+}
+
+/// The accounts of a config file's text (see [`accounts_in`]).
+fn parse_accounts(text: &str, rate_limit: u32) -> Result<Vec<AccountConfig>, String> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        accounts: toml::Table,
+    }
+    let file: File = toml::from_str(text).map_err(|e| format!("not valid TOML: {e}"))?;
+    let mut out: Vec<AccountConfig> = Vec::new();
+    for (name, value) in file.accounts {
+        let bad = |why: String| format!("[accounts.{name}]: {why}");
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+        {
+            return Err(bad(
+                "an account name is lowercase letters, digits, `_` and `-`".into(),
+            ));
+        }
+        let table: AccountFile = value
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(e.message().to_string()))?;
+        let origin = Origin::parse(&table.upstream).map_err(|e| bad(format!("`upstream`: {e}")))?;
+        let host = match table.host {
+            Some(h) if valid_host(&h) => Some(host_name(&h)),
+            Some(_) => {
+                return Err(bad(
+                    "`host`: expected a host name, e.g. acme.example.internal".into(),
+                ))
+            }
+            None => None,
+        };
+        let rate_limit = table.rate_limit.unwrap_or(rate_limit);
+        if !(1..=10_000).contains(&rate_limit) {
+            return Err(bad(
+                "`rate_limit`: expected 1 to 10000 requests per window".into()
+            ));
+        }
+        let oauth = table.oauth.map(|o| OAuthArgs {
+            oauth_client_id: Some(o.client_id),
+            oauth_client_secret_file: Some(o.client_secret_file),
+            oauth_redirect_uri: Some(o.redirect_uri),
+            oauth_tokens_file: Some(o.tokens_file),
+        });
+        let oauth = oauth
+            .map(|o| o.validate())
+            .transpose()
+            .map_err(|e| bad(format!("`oauth`: {e}")))?
+            .flatten();
+        let source = match (table.token_file, oauth) {
+            (Some(_), Some(_)) => return Err(bad("`token_file` and `oauth` are two ways to give the account's credential: give one".into())),
+            (Some(path), None) => Some(CredentialSource::TokenFile(path)),
+            (None, Some(oauth)) => Some(CredentialSource::OAuth(oauth)),
+            (None, None) if table.allow_client_tokens => return Err(bad("`allow_client_tokens` needs the account's credential: give `token_file` or `oauth`".into())),
+            (None, None) => None,
+        };
+        for other in &out {
+            if other.origin.url.eq_ignore_ascii_case(&origin.url) {
+                return Err(bad(format!("`upstream` {} is also the upstream of [accounts.{}]: one Kommo account has one budget, so declare it once", origin.url, other.name)));
+            }
+            if host.is_some() && other.host == host {
+                return Err(bad(format!(
+                    "`host` is also the host of [accounts.{}]",
+                    other.name
+                )));
+            }
+        }
+        out.push(AccountConfig {
+            holding: source.map(|source| crate::credentials::Holding {
+                account: name.clone(),
+                source,
+                keys_file: PathBuf::new(),
+                allow_client_tokens: table.allow_client_tokens,
+            }),
+            name,
+            origin,
+            host,
+            rate_limit,
+            limiter_lock: None,
+        });
+    }
+    Ok(out)
+}
+
+/// With accounts, the one-account credential flags have no account to belong to, and
+/// `--keys-file` is required when any account holds its credential.
+fn check_account_flags(
+    flags: &crate::credentials::CredentialArgs,
+    accounts: &[AccountConfig],
+) -> Result<(), String> {
+    if flags.token_file.is_some() || flags.oauth.validate()?.is_some() || flags.allow_client_tokens
+    {
+        return Err("--token-file, --oauth-* and --allow-client-tokens are for one account: with [accounts.NAME] tables, set `token_file`, `oauth` and `allow_client_tokens` in each".into());
+    }
+    match accounts.iter().find(|a| a.holding.is_some()) {
+        Some(a) if flags.keys_file.is_none() => Err(format!(
+            "[accounts.{}] holds its credential: --keys-file (`keys_file`) is required, clients send keys made by `kommo-fanout keys add --account {}`",
+            a.name, a.name
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl ServeConfig {
+    /// The configuration of one of its accounts: its origin, budget, lock file, credential,
+    /// and its own Redis key prefix (accounts share no budget, cache or fingerprint key).
+    pub fn for_account(&self, account: &AccountConfig) -> ServeConfig {
+        let mut config = self.clone();
+        config.upstream.origin = account.origin.clone();
+        config.limiter.requests = account.rate_limit;
+        config.limiter_lock = account.limiter_lock.clone();
+        config.holding = account.holding.clone();
+        config.accounts = Vec::new();
+        if let Some(redis) = &mut config.redis {
+            redis.prefix = format!("{}{}:", redis.prefix, account.name);
+        }
+        config
+    }
+
     /// The effective configuration, one `key = value` line each, secrets withheld.
     pub fn describe(&self) -> String {
         let (g, c, f) = (&self.gateway, &self.cache, &self.fetch);
@@ -486,8 +703,12 @@ impl ServeConfig {
             };
             (source, h.keys_file.display().to_string())
         });
+        let upstream = match self.accounts.is_empty() {
+            true => self.upstream.origin.url.as_str(),
+            false => "(per account)",
+        };
         let mut lines = vec![
-            ("upstream", q(&self.upstream.origin.url)),
+            ("upstream", q(&upstream)),
             ("listen", q(&self.listen)),
             ("admin_listen", q(&self.admin_listen)),
             ("public_url", q(&public_url)),
@@ -546,7 +767,29 @@ impl ServeConfig {
                 ("sync_reconcile", d(sync.reconcile)),
             ]);
         }
-        lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect()
+        let mut out: String = lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+        for a in &self.accounts {
+            let credential = match a.holding.as_ref().map(|h| &h.source) {
+                Some(CredentialSource::TokenFile(_)) => "token file",
+                Some(CredentialSource::OAuth(_)) => "OAuth",
+                None => "(the clients' own)",
+            };
+            let route = match &a.host {
+                Some(host) => format!("Host {host}, or /{}", a.name),
+                None => format!("/{}", a.name),
+            };
+            let allow = a.holding.as_ref().is_some_and(|h| h.allow_client_tokens);
+            for (k, v) in [
+                ("upstream", q(&a.origin.url)),
+                ("route", q(&route)),
+                ("rate_limit", a.rate_limit.to_string()),
+                ("credential", q(&credential)),
+                ("allow_client_tokens", allow.to_string()),
+            ] {
+                out.push_str(&format!("accounts.{}.{k} = {v}\n", a.name));
+            }
+        }
+        out
     }
 
     /// A configuration for `upstream` with every other value at its default: for tests and
@@ -700,6 +943,82 @@ mod tests {
         }
         let err = from_args(&["--config", "/nonexistent/kommo.toml"]).unwrap_err();
         assert!(err.contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn accounts_are_parsed_with_their_defaults() {
+        let dir = std::env::temp_dir();
+        let secret = file("s3cret\n");
+        let text = format!(
+            "keys_file = \"{keys}\"\nrate_limit = 5\n\
+             [accounts.acme]\nupstream = \"https://acme.kommo.com\"\ntoken_file = \"/run/acme.token\"\n\
+             host = \"Acme.Example.Internal:8443\"\nallow_client_tokens = true\n\
+             [accounts.beta-2]\nupstream = \"http://127.0.0.1:1\"\nrate_limit = 3\n\
+             oauth = {{ client_id = \"id\", client_secret_file = \"{secret}\", redirect_uri = \"https://r\", refresh_token_file = \"/var/lib/b.json\" }}\n\
+             [accounts.own]\nupstream = \"https://own.kommo.com\"\n",
+            keys = dir.join("keys.toml").display(),
+            secret = secret.0.display(),
+        );
+        let f = file(&text);
+        let c = from_args(&["--config", f.0.to_str().unwrap()]).unwrap();
+        let names: Vec<&str> = c.accounts.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["acme", "beta-2", "own"]);
+        let (acme, beta, own) = (&c.accounts[0], &c.accounts[1], &c.accounts[2]);
+        assert_eq!(acme.host.as_deref(), Some("acme.example.internal"));
+        assert_eq!((acme.rate_limit, beta.rate_limit), (5, 3));
+        let held = acme.holding.as_ref().unwrap();
+        assert!(held.allow_client_tokens && held.account == "acme");
+        assert_eq!(held.keys_file, dir.join("keys.toml"));
+        match &beta.holding.as_ref().unwrap().source {
+            CredentialSource::OAuth(o) => {
+                assert_eq!(o.tokens_file, PathBuf::from("/var/lib/b.json"));
+                assert_eq!(o.client_secret, "s3cret");
+            }
+            CredentialSource::TokenFile(_) => panic!("oauth expected"),
+        }
+        assert!(own.holding.is_none());
+        assert_ne!(acme.limiter_lock, beta.limiter_lock);
+        let described = c.describe();
+        assert!(
+            described.contains("accounts.beta-2.credential = \"OAuth\""),
+            "{described}"
+        );
+        assert!(
+            described.contains("upstream = \"(per account)\""),
+            "{described}"
+        );
+        assert!(!described.contains("s3cret"));
+        let one = c.for_account(beta);
+        assert_eq!(one.upstream.origin.url, "http://127.0.0.1:1");
+        assert_eq!(one.limiter.requests, 3);
+        assert!(one.accounts.is_empty());
+        let with_redis = from_args(&["--config", f.0.to_str().unwrap(), "--redis", "redis://r"]);
+        let one = with_redis.unwrap().for_account(beta);
+        assert_eq!(one.redis.unwrap().prefix, "kommo-fanout:beta-2:");
+    }
+
+    #[test]
+    fn account_errors_name_the_account_and_the_key() {
+        let acme = "[accounts.acme]\nupstream = \"https://acme.kommo.com\"\n";
+        for (text, needle) in [
+            (format!("{acme}rate_limt = 5\n"), "[accounts.acme]: unknown field `rate_limt`"),
+            ("[accounts.acme]\ntoken_file = \"/t\"\n".into(), "[accounts.acme]: missing field `upstream`"),
+            ("[accounts.Acme]\nupstream = \"http://x\"\n".into(), "[accounts.Acme]: an account name"),
+            (format!("{acme}upstream = \"x\"\n"), "duplicate key"),
+            ("[accounts.a]\nupstream = \"acme.kommo.com\"\n".into(), "[accounts.a]: `upstream`"),
+            (format!("{acme}rate_limit = 0\n"), "[accounts.acme]: `rate_limit`"),
+            (format!("{acme}host = \"a b\"\n"), "[accounts.acme]: `host`"),
+            (format!("{acme}allow_client_tokens = true\n"), "`allow_client_tokens` needs"),
+            (format!("{acme}token_file = \"/t\"\n"), "--keys-file (`keys_file`) is required"),
+            (format!("{acme}oauth = {{ client_id = \"i\" }}\n"), "[accounts.acme]: missing field"),
+            (format!("{acme}[accounts.b]\nupstream = \"https://ACME.kommo.com\"\n"), "[accounts.b]: `upstream` https://ACME.kommo.com is also the upstream of [accounts.acme]"),
+            (format!("upstream = \"http://x\"\n{acme}"), "--upstream and [accounts.NAME]"),
+            (format!("token_file = \"/t\"\n{acme}"), "are for one account"),
+        ] {
+            let f = file(&text);
+            let err = from_args(&["--config", f.0.to_str().unwrap()]).unwrap_err();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

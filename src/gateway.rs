@@ -87,6 +87,11 @@ pub struct Auth {
     pub allow_client_tokens: bool,
 }
 
+/// The path an account's requests start with (`/NAME`), stripped on arrival and put back in
+/// front of every link of the answer.
+#[derive(Debug, Clone)]
+pub struct BasePath(pub Arc<str>);
+
 /// The Redis backends replicas share, kept concrete for readiness and metrics.
 pub struct Shared {
     pub limiter: Arc<RedisLimiter>,
@@ -590,8 +595,19 @@ impl Gateway {
     /// `X-Forwarded-Host`/`-Proto`; else `http://` and the request's `Host` (or HTTP/2
     /// `:authority`). The host is used only when it is a plain host name or address with an
     /// optional port (the server refuses other values with `400`), and it is part of the key of
-    /// every cached answer, so one client's `Host` never appears in another's answer.
+    /// every cached answer, so one client's `Host` never appears in another's answer. An
+    /// account reached by its path prefix has the prefix ([`BasePath`]) appended.
     fn public_base(&self, parts: &Parts) -> Arc<str> {
+        let base = self.origin_base(parts);
+        match parts.extensions.get::<BasePath>() {
+            // Links that fall back to the upstream's origin stay there, unprefixed.
+            Some(path) if base != self.origin => format!("{base}{}", path.0).into(),
+            _ => base,
+        }
+    }
+
+    /// [`Gateway::public_base`] without an account's path.
+    fn origin_base(&self, parts: &Parts) -> Arc<str> {
         if let Some(url) = &self.settings.public_url {
             return url.clone();
         }

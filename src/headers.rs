@@ -84,6 +84,18 @@ pub fn valid_host(host: &str) -> bool {
     name_ok && port_ok
 }
 
+/// The name of a `host[:port]`, lowercase: what routing by `Host` compares.
+pub fn host_name(host: &str) -> String {
+    let name = match host.rsplit_once(':') {
+        // An IPv6 address keeps its brackets; a port follows them.
+        Some((name, port)) if !port.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    };
+    name.to_ascii_lowercase()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 //! - [`config`]: the flags of `serve` and `verify` and their validation.
 //! - [`server`]: accept loops, routing, the admin listener, graceful shutdown.
 //! - [`gateway`]: shared state and the per-request context.
+//! - [`accounts`]: several Kommo accounts behind one proxy, routed by host or path prefix.
 //! - [`leads`]: the multi-stage list: `query` → `plan` → `fetch` → `merge` → `render`.
 //! - [`upstream`]: the client bound to the configured account origin, the limiter, retries.
 //! - [`cache`]: upstream pages and client answers, coalesced and isolated by credential.
@@ -29,6 +30,7 @@
 //! `demo` commands, the tests and the benchmarks use it; this library does not.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod body;
 pub mod cache;
 pub mod config;
@@ -55,6 +57,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use accounts::Accounts;
 use cache::Cache;
 use config::ServeConfig;
 use credentials::{CredentialSource, Credentials};
@@ -67,9 +70,36 @@ use upstream::handover::Handover;
 use upstream::limiter::{LocalLimiter, UpstreamLimiter};
 use upstream::Upstream;
 
-/// Builds the gateway of a validated configuration: with Redis, the shared limiter and cache
-/// (connected lazily: a Redis that is down at start means a degraded start, not a failure).
+/// Builds the gateway of a validated single-account configuration (see [`build`]).
 pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
+    build(config, Metrics::new()).await
+}
+
+/// The gateways of a validated configuration: one per `[accounts.NAME]`, each with its own
+/// upstream, budget, lock file, cache, replicas, credential and labelled metrics; or the one
+/// gateway of single-account mode.
+pub async fn accounts(config: &ServeConfig) -> Result<Arc<Accounts>, String> {
+    if config.accounts.is_empty() {
+        return Ok(Arc::new(Accounts::single(gateway(config).await?)));
+    }
+    let mut list = Vec::new();
+    for account in &config.accounts {
+        let metrics = Metrics::for_account(&account.name);
+        let gateway = build(&config.for_account(account), metrics)
+            .await
+            .map_err(|e| format!("[accounts.{}]: {e}", account.name))?;
+        list.push(accounts::Account {
+            name: account.name.clone(),
+            host: account.host.clone(),
+            gateway,
+        });
+    }
+    Ok(Arc::new(Accounts::named(list)))
+}
+
+/// Builds the gateway of one account: with Redis, the shared limiter and cache (connected
+/// lazily: a Redis that is down at start means a degraded start, not a failure).
+async fn build(config: &ServeConfig, metrics: Metrics) -> Result<Arc<Gateway>, String> {
     let (limiter, shared): (Arc<dyn UpstreamLimiter>, _) = match &config.redis {
         None => {
             let local = LocalLimiter::new(config.limiter);
@@ -107,7 +137,7 @@ pub async fn gateway(config: &ServeConfig) -> Result<Arc<Gateway>, String> {
             )
         }
     };
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(metrics);
     let upstream = Upstream::new(config.upstream.clone())?;
     let mut fetcher = Fetcher::new(upstream, limiter, config.fetch.clone(), metrics.clone())
         .with_admission(config.limiter);
@@ -180,11 +210,12 @@ pub async fn run(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let gw = gateway(config).await?;
-    serve(config, gw, listener, admin, shutdown).await
+    let accounts = accounts(config).await?;
+    serve_accounts(config, accounts, listener, admin, shutdown).await
 }
 
-/// [`run`] with a gateway built by the caller (who may keep a handle on it).
+/// [`run`] in single-account mode with a gateway built by the caller (who may keep a handle on
+/// it).
 pub async fn serve(
     config: &ServeConfig,
     gw: Arc<Gateway>,
@@ -192,10 +223,25 @@ pub async fn serve(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    let accounts = Arc::new(Accounts::single(gw));
+    serve_accounts(config, accounts, listener, admin, shutdown).await
+}
+
+/// [`run`] with gateways built by the caller (see [`accounts`]).
+pub async fn serve_accounts(
+    config: &ServeConfig,
+    gw: Arc<Accounts>,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let admin_rx = rx.clone();
     let secret = config.webhook_secret.as_deref().map(Arc::from);
-    let console = console::Console::start(console::ConsoleSettings::of(config), &gw);
+    // The console follows the first account, with its own budget.
+    let first = config.accounts.first().map(|a| config.for_account(a));
+    let settings = console::ConsoleSettings::of(first.as_ref().unwrap_or(config));
+    let console = console::Console::start(settings, gw.front());
     let admin_task = tokio::spawn(server::run_admin(
         admin,
         gw.clone(),

@@ -160,7 +160,15 @@ async fn serve(config: config::ServeConfig) -> Result<(), String> {
         l.local_addr()
             .map_or_else(|e| e.to_string(), |a| a.to_string())
     };
-    tracing::info!(listen = %bound(&listener), admin = %bound(&admin), upstream = %config.upstream.origin.url, "serving");
+    let names: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
+    match names.is_empty() {
+        true => {
+            tracing::info!(listen = %bound(&listener), admin = %bound(&admin), upstream = %config.upstream.origin.url, "serving")
+        }
+        false => {
+            tracing::info!(listen = %bound(&listener), admin = %bound(&admin), accounts = %names.join(","), "serving")
+        }
+    }
     kommo_fanout::run(&config, listener, admin, kommo_fanout::shutdown_signal()).await
 }
 

@@ -3,6 +3,8 @@
 //! Labels are fixed, low-cardinality words (route, kind, status, outcome): no token, no
 //! fingerprint, no path or query ever becomes a label.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -85,8 +87,19 @@ macro_rules! metrics {
         }
 
         impl Metrics {
+            /// The metrics of the one account of single-account mode: no `account` label.
             pub fn new() -> Metrics {
-                let mut registry = Registry::with_prefix("kommo_fanout");
+                Metrics::in_registry(Registry::with_prefix("kommo_fanout"))
+            }
+
+            /// The metrics of the configured account `name`: every series carries
+            /// `account="name"` (see [`merge_expositions`]).
+            pub fn for_account(name: &str) -> Metrics {
+                let label = (Cow::Borrowed("account"), Cow::Owned(name.to_string()));
+                Metrics::in_registry(Registry::with_prefix_and_labels("kommo_fanout", std::iter::once(label)))
+            }
+
+            fn in_registry(mut registry: Registry) -> Metrics {
                 $(let $field: $ty = $init;
                 register(&mut registry, $name, $help, $unit, $field.clone());)*
                 Metrics { registry, $($field,)* }
@@ -213,6 +226,43 @@ impl Metrics {
     }
 }
 
+/// One exposition of several accounts' (see [`Metrics::for_account`]): each family once, its
+/// samples of every account together under one `HELP`/`TYPE`, as OpenMetrics requires.
+pub fn merge_expositions(texts: &[String]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    let mut families: HashMap<&str, (Vec<&str>, Vec<&str>)> = HashMap::new();
+    for text in texts {
+        let mut current = "";
+        for line in text.lines().filter(|l| *l != "# EOF") {
+            let family = match line.strip_prefix("# ") {
+                // `# HELP name ...`, `# TYPE name ...`, `# UNIT name ...`
+                Some(rest) => rest.split(' ').nth(1).unwrap_or(""),
+                None => current,
+            };
+            current = family;
+            let (head, samples) = families.entry(family).or_insert_with(|| {
+                order.push(family);
+                Default::default()
+            });
+            if !line.starts_with("# ") {
+                samples.push(line);
+            } else if !head.contains(&line) {
+                head.push(line);
+            }
+        }
+    }
+    let mut out = String::new();
+    for family in order {
+        let (head, samples) = &families[family];
+        for line in head.iter().chain(samples) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -235,6 +285,26 @@ mod tests {
         );
         assert!(text.contains("kommo_fanout_cache_lookups_total{level=\"page\",outcome=\"hit\"} 1"));
         assert!(text.contains("# TYPE kommo_fanout_upstream_latency_seconds histogram"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn accounts_merge_into_one_family_each_with_their_label() {
+        let (a, b) = (Metrics::for_account("acme"), Metrics::for_account("beta"));
+        a.answered("leads", 200);
+        b.answered("leads", 200);
+        b.answered("leads", 200);
+        let text = merge_expositions(&[a.encode(), b.encode()]);
+        let lines: Vec<&str> = text.lines().collect();
+        let help = "# HELP kommo_fanout_client_requests";
+        assert_eq!(lines.iter().filter(|l| l.starts_with(help)).count(), 1);
+        let at = |needle: &str| lines.iter().position(|l| *l == needle).expect(needle);
+        let (first, second) = (
+            at("kommo_fanout_client_requests_total{account=\"acme\",route=\"leads\",status=\"200\"} 1"),
+            at("kommo_fanout_client_requests_total{account=\"beta\",route=\"leads\",status=\"200\"} 2"),
+        );
+        assert_eq!(second, first + 1, "{text}");
+        assert_eq!(lines.iter().filter(|l| **l == "# EOF").count(), 1);
         assert!(text.ends_with("# EOF\n"));
     }
 

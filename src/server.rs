@@ -25,12 +25,14 @@ use tower::util::BoxCloneSyncService;
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::accounts::{Account, Accounts, Routed};
 use crate::body::{self, ProxyBody};
 use crate::console::Console;
 use crate::error::{problem, ProxyError};
 use crate::gateway::{Bounds, Gateway};
 use crate::headers::{valid_host, REQUEST_ID};
 use crate::leads;
+use crate::metrics::merge_expositions;
 use crate::passthrough;
 use crate::webhook;
 
@@ -61,14 +63,17 @@ type Inner = BoxCloneSyncService<Request<Incoming>, Response<ProxyBody>, BoxErro
 /// 4. The deadline (`--request-timeout`): dropping the work at the deadline withdraws its
 ///    queued upstream permits too.
 /// 5. The router: the leads list to the fan-out, everything else through.
-pub fn edge(gw: Arc<Gateway>) -> Edge {
+///
+/// With several accounts, `observe` also picks the request's account (see
+/// [`Accounts::route`]); the layers after it are the whole proxy's, their settings the first
+/// account's (every account has the same).
+pub fn edge(accounts: Arc<Accounts>) -> Edge {
+    let gw = accounts.front().clone();
     let bounds = gw.settings.bounds.clone();
-    let observing = gw.clone();
-    let routing = gw.clone();
     let stack = ServiceBuilder::new()
         .layer(layer_fn(move |inner: Inner| {
-            let gw = observing.clone();
-            service_fn(move |req| observe(gw.clone(), inner.clone(), req))
+            let accounts = accounts.clone();
+            service_fn(move |req| observe(accounts.clone(), inner.clone(), req))
         }))
         .layer_fn(BoxCloneSyncService::new)
         .load_shed()
@@ -77,13 +82,13 @@ pub fn edge(gw: Arc<Gateway>) -> Edge {
         ))
         .filter(move |req: Request<Incoming>| check_bounds(&bounds, &req).map(|()| req))
         .timeout(gw.settings.request_timeout)
-        .service_fn(move |req| route(routing.clone(), req));
+        .service_fn(route);
     BoxCloneSyncService::new(stack)
 }
 
 /// The outermost layer of [`edge`].
 async fn observe<S>(
-    gw: Arc<Gateway>,
+    accounts: Arc<Accounts>,
     inner: S,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible>
@@ -91,6 +96,9 @@ where
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = BoxError>,
 {
     let started = std::time::Instant::now();
+    let gw = accounts.front().clone();
+    // Before the span: its path is the one the account sees.
+    let routed = accounts.route(&mut req);
     let request_id = match req
         .headers()
         .get(REQUEST_ID)
@@ -115,13 +123,24 @@ where
         fanout = tracing::field::Empty,
         cache = tracing::field::Empty,
         key = tracing::field::Empty,
+        account = tracing::field::Empty,
     );
-    let mut resp = match inner.oneshot(req).instrument(span.clone()).await {
-        Ok(resp) => resp,
-        Err(e) => refusal(&gw, e).into_response(),
+    let mut resp = match routed {
+        Ok(account) => {
+            if accounts.is_named() {
+                span.record("account", account.name.as_str());
+            }
+            let gw = account.gateway.clone();
+            req.extensions_mut().insert(Routed(gw.clone()));
+            let answer = inner.oneshot(req).instrument(span.clone()).await;
+            let resp = answer.unwrap_or_else(|e| refusal(&gw, e).into_response());
+            gw.metrics.answered(route, resp.status().as_u16());
+            resp
+        }
+        // Not counted: no account's metrics are the right place for it.
+        Err(e) => e.into_response(),
     };
     let status = resp.status().as_u16();
-    gw.metrics.answered(route, status);
     let upstream_calls = resp.extensions().get::<UpstreamCalls>().map_or(0, |c| c.0);
     span.in_scope(|| {
         info!(
@@ -162,11 +181,12 @@ fn is_leads<B>(req: &Request<B>) -> bool {
     req.method() == Method::GET && req.uri().path() == leads::plan::LEADS_PATH
 }
 
-/// The innermost layer of [`edge`]: the leads list to the fan-out, everything else through.
-async fn route(
-    gw: Arc<Gateway>,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+/// The innermost layer of [`edge`]: the leads list to the fan-out, everything else through,
+/// on the gateway `observe` routed the request to.
+async fn route(req: Request<Incoming>) -> Result<Response<ProxyBody>, BoxError> {
+    let Some(Routed(gw)) = req.extensions().get::<Routed>().cloned() else {
+        return Err(ProxyError::Internal("a request reached the router unrouted".into()).into());
+    };
     let peer = req
         .extensions()
         .get::<Peer>()
@@ -283,10 +303,11 @@ fn valid_request_id(id: &str) -> bool {
 /// finish for up to `grace`.
 pub async fn run(
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    accounts: Arc<Accounts>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> Result<(), String> {
+    let gateway = accounts.front().clone();
     let bounds = &gateway.settings.bounds;
     let limits = ConnLimits {
         header_read_timeout: bounds.header_read_timeout,
@@ -296,7 +317,7 @@ pub async fn run(
     #[cfg(target_os = "linux")]
     check_open_files(limits.max_connections);
     let open = gateway.metrics.open_connections.clone();
-    serve(listener, shutdown, grace, limits, edge(gateway), open).await;
+    serve(listener, shutdown, grace, limits, edge(accounts), open).await;
     Ok(())
 }
 
@@ -305,7 +326,7 @@ pub async fn run(
 /// a webhook secret is configured.
 pub async fn run_admin(
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    gateway: Arc<Accounts>,
     webhook_secret: Option<Arc<str>>,
     console: Arc<Console>,
     shutdown: impl Future<Output = ()>,
@@ -327,25 +348,118 @@ pub async fn run_admin(
     .await
 }
 
-/// Answers one request of the admin listener.
+/// Answers one request of the admin listener. With several accounts, `/readyz` is ready
+/// only when every account is (a load balancer cannot send one account's requests elsewhere
+/// alone) and reports each; `/sync` and `/metrics` cover every account; the webhook at
+/// `/webhooks/kommo/NAME` drops one account's cached entries, at `/webhooks/kommo` every
+/// account's.
+///
+/// The console shows the first account (its settings are every account's but the budget).
 async fn admin(
-    gw: &Gateway,
+    accounts: &Accounts,
     secret: Option<&str>,
     console: &Console,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let front = accounts.front();
     // The console's pages, and the admin token's check of them and of `/metrics`.
-    if let Some(resp) = console.answer(gw, req.method(), req.uri().path(), req.headers()) {
+    if let Some(resp) = console.answer(front, req.method(), req.uri().path(), req.headers()) {
         return resp;
     }
-    let typed = |body: String, content_type: &'static str| {
-        let mut resp = Response::new(body::full(body));
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static(content_type),
-        );
-        resp
-    };
+    if !accounts.is_named() {
+        return admin_one(front, secret, req).await;
+    }
+    let live = accounts.iter().any(|a| a.gateway.live.is_some());
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/readyz") => {
+            let (mut all, mut each) = (true, serde_json::Map::new());
+            for account in accounts.iter() {
+                let (ready, report) = account.gateway.readiness().await;
+                all &= ready;
+                each.insert(account.name.clone(), report);
+            }
+            let report = serde_json::json!({ "ready": all, "accounts": each });
+            let mut resp = typed(report.to_string(), "application/json");
+            if !all {
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            resp
+        }
+        (&Method::GET, "/metrics") => {
+            let mut texts = Vec::new();
+            for account in accounts.iter() {
+                texts.push(account.gateway.scrape().await);
+            }
+            typed(merge_expositions(&texts), OPENMETRICS)
+        }
+        (&Method::GET, "/sync") if live => {
+            let each: serde_json::Map<_, _> = accounts
+                .iter()
+                .map(|a| {
+                    let report = a.gateway.live.as_ref().map(|l| l.report());
+                    (a.name.clone(), report.unwrap_or_default())
+                })
+                .collect();
+            let report = serde_json::json!({ "accounts": each });
+            typed(report.to_string(), "application/json")
+        }
+        (&Method::POST, path) if secret.is_some() && path.starts_with(webhook::PATH) => {
+            // `/webhooks/kommo/NAME`: one account's entries; `/webhooks/kommo`: every account's.
+            let name = match &path[webhook::PATH.len()..] {
+                "" => None,
+                rest => Some(rest.strip_prefix('/').unwrap_or(rest)),
+            };
+            let chosen: Vec<&Account> = accounts
+                .iter()
+                .filter(|a| name.is_none_or(|n| n == a.name))
+                .collect();
+            if chosen.is_empty() {
+                let detail = format!(
+                    "no such account: post to {}/NAME for one of the {} accounts, or to {} for all",
+                    webhook::PATH,
+                    accounts.iter().count(),
+                    webhook::PATH
+                );
+                return problem(StatusCode::NOT_FOUND, &detail, None);
+            }
+            let changed = || async {
+                for account in chosen {
+                    changed(&account.gateway).await;
+                }
+            };
+            webhook::receive(secret.unwrap_or_default(), req, changed).await
+        }
+        _ => admin_one(front, secret, req).await,
+    }
+}
+
+/// The content type of `/metrics`.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A `200` answer of `body` as `content_type`.
+fn typed(body: String, content_type: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(body));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// What a webhook changes: the cached entries and live views of `gw`.
+async fn changed(gw: &Gateway) {
+    gw.invalidate_all().await;
+    if let Some(live) = &gw.live {
+        live.wake_all();
+    }
+}
+
+/// Answers one request of the admin listener for one gateway.
+async fn admin_one(
+    gw: &Gateway,
+    secret: Option<&str>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => typed("ok\n".into(), "text/plain"),
         (&Method::GET, "/readyz") => {
@@ -356,10 +470,7 @@ async fn admin(
             }
             resp
         }
-        (&Method::GET, "/metrics") => typed(
-            gw.scrape().await,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        (&Method::GET, "/metrics") => typed(gw.scrape().await, OPENMETRICS),
         (&Method::GET, "/sync") => match &gw.live {
             Some(live) => typed(live.report().to_string(), "application/json"),
             None => problem(
@@ -369,15 +480,7 @@ async fn admin(
             ),
         },
         (&Method::POST, webhook::PATH) => match secret {
-            Some(secret) => {
-                let changed = || async {
-                    gw.invalidate_all().await;
-                    if let Some(live) = &gw.live {
-                        live.wake_all();
-                    }
-                };
-                webhook::receive(secret, req, changed).await
-            }
+            Some(secret) => webhook::receive(secret, req, || changed(gw)).await,
             None => problem(
                 StatusCode::NOT_FOUND,
                 "the webhook endpoint is off: start the proxy with --webhook-secret",

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod accounts;
 mod budget;
 mod cache;
 mod cli;
