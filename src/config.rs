@@ -563,6 +563,18 @@ fn accounts_in(path: &Path, rate_limit: u32) -> Result<Vec<AccountConfig>, Strin
     parse_accounts(&text, rate_limit).map_err(|e| format!("--config {}: {e}", path.display()))
 }
 
+/// The account `name` of the config file at `path` (for `oauth exchange --account`).
+pub fn account_in(path: &Path, name: &str) -> Result<AccountConfig, String> {
+    let accounts = accounts_in(path, 1)?;
+    let names: Vec<&str> = accounts.iter().map(|a| a.name.as_str()).collect();
+    let missing = format!(
+        "--config {} has no [accounts.{name}] (it has: {})",
+        path.display(),
+        names.join(", ")
+    );
+    accounts.into_iter().find(|a| a.name == name).ok_or(missing)
+}
+
 /// The accounts of a config file's text (see [`accounts_in`]).
 fn parse_accounts(text: &str, rate_limit: u32) -> Result<Vec<AccountConfig>, String> {
     #[derive(serde::Deserialize)]

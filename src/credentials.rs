@@ -703,14 +703,22 @@ pub async fn exchange_code(
 #[derive(Debug, clap::Subcommand)]
 pub enum OAuthCommand {
     /// Trade an authorization code (from the integration's settings in Kommo, or its redirect)
-    /// for tokens, and write them to --oauth-tokens-file for `serve`. Takes the flags and
-    /// KOMMO_FANOUT_* variables `serve` takes; a running proxy picks the new tokens up.
+    /// for tokens, and write them to the tokens file `serve` reads: of `--account NAME` in the
+    /// --config file, or of the --upstream and --oauth-* flags (and the KOMMO_FANOUT_*
+    /// variables `serve` takes). A running proxy picks the new tokens up.
     Exchange {
-        /// The Kommo account origin, e.g. https://example.kommo.com.
+        /// The Kommo account origin, e.g. https://example.kommo.com (without --account).
         #[arg(long, env = "KOMMO_FANOUT_UPSTREAM")]
-        upstream: String,
+        upstream: Option<String>,
         #[command(flatten)]
         oauth: OAuthArgs,
+        /// The account of the --config file's `[accounts.NAME]` tables to authorize, with its
+        /// `upstream` and `oauth` values.
+        #[arg(long, requires = "config")]
+        account: Option<String>,
+        /// The config file `serve` reads (with --account).
+        #[arg(long, env = "KOMMO_FANOUT_CONFIG")]
+        config: Option<PathBuf>,
         /// The authorization code (valid 20 minutes, once).
         #[arg(long)]
         code: String,
@@ -722,11 +730,31 @@ pub async fn run_oauth(command: OAuthCommand) -> Result<String, String> {
     let OAuthCommand::Exchange {
         upstream,
         oauth,
+        account,
+        config,
         code,
     } = command;
-    let settings = oauth.validate()?.ok_or(
-        "the --oauth-* flags are required: client id, secret file, redirect URI, tokens file",
-    )?;
+    let (upstream, settings) = match (account, config) {
+        (Some(name), Some(path)) => {
+            let account = crate::config::account_in(&path, &name)?;
+            match account.holding.map(|h| h.source) {
+                Some(CredentialSource::OAuth(settings)) => (account.origin.url, settings),
+                _ => {
+                    return Err(format!(
+                        "[accounts.{name}] in {} has no `oauth`",
+                        path.display()
+                    ))
+                }
+            }
+        }
+        _ => {
+            let upstream = upstream.ok_or("--upstream (or --account with --config) is required")?;
+            let settings = oauth.validate()?.ok_or(
+                "the --oauth-* flags are required: client id, secret file, redirect URI, tokens file",
+            )?;
+            (upstream, settings)
+        }
+    };
     let config = crate::config::ServeConfig::for_upstream(&upstream)?;
     let limiter = crate::upstream::limiter::LocalLimiter::new(config.limiter);
     let fetcher = Fetcher::new(

@@ -521,20 +521,14 @@ async fn an_oauth_account_of_the_config_file_is_served_with_its_tokens() {
     )
     .unwrap();
     let code = acme.oauth_code();
-    // The account's `upstream` and `oauth` values, as flags.
+    // The account of the config file, by name.
     let args = [
         "oauth",
         "exchange",
-        "--upstream",
-        &acme.base_url(),
-        "--oauth-client-id",
-        "client-1",
-        "--oauth-client-secret-file",
-        &file("secret"),
-        "--oauth-redirect-uri",
-        "https://example.test/cb",
-        "--oauth-tokens-file",
-        &file("acme.tokens"),
+        "--config",
+        &config,
+        "--account",
+        "acme",
         "--code",
         &code,
     ]

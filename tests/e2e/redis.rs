@@ -771,8 +771,10 @@ async fn two_replicas_refresh_the_oauth_tokens_once_between_them() {
         oauth_tokens_file: Some(dir.path().join(tokens)),
     };
     credentials::run_oauth(OAuthCommand::Exchange {
-        upstream: sim.base_url(),
+        upstream: Some(sim.base_url()),
         oauth: args("a.tokens"),
+        account: None,
+        config: None,
         code: sim.oauth_code(),
     })
     .await
