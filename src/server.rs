@@ -354,7 +354,7 @@ pub async fn run_admin(
 /// `/webhooks/kommo/NAME` drops one account's cached entries, at `/webhooks/kommo` every
 /// account's.
 ///
-/// The console shows the first account (its settings are every account's but the budget).
+/// The console's figures are the first account's; its accounts table lists every account.
 async fn admin(
     accounts: &Accounts,
     secret: Option<&str>,
@@ -363,7 +363,7 @@ async fn admin(
 ) -> Response<ProxyBody> {
     let front = accounts.front();
     // The console's pages, and the admin token's check of them and of `/metrics`.
-    if let Some(resp) = console.answer(front, req.method(), req.uri().path(), req.headers()) {
+    if let Some(resp) = console.answer(accounts, req.method(), req.uri().path(), req.headers()) {
         return resp;
     }
     if !accounts.is_named() {

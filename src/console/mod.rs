@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::accounts::Accounts;
 use crate::body::{self, ProxyBody};
 use crate::config::ServeConfig;
 use crate::error::problem;
@@ -206,7 +207,7 @@ impl Console {
     }
 
     /// The figures, as `/status.json` serves them.
-    pub fn status(&self, gw: &Gateway) -> serde_json::Value {
+    pub fn status(&self, accounts: &Accounts) -> serde_json::Value {
         let state = self.lock();
         let view = status::View {
             settings: &self.settings,
@@ -215,14 +216,14 @@ impl Console {
             scrapes: &state.scrapes,
             limiter: state.limiter,
         };
-        status::build(&view, gw)
+        status::build(&view, accounts)
     }
 
     /// Answers the console's own paths; `None` for any other path. Also refuses `/metrics`
     /// without the admin token, when one is configured.
     pub fn answer(
         &self,
-        gw: &Gateway,
+        accounts: &Accounts,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
@@ -256,11 +257,11 @@ impl Console {
         }
         match path {
             "/status.json" => {
-                let status = self.status(gw);
+                let status = self.status(accounts);
                 Some(typed(status.to_string(), "application/json"))
             }
             "/" => {
-                let status = self.status(gw);
+                let status = self.status(accounts);
                 Some(typed(page::render(&status), "text/html; charset=utf-8"))
             }
             // `/metrics` itself is the admin handler's.

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::exposition::{bucket_delta, longest, quantile, Scrape};
 use super::history::{self, History};
 use super::{ConsoleSettings, LimiterNow};
+use crate::accounts::Accounts;
 use crate::gateway::Gateway;
 
 /// What [`build`] reads, copied out under the console's lock.
@@ -71,7 +72,8 @@ fn num(x: f64) -> Value {
     }
 }
 
-pub fn build(view: &View<'_>, gw: &Gateway) -> Value {
+pub fn build(view: &View<'_>, all: &Accounts) -> Value {
+    let gw = all.front();
     let empty = Arc::new(Scrape::default());
     let (now_at, now) = view
         .scrapes
@@ -201,7 +203,7 @@ pub fn build(view: &View<'_>, gw: &Gateway) -> Value {
         "work": work,
         "cache": cache,
         "live": live(gw),
-        "accounts": accounts(gw, &last, s),
+        "accounts": accounts(all),
         "keys": keys(gw),
         "history": view.history.columns(),
     })
@@ -239,24 +241,42 @@ fn live(gw: &Gateway) -> Value {
     })
 }
 
-/// The account the proxy holds the credential of, with its budget use and the state of its
-/// token (`ok` or `refused`; never the token).
-fn accounts(gw: &Gateway, last: &history::Second, s: &ConsoleSettings) -> Value {
-    let Some(auth) = &gw.auth else {
-        return Value::Null;
-    };
-    let token = match gw.fetcher.credentials.as_ref().map(|c| c.refused()) {
-        Some(Some(_)) => "refused",
-        Some(None) => "ok",
-        None => "none",
-    };
-    json!([{
-        "account": auth.account,
-        "slots_taken": last.slots_taken,
-        "limit": s.limit,
-        "sent_last_s": last.sent,
-        "token": token,
-    }])
+/// Each account (or the one the proxy holds the credential of), with its budget use now and
+/// the state of its token (`ok`, `refused` or `none`; never the token itself).
+fn accounts(all: &Accounts) -> Value {
+    let rows: Vec<Value> = all
+        .iter()
+        .filter_map(|a| {
+            let gw = &a.gateway;
+            let name = match &gw.auth {
+                _ if all.is_named() => a.name.clone(),
+                Some(auth) => auth.account.clone(),
+                None => return None,
+            };
+            let budget = gw
+                .fetcher
+                .limiter
+                .snapshot(&gw.fetcher.upstream.origin().url);
+            let token = match gw.fetcher.credentials.as_ref().map(|c| c.refused()) {
+                Some(Some(_)) => "refused",
+                Some(None) => "ok",
+                None => "none",
+            };
+            Some(json!({
+                "account": name,
+                "slots_taken": budget.in_window,
+                "limit": gw.fetcher.admission.slots(),
+                "queued": budget.queued,
+                "blocked": budget.blocked_until.is_some(),
+                "token": token,
+            }))
+        })
+        .collect();
+    if rows.is_empty() {
+        Value::Null
+    } else {
+        Value::Array(rows)
+    }
 }
 
 /// The keys' names, accounts, scopes and last use; never a key or its hash.

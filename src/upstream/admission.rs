@@ -241,6 +241,11 @@ impl Admission {
         }
     }
 
+    /// `N`: the slots of the limiter these admissions are for.
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
     /// Admits everything: for a fetcher built without its limiter's settings.
     pub fn unlimited() -> Self {
         Admission::new(LimiterConfig {

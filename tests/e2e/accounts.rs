@@ -219,6 +219,26 @@ async fn each_prefix_reaches_its_own_account_and_links_keep_the_prefix() {
     let help = "# HELP kommo_fanout_client_requests ";
     assert_eq!(text.lines().filter(|l| l.starts_with(help)).count(), 1);
     assert!(text.ends_with("# EOF\n"));
+    // The console's accounts table lists both, each with its own budget and token state.
+    let status = t
+        .client
+        .get(&format!("{}/status.json", t.admin), ADMIN_TOKEN)
+        .await;
+    assert_eq!(status.status, 200);
+    let rows = status.json()["accounts"].clone();
+    let names: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["account"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["acme", "beta"]);
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["limit"], 1_000_000, "{row}");
+        assert_eq!(row["token"], "ok", "{row}");
+    }
+    let text = String::from_utf8_lossy(&status.body);
+    assert!(!text.contains(TOKEN) && !text.contains(&t.acme_key));
 }
 
 #[tokio::test]
