@@ -110,16 +110,7 @@ impl Accounts {
 
 /// Whether `req` carries a key of this proxy as its bearer token.
 fn sends_a_key<B>(req: &Request<B>) -> bool {
-    let bearer = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.get(..7)
-                .filter(|b| b.eq_ignore_ascii_case("bearer "))
-                .map(|_| &v[7..])
-        });
-    bearer.is_some_and(|b| crate::keys::looks_like_key(b.trim()))
+    crate::headers::bearer(req.headers()).is_some_and(crate::keys::looks_like_key)
 }
 
 /// Which of `accounts` (name, host) a request for `host` and `path` is for, and how many bytes

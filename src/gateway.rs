@@ -489,15 +489,7 @@ impl Gateway {
         let Some(auth) = &self.auth else {
             return Ok(None);
         };
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.get(..7)
-                    .filter(|b| b.eq_ignore_ascii_case("bearer "))
-                    .map(|_| v[7..].trim())
-            });
+        let presented = crate::headers::bearer(&parts.headers);
         let keys = auth.keys.current();
         if let Some(entry) = presented.and_then(|p| keys.find(p)) {
             if entry.account != auth.account {

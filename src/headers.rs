@@ -96,10 +96,34 @@ pub fn host_name(host: &str) -> String {
     name.to_ascii_lowercase()
 }
 
+/// The token of an `Authorization: Bearer <token>` header (scheme in any case, the token
+/// trimmed), if the request carries one.
+pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let scheme = value.get(..7)?;
+    scheme
+        .eq_ignore_ascii_case("bearer ")
+        .then(|| value[7..].trim())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn the_bearer_token_is_read_in_any_case_of_the_scheme() {
+        let with = |v: &'static str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::AUTHORIZATION, HeaderValue::from_static(v));
+            h
+        };
+        assert_eq!(bearer(&with("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(&with("bEaReR  abc ")), Some("abc"));
+        assert_eq!(bearer(&with("Basic abc")), None);
+        assert_eq!(bearer(&with("Bear")), None);
+        assert_eq!(bearer(&http::HeaderMap::new()), None);
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

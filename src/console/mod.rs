@@ -93,14 +93,7 @@ impl AdminToken {
 
     /// Whether `headers` carry `Authorization: Bearer <this token>`.
     pub fn admits(&self, headers: &HeaderMap) -> bool {
-        let presented = headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.get(..7)
-                    .filter(|b| b.eq_ignore_ascii_case("bearer "))
-                    .map(|_| v[7..].trim())
-            });
+        let presented = crate::headers::bearer(headers);
         let Some(presented) = presented else {
             return false;
         };
