@@ -167,6 +167,8 @@ pub enum Credentials {
 pub struct TokenFile {
     path: PathBuf,
     current: std::sync::Mutex<(Option<SystemTime>, HeaderValue)>,
+    /// Why Kommo does not take the token (a `401` to it); cleared when the file changes.
+    refused: std::sync::Mutex<Option<String>>,
 }
 
 /// An OAuth integration's settings (`--oauth-*`).
@@ -273,6 +275,7 @@ impl Credentials {
         Ok(Credentials::Static(TokenFile {
             path,
             current: std::sync::Mutex::new((modified, value)),
+            refused: std::sync::Mutex::new(None),
         }))
     }
 
@@ -314,21 +317,21 @@ impl Credentials {
         used: &HeaderValue,
     ) -> Result<HeaderValue, CredentialError> {
         match self {
-            Credentials::Static(file) => file.current(),
+            Credentials::Static(file) => file.after_unauthorized(used),
             Credentials::OAuth(oauth) => oauth.authorization(fetcher, Some(used)).await,
         }
     }
 
     /// Why the credential cannot work until a person acts, for readiness.
     pub fn refused(&self) -> Option<String> {
-        match self {
-            Credentials::Static(_) => None,
-            Credentials::OAuth(oauth) => oauth
-                .refused
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone(),
-        }
+        let refused = match self {
+            Credentials::Static(file) => &file.refused,
+            Credentials::OAuth(oauth) => &oauth.refused,
+        };
+        refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -354,16 +357,43 @@ impl TokenFile {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let modified = modified(&self.path);
+        let mut refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if modified != current.0 {
             match read_token(&self.path) {
                 Ok(read) => {
                     info!(file = %self.path.display(), "the account's token file changed: using the new token");
                     *current = read;
+                    *refused = None;
                 }
                 Err(e) => warn!(error = %e, "keeping the last token"),
             }
         }
-        Ok(current.1.clone())
+        match &*refused {
+            Some(reason) => Err(CredentialError::Refused(reason.clone())),
+            None => Ok(current.1.clone()),
+        }
+    }
+
+    /// After Kommo answered `401` to `used`: the file's token if it changed since, else the
+    /// token is refused until the file changes (every request would cost Kommo another `401`).
+    fn after_unauthorized(&self, used: &HeaderValue) -> Result<HeaderValue, CredentialError> {
+        let current = self.current()?;
+        if current != *used {
+            return Ok(current);
+        }
+        let reason = format!(
+            "Kommo answered 401 Unauthorized to the token in {}: put a valid long-lived token in that file (it is read again when it changes)",
+            self.path.display()
+        );
+        warn!(%reason, "the account's token is refused");
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
+        Err(CredentialError::Refused(reason))
     }
 }
 
@@ -606,11 +636,16 @@ impl OAuth {
             "redirect_uri": s.redirect_uri,
         });
         let now = unix_now();
-        let granted = exchange(fetcher, &body).await.inspect_err(|e| {
-            if let CredentialError::Refused(reason) = e {
-                warn!(%reason, "Kommo refused the refresh token: authorize again with `kommo-fanout oauth exchange`");
+        let granted = exchange(fetcher, &body).await.map_err(|e| match e {
+            CredentialError::Refused(why) => {
+                let reason = format!(
+                    "Kommo refused the OAuth refresh token ({why}): get a new authorization code and run `kommo-fanout oauth exchange --code CODE` with this proxy's --oauth-* settings"
+                );
+                warn!(%reason, "the account's OAuth tokens are refused");
                 self.set_refused(Some(reason.clone()));
+                CredentialError::Refused(reason)
             }
+            e => e,
         })?;
         let fresh = Tokens::from_grant(granted, now);
         // Kommo has rotated the refresh token: unsaved, the new one exists only in memory.

@@ -203,7 +203,7 @@ impl From<FetchError> for ProxyError {
             },
             FetchError::Credential(CredentialError::Refused(reason)) => ProxyError::Unavailable {
                 detail: format!(
-                    "Kommo refused the account's OAuth tokens ({reason}); nothing can be sent until the integration is authorized again: get a new authorization code and run `kommo-fanout oauth exchange --code CODE` with this proxy's --oauth-* settings"
+                    "nothing is sent to Kommo with the account's credential until a person acts: {reason}"
                 ),
                 retry_after: None,
             },

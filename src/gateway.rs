@@ -360,7 +360,7 @@ impl Gateway {
         // With Redis, this replica's bookings only (see `upstream::admission`).
         let outlook = self.fetcher.admission_outlook(&origin.url);
         let booked_up = outlook.wait > self.fetcher.policy.max_wait;
-        // Kommo refused the account's OAuth tokens: nothing works until a person acts.
+        // Kommo refused the account's credential: nothing works until a person acts.
         let refused = self.fetcher.credentials.as_ref().and_then(|c| c.refused());
         let ready = reachable.is_ok()
             && blocked.is_none()
@@ -368,9 +368,7 @@ impl Gateway {
             && !booked_up
             && refused.is_none();
         let credentials = self.fetcher.credentials.as_ref().map(|_| match &refused {
-            Some(reason) => format!(
-                "refused: {reason}; authorize again with `kommo-fanout oauth exchange --code CODE`"
-            ),
+            Some(reason) => format!("refused: {reason}"),
             None => "ok".into(),
         });
         let keys = self

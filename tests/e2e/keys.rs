@@ -481,3 +481,44 @@ async fn the_accounts_token_is_in_no_log_line_at_trace() {
         assert!(!line.contains(&reader), "a key in a log line: {line}");
     }
 }
+
+/// A long-lived token Kommo answers `401` to: one request reaches Kommo, the client gets a 503
+/// saying what to do (not a 401 that would blame its key), `/readyz` says why, and a valid token
+/// written to the file serves again without a restart.
+#[tokio::test]
+async fn a_token_kommo_refuses_makes_the_proxy_unready_until_the_file_changes() {
+    let k = keyed(false).await;
+    let s = &k.stack;
+    let token_file = k.dir.path().join("account.token");
+    std::fs::write(&token_file, "a-token-kommo-never-issued\n").unwrap();
+    let path = "/api/v4/leads/pipelines";
+    let answer = s.get(path, &k.reader).await;
+    assert_eq!(answer.status, 503, "{:?}", answer.body);
+    let detail = answer.json()["detail"].as_str().unwrap().to_string();
+    assert!(detail.contains("account.token"), "{detail}");
+    assert!(!detail.contains("a-token-kommo-never-issued"));
+    assert_eq!(s.get(path, &k.reader).await.status, 503);
+    assert_eq!(
+        s.sim.request_count(),
+        1,
+        "a refused token is not sent again"
+    );
+    let ready = Client::default()
+        .get(&format!("{}/readyz", s.admin), TOKEN)
+        .await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.json()["credentials"]
+        .as_str()
+        .unwrap()
+        .starts_with("refused: "));
+
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    eventually_async("the new token serves", WAIT, || async {
+        s.get(path, &k.reader).await.status == 200
+    })
+    .await;
+    let ready = Client::default()
+        .get(&format!("{}/readyz", s.admin), TOKEN)
+        .await;
+    assert_eq!(ready.json()["credentials"], "ok");
+}
