@@ -639,7 +639,7 @@ impl OAuth {
         let granted = exchange(fetcher, &body).await.map_err(|e| match e {
             CredentialError::Refused(why) => {
                 let reason = format!(
-                    "Kommo refused the OAuth refresh token ({why}): get a new authorization code and run `kommo-fanout oauth exchange --code CODE` with this proxy's --oauth-* settings"
+                    "Kommo refused the OAuth refresh token ({why}): get a new authorization code and run `kommo-fanout oauth exchange --code CODE` with this proxy's --oauth-* settings (for an account of the config file: `--config FILE --account NAME`)"
                 );
                 warn!(%reason, "the account's OAuth tokens are refused");
                 self.set_refused(Some(reason.clone()));
