@@ -410,6 +410,13 @@ impl WatchedKeys {
                 path.display()
             )
         })?;
+        if let Some(url) = crate::redis::keys::url(&path) {
+            let keys = load(&path)?;
+            let conn = crate::redis::keys::connect(url)?;
+            let watched = WatchedKeys::new(path, keys);
+            runtime.spawn(watch_redis(Arc::downgrade(&watched), conn, every));
+            return Ok(watched);
+        }
         let mut seen = Seen::default();
         let keys = match seen.recheck(&path) {
             Change::Loaded(keys) => keys,
@@ -417,14 +424,18 @@ impl WatchedKeys {
             // Nothing was seen before, so a first look parses whatever it reads.
             Change::Unchanged => return Err(format!("keys file {}: not read", path.display())),
         };
-        let watched = Arc::new(WatchedKeys {
+        let watched = WatchedKeys::new(path, keys);
+        runtime.spawn(watch(Arc::downgrade(&watched), seen, every));
+        Ok(watched)
+    }
+
+    fn new(path: PathBuf, keys: Keys) -> Arc<WatchedKeys> {
+        Arc::new(WatchedKeys {
             path,
             current: RwLock::new(Arc::new(keys)),
             problem: Mutex::new(None),
             last_used: RwLock::default(),
-        });
-        runtime.spawn(watch(Arc::downgrade(&watched), seen, every));
-        Ok(watched)
+        })
     }
 
     /// The keys of the last good read of the file.
@@ -530,6 +541,46 @@ async fn watch(watched: Weak<WatchedKeys>, mut seen: Seen, every: Duration) {
                 seen = Seen::default();
             }
         }
+    }
+}
+
+/// Reads the keys in Redis every `every` while the [`WatchedKeys`] lives; a document that did
+/// not change is not parsed again.
+async fn watch_redis(
+    watched: Weak<WatchedKeys>,
+    conn: redis::aio::ConnectionManager,
+    every: Duration,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    let mut seen = None;
+    loop {
+        ticks.tick().await;
+        let read = crate::redis::keys::read(&conn).await;
+        let Some(watched) = watched.upgrade() else {
+            return;
+        };
+        let change = match read {
+            Ok(text) => {
+                let text = text.unwrap_or_default();
+                let content = sha256(text.as_bytes());
+                if seen == Some(content) {
+                    Change::Unchanged
+                } else {
+                    seen = Some(content);
+                    match Keys::parse(&text, &watched.path) {
+                        Ok(keys) => Change::Loaded(keys),
+                        Err(why) => Change::Invalid(why),
+                    }
+                }
+            }
+            Err(e) => {
+                seen = None;
+                Change::Invalid(format!("keys in {}: {e}", watched.path.display()))
+            }
+        };
+        watched.apply(change);
     }
 }
 
@@ -643,28 +694,25 @@ pub fn run(cmd: KeysCommand) -> Result<String, String> {
 fn add(path: &Path, account: &str, name: &str, scope: Scope) -> Result<String, String> {
     check_name(name, true).map_err(|why| format!("--name {name}: {why}"))?;
     check_name(account, false).map_err(|why| format!("--account {account}: {why}"))?;
-    let _lock = lock(path)?;
-    let mut keys = match fs::read_to_string(path) {
-        Ok(text) => Keys::parse(&text, path)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Keys::default(),
-        Err(e) => return Err(format!("keys file {}: cannot read it: {e}", path.display())),
-    };
-    if keys.entries.iter().any(|e| e.name == name) {
-        return Err(format!(
-            "--name {name}: {} already has a key of that name (revoke it first, or choose \
-             another name)",
-            path.display()
-        ));
-    }
     let key = new_key()?;
-    keys.entries.push(KeyEntry {
-        name: name.to_owned(),
-        account: account.to_owned(),
-        scope,
-        created: now_in_seconds(),
-        sha256: sha256(key.as_bytes()),
-    });
-    write_atomic(path, &keys.to_toml()?)?;
+    let sha256 = sha256(key.as_bytes());
+    update(path, true, |keys| {
+        if keys.entries.iter().any(|e| e.name == name) {
+            return Err(format!(
+                "--name {name}: {} already has a key of that name (revoke it first, or choose \
+                 another name)",
+                path.display()
+            ));
+        }
+        keys.entries.push(KeyEntry {
+            name: name.to_owned(),
+            account: account.to_owned(),
+            scope,
+            created: now_in_seconds(),
+            sha256,
+        });
+        Ok(())
+    })?;
     Ok(format!(
         "added key `{name}` (account {account}, scope {scope}) to {}\n\
          only its SHA-256 is stored: the key is shown once, on the next line\n{key}\n",
@@ -672,8 +720,64 @@ fn add(path: &Path, account: &str, name: &str, scope: Scope) -> Result<String, S
     ))
 }
 
+/// Reads the keys (none when there are none yet and `create` allows it), applies `change`, and writes them back so
+/// that no other command's change is lost: under the file's lock, or by compare-and-set in
+/// Redis (tried again when another command changed the keys in between).
+fn update(
+    path: &Path,
+    create: bool,
+    change: impl Fn(&mut Keys) -> Result<(), String>,
+) -> Result<(), String> {
+    let Some(url) = crate::redis::keys::url(path) else {
+        let _lock = lock(path)?;
+        let mut keys = match fs::read_to_string(path) {
+            Ok(text) => Keys::parse(&text, path)?,
+            Err(e) if create && e.kind() == io::ErrorKind::NotFound => Keys::default(),
+            Err(e) => return Err(format!("keys file {}: cannot read it: {e}", path.display())),
+        };
+        change(&mut keys)?;
+        return write_atomic(path, &keys.to_toml()?);
+    };
+    for _ in 0..10 {
+        let old = redis_read(url)?;
+        let mut keys = match &old {
+            Some(text) => Keys::parse(text, path)?,
+            None => Keys::default(),
+        };
+        change(&mut keys)?;
+        let (new, at) = (keys.to_toml()?, url.to_string());
+        let swapped = crate::redis::keys::blocking(move || async move {
+            let conn = crate::redis::keys::connect(&at)?;
+            crate::redis::keys::swap(&conn, old.as_deref(), &new).await
+        })?;
+        if swapped {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "keys in {url}: changed by others ten times while this command ran; run it again"
+    ))
+}
+
+/// The keys document of `path` (a file, or a Redis URL), read now.
+fn load(path: &Path) -> Result<Keys, String> {
+    let Some(url) = crate::redis::keys::url(path) else {
+        return Keys::load(path);
+    };
+    Keys::parse(&redis_read(url)?.unwrap_or_default(), path)
+}
+
+/// The keys document in the Redis of `url`, read on a connection of its own.
+fn redis_read(url: &str) -> Result<Option<String>, String> {
+    let url = url.to_string();
+    crate::redis::keys::blocking(move || async move {
+        let conn = crate::redis::keys::connect(&url)?;
+        crate::redis::keys::read(&conn).await
+    })
+}
+
 fn list(path: &Path) -> Result<String, String> {
-    let keys = Keys::load(path)?;
+    let keys = load(path)?;
     Ok(keys
         .entries
         .iter()
@@ -690,21 +794,22 @@ fn list(path: &Path) -> Result<String, String> {
 }
 
 fn revoke(path: &Path, name: &str) -> Result<String, String> {
-    let _lock = lock(path)?;
-    let mut keys = Keys::load(path)?;
-    let Some(at) = keys.entries.iter().position(|e| e.name == name) else {
-        return Err(format!(
-            "--name {name}: {} has no key of that name (`keys list` shows them)",
-            path.display()
-        ));
-    };
-    let revoked = keys.entries.remove(at);
-    write_atomic(path, &keys.to_toml()?)?;
+    let revoked = std::sync::Mutex::new(None);
+    update(path, false, |keys| {
+        let Some(at) = keys.entries.iter().position(|e| e.name == name) else {
+            return Err(format!(
+                "--name {name}: {} has no key of that name (`keys list` shows them)",
+                path.display()
+            ));
+        };
+        *revoked.lock().unwrap_or_else(PoisonError::into_inner) = Some(keys.entries.remove(at));
+        Ok(())
+    })?;
+    let revoked = revoked.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let account = revoked.map(|r| r.account).unwrap_or_default();
     Ok(format!(
-        "revoked key `{}` (account {}) in {}: a proxy reading the file refuses it within about \
-         a second\n",
-        revoked.name,
-        revoked.account,
+        "revoked key `{name}` (account {account}) in {}: a proxy reading the keys refuses it \
+         within about a second\n",
         path.display()
     ))
 }

@@ -32,6 +32,7 @@ macro_rules! script {
 }
 
 pub mod cache;
+pub mod keys;
 pub mod limiter;
 mod slots;
 pub mod tokens;

@@ -843,3 +843,77 @@ async fn two_replicas_refresh_the_oauth_tokens_once_between_them() {
     );
     assert!(!reply.contains(&saved("a.tokens").refresh_token));
 }
+
+/// Keys kept in Redis (`--keys-file redis://...`): made and revoked by `keys add|revoke`
+/// against Redis, read by every replica, a revoked key refused by all of them.
+#[tokio::test]
+async fn keys_in_redis_reach_every_replica_and_a_revoke_reaches_them_all() {
+    use kommo_fanout::credentials::{CredentialSource, Holding};
+    use kommo_fanout::keys::{self, KeysCommand, Scope};
+    let redis = RedisServer::start();
+    let sim = Sim::spawn(sim_config(300)).await.unwrap();
+    let store = std::path::PathBuf::from(format!("{}/3", redis.url()));
+    let add = |name: &str| {
+        let out = keys::run(KeysCommand::Add {
+            keys_file: store.clone(),
+            account: "default".into(),
+            name: name.into(),
+            scope: Scope::Read,
+        })
+        .unwrap();
+        out.lines().last().unwrap().trim().to_string()
+    };
+    let (dash, ops) = (add("dash"), add("ops"));
+    let listed = keys::run(KeysCommand::List {
+        keys_file: store.clone(),
+    })
+    .unwrap();
+    assert!(
+        listed.contains("dash") && listed.contains("ops"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&dash));
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("account.token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let mut config = ServeConfig::for_upstream(&sim.base_url()).unwrap();
+        config.limiter.requests = 1000;
+        config.cache.ttl = Duration::ZERO;
+        config.limiter_lock = None;
+        config.holding = Some(Holding {
+            account: "default".into(),
+            source: CredentialSource::TokenFile(token_file.clone()),
+            keys_file: store.clone(),
+            allow_client_tokens: false,
+        });
+        replicas.push(crate::support::serve_proxy(config).await);
+    }
+    let client = Client::default();
+    let url = |r: &crate::support::Served| format!("{}/api/v4/leads/pipelines", r.proxy);
+    for r in &replicas {
+        assert_eq!(client.get(&url(r), &dash).await.status, 200);
+        assert_eq!(client.get(&url(r), &ops).await.status, 200);
+    }
+    keys::run(KeysCommand::Revoke {
+        keys_file: store.clone(),
+        name: "dash".into(),
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for r in &replicas {
+        while client.get(&url(r), &dash).await.status != 401 {
+            assert!(
+                Instant::now() < deadline,
+                "the revoke reached every replica"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            client.get(&url(r), &ops).await.status,
+            200,
+            "the other key stays"
+        );
+    }
+}
