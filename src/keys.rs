@@ -3,7 +3,7 @@
 //!
 //! [`Scope`] says which requests a key may make; [`Keys`] is one read of the keys file;
 //! [`WatchedKeys`] re-reads the file when it changes, so a revoked key stops working within
-//! about a second; [`KeysCommand`] and [`run`] are `kommo-fanout keys add|list|revoke`.
+//! about a second (the same document may live in Redis instead, see [`crate::redis::keys`]); [`KeysCommand`] and [`run`] are `kommo-fanout keys add|list|revoke`.
 //!
 //! ```toml
 //! [[key]]
@@ -106,7 +106,8 @@ pub struct WatchedKeys {
 pub enum KeysCommand {
     /// Make a key, store its SHA-256, and print the key once, alone on the last line.
     Add {
-        /// The keys file, made when missing; `serve --keys-file` reads it.
+        /// The keys file, made when missing (or a `redis://` URL: the keys in that Redis);
+        /// `serve --keys-file` reads it.
         #[arg(long, env = "KOMMO_FANOUT_KEYS_FILE")]
         keys_file: PathBuf,
         /// The account the key reaches (a name under `[accounts]` in the config file).
