@@ -415,6 +415,8 @@ impl Gateway {
             .limiter
             .snapshot(&self.fetcher.upstream.origin().url);
         metrics.limiter_queued.set(snapshot.queued as i64);
+        let longest = self.fetcher.longest_wait.max().as_secs_f64();
+        metrics.limiter_wait_max.set(longest);
         metrics.limiter_in_window.set(snapshot.in_window as i64);
         let outlook = self
             .fetcher

@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -124,6 +124,8 @@ metrics! {
         "Distinct stages per fanned-out leads request";
     limiter_wait_seconds: Histogram = latency_histogram(), "limiter_wait", Some(Unit::Seconds),
         "Time an upstream request waited for a rate-limit slot";
+    limiter_wait_max: Gauge<f64, AtomicU64> = Gauge::default(), "limiter_wait_max", Some(Unit::Seconds),
+        "The longest an upstream request waited for a rate-limit slot within the last minute";
     limiter_queued: Gauge = Gauge::default(), "limiter_queued", None,
         "Upstream requests waiting for a slot";
     limiter_in_window: Gauge = Gauge::default(), "limiter_slots_taken", None,
@@ -269,9 +271,84 @@ impl Default for Metrics {
     }
 }
 
+/// The largest duration recorded within the last minute, kept per second: one slot for each
+/// of the last 60 seconds, each packing its second (high 32 bits) and its largest value in
+/// milliseconds (low 32 bits) into one atomic.
+#[derive(Debug)]
+pub struct RecentMax {
+    start: std::time::Instant,
+    slots: [AtomicU64; 60],
+}
+
+impl Default for RecentMax {
+    fn default() -> Self {
+        RecentMax {
+            start: std::time::Instant::now(),
+            slots: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl RecentMax {
+    /// Records `value` now.
+    pub fn record(&self, value: std::time::Duration) {
+        self.record_at(self.start.elapsed().as_secs(), value);
+    }
+
+    /// The largest value of the last 60 seconds.
+    pub fn max(&self) -> std::time::Duration {
+        self.max_at(self.start.elapsed().as_secs())
+    }
+
+    fn record_at(&self, second: u64, value: std::time::Duration) {
+        let ms = u64::try_from(value.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(u64::from(u32::MAX));
+        // Second 0 is stored as 1, so an untouched slot (0) is never taken for second 0.
+        let tag = (second + 1) << 32;
+        let slot = &self.slots[(second % 60) as usize];
+        let _ = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            let kept = if old >> 32 == second + 1 {
+                old & 0xffff_ffff
+            } else {
+                0
+            };
+            (ms > kept || old >> 32 != second + 1).then_some(tag | ms.max(kept))
+        });
+    }
+
+    fn max_at(&self, second: u64) -> std::time::Duration {
+        let ms = self
+            .slots
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|v| v >> 32 != 0 && (second + 1).saturating_sub(v >> 32) < 60)
+            .map(|v| v & 0xffff_ffff)
+            .max()
+            .unwrap_or(0);
+        std::time::Duration::from_millis(ms)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recent_max_covers_the_last_sixty_seconds() {
+        let ms = std::time::Duration::from_millis;
+        let m = RecentMax::default();
+        assert_eq!(m.max_at(0), ms(0));
+        m.record_at(0, ms(300));
+        m.record_at(0, ms(100));
+        m.record_at(5, ms(200));
+        assert_eq!(m.max_at(5), ms(300));
+        assert_eq!(m.max_at(59), ms(300));
+        assert_eq!(m.max_at(60), ms(200), "second 0 has left the minute");
+        m.record_at(65, ms(50));
+        assert_eq!(m.max_at(65), ms(50), "second 5's slot now holds second 65");
+        assert_eq!(m.max_at(200), ms(0));
+    }
 
     #[test]
     fn exposition_has_the_families_and_moves() {

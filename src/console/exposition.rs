@@ -147,27 +147,6 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     Some(below.0)
 }
 
-/// The upper bound of the highest bucket that gained observations between two readings of the
-/// same histogram: the longest observation, to within a bucket. `None` when nothing was
-/// observed.
-pub fn longest(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<f64> {
-    let count_before = |bound: f64| {
-        before
-            .iter()
-            .find(|(b, _)| *b == bound)
-            .map_or(0.0, |(_, n)| *n)
-    };
-    let total = after.last()?.1 - before.last().map_or(0.0, |b| b.1);
-    if total <= 0.0 {
-        return None;
-    }
-    // The first bound whose cumulative gain holds every new observation.
-    after
-        .iter()
-        .find(|(bound, n)| n - count_before(*bound) >= total)
-        .map(|(bound, _)| *bound)
-}
-
 /// The difference of two readings of a cumulative bucket list, by bound.
 pub fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
     after
@@ -227,11 +206,9 @@ mod tests {
     }
 
     #[test]
-    fn longest_is_the_bucket_that_holds_every_new_observation() {
+    fn bucket_deltas_are_taken_by_bound() {
         let before = vec![(0.1, 2.0), (1.0, 2.0), (f64::INFINITY, 2.0)];
         let after = vec![(0.1, 3.0), (1.0, 4.0), (f64::INFINITY, 4.0)];
-        assert_eq!(longest(&before, &after), Some(1.0));
-        assert_eq!(longest(&after, &after), None);
         assert_eq!(
             bucket_delta(&before, &after),
             vec![(0.1, 1.0), (1.0, 2.0), (f64::INFINITY, 2.0)]

@@ -160,6 +160,8 @@ pub struct Fetcher {
     pub admission: Arc<Admission>,
     /// The account's credential, put in place of [`PLACEHOLDER`] as each attempt is sent.
     pub credentials: Option<Arc<Credentials>>,
+    /// The longest wait for a permit within the last minute, for the metrics.
+    pub longest_wait: crate::metrics::RecentMax,
 }
 
 impl Fetcher {
@@ -179,6 +181,7 @@ impl Fetcher {
             cap: AtomicU64::new(u64::MAX),
             admission: Arc::new(Admission::unlimited()),
             credentials: None,
+            longest_wait: crate::metrics::RecentMax::default(),
         }
     }
 
@@ -410,8 +413,11 @@ impl Fetcher {
         let start = Instant::now();
         let deadline = flow.deadline.min(start + self.policy.max_wait);
         let grant = self.limiter.acquire(&flow.key, flow.id, deadline).await;
-        let waited = start.elapsed().as_secs_f64();
-        self.metrics.limiter_wait_seconds.observe(waited);
+        let waited = start.elapsed();
+        self.metrics
+            .limiter_wait_seconds
+            .observe(waited.as_secs_f64());
+        self.longest_wait.record(waited);
         let grant = grant.map_err(|e| {
             self.sent.fetch_sub(1, Ordering::SeqCst);
             FetchError::Limited(e)
