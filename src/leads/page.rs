@@ -32,13 +32,15 @@ struct Keys {
     updated_at: Option<i64>,
 }
 
-/// Parses a `200` leads page body into merge entries.
-///
-/// The error says what is wrong in words fit for a `502` detail.
-pub fn parse_page(body: &Bytes, order_field: OrderField) -> Result<Vec<LeadRef>, String> {
+/// Each lead object of a leads page (`_embedded.leads`), as sent, with the fields `F` reads of
+/// it. `what` names the page in errors (`upstream page`), which are fit for a `502` detail.
+pub fn leads_of<'a, F: Deserialize<'a>>(
+    body: &'a [u8],
+    what: &str,
+    fields: &str,
+) -> Result<Vec<(&'a RawValue, F)>, String> {
     let page: Page<'_> = serde_json::from_slice(body)
-        .map_err(|e| format!("the upstream leads page is not the expected HAL document: {e}"))?;
-    let base = body.as_ptr() as usize;
+        .map_err(|e| format!("the {what} is not the expected HAL leads document: {e}"))?;
     page.embedded
         .leads
         .into_iter()
@@ -47,28 +49,37 @@ pub fn parse_page(body: &Bytes, order_field: OrderField) -> Result<Vec<LeadRef>,
             // serde reads a struct from a JSON array too (`[5]` as `{"id":5}`): a lead that is
             // not an object is no lead.
             if !raw.get().starts_with('{') {
-                return Err(format!(
-                    "lead {i} of the upstream page is not a JSON object"
-                ));
+                return Err(format!("lead {i} of the {what} is not a JSON object"));
             }
-            let keys: Keys = serde_json::from_str(raw.get()).map_err(|e| {
-                format!("lead {i} of the upstream page has no usable id or order field: {e}")
-            })?;
-            let sort = match order_field {
-                OrderField::Id => Some(keys.id),
-                OrderField::CreatedAt => keys.created_at,
-                OrderField::UpdatedAt => keys.updated_at,
-            };
-            // `raw` borrows from `body`: its offset there lets the lead be kept as a slice of
-            // the shared buffer instead of a copy.
-            let start = raw.get().as_ptr() as usize - base;
-            Ok(LeadRef {
-                id: keys.id,
-                sort,
-                raw: body.slice(start..start + raw.get().len()),
-            })
+            let read = serde_json::from_str(raw.get())
+                .map_err(|e| format!("lead {i} of the {what} has no usable {fields}: {e}"))?;
+            Ok((raw, read))
         })
         .collect()
+}
+
+/// Parses a `200` leads page body into merge entries.
+///
+/// The error says what is wrong in words fit for a `502` detail.
+pub fn parse_page(body: &Bytes, order_field: OrderField) -> Result<Vec<LeadRef>, String> {
+    let base = body.as_ptr() as usize;
+    let leads = leads_of::<Keys>(body, "upstream page", "id or order field")?;
+    let entries = leads.into_iter().map(|(raw, keys)| {
+        let sort = match order_field {
+            OrderField::Id => Some(keys.id),
+            OrderField::CreatedAt => keys.created_at,
+            OrderField::UpdatedAt => keys.updated_at,
+        };
+        // `raw` borrows from `body`: its offset there lets the lead be kept as a slice of the
+        // shared buffer instead of a copy.
+        let start = raw.get().as_ptr() as usize - base;
+        LeadRef {
+            id: keys.id,
+            sort,
+            raw: body.slice(start..start + raw.get().len()),
+        }
+    });
+    Ok(entries.collect())
 }
 
 #[cfg(test)]

@@ -11,7 +11,6 @@ use std::mem::size_of;
 
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::view::{Range, View};
 use crate::leads::merge::LeadRef;
@@ -46,18 +45,6 @@ pub struct Lead {
     pub raw: Bytes,
 }
 
-#[derive(Deserialize)]
-struct Page<'a> {
-    #[serde(borrow, rename = "_embedded")]
-    embedded: Embedded<'a>,
-}
-
-#[derive(Deserialize)]
-struct Embedded<'a> {
-    #[serde(borrow)]
-    leads: Vec<&'a RawValue>,
-}
-
 /// The fields the replica reads of a lead; serde skips the others without building values.
 #[derive(Deserialize)]
 struct Fields {
@@ -88,42 +75,25 @@ struct Fields {
 /// `pipeline_id`, `status_id` or `updated_at` (such as a deleted one) is an error, said in
 /// words fit for a log line.
 pub fn parse_page(body: &[u8]) -> Result<Vec<Lead>, String> {
-    let page: Page<'_> = serde_json::from_slice(body)
-        .map_err(|e| format!("the leads page is not the expected HAL document: {e}"))?;
-    page.embedded
-        .leads
-        .into_iter()
-        .enumerate()
-        .map(|(i, raw)| {
-            // serde reads a struct from a JSON array too (`[5, ...]`): a lead that is not an
-            // object is no lead.
-            if !raw.get().starts_with('{') {
-                return Err(format!("lead {i} of the leads page is not a JSON object"));
-            }
-            let f: Fields = serde_json::from_str(raw.get()).map_err(|e| {
-                format!(
-                    "lead {i} of the leads page has no usable id, pipeline_id, status_id or \
-                     updated_at: {e}"
-                )
-            })?;
-            Ok(Lead {
-                id: f.id,
-                stage: StagePair {
-                    pipeline_id: f.pipeline_id,
-                    status_id: f.status_id,
-                },
-                responsible_user_id: f.responsible_user_id,
-                created_by: f.created_by,
-                updated_by: f.updated_by,
-                price: f.price,
-                created_at: f.created_at,
-                updated_at: f.updated_at,
-                closed_at: f.closed_at,
-                closest_task_at: f.closest_task_at,
-                raw: Bytes::copy_from_slice(raw.get().as_bytes()),
-            })
-        })
-        .collect()
+    let fields = "id, pipeline_id, status_id or updated_at";
+    let leads = crate::leads::page::leads_of::<Fields>(body, "leads page", fields)?;
+    let leads = leads.into_iter().map(|(raw, f)| Lead {
+        id: f.id,
+        stage: StagePair {
+            pipeline_id: f.pipeline_id,
+            status_id: f.status_id,
+        },
+        responsible_user_id: f.responsible_user_id,
+        created_by: f.created_by,
+        updated_by: f.updated_by,
+        price: f.price,
+        created_at: f.created_at,
+        updated_at: f.updated_at,
+        closed_at: f.closed_at,
+        closest_task_at: f.closest_task_at,
+        raw: Bytes::copy_from_slice(raw.get().as_bytes()),
+    });
+    Ok(leads.collect())
 }
 
 /// The leads of one stage, sorted in each order Kommo sorts by (ties by id).
