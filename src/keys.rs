@@ -919,14 +919,15 @@ fn random(buf: &mut [u8]) -> Result<(), String> {
         .map_err(|_| "the system's random number generator failed".to_string())
 }
 
-fn sha256(bytes: &[u8]) -> [u8; 32] {
+/// The SHA-256 of `bytes`.
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
     out
 }
 
 /// Compares without an early exit, so the time taken says nothing about where hashes differ.
-fn same_hash(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(crate) fn same_hash(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0
 }

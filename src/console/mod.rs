@@ -87,7 +87,7 @@ impl AdminToken {
             return Err("the token must be at least 16 printable characters without spaces".into());
         }
         Ok(AdminToken {
-            sha256: digest(token.as_bytes()),
+            sha256: crate::keys::sha256(token.as_bytes()),
         })
     }
 
@@ -97,21 +97,8 @@ impl AdminToken {
         let Some(presented) = presented else {
             return false;
         };
-        let given = digest(presented.as_bytes());
-        // No early exit: the time taken says nothing about how much of the digest matched.
-        given
-            .iter()
-            .zip(&self.sha256)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        crate::keys::same_hash(&crate::keys::sha256(presented.as_bytes()), &self.sha256)
     }
-}
-
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 /// The console: its settings and what the sampler has read.

@@ -41,11 +41,6 @@ impl RedisTokens {
         account: &str,
         client_secret: &str,
     ) -> Result<RedisTokens, String> {
-        let random = SystemRandom::new();
-        let mut owner = [0u8; 16];
-        random
-            .fill(&mut owner)
-            .map_err(|_| "no system randomness for the OAuth lock")?;
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
         context.update(b"kommo-fanout shared OAuth tokens\0");
         context.update(client_secret.as_bytes());
@@ -55,9 +50,9 @@ impl RedisTokens {
             conn: super::connection(url)?,
             tokens: format!("{prefix}oauth:{account}:tokens"),
             lock: format!("{prefix}oauth:{account}:lock"),
-            owner: owner.iter().map(|b| format!("{b:02x}")).collect(),
+            owner: super::random_hex(2),
             key: LessSafeKey::new(key),
-            random,
+            random: SystemRandom::new(),
         })
     }
 

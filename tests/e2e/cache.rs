@@ -234,6 +234,7 @@ async fn stale_answers_are_served_and_refreshed_exactly_once() {
     let q = stages(&set);
     assert_eq!(s.leads(&q).await.headers["x-cache"], "MISS");
     assert_eq!(s.sim.request_count(), 4);
+    // Past the 300 ms TTL: time passing, not an event to poll for.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let stale = join_all((0..5).map(|_| s.leads(&q))).await;
     for a in &stale {
@@ -247,6 +248,7 @@ async fn stale_answers_are_served_and_refreshed_exactly_once() {
         s.sim.request_count() >= 8
     })
     .await;
+    // A quiet period: a second refresh would have sent four more by now.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(s.sim.request_count(), 8);
     // The refresh asks with the client's credential, and gets real pages.

@@ -30,18 +30,11 @@ impl Stack {
 
     /// Polls `/status.json` until `done` holds for it; fails after [`WAIT`].
     async fn status_when(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let until = tokio::time::Instant::now() + WAIT;
-        loop {
-            let status = self.status().await;
-            if done(&status) {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "{what}: not within {WAIT:?}; last status {status:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let done = &done;
+        eventually_some(what, WAIT, || async move {
+            Some(self.status().await).filter(|status| done(status))
+        })
+        .await
     }
 }
 
@@ -392,27 +385,20 @@ async fn the_grafana_dashboard_graphs_only_metrics_the_proxy_exports_and_all_the
     assert_eq!(s.get("/api/v4/leads/pipelines", TOKEN).await.status, 200);
     let set = largest_stages(&s, 2);
     assert_eq!(s.leads(&stages(&set)).await.status, 200);
-    let until = tokio::time::Instant::now() + WAIT;
-    let text = loop {
+    let families = [
+        "sync_deltas_total",
+        "upstream_retries_total",
+        "cache_lookups_total",
+    ];
+    let text = eventually_some("every family in use", WAIT, || async {
         let scrape = s.admin_get("/metrics", None).await;
         let text = String::from_utf8_lossy(&scrape.body).into_owned();
-        let families = [
-            "sync_deltas_total",
-            "upstream_retries_total",
-            "cache_lookups_total",
-        ];
-        if families
+        let all = families
             .iter()
-            .all(|n| text.contains(&format!("kommo_fanout_{n}{{")))
-        {
-            break text;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "not every family in use: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+            .all(|n| text.contains(&format!("kommo_fanout_{n}{{")));
+        all.then_some(text)
+    })
+    .await;
     let exported = exported_names(&text);
     assert!(exported.contains("kommo_fanout_upstream_requests_total"));
 

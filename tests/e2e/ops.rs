@@ -147,16 +147,13 @@ async fn spawn_proxy(upstream: &str, extra: &[&str], env: &[(&str, &str)]) -> Pr
         url: format!("http://127.0.0.1:{port}"),
         log,
     };
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+    eventually_async("the proxy listens", Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
-        {
-            return proxy;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the proxy did not start listening");
+    })
+    .await;
+    proxy
 }
 
 /// Stops the child with SIGTERM and returns its exit status and everything it wrote.
@@ -171,14 +168,7 @@ fn terminate(proxy: &mut Proxy) -> (Option<i32>, String) {
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
-    let start = std::time::Instant::now();
-    while start.elapsed() < limit {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status.code();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
+    poll_blocking(limit, || child.try_wait().ok().flatten())?.code()
 }
 
 #[tokio::test]
@@ -377,17 +367,10 @@ async fn a_request_whose_client_left_is_no_longer_counted_in_flight() {
     gone.abort();
     let _ = gone.await;
     let metrics = format!("{}/metrics", s.admin);
-    let mut in_flight = f64::NAN;
-    for _ in 0..100 {
+    eventually_async("no request in flight", Duration::from_secs(2), || async {
         let text = s.request(http::Method::GET, &metrics, None, "").await;
-        in_flight = sample(
-            &String::from_utf8_lossy(&text.body),
-            "kommo_fanout_in_flight_requests",
-        );
-        if in_flight == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(in_flight, 0.0);
+        let body = String::from_utf8_lossy(&text.body);
+        sample(&body, "kommo_fanout_in_flight_requests") == 0.0
+    })
+    .await;
 }

@@ -24,7 +24,7 @@ use kommo_sim::{Fault, FaultRule, Sim, SimConfig, SimHandle, SimRateLimit};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::support::{eventually, max_in_window};
+use crate::support::{eventually, eventually_async, max_in_window, poll_blocking};
 use crate::support::{sim_config, stage_sizes, stages, truth, Client, BY_ID, TOKEN};
 
 const LEADS: usize = 3000;
@@ -70,12 +70,8 @@ impl RedisServer {
                 )
             });
         self.child = Some(child);
-        let until = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < until {
-            if self.ping() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if poll_blocking(Duration::from_secs(10), || self.ping().then_some(())).is_some() {
+            return;
         }
         panic!(
             "redis-server did not answer on port {} within 10 s",
@@ -613,11 +609,10 @@ async fn the_shared_cache_stores_expires_and_invalidates_for_every_replica() {
     .await;
     assert_eq!(b.get("short").await, Some(Bytes::from_static(b"s")));
     // Gone once its TTL has passed (Redis expires keys a little after, never before).
-    let gone = tokio::time::Instant::now() + Duration::from_secs(2);
-    while b.get("short").await.is_some() {
-        assert!(tokio::time::Instant::now() < gone, "the TTL holds");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_async("the entry expires", Duration::from_secs(2), || async {
+        b.get("short").await.is_none()
+    })
+    .await;
 
     // A webhook on replica B: replica A no longer sees the entry, at once.
     let before = a.generation().await.expect("a generation");
@@ -655,12 +650,11 @@ async fn the_shared_cache_misses_while_redis_is_down_and_recovers() {
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 
     redis.restart();
-    let until = Instant::now() + Duration::from_secs(5);
-    while cache.degraded() {
-        assert!(Instant::now() < until, "the cache did not recover");
+    eventually_async("the cache recovers", Duration::from_secs(5), || async {
         cache.put("k", Bytes::from_static(b"again"), long).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        !cache.degraded()
+    })
+    .await;
     cache.put("k", Bytes::from_static(b"again"), long).await;
     assert_eq!(cache.get("k").await, Some(Bytes::from_static(b"again")));
 }
@@ -901,15 +895,13 @@ async fn keys_in_redis_reach_every_replica_and_a_revoke_reaches_them_all() {
         name: "dash".into(),
     })
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
     for r in &replicas {
-        while client.get(&url(r), &dash).await.status != 401 {
-            assert!(
-                Instant::now() < deadline,
-                "the revoke reached every replica"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually_async(
+            "the revoke reaches every replica",
+            Duration::from_secs(20),
+            || async { client.get(&url(r), &dash).await.status == 401 },
+        )
+        .await;
         assert_eq!(
             client.get(&url(r), &ops).await.status,
             200,

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kommo_sim::{Sim, SimRateLimit};
-use tokio::time::Instant;
 
 use crate::support::*;
 
@@ -40,21 +39,22 @@ fn spawn_proxy(sim: &str, port: u16, lock_dir: &std::path::Path) -> Child {
 /// Starts the proxy on `port`, again if the port is still held by the one shutting down, until
 /// it accepts connections.
 async fn start_proxy(sim: &str, port: u16, lock_dir: &std::path::Path) -> Child {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut child = spawn_proxy(sim, port, lock_dir);
-    loop {
-        assert!(Instant::now() < deadline, "the proxy did not start");
+    let child = std::cell::RefCell::new(spawn_proxy(sim, port, lock_dir));
+    eventually_async("the proxy starts", Duration::from_secs(20), || async {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
         {
-            return child;
+            return true;
         }
+        let mut child = child.borrow_mut();
         if child.try_wait().ok().flatten().is_some() {
-            child = spawn_proxy(sim, port, lock_dir);
+            *child = spawn_proxy(sim, port, lock_dir);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        false
+    })
+    .await;
+    child.into_inner()
 }
 
 /// Clients asking distinct multi-stage views of the proxy on `port` until `stop`.

@@ -393,12 +393,47 @@ pub async fn eventually_async<F: std::future::Future<Output = bool>>(
     limit: std::time::Duration,
     mut check: impl FnMut() -> F,
 ) {
+    eventually_some(what, limit, || {
+        let done = check();
+        async move { done.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `check` every 20 ms until it gives a value, and returns it; fails the test, naming
+/// `what`, after `limit`.
+pub async fn eventually_some<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    limit: std::time::Duration,
+    mut check: impl FnMut() -> F,
+) -> T {
     let until = tokio::time::Instant::now() + limit;
-    while !check().await {
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
         assert!(
             tokio::time::Instant::now() < until,
             "{what}: not within {limit:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// [`eventually_some`] for code off the runtime (a child process, a blocking socket): `None`
+/// when `check` gave nothing within `limit`.
+pub fn poll_blocking<T>(
+    limit: std::time::Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if std::time::Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
