@@ -148,6 +148,16 @@ struct Slot {
     spent: AtomicU64,
 }
 
+impl Slot {
+    fn replica(&self) -> std::sync::RwLockReadGuard<'_, Replica> {
+        self.replica.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn replica_mut(&self) -> std::sync::RwLockWriteGuard<'_, Replica> {
+        self.replica.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 struct Status {
     /// Whether the load completed (the replica answers only then).
     loaded: bool,
@@ -244,9 +254,7 @@ impl Live {
             }
         };
         let (leads, has_next) = slot
-            .replica
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+            .replica()
             .page(&view, query.offset(), query.limit as usize);
         self.metrics.sync_answers.inc();
         Some((leads, has_next, age.as_secs()))
@@ -360,7 +368,7 @@ impl Live {
         let replicas: Vec<_> = lock(&self.replicas)
             .values()
             .map(|slot| {
-                let replica = slot.replica.read().unwrap_or_else(PoisonError::into_inner);
+                let replica = slot.replica();
                 let status = lock(&slot.status);
                 serde_json::json!({
                     "replica": slot.name,
@@ -397,11 +405,7 @@ impl Live {
         let mut states: HashMap<&'static str, i64> =
             [("loading", 0), ("live", 0), ("stale", 0)].into();
         for slot in lock(&self.replicas).values() {
-            leads += slot
-                .replica
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .len();
+            leads += slot.replica().len();
             bytes += slot.bytes.load(Ordering::Relaxed);
             *states.entry(self.state(&lock(&slot.status))).or_default() += 1;
         }
@@ -616,12 +620,7 @@ impl Task {
             for lead in leads {
                 into.upsert(lead);
             }
-            let held = self
-                .slot
-                .replica
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .bytes();
+            let held = self.slot.replica().bytes();
             self.slot
                 .bytes
                 .store(held + into.bytes(), Ordering::Relaxed);
@@ -643,11 +642,7 @@ impl Task {
             .read_all(Keyset::new(0, None), &mut replica, true)
             .await?;
         let (leads, bytes) = (replica.len(), replica.bytes());
-        *self
-            .slot
-            .replica
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = replica;
+        *self.slot.replica_mut() = replica;
         self.slot.bytes.store(bytes, Ordering::Relaxed);
         self.events_from = to;
         {
@@ -684,11 +679,7 @@ impl Task {
         let (mut applied, mut removed) = (0, 0);
         let mut restored = Vec::new();
         {
-            let mut replica = self
-                .slot
-                .replica
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut replica = self.slot.replica_mut();
             for id in changed.ids().collect::<Vec<_>>() {
                 if let Some(lead) = changed.remove(id) {
                     applied += usize::from(replica.upsert(lead));
@@ -711,21 +702,12 @@ impl Task {
                 .get(&target, replica::parse_page)
                 .await?
                 .unwrap_or_default();
-            let mut replica = self
-                .slot
-                .replica
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut replica = self.slot.replica_mut();
             for lead in leads {
                 applied += usize::from(replica.upsert(lead));
             }
         }
-        let bytes = self
-            .slot
-            .replica
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .bytes();
+        let bytes = self.slot.replica().bytes();
         self.slot.bytes.store(bytes, Ordering::Relaxed);
         self.seen.retain(|_, at| *at >= started - 4 * OVERLAP);
         {
@@ -785,11 +767,7 @@ impl Task {
         self.delta().await?;
         let mut repairs = Vec::new();
         {
-            let mut replica = self
-                .slot
-                .replica
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut replica = self.slot.replica_mut();
             // Held, but gone from a read that covered it: a deletion the feed missed.
             let gone: Vec<i64> = replica
                 .ids()
