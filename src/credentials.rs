@@ -8,7 +8,6 @@
 //! runs at a time, and the rotated refresh token is on disk before the new access token is
 //! used, so neither a race nor a crash can burn it.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -419,29 +418,6 @@ pub fn read_tokens(path: &Path) -> Result<Tokens, String> {
     })
 }
 
-/// Writes `bytes` to `path` so that a crash leaves the old file or the new one, never a mix:
-/// a temporary file beside it, synced, renamed over it, the directory synced. Owner-only.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map_or("file".into(), |n| n.to_string_lossy());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 impl Tokens {
     /// Whether the access token should be replaced at `now_ms` (Unix milliseconds).
     fn due(&self, now_ms: u64) -> bool {
@@ -617,7 +593,7 @@ impl OAuth {
     fn save(&self, tokens: &Tokens) -> Result<(), CredentialError> {
         let path = &self.settings.tokens_file;
         let json = serde_json::to_vec_pretty(tokens).unwrap_or_default();
-        write_atomically(path, &json).map_err(|e| {
+        crate::keys::write_private(path, &json).map_err(|e| {
             CredentialError::Unavailable(format!(
                 "cannot save the OAuth tokens to {}: {e}",
                 path.display()
@@ -729,7 +705,7 @@ pub async fn exchange_code(
     let granted = exchange(fetcher, &body).await.map_err(|e| e.to_string())?;
     let tokens = Tokens::from_grant(granted, unix_now());
     let json = serde_json::to_vec_pretty(&tokens).unwrap_or_default();
-    write_atomically(&settings.tokens_file, &json)
+    crate::keys::write_private(&settings.tokens_file, &json)
         .map_err(|e| format!("cannot write {}: {e}", settings.tokens_file.display()))?;
     Ok(tokens)
 }
@@ -853,7 +829,7 @@ mod tests {
             expires_at: 99,
             issued_at: 9,
         };
-        write_atomically(&path, &serde_json::to_vec(&fresh).unwrap()).unwrap();
+        crate::keys::write_private(&path, &serde_json::to_vec(&fresh).unwrap()).unwrap();
         assert_eq!(read_tokens(&path).unwrap().refresh_token, "r-2");
         #[cfg(unix)]
         {

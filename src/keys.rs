@@ -842,22 +842,28 @@ fn lock(path: &Path) -> Result<File, String> {
     Ok(file)
 }
 
-/// Replaces the file so that a reader sees the old or the new text, never a part, and a crash
-/// leaves one of them: a temporary file in the same directory, fsynced, renamed over the file,
-/// then the directory fsynced so the rename itself survives a crash.
 fn write_atomic(path: &Path, text: &str) -> Result<(), String> {
-    let mut suffix = [0u8; 8];
-    random(&mut suffix)?;
-    let temporary = beside(path, &format!(".{}.tmp", hex(&suffix)))?;
-    let written = write_and_rename(&temporary, path, text);
-    written.map_err(|e| {
-        // Gone already when the rename succeeded.
-        let _ = fs::remove_file(&temporary);
-        format!("keys file {}: cannot write it: {e}", path.display())
-    })
+    write_private(path, text.as_bytes())
+        .map_err(|e| format!("keys file {}: cannot write it: {e}", path.display()))
 }
 
-fn write_and_rename(temporary: &Path, path: &Path, text: &str) -> io::Result<()> {
+/// Replaces the file (owner-only) so that a reader sees the old or the new bytes, never a
+/// part, and a crash leaves one of them: a temporary file in the same directory, fsynced,
+/// renamed over the file, then the directory fsynced so the rename itself survives a crash.
+/// The keys file and the OAuth tokens file are written so.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut suffix = [0u8; 8];
+    random(&mut suffix).map_err(io::Error::other)?;
+    let temporary = beside(path, &format!(".{}.tmp", hex(&suffix))).map_err(io::Error::other)?;
+    let written = write_and_rename(&temporary, path, bytes);
+    if written.is_err() {
+        // Gone already when the rename succeeded.
+        let _ = fs::remove_file(&temporary);
+    }
+    written
+}
+
+fn write_and_rename(temporary: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut file = private_options()
         .write(true)
         .create_new(true)
@@ -865,7 +871,7 @@ fn write_and_rename(temporary: &Path, path: &Path, text: &str) -> io::Result<()>
     // The mode given at creation is narrowed by the umask; this sets it exactly.
     #[cfg(unix)]
     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    file.write_all(text.as_bytes())?;
+    file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);
     fs::rename(temporary, path)?;
@@ -887,7 +893,7 @@ fn private_options() -> OpenOptions {
 fn beside(path: &Path, suffix: &str) -> Result<PathBuf, String> {
     let name = path
         .file_name()
-        .ok_or_else(|| format!("--keys-file {}: not a file name", path.display()))?;
+        .ok_or_else(|| format!("{}: not a file name", path.display()))?;
     Ok(directory(path).join(format!(".{}{suffix}", name.to_string_lossy())))
 }
 
