@@ -447,34 +447,15 @@ impl Tokens {
 /// The `exp` claim of a JWT, read without checking its signature (only to schedule a refresh).
 fn jwt_exp(token: &str) -> Option<u64> {
     let payload = token.split('.').nth(1)?;
-    let bytes = base64url(payload)?;
+    use base64::engine::{general_purpose, DecodePaddingMode, GeneralPurpose};
+    // Unpadded base64url (RFC 7515), padding tolerated.
+    let config = general_purpose::NO_PAD.with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let engine = GeneralPurpose::new(&base64::alphabet::URL_SAFE, config);
+    let bytes = base64::Engine::decode(&engine, payload).ok()?;
     serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()?
         .get("exp")?
         .as_u64()
-}
-
-/// Decodes unpadded base64url (padding tolerated).
-fn base64url(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.bytes().take_while(|&c| c != b'=') {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' | b'+' => 62,
-            b'_' | b'/' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
 }
 
 impl OAuth {
