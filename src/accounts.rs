@@ -11,7 +11,7 @@ use http::{Request, StatusCode};
 
 use crate::error::ProxyError;
 use crate::gateway::{BasePath, Gateway};
-use crate::headers::host_name;
+use crate::headers::{host_name, request_host};
 
 /// One configured account.
 pub struct Account {
@@ -76,9 +76,9 @@ impl Accounts {
         let header = |name| req.headers().get(name).and_then(|h| h.to_str().ok());
         let forwarded =
             header("x-forwarded-host").filter(|_| self.front().settings.trust_forwarded);
-        let host = forwarded
-            .or(header(http::header::HOST.as_str()))
-            .or(req.uri().authority().map(|a| a.as_str()));
+        let authority = req.uri().authority().map(|a| a.as_str());
+        let named = request_host(forwarded, header(http::header::HOST.as_str()), authority);
+        let host = named.map(|(host, _)| host);
         let keys = self
             .list
             .iter()

@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::cache::{Cache, SharedCache};
 use crate::error::ProxyError;
-use crate::headers::valid_host;
+
 use crate::links::LinkRewrite;
 use crate::metrics::Metrics;
 use crate::redis::{RedisCache, RedisLimiter};
@@ -619,12 +619,13 @@ fn base_url(
     authority: Option<&str>,
     fallback: &Arc<str>,
 ) -> Arc<str> {
-    if let Some((Some(host), proto)) = forwarded.filter(|(h, _)| h.is_some_and(valid_host)) {
-        let https = proto.is_some_and(|p| p.eq_ignore_ascii_case("https"));
-        return format!("{}://{host}", if https { "https" } else { "http" }).into();
-    }
-    match host.or(authority).filter(|h| valid_host(h)) {
-        Some(host) => format!("http://{host}").into(),
+    let (forwarded_host, proto) = forwarded.unwrap_or_default();
+    match crate::headers::request_host(forwarded_host, host, authority) {
+        Some((host, true)) => {
+            let https = proto.is_some_and(|p| p.eq_ignore_ascii_case("https"));
+            format!("{}://{host}", if https { "https" } else { "http" }).into()
+        }
+        Some((host, false)) => format!("http://{host}").into(),
         None => fallback.clone(),
     }
 }

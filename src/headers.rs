@@ -96,6 +96,23 @@ pub fn host_name(host: &str) -> String {
     name.to_ascii_lowercase()
 }
 
+/// The name a request gives the proxy, when it is a valid host[:port]: `forwarded`
+/// (`X-Forwarded-Host`, only behind `--trust-forwarded`) first, else `host` (the `Host`
+/// header) or, without one, the target's `authority` (HTTP/2 `:authority`). `true` with a
+/// forwarded name. An invalid `Host` is not replaced by the authority.
+pub fn request_host<'a>(
+    forwarded: Option<&'a str>,
+    host: Option<&'a str>,
+    authority: Option<&'a str>,
+) -> Option<(&'a str, bool)> {
+    if let Some(name) = forwarded.filter(|f| valid_host(f)) {
+        return Some((name, true));
+    }
+    host.or(authority)
+        .filter(|h| valid_host(h))
+        .map(|h| (h, false))
+}
+
 /// The token of an `Authorization: Bearer <token>` header (scheme in any case, the token
 /// trimmed), if the request carries one.
 pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
