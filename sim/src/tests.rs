@@ -152,6 +152,17 @@ fn stage_query(p: i64, s: i64) -> String {
     format!("filter[statuses][0][pipeline_id]={p}&filter[statuses][0][status_id]={s}")
 }
 
+/// The ids of the live leads of `stage` that `users` are responsible for.
+fn ids_of_users(sim: &Sim, stage: (i64, i64), users: &[i64]) -> Vec<i64> {
+    let leads = sim.leads();
+    let of = |l: &&SimLead| !l.is_deleted && (l.pipeline_id, l.status_id) == stage;
+    let ids = leads
+        .iter()
+        .filter(of)
+        .filter(|l| users.contains(&l.responsible_user_id));
+    ids.map(|l| l.id).collect()
+}
+
 /// The largest stage and its live leads' ids (ascending).
 fn largest_stage(sim: &Sim) -> ((i64, i64), Vec<i64>) {
     let mut by_stage: BTreeMap<(i64, i64), Vec<i64>> = BTreeMap::new();
@@ -441,14 +452,7 @@ async fn tokens_scope_and_authenticate() {
     let h = Harness::new(config(2000)).await;
     let ((p, s), _) = largest_stage(&h.sim);
     let q = stage_query(p, s);
-    let expected: Vec<i64> = h
-        .sim
-        .leads()
-        .iter()
-        .filter(|l| !l.is_deleted && (l.pipeline_id, l.status_id) == (p, s))
-        .filter(|l| [1001, 1002].contains(&l.responsible_user_id))
-        .map(|l| l.id)
-        .collect();
+    let expected = ids_of_users(&h.sim, (p, s), &[1001, 1002]);
     assert!(!expected.is_empty());
     assert_eq!(h.all_ids(&q, LIMITED).await, expected);
     let other = h

@@ -512,14 +512,7 @@ async fn an_oauth_token_sees_what_its_user_sees() {
     let limited = granted(&h.exchange(&h.sim.oauth_code()).await).access;
     let ((p, s), _) = largest_stage(&h.sim);
     let q = stage_query(p, s);
-    let expected: Vec<i64> = h
-        .sim
-        .leads()
-        .iter()
-        .filter(|l| !l.is_deleted && (l.pipeline_id, l.status_id) == (p, s))
-        .filter(|l| [1001, 1002].contains(&l.responsible_user_id))
-        .map(|l| l.id)
-        .collect();
+    let expected = ids_of_users(&h.sim, (p, s), &[1001, 1002]);
     assert!(!expected.is_empty());
     assert_eq!(h.all_ids(&q, &limited).await, expected);
     // The same list as a static token limited to the same users.
