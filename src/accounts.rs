@@ -67,8 +67,8 @@ impl Accounts {
     /// The account of `req`, by `Host` (or, with `--trust-forwarded`, `X-Forwarded-Host`) or
     /// path prefix; a prefix is stripped from the request's target and kept as its
     /// [`BasePath`], so links in the answer keep it. An unknown host or prefix is a `404` that
-    /// gives the number of accounts, never their names; a key sent to an account whose
-    /// clients bring their own tokens is a `403`, so it never reaches Kommo.
+    /// gives the number of accounts, never their names. (A key sent to an account whose
+    /// clients bring their own tokens is refused by [`Gateway::authorize`].)
     pub fn route<B>(&self, req: &mut Request<B>) -> Result<&Account, ProxyError> {
         if !self.named {
             return Ok(&self.list[0]);
@@ -93,12 +93,6 @@ impl Accounts {
             ));
         };
         let account = &self.list[index];
-        if account.gateway.auth.is_none() && sends_a_key(req) {
-            return Err(ProxyError::Rejected(
-                StatusCode::FORBIDDEN,
-                "this account takes its clients' own Kommo tokens, not keys of this proxy: send a Kommo token, or use the key at the account it was made for".into(),
-            ));
-        }
         if prefix > 0 {
             strip_prefix(req, prefix)?;
             let base = BasePath(format!("/{}", account.name).into());
@@ -106,11 +100,6 @@ impl Accounts {
         }
         Ok(account)
     }
-}
-
-/// Whether `req` carries a key of this proxy as its bearer token.
-fn sends_a_key<B>(req: &Request<B>) -> bool {
-    crate::headers::bearer(req.headers()).is_some_and(crate::keys::looks_like_key)
 }
 
 /// Which of `accounts` (name, host) a request for `host` and `path` is for, and how many bytes

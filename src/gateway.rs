@@ -482,14 +482,21 @@ impl Gateway {
     }
 
     /// Checks the client's key and puts the account's credential (as [`PLACEHOLDER`]) in its
-    /// place; returns the key's name. Without keys configured, the request goes as it came.
+    /// place; returns the key's name. Without keys configured, the request goes as it came,
+    /// unless it carries a key of this proxy: that is refused, so a key never reaches Kommo.
     ///
     /// [`PLACEHOLDER`]: crate::credentials::PLACEHOLDER
     pub fn authorize(&self, parts: &mut Parts) -> Result<Option<String>, ProxyError> {
+        let presented = crate::headers::bearer(&parts.headers);
         let Some(auth) = &self.auth else {
+            if presented.is_some_and(crate::keys::looks_like_key) {
+                return Err(ProxyError::Rejected(
+                    StatusCode::FORBIDDEN,
+                    "this account takes its clients' own Kommo tokens, not keys of this proxy: send a Kommo token, or use the key at the account it was made for".into(),
+                ));
+            }
             return Ok(None);
         };
-        let presented = crate::headers::bearer(&parts.headers);
         let keys = auth.keys.current();
         if let Some(entry) = presented.and_then(|p| keys.find(p)) {
             if entry.account != auth.account {
