@@ -631,7 +631,7 @@ async fn exchange(fetcher: &Fetcher, body: &serde_json::Value) -> Result<Granted
         HeaderValue::from_static("application/json"),
     );
     let flow = Flow {
-        id: u64::MAX - 1,
+        id: crate::upstream::fair::CREDENTIAL,
         key: fetcher.upstream.origin().url.as_str().into(),
         deadline: tokio::time::Instant::now() + Duration::from_secs(30),
     };

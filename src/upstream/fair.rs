@@ -24,6 +24,10 @@ use super::limiter::FlowId;
 /// client request waits, so a client request waits behind at most one background request.
 pub const BACKGROUND: FlowId = FlowId::MAX;
 
+/// The flow of the account's OAuth refresh: a flow of its own, served in turn with client
+/// requests (they wait for it), never behind the background.
+pub const CREDENTIAL: FlowId = FlowId::MAX - 1;
+
 /// Waiters of one key in fair order.
 pub struct FairQueue {
     /// The turns waiters queue for.
